@@ -1,0 +1,40 @@
+# dclip-ray: two set-up commands for a newcomer, `make demo` and `make test`; each creates .venv if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# torch and torchvision first, pinned to the builds our machines carry (served from local disk there),
+# so that no other dependency pulls a different torch.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dclip-ray demo --out demo-out
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks --out bench-out
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache .ruff_cache

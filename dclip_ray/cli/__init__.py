@@ -1,0 +1,43 @@
+"""`dclip-ray` command line: parses options, builds configs and calls the library (no logic).
+
+Each command family lives in its own module and registers itself on :data:`app`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from dclip_ray.errors import EXIT_USAGE, DclipError
+
+from . import demo as _demo  # noqa: F401  (each import registers its commands)
+from . import models as _models  # noqa: F401
+from . import toyworld as _toyworld  # noqa: F401
+from .app import app
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the process exit code.
+
+    Library errors (:class:`DclipError`) print one line ``error: ...`` on stderr and map to their
+    exit code; click usage errors map to exit code 1 (configuration error, nothing started).
+    """
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="dclip-ray", standalone_mode=False)
+    except DclipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return int(e.exit_code or 0)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 3
+    except click.ClickException as e:
+        e.show()
+        return EXIT_USAGE
+    return int(rv) if isinstance(rv, int) else 0

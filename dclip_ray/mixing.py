@@ -1,0 +1,171 @@
+"""Model combinations as closures over eps functions: edit strength and gamma(t) mixing (eq. 14).
+
+The samplers in :mod:`dclip_ray.diffusion` never grow flags for these: a combination is just another
+``eps_fn(x_t, t)``. Because ``x0_pred`` is linear in eps, mixing eps also mixes ``x0_pred`` exactly as
+eq. 14 asks.
+
+Gamma schedules are data (a dict, e.g. from a YAML mix spec):
+
+- ``{"type": "constant", "weights": [0.3, 0.7]}``
+- ``{"type": "piecewise", "table": {300: [1, 0], 0: [0.3, 0.7]}}``: the official "hybrid" table; at step
+  t the largest threshold with ``t >= threshold`` applies;
+- ``{"type": "ramp", "start": {"t": 500, "weights": [1, 0]}, "end": {"t": 0, "weights": [0, 1]}}``:
+  linear in t between the two points, constant outside.
+
+Weights at every step must sum to 1 (eq. 14); a schedule that does not is an error naming the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from dclip_ray.diffusion import EpsFn
+from dclip_ray.errors import ConfigError
+
+SUM_TOLERANCE = 1e-6
+
+
+class GammaSchedule(Protocol):
+    """Weights over M models as a function of the integer step t."""
+
+    def weights(self, t: int) -> list[float]:
+        """The M weights at step ``t`` (should sum to 1)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ConstantGamma:
+    """The same weights at every step."""
+
+    values: tuple[float, ...]
+
+    def weights(self, t: int) -> list[float]:
+        """The M weights at step ``t``."""
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class PiecewiseGamma:
+    """Official "hybrid" table: thresholds -> weights; at step t the largest threshold <= t applies."""
+
+    table: tuple[tuple[int, tuple[float, ...]], ...]  # sorted by threshold, descending
+
+    def weights(self, t: int) -> list[float]:
+        """The M weights at step ``t``; a step below every threshold is an error naming it."""
+        for threshold, values in self.table:
+            if t >= threshold:
+                return list(values)
+        raise ConfigError(
+            f"gamma table has no entry for step t={t}: its lowest threshold is {self.table[-1][0]}; add a row for 0"
+        )
+
+
+@dataclass(frozen=True)
+class RampGamma:
+    """Linear interpolation in t from ``start_weights`` at ``start_t`` to ``end_weights`` at ``end_t``."""
+
+    start_t: int
+    start_weights: tuple[float, ...]
+    end_t: int
+    end_weights: tuple[float, ...]
+
+    def weights(self, t: int) -> list[float]:
+        """The M weights at step ``t`` (clamped to the end points outside the ramp)."""
+        if self.start_t == self.end_t:
+            return list(self.end_weights)
+        u = (t - self.start_t) / (self.end_t - self.start_t)
+        u = min(max(u, 0.0), 1.0)
+        return [(1 - u) * a + u * b for a, b in zip(self.start_weights, self.end_weights, strict=True)]
+
+
+def _floats(values: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list of weights, got {values!r}")
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: weights must be numbers, got {values!r}") from None
+
+
+def gamma_from_spec(spec: Mapping[str, Any]) -> GammaSchedule:
+    """Parse a gamma schedule from data (see the module docstring for the three forms)."""
+    kind = spec.get("type")
+    if kind == "constant":
+        return ConstantGamma(_floats(spec.get("weights"), "gamma.weights"))
+    if kind == "piecewise":
+        table = spec.get("table")
+        if not isinstance(table, Mapping) or not table:
+            raise ConfigError("gamma.table: expected a mapping {step_threshold: [weights, ...]}")
+        try:
+            rows = sorted(((int(k), _floats(v, f"gamma.table[{k}]")) for k, v in table.items()), reverse=True)
+        except ValueError:
+            raise ConfigError(f"gamma.table: thresholds must be integer steps, got {list(table)}") from None
+        return PiecewiseGamma(tuple(rows))
+    if kind == "ramp":
+        start, end = spec.get("start"), spec.get("end")
+        if not isinstance(start, Mapping) or not isinstance(end, Mapping) or "t" not in start or "t" not in end:
+            raise ConfigError("gamma ramp needs start: {t, weights} and end: {t, weights}")
+        return RampGamma(int(start["t"]), _floats(start.get("weights"), "gamma.start.weights"),
+                         int(end["t"]), _floats(end.get("weights"), "gamma.end.weights"))
+    raise ConfigError(f"gamma.type={kind!r}: expected one of 'constant', 'piecewise', 'ramp'")
+
+
+def validate_gamma(gamma: GammaSchedule, n_models: int, steps: Iterable[int]) -> None:
+    """Check that at every step in ``steps`` there are ``n_models`` weights summing to 1.
+
+    Raises :class:`ConfigError` naming the first offending step.
+    """
+    for t in steps:
+        w = gamma.weights(t)
+        if len(w) != n_models:
+            raise ConfigError(f"gamma at step t={t} has {len(w)} weights for {n_models} models; give one per model")
+        total = sum(w)
+        if abs(total - 1.0) > SUM_TOLERANCE:
+            raise ConfigError(f"gamma weights at step t={t} sum to {total:.6g}, not 1 (eq. 14); rescale them")
+
+
+def mixed_eps_fn(eps_fns: Sequence[EpsFn], gamma: GammaSchedule, num_timesteps: int = 1000) -> EpsFn:
+    """Eq. 14: ``eps(x_t, t) = sum_i gamma_i(t) * eps_i(x_t, t)`` over M models.
+
+    The schedule is validated for every step in ``[0, num_timesteps)`` before any network runs. A model
+    whose weight is 0 at step t is not evaluated.
+    """
+    if not eps_fns:
+        raise ConfigError("mixing needs at least one model")
+    validate_gamma(gamma, len(eps_fns), range(num_timesteps - 1, -1, -1))  # in generation order
+
+    def _at(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for fn, w in zip(eps_fns, gamma.weights(step), strict=True):
+            if w == 0.0:
+                continue
+            term = fn(x, t) if w == 1.0 else w * fn(x, t)
+            out = term if out is None else out + term
+        assert out is not None  # weights sum to 1, so at least one is non-zero
+        return out
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        steps = torch.unique(t)
+        if steps.numel() == 1:
+            return _at(x_t, t, int(steps.item()))
+        out = torch.empty_like(x_t)
+        for step in steps.tolist():
+            idx = (t == step).nonzero(as_tuple=True)[0]
+            out[idx] = _at(x_t[idx], t[idx], int(step))
+        return out
+
+    return eps_fn
+
+
+def strength_eps_fn(original: EpsFn, finetuned: EpsFn, r: float) -> EpsFn:
+    """Edit strength: ``eps = r * eps_finetuned + (1 - r) * eps_original``, ``r`` in [0, 1].
+
+    ``r = 1`` evaluates only the fine-tuned model, ``r = 0`` only the original.
+    """
+    if not 0.0 <= r <= 1.0:
+        raise ConfigError(f"strength r={r} must be in [0, 1] (1 = the fine-tuned model alone)")
+    return mixed_eps_fn([original, finetuned], ConstantGamma((1.0 - r, r)), num_timesteps=1)

@@ -1,0 +1,156 @@
+"""Train the toy world's pixel-space DDPM: a small diffusers ``UNet2DModel`` on fresh renders.
+
+Objective (Ho et al. 2020, "simple" loss): ``t ~ U{0..T-1}``, ``x_t = sqrt(alpha_bar_t) x0 +
+sqrt(1 - alpha_bar_t) eps``, minimise ``|eps - eps_theta(x_t, t)|^2``; linear betas 1e-4..2e-2,
+T = 1000. Every step renders a fresh batch (infinite data), so there is no dataset to store. The
+saved weights are an exponential moving average (EMA) of the trained weights.
+
+Output folder: a ``UNet2DModel.save_pretrained`` folder (safetensors) plus ``scheduler_config.json``
+(a diffusers ``DDPMScheduler`` config) and ``train_log.json`` (arguments, losses, wall time).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dclip_ray.errors import ConfigError
+
+from .render import SIZE, random_batch
+
+UNET_CONFIG: dict = {
+    "sample_size": SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+"""The toy UNet's architecture (~1.1 M parameters, no attention)."""
+
+SCHEDULER_CONFIG: dict = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "variance_type": "fixed_small",
+    "clip_sample": False,
+}
+"""The paper's linear schedule as a diffusers ``DDPMScheduler`` config."""
+
+
+@dataclass
+class DDPMTrainConfig:
+    """Hyper-parameters of :func:`train_ddpm` (all recorded in ``train_log.json``)."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 6e-4
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    save_every: int = 250
+    layers_per_block: int = 1
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B,H,W,3]`` in [0,255] -> float32 ``[B,3,H,W]`` in [-1,1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _lr_factor(step: int, cfg: DDPMTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.final_lr_fraction + (1.0 - cfg.final_lr_fraction) * cosine
+
+
+def save_unet(model: torch.nn.Module, out: Path, log: dict) -> None:
+    """Write ``model`` (a ``UNet2DModel``) with the scheduler config and the training log to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+
+
+def train_ddpm(
+    out: str | Path,
+    cfg: DDPMTrainConfig | None = None,
+    log_fn: Callable[[str], None] = print,
+) -> dict:
+    """Train the toy UNet and save its EMA weights to ``out`` (also every ``save_every`` steps).
+
+    Returns the training log: config, parameter count, loss history, wall time in seconds.
+    """
+    from diffusers import UNet2DModel
+
+    cfg = cfg or DDPMTrainConfig()
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"train-ddpm: steps and batch size must be >= 1 (got {cfg.steps}, {cfg.batch_size})")
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    unet_cfg = dict(UNET_CONFIG, layers_per_block=cfg.layers_per_block)
+    model = UNet2DModel.from_config(unet_cfg)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    T = SCHEDULER_CONFIG["num_train_timesteps"]
+    betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], T, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1.0 - betas, 0).float()
+    log: dict = {"config": asdict(cfg), "unet_config": unet_cfg, "n_params": n_params, "losses": []}
+    log_fn(f"toy UNet: {n_params} parameters; {cfg.steps} steps at batch {cfg.batch_size}")
+    t_start = time.time()
+    running = 0.0
+    for step in range(cfg.steps):
+        images, _, _, _ = random_batch(rng, cfg.batch_size)
+        x0 = images_to_tensor(images)
+        t = torch.randint(0, T, (cfg.batch_size,))
+        eps = torch.randn_like(x0)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # eq. 1
+        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                p_ema.lerp_(p, 1.0 - decay)
+        running += loss.item()
+        if (step + 1) % 25 == 0:
+            avg = running / 25
+            running = 0.0
+            log["losses"].append([step + 1, round(avg, 6)])
+            log_fn(f"step {step + 1}/{cfg.steps} loss {avg:.5f} lr {sched.get_last_lr()[0]:.2e} "
+                   f"elapsed {time.time() - t_start:.0f}s")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            log["steps_done"] = step + 1
+            log["wall_time_s"] = round(time.time() - t_start, 1)
+            save_unet(ema, out / f"checkpoint-{step + 1}", log)
+    log["steps_done"] = cfg.steps
+    log["wall_time_s"] = round(time.time() - t_start, 1)
+    save_unet(ema, out, log)
+    log_fn(f"saved EMA UNet to {out} after {log['wall_time_s']:.0f}s")
+    return log
