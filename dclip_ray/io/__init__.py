@@ -1,0 +1,1 @@
+"""Input/output: image decoding, shards (webdataset + fsspec), latent store, manifests. No Ray here."""

@@ -1,0 +1,97 @@
+"""Decoding images into model tensors, with a reason for every image that cannot be used.
+
+An input image is converted to RGB and resized/cropped to the model's resolution by a named policy.
+Anything unusable raises :class:`ImageError` whose message is the reason recorded in the error
+manifest (never a crash, never a silent drop).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+ResizePolicy = Literal["center-crop", "resize", "pad"]
+MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit, enforced explicitly here
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is the reason for the error manifest."""
+
+
+def decode_image(data: bytes, min_size: int = 8) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; raises :class:`ImageError` with the reason.
+
+    Handles grayscale, palette, CMYK, 16-bit and alpha images (alpha is composited on white) and
+    applies the EXIF orientation. Zero-byte, truncated, undecodable, oversized (decompression bomb)
+    and too-small images are errors.
+    """
+    if not data:
+        raise ImageError("zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image of {w}x{h} pixels exceeds the decompression-bomb limit {MAX_PIXELS}")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"decompression bomb refused: {e}") from None
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad data)
+        kind = "truncated image" if "truncated" in str(e).lower() else "undecodable image"
+        raise ImageError(f"{kind}: {type(e).__name__}: {e}") from None
+    if min(img.size) < min_size:
+        raise ImageError(f"image of {img.size[0]}x{img.size[1]} is smaller than the minimum {min_size} px")
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def fit_image(img: Image.Image, size: int, policy: ResizePolicy = "center-crop") -> Image.Image:
+    """Bring an RGB image to ``size x size``: ``center-crop`` (scale the short side, crop the centre),
+    ``resize`` (ignore the aspect ratio) or ``pad`` (scale the long side, pad with black)."""
+    if policy == "center-crop":
+        return ImageOps.fit(img, (size, size), method=Image.BICUBIC)
+    if policy == "resize":
+        return img.resize((size, size), Image.BICUBIC)
+    if policy == "pad":
+        return ImageOps.pad(img, (size, size), method=Image.BICUBIC, color=(0, 0, 0))
+    raise ValueError(f"resize policy {policy!r}: expected 'center-crop', 'resize' or 'pad'")
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor [3,H,W] in [-1,1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Tensor [3,H,W] in [-1,1] -> uint8 array [H,W,3] (clamped, rounded)."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def load_image_tensor(data: bytes, size: int, policy: ResizePolicy = "center-crop") -> torch.Tensor:
+    """Image bytes -> [3,size,size] in [-1,1]; raises :class:`ImageError` with the reason."""
+    return pil_to_tensor(fit_image(decode_image(data), size, policy))
+
+
+def encode_png(x: torch.Tensor) -> bytes:
+    """Tensor [3,H,W] in [-1,1] -> PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(tensor_to_uint8(x)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

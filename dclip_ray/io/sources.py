@@ -1,0 +1,148 @@
+"""Image inputs: a folder of images, or WebDataset / img2dataset tar shards, local or any fsspec URL.
+
+Records stream out one key at a time (shards are read sequentially, never unpacked to disk). Member
+names are used only as keys; nothing is ever written to a path taken from an archive.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+from braceexpand import braceexpand
+
+from dclip_ray.errors import InputFileError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
+@dataclass
+class ImageRecord:
+    """One input key: the image bytes (or ``None`` with ``error`` set) and its sidecar members."""
+
+    key: str
+    shard: str
+    image: bytes | None = None
+    image_ext: str | None = None
+    extras: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _fs_and_paths(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    paths: list[str] = []
+    fs = None
+    for part in braceexpand(url):
+        fs_i, _, expanded = fsspec.get_fs_token_paths(part)
+        fs = fs or fs_i
+        if any(c in part for c in "*?["):
+            paths.extend(sorted(expanded))
+        else:
+            paths.extend(expanded)
+    if fs is None or not paths:
+        raise InputFileError(f"{url}: no input found; give a folder, a .tar shard, a brace list or a glob")
+    return fs, paths
+
+
+def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """Resolve ``url`` to ``(filesystem, [tar shard paths])``, or ``(fs, [folder])`` for a folder of images.
+
+    Raises :class:`InputFileError` when nothing is there.
+    """
+    fs, paths = _fs_and_paths(url)
+    out = []
+    for p in paths:
+        try:
+            if fs.isdir(p):
+                tars = sorted(x for x in fs.ls(p, detail=False) if x.endswith(".tar"))
+                out.extend(tars or [p])
+            elif fs.exists(p):
+                out.append(p)
+            else:
+                raise InputFileError(f"{p}: no such file or folder; check the --input path or URL")
+        except InputFileError:
+            raise
+        except Exception as e:  # noqa: BLE001  (credentials, network, permissions)
+            raise InputFileError(f"{url}: cannot be listed ({type(e).__name__}: {e}); check the URL and credentials") from None
+    return fs, out
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: ``dir/key.ext.more`` -> (``dir/key``, ``ext.more``); the key has no dot."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
+
+
+def _record(key: str, shard: str, members: dict[str, bytes], errors: list[str]) -> ImageRecord:
+    rec = ImageRecord(key=key, shard=shard)
+    for ext, data in members.items():
+        if ext in IMAGE_EXTS and rec.image is None:
+            rec.image, rec.image_ext = data, ext
+        else:
+            rec.extras[ext] = data
+    if errors:
+        rec.error = "; ".join(errors)
+    elif rec.image is None:
+        rec.error = f"no image member (found: {', '.join(sorted(members)) or 'nothing'})"
+    return rec
+
+
+def iter_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[ImageRecord]:
+    """Stream the keys of one tar shard in order. Non-file members (links, devices) and unsafe
+    names give an error record; a truncated or corrupt tar raises :class:`InputFileError` after the
+    keys read so far."""
+    key, members, errors = None, {}, []
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if m.isdir():
+                    continue
+                k, ext = split_member(m.name)
+                if k != key:
+                    if key is not None:
+                        yield _record(key, path, members, errors)
+                    key, members, errors = k, {}, []
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    errors.append(f"unsafe member name {m.name!r} refused")
+                elif not m.isfile():
+                    errors.append(f"member {m.name!r} is not a regular file (link or device) and was refused")
+                else:
+                    fobj = tar.extractfile(m)
+                    members[ext] = fobj.read() if fobj is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if key is not None:
+            yield _record(key, path, members, errors + [f"shard truncated or corrupt here: {e}"])
+        raise InputFileError(f"{path}: truncated or corrupt tar ({type(e).__name__}: {e})") from None
+    if key is not None:
+        yield _record(key, path, members, errors)
+
+
+def iter_folder(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[ImageRecord]:
+    """Every image file under ``folder`` (recursive, sorted); the key is the relative path without
+    its extension, dots replaced by ``_`` (WebDataset keys cannot contain dots)."""
+    files = sorted(p for p in fs.find(folder) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+    for p in files:
+        rel = posixpath.relpath(p, folder)
+        stem, _, ext = rel.rpartition(".")
+        key = stem.replace(".", "_")
+        try:
+            data = fs.cat_file(p)
+            yield ImageRecord(key=key, shard=folder, image=data, image_ext=ext.lower())
+        except Exception as e:  # noqa: BLE001
+            yield ImageRecord(key=key, shard=folder, error=f"unreadable file: {type(e).__name__}: {e}")
+
+
+def iter_records(url: str, limit: int | None = None) -> Iterator[ImageRecord]:
+    """All input records of ``url`` (folder, shard, brace list or glob; local or fsspec), in order."""
+    fs, shards = list_shards(url)
+    n = 0
+    for shard in shards:
+        it = iter_folder(fs, shard) if fs.isdir(shard) else iter_tar(fs, shard)
+        for rec in it:
+            if limit is not None and n >= limit:
+                return
+            yield rec
+            n += 1

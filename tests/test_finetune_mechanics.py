@@ -1,0 +1,137 @@
+"""Fine-tuning loop mechanics on tiny random networks: modes, determinism, exact resumption, output format.
+
+Whether an edit *works* is tested on the toy world (tests/test_finetune_toyworld.py); here the
+question is whether the loop does what it promises.
+"""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import save_file
+
+from dclip_ray.diffusion import linear_schedule
+from dclip_ray.errors import ConfigError
+from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
+from dclip_ray.hashing import state_dict_sha256
+from dclip_ray.losses import EditLoss
+from dclip_ray.models import load_clip
+from dclip_ray.toyworld import toy_clip_paths
+
+SCHED = linear_schedule()
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="module")
+def random_clip(tmp_path_factory):
+    """The toy CLIP architecture with random weights (the method's quality is not under test here)."""
+    name, folder, _ = toy_clip_paths()
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    path = tmp_path_factory.mktemp("clip") / "random_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return load_clip(name, weights=str(path))
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    return x0, torch.randn(4, 3, 16, 16, generator=g)
+
+
+def cfg(**kw):
+    base = dict(source="red circle", target="blue circle", t0=300, n_gen_steps=3, epochs=2, batch_size=2,
+                lr=1e-3, aug_views=2, seed=0)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def weights_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_efficient_mode_trains_a_copy_and_records_every_step(tiny_unet, random_clip, data):
+    before = state_dict_sha256(tiny_unet)
+    res = finetune(tiny_unet, random_clip, *data, SCHED, cfg())
+    assert state_dict_sha256(tiny_unet) == before, "the base model must not change"
+    assert len(res.history) == 2 * 2 * 3, "efficient mode: one optimiser step per generation step"
+    assert [h["t"] for h in res.history[:3]] == [300, 150, 0]
+    assert not weights_equal(res.unet, tiny_unet)
+    assert res.final_loss == pytest.approx(sum(h["total"] for h in res.history[6:]) / 6)
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_unet, random_clip, data, tmp_path):
+    ref = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1))
+    again = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1))
+    assert weights_equal(ref.unet, again.unet), "seeded CPU runs are deterministic"
+    other = finetune(tiny_unet, random_clip, *data, SCHED, cfg(seed=1))
+    assert not weights_equal(ref.unet, other.unet)
+    # Killed after 3 of 4 batches (mid-epoch 2, last checkpoint after batch 3), then resumed.
+    part = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1), checkpoint_dir=tmp_path,
+                    stop_after_batches=3)
+    assert len(part.history) == 9
+    resumed = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1), checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 9
+    assert weights_equal(ref.unet, resumed.unet)
+    assert [h["total"] for h in resumed.history] == [h["total"] for h in ref.history]
+
+
+def test_full_mode_and_gradient_checkpointing_agree(tiny_unet, random_clip, data):
+    plain = finetune(tiny_unet, random_clip, *data, SCHED, cfg(mode="full", epochs=1))
+    ckpt = finetune(tiny_unet, random_clip, *data, SCHED, cfg(mode="full", epochs=1, grad_checkpointing=True))
+    assert len(plain.history) == 2, "full mode: one optimiser step per batch"
+    assert all(h["t"] == -1 for h in plain.history)
+    for (k, a), b in zip(plain.unet.state_dict().items(), ckpt.unet.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_identity_loss_keeps_its_gradient():
+    class TinyFace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+        def embed(self, x):
+            return torch.nn.functional.normalize(self.net(x), dim=-1)
+
+    torch.manual_seed(0)
+    loss_fn = EditLoss(clip=None, source="a", target="b", w_clip=0.0, w_id=1.0, face=TinyFace())
+    x_gen = torch.randn(2, 3, 16, 16, requires_grad=True)
+    loss, parts = loss_fn(x_gen, torch.randn(2, 3, 16, 16))
+    loss.backward()
+    assert parts["id"] > 0 and x_gen.grad is not None and x_gen.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="face"):
+        EditLoss(clip=None, source="a", target="b", w_id=1.0)
+
+
+def test_saved_model_loads_without_dclip_ray(tiny_unet, random_clip, data, tmp_path):
+    config = cfg(epochs=1)
+    res = finetune(tiny_unet, random_clip, *data, SCHED, config)
+    out = save_finetuned(res, tmp_path / "ft", config, tiny_unet, {"num_train_timesteps": 1000})
+    loaded = UNet2DModel.from_pretrained(out)
+    assert weights_equal(loaded, res.unet)
+    card = json.loads((out / "dclip.json").read_text())
+    assert card["base_model_sha256"] == state_dict_sha256(tiny_unet)
+    assert card["target"] == "blue circle" and card["config"]["t0"] == 300
+    assert (out / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_bad_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="mode"):
+        cfg(mode="fast")
+    with pytest.raises(ConfigError, match="epochs"):
+        cfg(epochs=0)
