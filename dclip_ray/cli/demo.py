@@ -1,3 +1,33 @@
-"""`dclip-ray demo`: the main job on the embedded default (placeholder until wired)."""
+"""`dclip-ray demo`: the main job on the embedded toy world (parse and call)."""
 
 from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dclip_ray.demo import run_demo
+
+from .app import app
+
+
+@app.command(epilog="Example: dclip-ray demo --out demo-out   (CPU, about a minute; what `make demo` runs)")
+def demo(
+    out: str = typer.Option("demo-out", help="Output folder (data, fine-tuned model, edits, grid, summary)."),
+    n_train: int = typer.Option(16, help="Training images."),
+    n_eval: int = typer.Option(16, help="Held-out images to edit and judge."),
+    epochs: int = typer.Option(None, help="Override the demo's epochs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Fine-tune the bundled toy DDPM for "red circle" -> "blue circle", edit held-out images, judge them."""
+    summary = run_demo(out, n_train, n_eval, epochs, progress=not quiet)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title="dclip-ray demo (toy world)", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, str(v))
+    Console().print(table)
