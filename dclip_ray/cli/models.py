@@ -1,10 +1,48 @@
-"""`dclip-ray models ...` commands (parse options, call the library; no logic)."""
+"""`dclip-ray models ...` and `dclip-ray convert` (parse options, call the library; no logic)."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
 from .app import app
 
-models_app = typer.Typer(help="models commands.", no_args_is_help=True)
+models_app = typer.Typer(help="Model presets (UNet and CLIP) and where to get their checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def list_cmd() -> None:
+    """Show the model presets, with where to get each checkpoint."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dclip_ray.models import get_preset, list_presets
+
+    table = Table(title="dclip-ray model presets", show_lines=True)
+    for col in ("name", "kind", "format", "res", "t0", "clip", "face", "checkpoint: where to get it"):
+        table.add_column(col, overflow="fold")
+    for name in list_presets():
+        p = get_preset(name)
+        where = p.source.text + (f"\n{p.source.url}" if p.source.url else "")
+        fmt = p.format or (p.architecture.get("model_name", "") if p.kind == "clip" else "")
+        table.add_row(
+            name, p.kind, fmt, str(p.resolution or ""), str(p.t0 or ""), p.recommended_clip or "",
+            "yes" if p.face_loss else "", where,
+        )
+    Console(width=160).print(table)
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[str, typer.Argument(help="checkpoint: ddim-format .ckpt, ADM .pt, .safetensors, or a diffusers folder / URL")],
+    out: Annotated[str, typer.Option("--out", help="output folder (new or empty): diffusers UNet2DModel + scheduler_config.json")],
+    preset: Annotated[str | None, typer.Option("--preset", help="architecture preset name or preset .yaml (see `dclip-ray models list`)")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="allow pickles holding more than tensors (runs code: trusted files only)")] = False,
+) -> None:
+    """Convert a UNet checkpoint into a diffusers folder that plain `UNet2DModel.from_pretrained` loads."""
+    from dclip_ray.models import convert_checkpoint
+
+    path = convert_checkpoint(src, preset, out, trust_checkpoint=trust_checkpoint)
+    typer.echo(f"wrote {path}")

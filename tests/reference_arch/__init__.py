@@ -20,10 +20,11 @@ from torch import nn
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Fill every parameter with seeded random values (zero-initialised layers included)."""
     g = torch.Generator().manual_seed(seed)
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.GroupNorm)}
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
-                if "norm" in name and name.endswith("weight"):
+                if id(p) in norm_weights:
                     p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
                 else:
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
