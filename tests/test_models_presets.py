@@ -76,3 +76,9 @@ def test_models_list_cli(capsys):
     for where in ("celeba_hq.ckpt", "afhq_dog_4m.pt", "https://github.com/ermongroup/SDEdit",
                   "ViT-B-16-quickgelu", "google/ddpm-ema-church-256"):
         assert where in out
+
+
+def test_toy_clip_preset_uses_the_templates_it_was_trained_with():
+    from dclip_ray.toyworld.train_clip import TEMPLATES
+
+    assert get_preset("toy_clip").architecture["templates"] == list(TEMPLATES)

@@ -68,8 +68,10 @@ class ClipModel:
     L2-normalised embeddings; ``text_embedding`` and ``text_direction`` are cached per prompt.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, name: str):
+    def __init__(self, model: torch.nn.Module, tokenizer: object, name: str,
+                 templates: Sequence[str] | None = None):
         self.model = model.eval()
+        self.templates = tuple(templates or IMAGENET_TEMPLATES)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -120,17 +122,19 @@ class ClipModel:
             self._text_cache[key] = self.encode_text([t.format(prompt) for t in templates])
         return self._text_cache[key]
 
-    def text_embedding(self, prompt: str, templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
-        """``[D]``: mean over ``templates`` of the normalised embeddings of ``prompt``, renormalised
-        (cached per prompt and template set)."""
+    def text_embedding(self, prompt: str, templates: Sequence[str] | None = None) -> torch.Tensor:
+        """``[D]``: mean over ``templates`` (default: the model's, usually the 79 ImageNet ones) of the
+        normalised embeddings of ``prompt``, renormalised (cached per prompt and template set)."""
+        templates = tuple(templates or self.templates)
         key = ("embedding", prompt, tuple(templates))
         if key not in self._text_cache:
             self._text_cache[key] = _normalize(self._template_features(prompt, templates).mean(dim=0))
         return self._text_cache[key]
 
-    def text_direction(self, source: str, target: str, templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
-        """``[D]`` unit text direction (official form): per template, normalised target minus
-        normalised source embedding; averaged over templates and renormalised (cached)."""
+    def text_direction(self, source: str, target: str, templates: Sequence[str] | None = None) -> torch.Tensor:
+        """``[D]`` unit text direction (official form): per template (default: the model's), normalised
+        target minus normalised source embedding; averaged over templates and renormalised (cached)."""
+        templates = tuple(templates or self.templates)
         key = ("direction", source, target, tuple(templates))
         if key not in self._text_cache:
             diff = self._template_features(target, templates) - self._template_features(source, templates)
@@ -210,7 +214,7 @@ def load_clip(
     """
     import open_clip
 
-    model_name, config_dir, preset_qg, preset_name = name_or_preset, model_config_dir, None, None
+    model_name, config_dir, preset_qg, preset_name, templates = name_or_preset, model_config_dir, None, None, None
     if is_preset(name_or_preset):
         p = get_preset(name_or_preset)
         if p.kind != "clip":
@@ -219,6 +223,7 @@ def load_clip(
         model_name = p.architecture["model_name"]
         config_dir = config_dir or p.architecture.get("config_dir")
         preset_qg = p.architecture.get("quick_gelu")
+        templates = p.architecture.get("templates")
         if weights is None and p.weights:
             weights = p.weights_path()
             if not os.path.exists(weights):
@@ -248,4 +253,4 @@ def load_clip(
     model = model.float().to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
     log.debug("loaded CLIP %s (preset %s, weights %s, quick_gelu %s)", model_name, preset_name, weights, quick_gelu)
-    return ClipModel(model, tokenizer, preset_name or model_name)
+    return ClipModel(model, tokenizer, preset_name or model_name, templates)
