@@ -243,3 +243,10 @@ def test_cli_presets_errors(capsys):
     assert capsys.readouterr().err.strip() == "error: unknown edit preset 'pixr'; did you mean pixar? see `dclip-ray presets list`"
     assert main(["presets", "list", "--domain", "cat"]) == 1
     assert "error: unknown edit-preset domain 'cat'" in capsys.readouterr().err
+
+
+def test_every_edit_preset_names_a_known_base_model_or_none():
+    from dclip_ray.models import list_presets
+
+    unets = set(list_presets("unet"))
+    assert all(p.model in unets or p.model == "" for p in list_edit_presets())
