@@ -15,6 +15,7 @@ from dclip_ray.errors import EXIT_USAGE, DclipError
 from . import demo as _demo  # noqa: F401  (each import registers its commands)
 from . import edit as _edit  # noqa: F401
 from . import models as _models  # noqa: F401
+from . import pipeline as _pipeline  # noqa: F401
 from . import presets as _presets  # noqa: F401
 from . import toyworld as _toyworld  # noqa: F401
 from .app import app

@@ -1,0 +1,255 @@
+"""`dclip-ray precompute`, `finetune-many`, `restyle` and `verify`: the distributed pipeline (parse and call).
+
+Ray is imported only when one of these commands runs (inside the command functions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from dclip_ray.errors import ConfigError, InputFileError
+
+from .app import app
+
+err = Console(stderr=True)
+
+
+def _setup(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+@app.command(epilog="""Example (toy world): dclip-ray toyworld make-data --out toy/ --n 256 --shard-size 64\n
+  dclip-ray precompute --model toy_shapes --input toy/ --t0 500 --n-inv 40 --out latents/""")
+def precompute(
+    model: str = typer.Option(..., help="The ORIGINAL base UNet: preset name, diffusers folder, checkpoint or URL."),
+    input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
+    out: str = typer.Option(..., help="Latent store root (local folder or fsspec URL)."),
+    t0: int = typer.Option(500, help="Return step t0."),
+    n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
+    preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
+    resize_policy: str = typer.Option("center-crop", help="center-crop, resize or pad."),
+    dtype: str = typer.Option("float32", help="Stored latent dtype: float32 or float16."),
+    batch_size: int = typer.Option(16, help="Images per inversion batch."),
+    recon_psnr: bool = typer.Option(False, help="Also regenerate with the base model and store the reconstruction PSNR."),
+    cpus_per_task: float = typer.Option(1.0, help="CPUs per shard task."),
+    gpus_per_task: float = typer.Option(0.0, help="GPUs per shard task (0 on CPU machines)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+) -> None:
+    """Invert every image with the original model once and cache the latents (one Ray task per shard)."""
+    _setup(verbose)
+    from dclip_ray.pipeline.precompute import PrecomputeJob, run_precompute
+
+    if resize_policy not in ("center-crop", "resize", "pad"):
+        raise ConfigError(f"--resize-policy {resize_policy!r}: expected center-crop, resize or pad")
+    job = PrecomputeJob(model=model, input=input, out=out, t0=t0, n_inv_steps=n_inv, preset=preset,
+                        resize_policy=resize_policy, dtype=dtype, batch_size=batch_size, recon_psnr=recon_psnr,
+                        cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, address=address, verbose=verbose)
+    s = run_precompute(job, progress=not as_json)
+    if as_json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        t = Table(title=f"latents -> {s['store']}")
+        for c in ("shard", "status", "images", "errors", "seconds"):
+            t.add_column(c)
+        for r in s["shards"]:
+            t.add_row(r["shard"], "skipped (committed)" if r.get("skipped") else "done", _fmt(r.get("n_ok")),
+                      _fmt(r.get("n_error")), _fmt(r.get("seconds")))
+        Console().print(t)
+    for key, reason in list(s["errors"].items())[:20]:
+        err.print(f"[yellow]error[/] {key}: {reason}")
+    raise typer.Exit(2 if s["n_errors"] else 0)
+
+
+@app.command("finetune-many", epilog="""Example (toy world):\n
+  printf 'red circle -> blue circle name=blue\\nred circle -> green circle name=green\\n' > prompts.txt\n
+  dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 4e-4 --t0 500""")
+def finetune_many(
+    prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET [key=value ...]' or preset per line."),
+    model: str = typer.Option(..., help="The base UNet (preset name, folder, checkpoint or URL)."),
+    out: str = typer.Option(..., help="Output root: one fine-tuned model folder per prompt name."),
+    latents: str = typer.Option(None, help="Latent store root from `dclip-ray precompute` (images are re-read from the shards it names)."),
+    images: str = typer.Option(None, help="Training images (used to invert when no cached latents match)."),
+    preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
+    clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
+    clip_weights: str = typer.Option(None, help="Local CLIP weights file."),
+    n_train: int = typer.Option(16, help="Training images per prompt."),
+    t0: int = typer.Option(None, help="Default t0 for lines without t0= (default: the preset's, else 500)."),
+    n_inv: int = typer.Option(40, help="Default S_inv (must match the cached latents)."),
+    n_gen: int = typer.Option(6, help="Default S_gen during training."),
+    epochs: int = typer.Option(5, help="Default epochs."),
+    lr: float = typer.Option(2e-6, help="Default learning rate (the toy world needs ~4e-4)."),
+    lr_gamma: float = typer.Option(1.2, help="Learning-rate factor after every epoch."),
+    batch_size: int = typer.Option(1, help="Images per optimiser step."),
+    mode: str = typer.Option("efficient", help="'efficient' or 'full'."),
+    aug_views: int = typer.Option(4, help="Augmented CLIP views per loss."),
+    seed: int = typer.Option(0, help="Random seed."),
+    checkpoint_every: int = typer.Option(0, help="Batches between checkpoints (0: each epoch end)."),
+    cpus_per_prompt: float = typer.Option(1.0, help="CPUs of each prompt's Train worker."),
+    gpus_per_prompt: float = typer.Option(0.0, help="GPUs of each prompt's Train worker."),
+    max_failures: int = typer.Option(2, help="Worker failures tolerated per prompt (resumes from the last checkpoint)."),
+    max_concurrent: int = typer.Option(None, help="At most this many prompts at once (default: as resources allow)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+) -> None:
+    """Fine-tune one model per prompt line on Ray Train, several at once; resumable."""
+    _setup(verbose)
+    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
+
+    job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
+                          clip=clip, clip_weights=clip_weights, n_train=n_train, t0=t0, n_inv_steps=n_inv,
+                          n_gen_steps=n_gen, epochs=epochs, lr=lr, lr_gamma=lr_gamma, batch_size=batch_size,
+                          mode=mode, aug_views=aug_views, seed=seed, checkpoint_every=checkpoint_every,
+                          cpus_per_prompt=cpus_per_prompt, gpus_per_prompt=gpus_per_prompt,
+                          max_failures=max_failures, max_concurrent=max_concurrent, address=address, verbose=verbose)
+    s = run_finetune_many(job, progress=not as_json)
+    if as_json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        t = Table(title="finetune-many")
+        for c in ("prompt", "status", "final loss", "quality (S_dir)", "model path"):
+            t.add_column(c)
+        for r in s["prompts"]:
+            t.add_row(f"{r['name']}: {r['source']} -> {r['target']}", r["status"], _fmt(r["final_loss"]),
+                      _fmt(r["quality_s_dir"]), r["model_path"])
+        Console().print(t)
+    for r in s["prompts"]:
+        if r.get("error"):
+            err.print(f"[red]failed[/] {r['name']}: {r['error']}")
+    raise typer.Exit(2 if s["n_failed"] else 0)
+
+
+def _read_mix(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            mix = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise InputFileError(f"mix file {path} not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputFileError(f"mix file {path} is not readable YAML ({e}); see `dclip-ray restyle --help`") from None
+    if not isinstance(mix, dict):
+        raise ConfigError(f"mix file {path}: expected a mapping with 'models' and 'gamma'")
+    here = os.path.dirname(os.path.abspath(path))
+    models = mix.get("models")
+    if isinstance(models, list):
+        mix["models"] = [m if not isinstance(m, str) or "://" in m or os.path.isabs(m) or os.path.exists(m)
+                         else os.path.normpath(os.path.join(here, m)) for m in models]
+    return mix
+
+
+@app.command(epilog="""Examples:\n
+  dclip-ray restyle --input toy/ --model models/blue --out restyled/ --n-gen 20\n
+  dclip-ray restyle --input toy/ --model models/blue --model models/green --out restyled/   (one inversion, 2 outputs)\n
+  dclip-ray restyle --input toy/ --mix mix.yaml --out mixed/ --dry-run\n
+mix.yaml: models: [models/blue, models/green]; gamma: {type: constant, weights: [0.5, 0.5]}""")
+def restyle(
+    input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
+    out: str = typer.Option(..., help="Output root (local folder or fsspec URL)."),
+    model: list[str] = typer.Option(None, help="Fine-tuned model folder; repeat for several outputs (out/NAME each)."),
+    mix: str = typer.Option(None, help="YAML with 'models: [dirs]' and a 'gamma' spec (one mixed output)."),
+    strength: float = typer.Option(1.0, help="Edit strength r in [0,1]: eps = r*finetuned + (1-r)*original."),
+    base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json)."),
+    preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
+    latents: str = typer.Option(None, help="Latent store root (cached inversions are used when their key matches)."),
+    t0: int = typer.Option(None, help="Return step (default: the t0 the models were fine-tuned with)."),
+    n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
+    n_gen: int = typer.Option(40, help="Generation steps S_gen."),
+    resize_policy: str = typer.Option("center-crop", help="center-crop, resize or pad."),
+    image_format: str = typer.Option("png", "--format", help="Output image format: png or jpg."),
+    batch_size: int = typer.Option(16, help="Images per generation batch."),
+    limit: int = typer.Option(None, help="Process only the shards holding the first N input keys."),
+    actors: int = typer.Option(None, help="Generator actors (default: CPUs, at least 1)."),
+    cpus_per_actor: float = typer.Option(None, help="CPUs per actor (default 0.5 on CPU: leaves room for reads)."),
+    gpus_per_actor: float = typer.Option(0.0, help="GPUs per actor."),
+    dry_run: bool = typer.Option(False, help="Print the shards, images and UNet evaluations it would run; write nothing."),
+    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+) -> None:
+    """Restyle a dataset with fine-tuned model(s) on Ray Data; every input key ends up exactly once in the
+    output shards or as an error row of the manifests."""
+    _setup(verbose)
+    from dclip_ray.pipeline import work
+    from dclip_ray.pipeline.restyle import RestyleJob, plan, run_restyle
+
+    if image_format not in ("png", "jpg"):
+        raise ConfigError(f"--format {image_format!r}: expected png or jpg")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be >= 1")
+    cfg = work.build_restyle_config(out, models=list(model or []) or None, base=base, strength=strength,
+                                    mix=_read_mix(mix) if mix else None, preset=preset, t0=t0, n_inv_steps=n_inv,
+                                    n_gen_steps=n_gen, latents=latents, resize_policy=resize_policy,
+                                    image_format=image_format, batch_size=batch_size)
+    cpus = os.cpu_count() or 1
+    n_actors = actors or max(1, cpus if not gpus_per_actor else 1)
+    per_actor = cpus_per_actor if cpus_per_actor is not None else (0.5 if n_actors >= cpus else 1.0)
+    job = RestyleJob(config=cfg, input=input, limit=limit, actors=n_actors, cpus_per_actor=per_actor,
+                     gpus_per_actor=gpus_per_actor, address=address, verbose=verbose)
+    if dry_run:
+        p = plan(job)
+        if as_json:
+            print(json.dumps(p, indent=2, default=str))
+        else:
+            t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations")
+            for c in ("shard", "images", "cached latents", "committed", "UNet evaluations"):
+                t.add_column(c)
+            for r in p["shards"]:
+                t.add_row(r["shard"], str(r["images"]), str(r["cached_latents"]), "yes" if r["committed"] else "no",
+                          str(r["unet_evals"]))
+            Console().print(t)
+        raise typer.Exit(0)
+    s = run_restyle(job, progress=not as_json)
+    if as_json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        t = Table(title=f"restyle -> {', '.join(s['outputs'])}")
+        for c in ("shard", "status", "ok", "errors", "inversions", "cached", "seconds"):
+            t.add_column(c)
+        for r in s["shards"]:
+            t.add_row(r["shard"], "skipped (committed)" if r.get("skipped") else "done", _fmt(r.get("n_ok")),
+                      _fmt(r.get("n_error")), _fmt(r.get("inv_evals")), _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
+        Console().print(t)
+    if s["n_errors"]:
+        err.print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
+    raise typer.Exit(2 if s["n_errors"] else 0)
+
+
+@app.command(epilog="Example: dclip-ray verify restyled/ --input toy/")
+def verify(
+    out: str = typer.Argument(..., help="Output root of a restyle (or of one of its models)."),
+    input: str = typer.Option(..., "--input", help="The input the restyle read."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
+) -> None:
+    """Check that every input key is exactly once in the output or the error manifest (exit 2 if not)."""
+    from dclip_ray.pipeline.verify import verify as run_verify
+
+    r = run_verify(out, input)
+    if as_json:
+        print(json.dumps(r.as_dict(), indent=2, default=str))
+    else:
+        n = sum(s.get("n", 0) for s in r.shards)
+        n_err = sum(s.get("n_error", 0) for s in r.shards)
+        Console().print(f"{len(r.outputs)} output folder(s), {len(r.shards)} shard(s), {n} keys ({n_err} error rows): "
+                        + ("[green]OK[/]" if r.ok else f"[red]{len(r.problems)} problem(s)[/]"))
+        for p in r.problems[:50]:
+            err.print(f"[red]problem[/] {p}")
+    raise typer.Exit(0 if r.ok else 2)

@@ -1,0 +1,99 @@
+"""Parquet manifests: one row for EVERY input key of a shard, edited or not.
+
+Columns: ``key`` (string), ``shard`` (string), ``status`` (``"ok"`` or ``"error"``), ``error`` (the
+reason, null when ok), ``sha256`` (hex of the output image bytes, null on error), ``metrics`` (a
+JSON object as a string). Written deterministically (same rows -> same bytes), read back with
+validation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dclip_ray.errors import InputFileError
+
+STATUSES = ("ok", "error")
+
+SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("metrics", pa.string()),
+])
+"""The manifest's Arrow schema."""
+
+
+@dataclass
+class ManifestRow:
+    """One input key: ``status`` ok (``sha256`` of the output bytes set) or error (``error`` = reason)."""
+
+    key: str
+    shard: str
+    status: str
+    error: str | None = None
+    sha256: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"manifest status {self.status!r}: expected 'ok' or 'error'")
+        if self.status == "ok" and not self.sha256:
+            raise ValueError(f"manifest row {self.key}: an ok row needs the sha256 of its output")
+        if self.status == "error" and not self.error:
+            raise ValueError(f"manifest row {self.key}: an error row needs its reason")
+
+
+def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
+    """The Parquet bytes of ``rows`` (in the given order; same rows give the same bytes)."""
+    rows = list(rows)
+    table = pa.table({
+        "key": [r.key for r in rows],
+        "shard": [r.shard for r in rows],
+        "status": [r.status for r in rows],
+        "error": [r.error for r in rows],
+        "sha256": [r.sha256 for r in rows],
+        "metrics": [json.dumps(r.metrics, sort_keys=True, default=float) for r in rows],
+    }, schema=SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_manifest(rows: Iterable[ManifestRow], url: str) -> str:
+    """Write ``rows`` as a Parquet file at ``url`` (local path or fsspec URL); returns ``url``."""
+    data = manifest_bytes(rows)
+    with fsspec.open(url, "wb") as f:
+        f.write(data)
+    return url
+
+
+def read_manifest(url: str) -> list[ManifestRow]:
+    """Read a manifest back. Raises :class:`InputFileError` when it is missing or not a manifest."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            table = pq.read_table(io.BytesIO(f.read()))
+    except FileNotFoundError:
+        raise InputFileError(f"manifest {url} not found; re-run the restyle that writes it") from None
+    except (OSError, pa.ArrowException) as e:
+        raise InputFileError(f"manifest {url} is not a readable Parquet file ({e}); re-run the restyle") from None
+    missing = [n for n in SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise InputFileError(f"manifest {url} lacks column(s) {', '.join(missing)}; it was not written by dclip-ray")
+    out = []
+    for r in table.to_pylist():
+        try:
+            out.append(ManifestRow(key=r["key"], shard=r["shard"], status=r["status"], error=r["error"],
+                                   sha256=r["sha256"], metrics=json.loads(r["metrics"] or "{}")))
+        except ValueError as e:
+            raise InputFileError(f"manifest {url}: bad row {r.get('key')!r} ({e})") from None
+    return out

@@ -1,0 +1,140 @@
+"""Writing output WebDataset shards: deterministic tars, uploaded with fsspec, commit marker last.
+
+Per output shard ``NAME`` under an output root (local path or fsspec URL)::
+
+    ROOT/NAME.tar            the samples, members in the order written, fixed metadata (mtime 0,
+                             uid/gid 0, mode 0644), so the same samples give byte-identical tars
+    ROOT/NAME.parquet        the manifest (see :mod:`dclip_ray.io.manifest`)
+    ROOT/NAME_stats.json     the commit marker, written LAST (counts, config hash, sha256 of the tar)
+
+A shard without its marker is not done: a re-run rewrites it (all names are deterministic, so a
+retried or repeated write replaces, never duplicates).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+from dclip_ray.errors import ConfigError
+
+
+def _check_key(key: str) -> None:
+    base = posixpath.basename(key)
+    if not key or "." in base or key.startswith("/") or ".." in key.split("/"):
+        raise ConfigError(f"sample key {key!r} cannot name a WebDataset member (no dots, no absolute or '..' paths)")
+
+
+class TarShardWriter:
+    """A deterministic WebDataset tar written to a local temporary file (upload with :meth:`upload`).
+
+    ``write(key, {ext: bytes})`` adds ``key.ext`` members in sorted extension order; ``mtime``,
+    ownership and mode are fixed so identical samples give identical bytes.
+    """
+
+    def __init__(self, tmp_dir: str | None = None):
+        fd, self.local_path = tempfile.mkstemp(suffix=".tar", dir=tmp_dir)
+        self._file = os.fdopen(fd, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.keys: list[str] = []
+        self._closed = False
+
+    def write(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Add one sample: ``members`` maps extensions (``png``, ``txt``, ``json``) to bytes."""
+        _check_key(key)
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.keys.append(key)
+
+    def close(self) -> None:
+        """Finish the tar (idempotent)."""
+        if not self._closed:
+            self._tar.close()
+            self._file.close()
+            self._closed = True
+
+    def upload(self, url: str) -> None:
+        """Close and copy the tar to ``url`` (local path or fsspec URL), replacing any previous file."""
+        self.close()
+        put_file(self.local_path, url)
+
+    def discard(self) -> None:
+        """Close and delete the local temporary file."""
+        self.close()
+        if os.path.exists(self.local_path):
+            os.remove(self.local_path)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def put_file(local: str, url: str) -> None:
+    """Copy a local file to ``url``; on a local filesystem through a temporary name and a rename."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem":
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.put_file(local, tmp)
+        os.replace(tmp, path)
+    else:
+        fs.put_file(local, path)
+
+
+def put_bytes(data: bytes, url: str) -> None:
+    """Write ``data`` at ``url`` (atomically on a local filesystem, as :func:`put_file`)."""
+    fd, tmp = tempfile.mkstemp()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        put_file(tmp, url)
+    finally:
+        os.remove(tmp)
+
+
+def shard_urls(root: str, shard: str) -> dict[str, str]:
+    """``{"tar", "manifest", "marker"}`` URLs of output shard ``shard`` under ``root``."""
+    base = root.rstrip("/")
+    return {"tar": f"{base}/{shard}.tar", "manifest": f"{base}/{shard}.parquet",
+            "marker": f"{base}/{shard}_stats.json"}
+
+
+def write_marker(url: str, marker: Mapping[str, Any]) -> None:
+    """Write a commit marker (JSON, sorted keys): call it LAST, after the data it vouches for."""
+    put_bytes(json.dumps(dict(marker), indent=1, sort_keys=True, default=str).encode(), url)
+
+
+def read_marker(url: str) -> dict[str, Any] | None:
+    """A commit marker, or None when it is absent or unreadable (the shard is then not committed)."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def list_markers(root: str) -> list[str]:
+    """Names of the shards under ``root`` that have a commit marker, sorted."""
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(n)[: -len("_stats.json")] for n in names if n.endswith("_stats.json"))

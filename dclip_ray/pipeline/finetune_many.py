@@ -1,0 +1,267 @@
+"""`dclip-ray finetune-many`: one Ray Train ``TorchTrainer`` per prompt line, several running at once.
+
+Each prompt's ``fit()`` is called from its own zero-CPU Ray task (../shared/REFERENCE.md sec. 5, a
+pattern that runs concurrently under Train V2 without deadlock), so as many prompts train at once as
+the cluster has room for workers (``--cpus-per-prompt`` / ``--gpus-per-prompt``), the rest queue. The
+train loop calls :func:`dclip_ray.finetune.finetune` with a checkpoint folder and reports every
+checkpoint to Ray Train, which persists it under ``OUT/_ray_train/{name}-{config hash}``; after a worker failure
+(``FailureConfig(max_failures)``) or on a re-run with the same ``--out`` the loop resumes from
+``ray.train.get_checkpoint()``. A prompt whose model is already saved with the same configuration is
+skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import fsspec
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from dclip_ray.errors import ConfigError
+from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
+from dclip_ray.hashing import config_sha256
+from dclip_ray.jobs import read_card, resolve_clip
+from dclip_ray.losses import directional_clip_loss
+from dclip_ray.prompts import EditSpec, parse_prompt_file
+
+from . import work
+from .runtime import init_ray
+
+
+@dataclass
+class FinetuneManyJob:
+    """Arguments of `dclip-ray finetune-many` (see its --help)."""
+
+    prompts: str
+    model: str
+    out: str
+    latents: str | None = None
+    images: str | None = None
+    preset: str | None = None
+    clip: str | None = None
+    clip_weights: str | None = None
+    n_train: int = 16
+    t0: int | None = None
+    n_inv_steps: int = 40
+    n_gen_steps: int = 6
+    epochs: int = 5
+    lr: float = 2e-6
+    lr_gamma: float = 1.2
+    batch_size: int = 1
+    mode: str = "efficient"
+    aug_views: int = 4
+    seed: int = 0
+    checkpoint_every: int = 0
+    resize_policy: str = "center-crop"
+    cpus_per_prompt: float = 1.0
+    gpus_per_prompt: float = 0.0
+    max_failures: int = 2
+    max_concurrent: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    verbose: bool = False
+
+
+def finetune_config(spec: EditSpec, job: FinetuneManyJob, preset: Any) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of one prompt line: the line's options, else the job's, else the preset's."""
+    lw = getattr(preset, "loss_weights", None)
+    s = spec.resolve(t0=job.t0 or getattr(preset, "t0", None) or 500, clip=getattr(lw, "clip", 3.0) if lw else 3.0,
+                     l1=getattr(lw, "l1", 0.0) if lw else 0.0, id=getattr(lw, "id", 0.0) if lw else 0.0,
+                     epochs=job.epochs, lr=job.lr, n_inv=job.n_inv_steps, n_gen=job.n_gen_steps)
+    if s.id:
+        raise ConfigError(f"prompt {spec.name}: the identity loss (id={s.id}) is not supported by finetune-many yet; set id=0")
+    return FinetuneConfig(source=s.source, target=s.target, t0=s.t0, n_inv_steps=s.n_inv, n_gen_steps=s.n_gen,
+                          mode=job.mode, epochs=s.epochs, batch_size=job.batch_size, lr=s.lr, lr_gamma=job.lr_gamma,
+                          w_clip=s.clip, w_l1=s.l1, w_id=s.id, aug_views=job.aug_views, seed=job.seed,
+                          checkpoint_every=job.checkpoint_every)
+
+
+def _save(result: Any, out_dir: str, fcfg: FinetuneConfig, base: Any, metrics: dict[str, Any],
+          extra: dict[str, Any]) -> None:
+    if "://" not in out_dir or out_dir.startswith("file://"):
+        save_finetuned(result, out_dir.removeprefix("file://"), fcfg, base.unet, base.schedule_config, metrics, extra)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_finetuned(result, tmp, fcfg, base.unet, base.schedule_config, metrics, extra)
+        fs, path = fsspec.core.url_to_fs(out_dir)
+        names = sorted(os.listdir(tmp), key=lambda n: n == "dclip.json")  # the card (completion mark) last
+        for n in names:
+            fs.put_file(os.path.join(tmp, n), posixpath.join(path, n))
+
+
+@torch.no_grad()
+def quality_score(clip: Any, unet: torch.nn.Module, base: Any, x0: torch.Tensor, latents: torch.Tensor,
+                  fcfg: FinetuneConfig, n: int = 8) -> float:
+    """Directional CLIP similarity S_dir (in [-1, 1], higher is better) of the fine-tuned model's edits of
+    up to ``n`` training images (``x0``, ``latents``: [N,3,H,W]) generated with ``n_gen_steps``."""
+    from dclip_ray.diffusion import generate
+    from dclip_ray.models import eps_fn_of
+
+    x_gen = generate(eps_fn_of(unet), latents[:n], fcfg.t0, fcfg.n_gen_steps, base.schedule)
+    loss = directional_clip_loss(clip, x_gen.clamp(-1, 1), x0[:n], fcfg.source, fcfg.target, form="cosine")
+    return float(1.0 - loss.mean())
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train loop of one prompt (runs in the Train worker)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    started = time.time()
+    work.set_threads(config["cpus"])
+    device = "cuda" if config["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    base = work.cached_base(config["model"], config["preset"], device)
+    clip = resolve_clip(config["clip"], config["clip_weights"], base)
+    if device != "cpu":
+        clip.to(device)
+    fcfg = FinetuneConfig(**config["finetune"])
+    keys, x0, latents, origin = work.training_data(base, config["n_train"], fcfg.t0, fcfg.n_inv_steps,
+                                                   config["images"], config["latents"], config["policy"])
+    x0, latents = x0.to(device), latents.to(device)
+    ckpt_dir = tempfile.mkdtemp(prefix="dclip-ft-")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(ckpt_dir)
+
+    def on_checkpoint(folder: Any, metrics: dict[str, Any]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(folder)))
+
+    fail_after = config.get("fail_after_batches")  # test hook: one injected worker failure
+    if fail_after is not None and checkpoint is None:
+        finetune(base.unet, clip, x0, latents, base.schedule, fcfg, checkpoint_dir=ckpt_dir,
+                 on_checkpoint=on_checkpoint, stop_after_batches=int(fail_after))
+        raise RuntimeError("injected failure (test hook fail_after_batches)")
+    result = finetune(base.unet, clip, x0, latents, base.schedule, fcfg, checkpoint_dir=ckpt_dir,
+                      on_checkpoint=on_checkpoint)
+    quality = quality_score(clip, result.unet, base, x0, latents, fcfg)
+    metrics = {"final_loss": result.final_loss, "quality_s_dir": quality, "resumed_from_step": result.resumed_from_step,
+               "train_seconds": round(result.seconds, 2)}
+    if ray.train.get_context().get_world_rank() == 0:
+        _save(result, config["out_dir"], fcfg, base, metrics, {
+            "base_model": config["model"], "train_keys": keys, "latents": origin, "prompt_name": config["name"],
+            "config_sha256": config["config_sha256"], "train_window": [started, time.time()]})
+    ray.train.report({k: float(v) for k, v in metrics.items()})
+
+
+@ray.remote(num_cpus=0)
+def _fit(name: str, loop_config: dict[str, Any], storage: str, max_failures: int, cpus: float, gpus: float,
+         ) -> dict[str, Any]:
+    """Run one prompt's TorchTrainer to the end (a zero-CPU task: only the Train worker holds resources)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001  (reported in the summary; the run resumes on a re-run)
+        return {"name": name, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500],
+                "seconds": round(time.perf_counter() - start, 1)}
+    if result.error is not None:
+        return {"name": name, "status": "failed", "error": str(result.error)[:500],
+                "seconds": round(time.perf_counter() - start, 1)}
+    return {"name": name, "status": "ok", "metrics": dict(result.metrics or {}),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _storage_path(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        return f"{out.rstrip('/')}/_ray_train"
+    return os.path.abspath(os.path.join(out.removeprefix("file://"), "_ray_train"))
+
+
+def _existing(out_dir: str, config_hash: str) -> dict[str, Any] | None:
+    if "://" in out_dir and not out_dir.startswith("file://"):
+        try:
+            with fsspec.open(f"{out_dir.rstrip('/')}/dclip.json", "rb") as f:
+                card = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+    else:
+        card = read_card(out_dir.removeprefix("file://"))
+    return card if card.get("config_sha256") == config_hash else None
+
+
+def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: dict[str, Any] | None = None,
+                      ) -> dict[str, Any]:
+    """Fine-tune one model per prompt line of ``job.prompts`` on Ray Train; returns the summary
+    ``{"prompts": [{"name", "source", "target", "status", "final_loss", "quality_s_dir", "model_path",
+    "seconds", "error"}], "n_ok", "n_failed", "n_skipped"}``."""
+    specs = parse_prompt_file(job.prompts)
+    job = replace(job, model=work.absolute(job.model), latents=work.absolute(job.latents),
+                  images=work.absolute(job.images), clip_weights=work.absolute(job.clip_weights),
+                  out=job.out if "://" in job.out else os.path.abspath(job.out))
+    base = work.cached_base(job.model, job.preset)
+    if job.latents is None and job.images is None:
+        raise ConfigError("finetune-many needs --latents URL (from `dclip-ray precompute`) or --images URL")
+    resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
+    rows, launches = [], []
+    hashes: dict[str, str] = {}
+    for spec in specs:
+        fcfg = finetune_config(spec, job, base.preset)
+        if job.images is None and work.find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
+                                                         base.resolution, job.resize_policy) is None:
+            raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "
+                              f"{job.latents}; run `dclip-ray precompute --t0 {fcfg.t0} --n-inv {fcfg.n_inv_steps}` or pass --images")
+        out_dir = f"{job.out.rstrip('/')}/{spec.name}"
+        h = config_sha256({"finetune": asdict(fcfg), "base": base.sha256, "n_train": job.n_train,
+                           "images": job.images, "latents": job.latents, "policy": job.resize_policy})
+        hashes[spec.name] = h
+        row = {"name": spec.name, "source": fcfg.source, "target": fcfg.target, "status": "pending",
+               "final_loss": None, "quality_s_dir": None, "model_path": out_dir, "seconds": 0.0, "error": None}
+        rows.append(row)
+        card = _existing(out_dir, h)
+        if card is not None:
+            m = card.get("metrics") or {}
+            row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"))
+            continue
+        loop = {"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
+                "clip_weights": job.clip_weights, "finetune": asdict(fcfg), "n_train": job.n_train,
+                "images": job.images, "latents": job.latents, "policy": job.resize_policy, "out_dir": out_dir,
+                "config_sha256": h, "cpus": job.cpus_per_prompt, "gpus": job.gpus_per_prompt,
+                **((test_hooks or {}).get(spec.name) or {})}
+        launches.append((row, loop))
+    if launches:
+        init_ray(job.address, job.num_cpus, dashboard=True, verbose=job.verbose)
+        storage = _storage_path(job.out)
+        limit = job.max_concurrent or len(launches)
+        queue = list(launches)
+        running: dict[Any, dict[str, Any]] = {}
+        with tqdm(total=len(launches), desc="fine-tune prompts", disable=not progress) as bar:
+            while queue or running:
+                while queue and len(running) < limit:
+                    row, loop = queue.pop(0)
+                    run_name = f"{row['name']}-{hashes[row['name']][:12]}"  # a changed config never resumes an old run
+                    ref = _fit.remote(run_name, loop, storage, job.max_failures, job.cpus_per_prompt,
+                                      job.gpus_per_prompt)
+                    running[ref] = row
+                    row["status"] = "running"
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    row = running.pop(ref)
+                    res = ray.get(ref)
+                    card = _existing(row["model_path"], hashes[row["name"]]) if res["status"] == "ok" else None
+                    if res["status"] == "ok" and card is None:
+                        res = {**res, "status": "failed", "error": "training ended but the model card was not written"}
+                    m = (card or {}).get("metrics") or {}
+                    row.update(status=res["status"], error=res.get("error"), seconds=res["seconds"],
+                               final_loss=m.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
+                               resumed_from_step=m.get("resumed_from_step"), train_window=(card or {}).get("train_window"))
+                    bar.update(1)
+    return {"prompts": rows, "n_ok": sum(r["status"] == "ok" for r in rows),
+            "n_failed": sum(r["status"] == "failed" for r in rows),
+            "n_skipped": sum(r["status"].startswith("skipped") for r in rows)}

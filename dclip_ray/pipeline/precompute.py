@@ -1,0 +1,85 @@
+"""`dclip-ray precompute`: Ray tasks, one per input shard, DDIM-invert every image with the ORIGINAL model
+and store the latents (:mod:`dclip_ray.io.latents`), keyed by (base-model sha256, t0, S_inv, resolution,
+resize policy, dtype). Committed shards are skipped; a changed key writes to another folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+from tqdm.auto import tqdm
+
+from dclip_ray.io.latents import LatentKey, LatentStore
+
+from . import work
+from .runtime import init_ray
+
+
+@dataclass
+class PrecomputeJob:
+    """Arguments of `dclip-ray precompute` (see its --help)."""
+
+    model: str
+    input: str
+    out: str
+    t0: int = 500
+    n_inv_steps: int = 40
+    preset: str | None = None
+    resize_policy: str = "center-crop"
+    dtype: str = "float32"
+    batch_size: int = 16
+    recon_psnr: bool = False
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    address: str | None = None
+    num_cpus: int | None = None
+    verbose: bool = False
+
+
+@ray.remote(max_retries=3)
+def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str) -> dict[str, Any]:
+    work.set_threads(job.cpus_per_task)
+    device = "cuda" if job.gpus_per_task > 0 else "cpu"
+    return work.precompute_shard(job.model, job.preset, shard, path, job.out, key, job.batch_size,
+                                 job.recon_psnr, device)
+
+
+def latent_key(job: PrecomputeJob) -> LatentKey:
+    """The key of this job's latents (loads the base model once in the driver to hash it)."""
+    base = work.cached_base(job.model, job.preset)
+    return LatentKey(base.sha256, job.t0, job.n_inv_steps, base.resolution, job.resize_policy, job.dtype)  # type: ignore[arg-type]
+
+
+def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
+    """Invert every input shard not yet committed under the job's key, one Ray task per shard.
+
+    Returns ``{"store", "key", "shards": [per-shard summaries], "n_images", "n_errors", "n_skipped"}``.
+    """
+    job = replace(job, model=work.absolute(job.model) or job.model, out=work.absolute(job.out) or job.out)
+    shards = work.input_shards(job.input)
+    key = latent_key(job)
+    store = LatentStore(job.out, key)
+    todo = [(n, p) for n, p in shards if not store.is_committed(n)]
+    results = []
+    for n, _ in shards:
+        marker = store.read_marker(n) if store.is_committed(n) else None
+        if marker is not None:
+            results.append({"shard": n, "skipped": True, "n_ok": marker.get("n", 0), "errors": marker.get("errors") or {},
+                            "n_error": len(marker.get("errors") or {})})
+    if todo:
+        init_ray(job.address, job.num_cpus, verbose=job.verbose)
+        opts: dict[str, Any] = {"num_cpus": job.cpus_per_task}
+        if job.gpus_per_task:
+            opts["num_gpus"] = job.gpus_per_task
+        pending = [_precompute_task.options(**opts).remote(job, key, n, p) for n, p in todo]
+        with tqdm(total=len(pending), desc="precompute shards", disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                results.extend(ray.get(done))
+                bar.update(len(done))
+    results.sort(key=lambda r: r["shard"])
+    errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
+    return {"store": store.dir, "key": key.fields(), "shards": results,
+            "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
+            "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped"))}

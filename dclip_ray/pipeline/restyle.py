@@ -1,0 +1,128 @@
+"""`dclip-ray restyle`: Ray Data, streaming over input shards through an actor pool of generator workers.
+
+The shard is the unit of work (as in img2dataset): the dataset is the list of uncommitted input
+shards; each generator actor loads the models once (``__init__``) and, per call, reads and decodes one
+whole shard (bad images become error rows), takes cached latents or inverts once per image, generates
+in batches for every output variant, and writes the output tar, the Parquet manifest and the commit
+marker last (:class:`dclip_ray.pipeline.work.ShardRestyler`). A retried or repeated call rewrites the
+same names, so a key is never duplicated or lost; a re-run skips committed shards and leaves them
+byte-identical. Memory is bounded by the shards in flight, not by the dataset.
+
+On a 2-CPU machine actors get fractional CPUs (``--cpus-per-actor 0.5`` by default for several actors) so
+that Ray Data's own tasks are never starved (../shared/REFERENCE.md sec. 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from dclip_ray.errors import AbortedError
+from dclip_ray.io.shards import read_marker, shard_urls
+
+from . import work
+from .runtime import init_ray
+
+
+@dataclass
+class RestyleJob:
+    """Arguments of `dclip-ray restyle` (see its --help) around a :class:`work.RestyleConfig`."""
+
+    config: work.RestyleConfig
+    input: str
+    limit: int | None = None
+    actors: int = 2
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    address: str | None = None
+    num_cpus: int | None = None
+    verbose: bool = False
+
+
+class GeneratorActor:
+    """A Ray Data actor: models loaded once; each call restyles the shards of its batch."""
+
+    def __init__(self, config: work.RestyleConfig, cpus: float):
+        work.set_threads(cpus)
+        self.restyler = work.ShardRestyler(config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch``: ``{"shard": [names], "path": [paths]}`` -> one summary row per shard."""
+        out: dict[str, list[Any]] = {k: [] for k in ("shard", "skipped", "n", "n_ok", "n_error", "inv_evals",
+                                                      "gen_evals", "n_cached", "seconds", "failed", "truncated")}
+        for shard, path in zip(batch["shard"], batch["path"], strict=True):
+            try:
+                r = self.restyler.run(str(shard), str(path))
+                r["failed"] = ""
+            except Exception as e:  # noqa: BLE001  (the shard stays uncommitted; a re-run redoes it)
+                r = {"shard": str(shard), "skipped": False, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0,
+                     "gen_evals": 0, "n_cached": 0, "seconds": 0.0, "failed": f"{type(e).__name__}: {e}"}
+            r["truncated"] = r.get("truncated") or ""
+            for k in out:
+                out[k].append(r[k])
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
+    """The shards needed to cover the first ``limit`` input keys (whole shards: the unit of work)."""
+    if limit is None:
+        return shards
+    out, n = [], 0
+    for name, path in shards:
+        if n >= limit:
+            break
+        out.append((name, path))
+        n += len(work.shard_keys(path)[0])
+    return out
+
+
+def plan(job: RestyleJob) -> dict[str, Any]:
+    """``--dry-run``: shards, images and UNet evaluations the job would run (nothing is written)."""
+    return work.restyle_plan(job.config, _limit_shards(work.input_shards(job.input), job.limit))
+
+
+def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
+    """Restyle every uncommitted input shard. Returns ``{"outputs", "shards", "n_images", "n_errors",
+    "inv_evals", "gen_evals", "failed"}``. Raises :class:`AbortedError` (exit 3) when a shard failed:
+    re-running redoes exactly the uncommitted shards."""
+    cfg = job.config
+    shards = _limit_shards(work.input_shards(job.input), job.limit)
+    shas = work.model_shas(cfg)  # also validates every model before Ray starts
+    hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
+    todo = [(n, p) for n, p in shards
+            if not all(work.variant_committed(v, n, h) for v, h in zip(cfg.variants, hashes, strict=True))]
+    results: list[dict[str, Any]] = []
+    for n, p in shards:
+        if (n, p) not in todo:
+            marker = read_marker(shard_urls(cfg.variants[0].out, n)["marker"]) or {}
+            results.append({"shard": n, "skipped": True, "n_ok": 0, "n_error": marker.get("n_error", 0)})
+    if todo:
+        init_ray(job.address, job.num_cpus, verbose=job.verbose)
+        cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
+        ds = ray.data.from_items([{"shard": n, "path": p} for n, p in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(GeneratorActor, batch_size=1, fn_constructor_args=(cfg, job.cpus_per_actor),
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.actors, len(todo)))),
+                            num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
+        with tqdm(total=len(todo), desc="restyle shards", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+                bar.update(1)
+    results.sort(key=lambda r: r["shard"])
+    failed = {r["shard"]: r["failed"] for r in results if r.get("failed")}
+    summary = {
+        "outputs": [v.out for v in cfg.variants], "shards": results,
+        "n_images": sum(r.get("n_ok", 0) for r in results),
+        "n_errors": sum(r.get("n_error", 0) for r in results),  # committed shards' error rows included
+        "n_skipped": sum(1 for r in results if r.get("skipped")),
+        "inv_evals": sum(r.get("inv_evals", 0) for r in results), "gen_evals": sum(r.get("gen_evals", 0) for r in results),
+        "failed": failed,
+    }
+    if failed:
+        first = next(iter(failed.items()))
+        raise AbortedError(f"{len(failed)} shard(s) failed (e.g. {first[0]}: {first[1]}); re-run the same command "
+                           "to redo only the uncommitted shards")
+    return summary

@@ -1,0 +1,49 @@
+"""Starting or joining Ray: embedded ``ray.init()`` by default, a cluster with ``--address`` / ``RAY_ADDRESS``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from dclip_ray.errors import ConfigError
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
+             verbose: bool = False) -> dict[str, Any]:
+    """Make sure Ray is running and return ``ray.cluster_resources()``.
+
+    An already initialised Ray (a test, a notebook, a Ray job's driver) is used as it is. Otherwise
+    ``address`` or ``$RAY_ADDRESS`` joins a cluster; without either an embedded local Ray starts with
+    ``num_cpus`` (default: the machine's), its dashboard (needed by Ray Train) bound to 127.0.0.1
+    when ``dashboard``. Ray's own logs stay quiet unless ``verbose``.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        level = logging.INFO if verbose else logging.ERROR
+        kwargs: dict[str, Any] = {"logging_level": level, "log_to_driver": verbose, "configure_logging": True}
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
+                         dashboard_host="127.0.0.1", **kwargs)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot reach the Ray cluster at {address}: {e}; check --address / RAY_ADDRESS") from None
+    quiet_ray_data(verbose)
+    return dict(ray.cluster_resources())
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's own progress bars and logs only with ``verbose`` (ours show per-shard progress)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    if not verbose:
+        for name in ("ray.data", "ray.train", "ray.tune", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)

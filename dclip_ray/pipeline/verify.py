@@ -1,0 +1,146 @@
+"""`dclip-ray verify OUT --input URL`: check that every input key is in the output exactly once.
+
+For every input shard and every output folder (``OUT`` itself, or each sub-folder of ``OUT`` holding
+commit markers, as written by a restyle with several models) it checks: the commit marker exists;
+the manifest's keys equal the input shard's keys, each exactly once; the tar holds exactly the ok
+keys, one image each, whose sha256 equals the manifest's; error rows have a reason and no image;
+the counts and the tar's sha256 equal the marker's. No Ray needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from dclip_ray.errors import InputFileError
+from dclip_ray.io.manifest import read_manifest
+from dclip_ray.io.shards import list_markers, read_marker, shard_urls
+from dclip_ray.io.sources import split_member
+
+from .work import input_shards, shard_keys
+
+IMAGE_MEMBERS = ("png", "jpg")
+
+
+@dataclass
+class VerifyReport:
+    """The outcome: per output folder and shard the counts, and every discrepancy found."""
+
+    outputs: list[str] = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, duplicated or inconsistent."""
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {"ok": self.ok, "outputs": self.outputs, "shards": self.shards, "problems": self.problems}
+
+
+def output_folders(out: str) -> list[str]:
+    """``out`` when it holds commit markers, else its sub-folders that do (several-model restyles)."""
+    if list_markers(out):
+        return [out.rstrip("/")]
+    fs, path = fsspec.core.url_to_fs(out)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise InputFileError(f"{out}: no such output folder; give the --out of a restyle") from None
+    subs = sorted(f"{out.rstrip('/')}/{posixpath.basename(e['name'].rstrip('/'))}" for e in entries if e["type"] == "directory")
+    found = [s for s in subs if list_markers(s)]
+    if not found:
+        raise InputFileError(f"{out}: no committed output shard (no *_stats.json); give the --out of a restyle")
+    return found
+
+
+def _tar_members(url: str) -> tuple[dict[str, list[bytes]], str]:
+    """``{key: [image bytes, ...]}`` of a tar and the tar's sha256."""
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    images: dict[str, list[bytes]] = {}
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = split_member(m.name)
+            if ext in IMAGE_MEMBERS:
+                fobj = tar.extractfile(m)
+                images.setdefault(key, []).append(fobj.read() if fobj is not None else b"")
+            else:
+                images.setdefault(key, [])
+    return images, hashlib.sha256(data).hexdigest()
+
+
+def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Check one output shard against its input keys; returns (counts, problems)."""
+    where = f"{folder}/{shard}"
+    urls = shard_urls(folder, shard)
+    problems: list[str] = []
+    marker = read_marker(urls["marker"])
+    if marker is None:
+        return {"shard": shard, "output": folder, "committed": False}, [f"{where}: not committed (no {shard}_stats.json)"]
+    try:
+        rows = read_manifest(urls["manifest"])
+    except InputFileError as e:
+        return {"shard": shard, "output": folder, "committed": True}, [f"{where}: {e}"]
+    counts = Counter(r.key for r in rows)
+    dups = sorted(k for k, c in counts.items() if c > 1)
+    missing = sorted(set(expected) - set(counts))
+    extra = sorted(set(counts) - set(expected))
+    if dups:
+        problems.append(f"{where}: {len(dups)} key(s) more than once in the manifest, e.g. {dups[:3]}")
+    if missing:
+        problems.append(f"{where}: {len(missing)} input key(s) missing from the manifest, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{where}: {len(extra)} manifest key(s) not in the input, e.g. {extra[:3]}")
+    try:
+        images, tar_sha = _tar_members(urls["tar"])
+    except (FileNotFoundError, OSError, tarfile.TarError) as e:
+        return {"shard": shard, "output": folder, "committed": True}, problems + [f"{where}.tar unreadable: {e}"]
+    ok_rows = {r.key: r for r in rows if r.status == "ok"}
+    err_rows = [r for r in rows if r.status == "error"]
+    for key, blobs in images.items():
+        if key not in ok_rows:
+            problems.append(f"{where}: tar holds {key!r}, which is not an ok row of the manifest")
+        elif len(blobs) != 1:
+            problems.append(f"{where}: {key!r} has {len(blobs)} images in the tar, expected 1")
+        elif hashlib.sha256(blobs[0]).hexdigest() != ok_rows[key].sha256:
+            problems.append(f"{where}: {key!r} image sha256 differs from the manifest")
+    absent = sorted(set(ok_rows) - set(images))
+    if absent:
+        problems.append(f"{where}: {len(absent)} ok key(s) have no image in the tar, e.g. {absent[:3]}")
+    if marker.get("tar_sha256") != tar_sha:
+        problems.append(f"{where}: the tar's sha256 differs from its commit marker (written after the marker?)")
+    if marker.get("n") != len(rows) or marker.get("n_ok") != len(ok_rows) or marker.get("n_error") != len(err_rows):
+        problems.append(f"{where}: marker counts {marker.get('n')}/{marker.get('n_ok')}/{marker.get('n_error')} "
+                        f"differ from the manifest {len(rows)}/{len(ok_rows)}/{len(err_rows)}")
+    return {"shard": shard, "output": folder, "committed": True, "n": len(rows), "n_ok": len(ok_rows),
+            "n_error": len(err_rows), "expected": len(expected)}, problems
+
+
+def verify(out: str, input_url: str) -> VerifyReport:
+    """Verify the restyle output ``out`` against its input ``input_url`` (see the module docstring)."""
+    report = VerifyReport(outputs=output_folders(out))
+    shards = input_shards(input_url)
+    names = {n for n, _ in shards}
+    expected = {name: shard_keys(path)[0] for name, path in shards}
+    for folder in report.outputs:
+        for name, _ in shards:
+            counts, problems = verify_shard(folder, name, expected[name])
+            report.shards.append(counts)
+            report.problems.extend(problems)
+        strays = sorted(set(list_markers(folder)) - names)
+        if strays:
+            report.problems.append(f"{folder}: output shard(s) with no input shard: {strays[:5]}")
+    return report

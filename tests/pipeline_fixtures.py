@@ -1,0 +1,71 @@
+"""Shared test inputs for the pipeline tests: toy shards with bad members, tiny random UNets."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from dclip_ray.toyworld.data import write_shards
+
+SCHED = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+         "beta_schedule": "linear"}
+
+BAD_REASONS = {"zero": "zero-byte", "trunc": "truncated image", "link": "not a regular file", "noimg": "no image member"}
+
+
+def tiny_unet_dir(path: Path, seed: int, card: dict | None = None) -> str:
+    """A random 32x32 UNet2DModel saved as a diffusers folder (+ scheduler config, optional dclip.json)."""
+    torch.manual_seed(seed)
+    m = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                    norm_num_groups=8)
+    m.save_pretrained(path)
+    (path / "scheduler_config.json").write_text(json.dumps(SCHED))
+    if card is not None:
+        (path / "dclip.json").write_text(json.dumps(card))
+    return str(path)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_inputs(root: Path, n: int = 16, shard_size: int = 8) -> tuple[str, dict[str, list[str]]]:
+    """Toy shards ``00000..`` plus ``bad.tar`` (2 good keys, 4 bad ones) and ``cut.tar`` (truncated).
+
+    Returns (input folder, {shard: keys in order}).
+    """
+    data = root / "data"
+    write_shards(str(data), n, seed=0, shard_size=shard_size)
+    good = (data / "00000.tar")
+    with tarfile.open(good) as t:
+        png = t.extractfile("0_000000.png").read()
+        png2 = t.extractfile("0_000001.png").read()
+    with tarfile.open(data / "bad.tar", "w") as tar:
+        _add(tar, "ok1.png", png)
+        _add(tar, "ok1.txt", b"a caption")
+        _add(tar, "zero.png", b"")
+        _add(tar, "trunc.png", png[: len(png) // 2])
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        _add(tar, "noimg.txt", b"only a caption")
+        _add(tar, "ok2.png", png2)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        _add(tar, "c1.png", png)
+        _add(tar, "c2.png", png2 * 40)
+        _add(tar, "c3.png", png)
+    (data / "cut.tar").write_bytes(buf.getvalue()[: 512 * 3 + len(png) + 700])
+    keys = {f"{i:05d}": [f"0_{j:06d}" for j in range(i * shard_size, min(n, (i + 1) * shard_size))]
+            for i in range((n + shard_size - 1) // shard_size)}
+    keys["bad"] = ["ok1", "zero", "trunc", "link", "noimg", "ok2"]
+    keys["cut"] = ["c1", "c2"]
+    return str(data), keys

@@ -1,0 +1,124 @@
+"""The pipeline on a local Ray (2 CPUs): precompute -> restyle (Ray Data actor pool) -> verify, via the CLI.
+
+Tiny random UNets stand in for the models (bookkeeping is under test, not edit quality). Ray Train
+(`finetune-many`) is tested in tests/test_pipeline_train.py, which needs the dashboard on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray
+import torch
+import webdataset as wds
+from pipeline_fixtures import BAD_REASONS, make_inputs, tiny_unet_dir
+
+from dclip_ray.cli import main
+from dclip_ray.io.manifest import read_manifest
+
+T0, N_INV, N_GEN = 200, 4, 3
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("world")
+    data, keys = make_inputs(root)
+    base = tiny_unet_dir(root / "base", 0)
+    fts = [tiny_unet_dir(root / f"ft{i}", i, {"base_model": base, "config": {"t0": T0}}) for i in (1, 2, 3)]
+    return {"root": root, "data": data, "keys": keys, "base": base, "fts": fts}
+
+
+def run_json(capsys, argv):
+    capsys.readouterr()
+    rc = main(argv + ["--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)
+
+
+def snapshot(folder):
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[p] = (os.stat(p).st_mtime_ns, open(p, "rb").read())
+    return out
+
+
+def test_precompute_restyle_three_models_verify_and_rerun(ray_local, world, tmp_path, capsys):
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    rc, pre = run_json(capsys, ["precompute", "--model", world["base"], "--input", world["data"], "--t0", str(T0),
+                                "--n-inv", str(N_INV), "--out", lat, "--batch-size", "4"])
+    assert rc == 2, "bad members are per-item errors"
+    assert pre["n_images"] == 19 and pre["n_errors"] == 5 and len(pre["shards"]) == 4
+    for k, reason in BAD_REASONS.items():
+        assert reason in pre["errors"][k]
+    rc, again = run_json(capsys, ["precompute", "--model", world["base"], "--input", world["data"], "--t0", str(T0),
+                                  "--n-inv", str(N_INV), "--out", lat])
+    assert rc == 2 and again["n_skipped"] == 4 and again["n_images"] == 0, "committed shards are skipped"
+
+    argv = ["restyle", "--input", world["data"], "--out", out, "--latents", lat, "--n-inv", str(N_INV),
+            "--n-gen", str(N_GEN), "--batch-size", "4"]
+    for m in world["fts"]:
+        argv += ["--model", m]
+    rc, plan = run_json(capsys, argv + ["--dry-run"])
+    assert rc == 0 and not os.path.exists(out)
+    assert plan["images"] == 24 and plan["unet_evals"] == (24 - 19) * (N_INV - 1) + 24 * N_GEN * 3
+
+    rc, s = run_json(capsys, argv)
+    assert rc == 2 and s["n_images"] == 19 and s["n_errors"] == 5
+    assert s["inv_evals"] == 0, "every good image came from the latent cache"
+    assert s["gen_evals"] == 19 * N_GEN * 3
+    assert main(["verify", out, "--input", world["data"]]) == 0
+
+    ft1 = os.path.join(out, "ft1")
+    samples = list(wds.WebDataset(os.path.join(ft1, "0000{0..1}.tar"), shardshuffle=False).decode("rgb"))
+    assert [x["__key__"] for x in samples] == world["keys"]["00000"] + world["keys"]["00001"]
+    assert samples[0]["png"].shape == (32, 32, 3) and samples[0]["json"]["dclip"]["variant"] == "ft1"
+    rows = ray.data.read_webdataset(os.path.join(ft1, "bad.tar")).take_all()
+    assert sorted(r["__key__"] for r in rows) == ["ok1", "ok2"]
+    errors = {r.key: r.error for r in read_manifest(os.path.join(ft1, "bad.parquet")) if r.status == "error"}
+    assert set(errors) == set(BAD_REASONS)
+
+    before = snapshot(out)
+    rc, s2 = run_json(capsys, argv)
+    assert rc == 2 and s2["n_skipped"] == 4 and s2["gen_evals"] == 0
+    assert snapshot(out) == before, "a re-run leaves committed shards byte-identical (and untouched)"
+
+
+def test_limit_and_strength_without_cache(ray_local, world, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    rc, s = run_json(capsys, ["restyle", "--input", world["data"], "--out", out, "--model", world["fts"][0],
+                              "--strength", "0.5", "--n-inv", str(N_INV), "--n-gen", str(N_GEN), "--limit", "5"])
+    assert rc == 0 and [r["shard"] for r in s["shards"]] == ["00000"], "--limit 5 needs only the first shard"
+    assert s["inv_evals"] == 8 * (N_INV - 1) and s["gen_evals"] == 8 * N_GEN * 2, "r = 0.5 runs both models"
+    assert main(["verify", out, "--input", os.path.join(world["data"], "00000.tar")]) == 0
+    assert main(["verify", out, "--input", world["data"]]) == 2, "the other shards are missing"
+
+
+def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_local, world, tmp_path):
+    """An actor killed between writing a shard and its commit marker: Ray Data retries the shard on a new
+    actor, which rewrites the same names; every key ends up exactly once."""
+    from dclip_ray.pipeline import work
+    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+    from dclip_ray.pipeline.verify import verify
+
+    out, flag = str(tmp_path / "out"), tmp_path / "crashed"
+    cfg = work.build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    cfg.crash_once = str(flag)
+    inputs = os.path.join(world["data"], "{00000,bad}.tar")
+    s = run_restyle(RestyleJob(cfg, inputs, actors=1), progress=False)
+    assert flag.exists(), "the hook killed a worker"
+    assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
+    report = verify(out, inputs)
+    assert report.ok, report.problems
+    assert sum(x["n"] for x in report.shards) == 8 + 6
