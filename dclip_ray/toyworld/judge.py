@@ -10,7 +10,8 @@ It exists so an edit can be scored without trusting the CLIP it was trained agai
    within ``max_colour_distance``);
 4. shape = from the largest 4-connected component of the mask: the fill ratio of its bounding box
    (square ~1.0, circle ~0.78, triangle ~0.56 at these sizes) and the vertical offset of its centroid from the box
-   centre (a triangle's mass sits low); a component matching no prototype is a "blob";
+   centre (a triangle's mass sits low); a component matching no prototype, or touching the image
+   border (rendered shapes keep a 2-pixel margin), is a "blob";
 5. IoU of the mask against a reference mask, and the background's mean absolute error / 255
    outside the reference mask.
 """
@@ -160,7 +161,13 @@ def judge(
         purity = float((nearest == k).mean()) if mask.any() else 0.0
         component = _largest_component(mask)
         fill, v_off = shape_features(component)
-        shape = classify_shape(fill, v_off) if component.sum() >= _MIN_PIXELS else "none"
+        touches_border = bool(component[0].any() or component[-1].any() or component[:, 0].any() or component[:, -1].any())
+        if component.sum() < _MIN_PIXELS:
+            shape = "none"
+        elif touches_border:  # rendered shapes keep a 2-pixel margin: this is noise or a smear
+            shape = "blob"
+        else:
+            shape = classify_shape(fill, v_off)
     iou = None
     if ref_mask is not None:
         ref_mask = np.asarray(ref_mask, dtype=bool)

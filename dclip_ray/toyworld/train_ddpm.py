@@ -55,7 +55,7 @@ SCHEDULER_CONFIG: dict = {
 class DDPMTrainConfig:
     """Hyper-parameters of :func:`train_ddpm` (all recorded in ``train_log.json``)."""
 
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 6e-4
     warmup_steps: int = 100
@@ -154,3 +154,31 @@ def train_ddpm(
     save_unet(ema, out, log)
     log_fn(f"saved EMA UNet to {out} after {log['wall_time_s']:.0f}s")
     return log
+
+
+@torch.no_grad()
+def reconstruction_psnr(
+    unet: torch.nn.Module,
+    images: np.ndarray,
+    t0: int = 500,
+    n_inv_steps: int = 40,
+    n_gen_steps: int = 40,
+    schedule_config: dict | None = None,
+) -> np.ndarray:
+    """Per-image PSNR (dB, on [0,1]) of DDIM inversion to ``t0`` then generation back.
+
+    ``unet``: a ``UNet2DModel`` predicting eps; ``images``: uint8 ``[B,H,W,3]``. The reconstruction
+    is clamped to [-1,1]; inversion uses ``n_inv_steps``, generation ``n_gen_steps``.
+    """
+    from dclip_ray.diffusion import generate, invert, schedule_from_config
+
+    schedule = schedule_from_config(schedule_config or SCHEDULER_CONFIG)
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x_t, t).sample
+
+    x0 = images_to_tensor(images)
+    x_t0 = invert(eps_fn, x0, t0, n_inv_steps, schedule)
+    x_rec = generate(eps_fn, x_t0, t0, n_gen_steps, schedule).clamp(-1, 1)
+    mse = ((x_rec - x0) / 2.0).pow(2).flatten(1).mean(1)
+    return (10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))).numpy()
