@@ -1,0 +1,78 @@
+"""DiffusionCLIP works on the toy world, judged from pixels (never by CLIP).
+
+Acceptance (issue 5): with 16 training images and at most 5 epochs,
+- "red circle" -> "blue circle" at t0 = 500 turns >= 90 % of 32 held-out red circles blue, with
+  shape mask IoU >= 0.85 and background mean absolute error <= 6/255;
+- "red circle" -> "red square" (t0 >= 500) succeeds on >= 80 % with the colour kept.
+
+NOT MET YET (see the note on issue 5): with the bundled toy CLIP the fine-tuned model finds
+adversarial solutions (the red disc erased and a blue blob drawn elsewhere, or a green disc with a
+blue fringe). These tests are kept as the target, in `make test-all` only, marked xfail (not strict,
+so a run that meets the target reports XPASS).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dclip_ray.diffusion import schedule_from_config
+from dclip_ray.edit import generate_images, invert_images
+from dclip_ray.finetune import FinetuneConfig, finetune
+from dclip_ray.models import eps_fn_of, load_clip, load_schedule_config, load_unet
+from dclip_ray.toyworld import judge, sample_dataset
+
+SETTINGS = {
+    "blue": dict(source="red circle", target="blue circle", t0=500, n_gen_steps=6, epochs=5, lr=4e-4,
+                 w_l1=1.0, aug_views=4, seed=0),
+    "square": dict(source="red circle", target="red square", t0=500, n_gen_steps=6, epochs=5, lr=4e-4,
+                   w_l1=1.0, aug_views=4, seed=0),
+}
+
+
+def images(samples) -> torch.Tensor:
+    return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    unet = load_unet("toy_shapes")
+    sched = schedule_from_config(load_schedule_config("toy_shapes"))
+    clip = load_clip("toy_clip")
+    train = sample_dataset(16, seed=101, colours=["red"], shapes=["circle"])
+    held_out = sample_dataset(32, seed=202, colours=["red"], shapes=["circle"])
+    eps = eps_fn_of(unet)
+    x_train, x_eval = images(train), images(held_out)
+    lat_train = invert_images(eps, x_train, 500, 40, sched, batch_size=16)
+    lat_eval = invert_images(eps, x_eval, 500, 40, sched, batch_size=32)
+    return dict(unet=unet, sched=sched, clip=clip, x_train=x_train, lat_train=lat_train, held_out=held_out,
+                lat_eval=lat_eval)
+
+
+def edit_and_judge(world, key):
+    cfg = FinetuneConfig(**SETTINGS[key])
+    res = finetune(world["unet"], world["clip"], world["x_train"], world["lat_train"], world["sched"], cfg)
+    out = generate_images(eps_fn_of(res.unet), world["lat_eval"], cfg.t0, 40, world["sched"], batch_size=32)
+    return [judge(o, ref_mask=s.mask) for o, s in zip(out, world["held_out"], strict=True)]
+
+
+NOT_MET = pytest.mark.xfail(reason="issue 5 acceptance not met yet on the toy world", strict=False)
+pytestmark = pytest.mark.slow
+
+
+@NOT_MET
+def test_red_to_blue_recolours_and_keeps_shape_and_background(world):
+    verdicts = edit_and_judge(world, "blue")
+    ok = [v for v in verdicts if v.matches("blue", "circle")]
+    assert len(ok) / len(verdicts) >= 0.90, [(v.colour, v.shape) for v in verdicts]
+    assert min(v.iou for v in ok) >= 0.85
+    assert np.mean([v.bg_error for v in verdicts]) * 255 <= 6.0
+
+
+@NOT_MET
+def test_circle_to_square_changes_shape_and_keeps_colour(world):
+    verdicts = edit_and_judge(world, "square")
+    ok = [v for v in verdicts if v.matches("red", "square")]
+    assert len(ok) / len(verdicts) >= 0.80, [(v.colour, v.shape) for v in verdicts]
