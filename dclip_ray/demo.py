@@ -20,8 +20,10 @@ from dclip_ray.io.images import load_image_tensor
 from dclip_ray.jobs import EditJob, FinetuneJob, run_edit, run_finetune
 from dclip_ray.toyworld import judge, sample_dataset
 
-# The settings that pass the toy-world acceptance test (tests/test_finetune_toyworld.py).
-DEMO_TRAIN = {"t0": 500, "n_gen_steps": 6, "epochs": 5, "lr": 4e-4, "w_l1": 1.0, "aug_views": 4, "seed": 0}
+# The best settings found so far on the toy world: 24/32 held-out edits judged "blue circle", but the
+# shape often moves (mean mask IoU 0.2); the issue-5 target (tests/test_finetune_toyworld.py) is not met.
+DEMO_TRAIN = {"t0": 500, "n_gen_steps": 6, "epochs": 5, "lr": 1e-5, "w_l1": 1.5, "aug_views": 8, "aug_shift": 4,
+              "aug_noise": 0.2, "seed": 0}
 
 
 def _write_folder(folder: Path, samples: list) -> None:

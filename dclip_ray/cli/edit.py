@@ -36,7 +36,7 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
 
 @app.command(epilog="""Example (the toy world, CPU, about a minute):\n
   dclip-ray toyworld make-data --out toy/ --n 16 --colours red --shapes circle\n
-  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue --lr 4e-4\n
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue --lr 1e-5\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
 --source face --target "angry face" --images faces/ --out ft/angry --t0 500 --l1 1.0""")
 def finetune(
@@ -56,7 +56,7 @@ def finetune(
     mode: str = typer.Option("efficient", help="'efficient' (loss per step) or 'full' (backprop through all steps)."),
     epochs: int = typer.Option(5, help="Epochs over the training images."),
     batch_size: int = typer.Option(1, help="Images per optimiser step."),
-    lr: float = typer.Option(2e-6, help="Adam learning rate (the paper's default; the toy world needs ~4e-4)."),
+    lr: float = typer.Option(2e-6, help="Adam learning rate (the paper's default; the toy world uses ~1e-5)."),
     lr_gamma: float = typer.Option(1.2, help="Learning-rate factor applied after every epoch."),
     clip_weight: float = typer.Option(3.0, "--clip-weight", help="Weight of the directional CLIP loss."),
     l1: float = typer.Option(None, help="Weight of the L1 loss (default: the preset's)."),

@@ -81,7 +81,7 @@ def precompute(
 
 @app.command("finetune-many", epilog="""Example (toy world):\n
   printf 'red circle -> blue circle name=blue\\nred circle -> green circle name=green\\n' > prompts.txt\n
-  dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 4e-4 --t0 500""")
+  dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 1e-5 --t0 500""")
 def finetune_many(
     prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET [key=value ...]' or preset per line."),
     model: str = typer.Option(..., help="The base UNet (preset name, folder, checkpoint or URL)."),
@@ -96,7 +96,7 @@ def finetune_many(
     n_inv: int = typer.Option(40, help="Default S_inv (must match the cached latents)."),
     n_gen: int = typer.Option(6, help="Default S_gen during training."),
     epochs: int = typer.Option(5, help="Default epochs."),
-    lr: float = typer.Option(2e-6, help="Default learning rate (the toy world needs ~4e-4)."),
+    lr: float = typer.Option(2e-6, help="Default learning rate (the toy world uses ~1e-5)."),
     lr_gamma: float = typer.Option(1.2, help="Learning-rate factor after every epoch."),
     batch_size: int = typer.Option(1, help="Images per optimiser step."),
     mode: str = typer.Option("efficient", help="'efficient' or 'full'."),
