@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from dclip_ray.demo import DEMO_TRAIN
 from dclip_ray.diffusion import schedule_from_config
 from dclip_ray.edit import invert_images
 from dclip_ray.finetune import FinetuneConfig, finetune
@@ -37,8 +38,8 @@ def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int) 
     t = time.perf_counter()
     lat = invert_images(eps_fn_of(unet), x0, 500, 40, sched)
     t_inv = time.perf_counter() - t
-    cfg = FinetuneConfig(source="red circle", target="blue circle", t0=500, n_gen_steps=n_gen, mode=mode,
-                         epochs=epochs, batch_size=batch_size, lr=4e-4, w_l1=1.0)
+    cfg = FinetuneConfig(source="red circle", target="blue circle",
+                         **{**DEMO_TRAIN, "n_gen_steps": n_gen, "mode": mode, "epochs": epochs, "batch_size": batch_size})
     finetune(unet, clip, x0[:batch_size], lat[:batch_size], sched,
              FinetuneConfig(**{**cfg.__dict__, "epochs": 1}))  # warm-up: allocator and kernels
     base = _rss_mb()
