@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,20 +97,18 @@ def read_images(url: str, size: int, limit: int | None = None) -> tuple[list[str
 
 @dataclass
 class FinetuneJob:
-    """Arguments of `dclip-ray finetune` (see its --help)."""
+    """Arguments of `dclip-ray finetune` (see its --help); the prompt pair is ``train.source/target``."""
 
     model: str
-    source: str
-    target: str
     images: str
     out: str
+    train: FinetuneConfig
     preset: str | None = None
     clip: str | None = None
     clip_weights: str | None = None
     face_weights: str | None = None
     n_train: int = 16
     checkpoint_dir: str | None = None
-    train: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(source="", target=""))
 
 
 def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Shared test inputs for the pipeline tests: toy shards with bad members, tiny random UNets."""
+"""Shared test inputs: toy shards with bad members, tiny random UNets, a random toy-architecture CLIP."""
 
 from __future__ import annotations
 
@@ -7,15 +7,38 @@ import json
 import tarfile
 from pathlib import Path
 
+import open_clip
 import torch
 from diffusers import UNet2DModel
+from safetensors.torch import save_file
 
+from dclip_ray.toyworld import toy_clip_paths
 from dclip_ray.toyworld.data import write_shards
 
 SCHED = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
          "beta_schedule": "linear"}
 
 BAD_REASONS = {"zero": "zero-byte", "trunc": "truncated image", "link": "not a regular file", "noimg": "no image member"}
+
+
+def random_clip_weights(folder: Path) -> str:
+    """The toy CLIP architecture with random weights (seed 0), saved as safetensors; returns the path."""
+    name, config_folder, _ = toy_clip_paths()
+    open_clip.add_model_config(config_folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    path = folder / "random_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def make_world(root: Path, t0: int) -> dict:
+    """Toy input shards (with bad members), a random base UNet and 3 random "fine-tuned" UNets."""
+    torch.set_num_threads(1)
+    data, keys = make_inputs(root)
+    base = tiny_unet_dir(root / "base", 0)
+    fts = [tiny_unet_dir(root / f"ft{i}", i, {"base_model": base, "config": {"t0": t0}}) for i in (1, 2, 3)]
+    return {"root": root, "data": data, "keys": keys, "base": base, "fts": fts}
 
 
 def tiny_unet_dir(path: Path, seed: int, card: dict | None = None) -> str:

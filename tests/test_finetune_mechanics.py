@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 
-import open_clip
 import pytest
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import save_file
+from pipeline_fixtures import random_clip_weights
 
 from dclip_ray.diffusion import linear_schedule
 from dclip_ray.errors import ConfigError
@@ -36,13 +35,7 @@ def tiny_unet():
 @pytest.fixture(scope="module")
 def random_clip(tmp_path_factory):
     """The toy CLIP architecture with random weights (the method's quality is not under test here)."""
-    name, folder, _ = toy_clip_paths()
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    model = open_clip.create_model(name)
-    path = tmp_path_factory.mktemp("clip") / "random_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return load_clip(name, weights=str(path))
+    return load_clip(toy_clip_paths()[0], weights=random_clip_weights(tmp_path_factory.mktemp("clip")))
 
 
 @pytest.fixture(scope="module")

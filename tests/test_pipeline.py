@@ -11,9 +11,8 @@ import os
 
 import pytest
 import ray
-import torch
 import webdataset as wds
-from pipeline_fixtures import BAD_REASONS, make_inputs, tiny_unet_dir
+from pipeline_fixtures import BAD_REASONS, make_world
 
 from dclip_ray.cli import main
 from dclip_ray.io.manifest import read_manifest
@@ -30,12 +29,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("world")
-    data, keys = make_inputs(root)
-    base = tiny_unet_dir(root / "base", 0)
-    fts = [tiny_unet_dir(root / f"ft{i}", i, {"base_model": base, "config": {"t0": T0}}) for i in (1, 2, 3)]
-    return {"root": root, "data": data, "keys": keys, "base": base, "fts": fts}
+    return make_world(tmp_path_factory.mktemp("world"), T0)
 
 
 def run_json(capsys, argv):

@@ -16,20 +16,17 @@ import subprocess
 import sys
 import time
 
-import open_clip
 import pytest
 import ray
 import torch
 import webdataset as wds
 from diffusers import UNet2DModel
-from pipeline_fixtures import BAD_REASONS, make_inputs, tiny_unet_dir
-from safetensors.torch import save_file
+from pipeline_fixtures import BAD_REASONS, make_inputs, random_clip_weights, tiny_unet_dir
 
 from dclip_ray.cli import main
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.io.manifest import read_manifest
 from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
-from dclip_ray.toyworld import toy_clip_paths
 
 T0, N_INV, N_GEN = 200, 4, 3
 
@@ -44,13 +41,7 @@ def ray_train():
 
 @pytest.fixture(scope="module")
 def clip_weights(tmp_path_factory):
-    name, folder, _ = toy_clip_paths()
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    model = open_clip.create_model(name)
-    path = tmp_path_factory.mktemp("clip") / "random_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
+    return random_clip_weights(tmp_path_factory.mktemp("clip"))
 
 
 def run_json(capsys, argv):

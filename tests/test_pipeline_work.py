@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 import torch
-from pipeline_fixtures import BAD_REASONS, make_inputs, tiny_unet_dir
+from pipeline_fixtures import BAD_REASONS, make_world, random_clip_weights
 
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
@@ -27,12 +27,7 @@ T0, N_INV, N_GEN = 200, 4, 3
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("world")
-    data, keys = make_inputs(root)
-    base = tiny_unet_dir(root / "base", 0)
-    fts = [tiny_unet_dir(root / f"ft{i}", i, {"base_model": base, "config": {"t0": T0}}) for i in (1, 2, 3)]
-    return {"root": root, "data": data, "keys": keys, "base": base, "fts": fts}
+    return make_world(tmp_path_factory.mktemp("world"), T0)
 
 
 def files_state(folder):
@@ -241,16 +236,8 @@ def test_finetune_many_refuses_missing_latents_before_starting_ray(world, tmp_pa
                "--out", str(tmp_path / "m"), "--clip", "toy_clip", "--clip-weights", str(tmp_path / "x.safetensors")])
     assert rc == 1
     assert "no such file" in capsys.readouterr().err.lower()
-    import open_clip
-    from safetensors.torch import save_file
-
-    from dclip_ray.toyworld import toy_clip_paths
-
-    name, folder, _ = toy_clip_paths()
-    open_clip.add_model_config(folder)
-    save_file({k: v.contiguous() for k, v in open_clip.create_model(name).state_dict().items()},
-              str(tmp_path / "x.safetensors"))
+    weights = random_clip_weights(tmp_path)
     rc = main(["finetune-many", str(prompts), "--model", world["base"], "--latents", str(tmp_path / "none"),
-               "--out", str(tmp_path / "m"), "--clip", "toy_clip", "--clip-weights", str(tmp_path / "x.safetensors")])
+               "--out", str(tmp_path / "m"), "--clip", "toy_clip", "--clip-weights", weights])
     assert rc == 1 and "no cached latents for t0=300" in capsys.readouterr().err
     assert not sys.modules["ray"].is_initialized() and not os.path.exists(tmp_path / "m")

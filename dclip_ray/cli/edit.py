@@ -12,6 +12,7 @@ from rich.table import Table
 
 from dclip_ray.finetune import FinetuneConfig
 from dclip_ray.jobs import EditJob, FinetuneJob, LatentOptimJob, run_edit, run_finetune, run_latent_optim
+from dclip_ray.models import get_preset, is_preset
 
 from .app import app
 
@@ -71,15 +72,13 @@ def finetune(
 ) -> None:
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
-    from dclip_ray.models import get_preset, is_preset
-
     p = get_preset(preset or model) if is_preset(preset or model) else None
     cfg = FinetuneConfig(
         source=source, target=target, t0=t0 or (p.t0 if p and p.t0 else 500), n_inv_steps=n_inv,
         n_gen_steps=n_gen, mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, lr_gamma=lr_gamma,
         w_clip=clip_weight, w_l1=l1 if l1 is not None else (p.loss_weights.l1 if p else 0.0), w_id=id_weight,
         aug_views=aug_views, seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
-    job = FinetuneJob(model=model, source=source, target=target, images=images, out=out, preset=preset,
+    job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
                       checkpoint_dir=checkpoint_dir, train=cfg)
     raise typer.Exit(_emit(run_finetune(job, progress=verbose), as_json, f"fine-tuned {source!r} -> {target!r}"))

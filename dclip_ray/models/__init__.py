@@ -12,7 +12,7 @@ from .convert import (
     detect_format,
 )
 from .face import FaceIdentity, load_face
-from .presets import Preset, get_preset, list_presets
+from .presets import Preset, get_preset, is_preset, list_presets
 from .unet import convert_checkpoint, eps_fn_of, load_schedule_config, load_unet, read_state_dict
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "detect_format",
     "eps_fn_of",
     "get_preset",
+    "is_preset",
     "list_presets",
     "load_clip",
     "load_face",
