@@ -127,7 +127,9 @@ def test_quick_gelu_trap(tiny_weights, tmp_path):
     # OpenAI's release format is a TorchScript archive: QuickGELU is switched on by itself
     scripted_path = tmp_path / "openai_like.pt"
     torch.jit.save(_scripted_clip(original), scripted_path)
-    m = load_clip(NAME, str(scripted_path))
+    with pytest.raises(InputFileError, match="--trust-checkpoint"):
+        load_clip(NAME, str(scripted_path))  # TorchScript holds code: refused unless trusted
+    m = load_clip(NAME, str(scripted_path), trust_checkpoint=True)
     assert m.quick_gelu and any(isinstance(x, QuickGELU) for x in m.model.modules())
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -11,11 +11,11 @@ import os
 from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.errors import ConfigError
+from dclip_ray.models.trust import trust_scope
 
 from .app import app
 
@@ -48,6 +48,7 @@ def precompute(
     dtype: str = typer.Option("float32", help="Stored latent dtype: float32 or float16."),
     batch_size: int = typer.Option(16, help="Images per inversion batch."),
     recon_psnr: bool = typer.Option(False, help="Also regenerate with the base model and store the reconstruction PSNR."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
     cpus_per_task: float = typer.Option(1.0, help="CPUs per shard task."),
     gpus_per_task: float = typer.Option(0.0, help="GPUs per shard task (0 on CPU machines)."),
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
@@ -62,8 +63,10 @@ def precompute(
         raise ConfigError(f"--resize-policy {resize_policy!r}: expected center-crop, resize or pad")
     job = PrecomputeJob(model=model, input=input, out=out, t0=t0, n_inv_steps=n_inv, preset=preset,
                         resize_policy=resize_policy, dtype=dtype, batch_size=batch_size, recon_psnr=recon_psnr,
-                        cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, address=address, verbose=verbose)
-    s = run_precompute(job, progress=not as_json)
+                        cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, address=address, verbose=verbose,
+                        trust_checkpoint=trust_checkpoint)
+    with trust_scope(trust_checkpoint):
+        s = run_precompute(job, progress=not as_json)
     if as_json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -107,6 +110,7 @@ def finetune_many(
     gpus_per_prompt: float = typer.Option(0.0, help="GPUs of each prompt's Train worker."),
     max_failures: int = typer.Option(2, help="Worker failures tolerated per prompt (resumes from the last checkpoint)."),
     max_concurrent: int = typer.Option(None, help="At most this many prompts at once (default: as resources allow)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
@@ -121,7 +125,8 @@ def finetune_many(
                           mode=mode, aug_views=aug_views, seed=seed, checkpoint_every=checkpoint_every,
                           cpus_per_prompt=cpus_per_prompt, gpus_per_prompt=gpus_per_prompt,
                           max_failures=max_failures, max_concurrent=max_concurrent, address=address, verbose=verbose)
-    s = run_finetune_many(job, progress=not as_json)
+    with trust_scope(trust_checkpoint):
+        s = run_finetune_many(job, progress=not as_json)
     if as_json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -139,21 +144,9 @@ def finetune_many(
 
 
 def _read_mix(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            mix = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputFileError(f"mix file {path} not found") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise InputFileError(f"mix file {path} is not readable YAML ({e}); see `dclip-ray restyle --help`") from None
-    if not isinstance(mix, dict):
-        raise ConfigError(f"mix file {path}: expected a mapping with 'models' and 'gamma'")
-    here = os.path.dirname(os.path.abspath(path))
-    models = mix.get("models")
-    if isinstance(models, list):
-        mix["models"] = [m if not isinstance(m, str) or "://" in m or os.path.isabs(m) or os.path.exists(m)
-                         else os.path.normpath(os.path.join(here, m)) for m in models]
-    return mix
+    from dclip_ray.mixing import load_mix_spec
+
+    return load_mix_spec(path).as_dict()
 
 
 @app.command(epilog="""Examples:\n
@@ -180,7 +173,9 @@ def restyle(
     actors: int = typer.Option(None, help="Generator actors (default: CPUs, at least 1)."),
     cpus_per_actor: float = typer.Option(None, help="CPUs per actor (default 0.5 on CPU: leaves room for reads)."),
     gpus_per_actor: float = typer.Option(0.0, help="GPUs per actor."),
+    shard_timeout: float = typer.Option(None, help="Report a shard as stuck when it has no result after this many seconds; the others finish and the exit code is 2 (default: wait forever)."),
     dry_run: bool = typer.Option(False, help="Print the shards, images and UNet evaluations it would run; write nothing."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
@@ -195,17 +190,20 @@ def restyle(
         raise ConfigError(f"--format {image_format!r}: expected png or jpg")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} must be >= 1")
+    if shard_timeout is not None and shard_timeout <= 0:
+        raise ConfigError(f"--shard-timeout {shard_timeout} must be > 0 seconds")
     cfg = work.build_restyle_config(out, models=list(model or []) or None, base=base, strength=strength,
                                     mix=_read_mix(mix) if mix else None, preset=preset, t0=t0, n_inv_steps=n_inv,
                                     n_gen_steps=n_gen, latents=latents, resize_policy=resize_policy,
-                                    image_format=image_format, batch_size=batch_size)
+                                    image_format=image_format, batch_size=batch_size, trust_checkpoint=trust_checkpoint)
     cpus = os.cpu_count() or 1
     n_actors = actors or max(1, cpus if not gpus_per_actor else 1)
     per_actor = cpus_per_actor if cpus_per_actor is not None else (0.5 if n_actors >= cpus else 1.0)
     job = RestyleJob(config=cfg, input=input, limit=limit, actors=n_actors, cpus_per_actor=per_actor,
-                     gpus_per_actor=gpus_per_actor, address=address, verbose=verbose)
+                     gpus_per_actor=gpus_per_actor, address=address, verbose=verbose, shard_timeout=shard_timeout)
     if dry_run:
-        p = plan(job)
+        with trust_scope(trust_checkpoint):
+            p = plan(job)
         if as_json:
             print(json.dumps(p, indent=2, default=str))
         else:
@@ -217,7 +215,8 @@ def restyle(
                           str(r["unet_evals"]))
             Console().print(t)
         raise typer.Exit(0)
-    s = run_restyle(job, progress=not as_json)
+    with trust_scope(trust_checkpoint):
+        s = run_restyle(job, progress=not as_json)
     if as_json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -230,7 +229,9 @@ def restyle(
         Console().print(t)
     if s["n_errors"]:
         err.print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
-    raise typer.Exit(2 if s["n_errors"] else 0)
+    for shard, why in s["stuck"].items():
+        err.print(f"[red]stuck[/] shard {shard}: {why}; it is not committed: re-run the same command to retry it")
+    raise typer.Exit(2 if s["n_errors"] or s["stuck"] else 0)
 
 
 @app.command(epilog="Example: dclip-ray verify restyled/ --input toy/")

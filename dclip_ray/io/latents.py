@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import config_sha256
+from dclip_ray.urls import redact
 
 LatentDType = Literal["float32", "float16"]
 STORE_FORMAT = "dclip-ray/latents/1"
@@ -181,21 +182,21 @@ class LatentStore:
         from this store's key, :class:`InputFileError` when the shard is missing, uncommitted or damaged."""
         marker = self.read_marker(shard)
         if marker is None:
-            raise InputFileError(f"{self.dir}: no committed latents for shard {shard}; run `dclip-ray precompute` first")
+            raise InputFileError(f"{redact(self.dir)}: no committed latents for shard {shard}; run `dclip-ray precompute` first")
         if marker.get("key") != self.key.fields():
             raise StaleLatentError(
-                f"{self.dir}/{shard}: latents were computed for {marker.get('key')}, not {self.key.fields()}; re-run precompute"
+                f"{redact(self.dir)}/{shard}: latents were computed for {marker.get('key')}, not {self.key.fields()}; re-run precompute"
             )
         try:
             with self.fs.open(self.tensor_path(shard), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise InputFileError(f"{self.dir}/{shard}.safetensors is missing; re-run precompute") from None
+            raise InputFileError(f"{redact(self.dir)}/{shard}.safetensors is missing; re-run precompute") from None
         if hashlib.sha256(data).hexdigest() != marker.get("tensor_sha256"):
-            raise InputFileError(f"{self.dir}/{shard}.safetensors does not match its marker's sha256; re-run precompute")
+            raise InputFileError(f"{redact(self.dir)}/{shard}.safetensors does not match its marker's sha256; re-run precompute")
         meta = _metadata(data)
         if json.loads(meta.get("key", "null")) != self.key.fields():
-            raise StaleLatentError(f"{self.dir}/{shard}.safetensors holds latents of another key; re-run precompute")
+            raise StaleLatentError(f"{redact(self.dir)}/{shard}.safetensors holds latents of another key; re-run precompute")
         tensors = st_load(data)
         keys = json.loads(meta["keys"])
         return LatentShard(keys=keys, latents=tensors["latents"], recon_psnr=tensors.get("recon_psnr"),

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dclip_ray.errors import InputFileError
+from dclip_ray.urls import redact
 
 STATUSES = ("ok", "error")
 
@@ -45,6 +46,8 @@ class ManifestRow:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.error is not None:
+            self.error = redact(self.error)  # reasons may quote URLs: never store credentials
         if self.status not in STATUSES:
             raise ValueError(f"manifest status {self.status!r}: expected 'ok' or 'error'")
         if self.status == "ok" and not self.sha256:
@@ -83,17 +86,17 @@ def read_manifest(url: str) -> list[ManifestRow]:
         with fsspec.open(url, "rb") as f:
             table = pq.read_table(io.BytesIO(f.read()))
     except FileNotFoundError:
-        raise InputFileError(f"manifest {url} not found; re-run the restyle that writes it") from None
+        raise InputFileError(f"manifest {redact(url)} not found; re-run the restyle that writes it") from None
     except (OSError, pa.ArrowException) as e:
-        raise InputFileError(f"manifest {url} is not a readable Parquet file ({e}); re-run the restyle") from None
+        raise InputFileError(f"manifest {redact(url)} is not a readable Parquet file ({redact(e)}); re-run the restyle") from None
     missing = [n for n in SCHEMA.names if n not in table.column_names]
     if missing:
-        raise InputFileError(f"manifest {url} lacks column(s) {', '.join(missing)}; it was not written by dclip-ray")
+        raise InputFileError(f"manifest {redact(url)} lacks column(s) {', '.join(missing)}; it was not written by dclip-ray")
     out = []
     for r in table.to_pylist():
         try:
             out.append(ManifestRow(key=r["key"], shard=r["shard"], status=r["status"], error=r["error"],
                                    sha256=r["sha256"], metrics=json.loads(r["metrics"] or "{}")))
         except ValueError as e:
-            raise InputFileError(f"manifest {url}: bad row {r.get('key')!r} ({e})") from None
+            raise InputFileError(f"manifest {redact(url)}: bad row {r.get('key')!r} ({e})") from None
     return out

@@ -24,7 +24,9 @@ from typing import Any
 
 import fsspec
 
-from dclip_ray.errors import ConfigError
+from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.io.sources import split_member
+from dclip_ray.urls import redact
 
 
 def _check_key(key: str) -> None:
@@ -70,6 +72,18 @@ class TarShardWriter:
         """Close and copy the tar to ``url`` (local path or fsspec URL), replacing any previous file."""
         self.close()
         put_file(self.local_path, url)
+
+    def drop(self, keys: set[str]) -> None:
+        """Close the tar and rewrite it without the samples of ``keys`` (members keep their order)."""
+        self.close()
+        fd, tmp = tempfile.mkstemp(suffix=".tar", dir=os.path.dirname(self.local_path))
+        with os.fdopen(fd, "wb") as f_out, tarfile.open(fileobj=f_out, mode="w", format=tarfile.USTAR_FORMAT) as out, \
+                tarfile.open(self.local_path, "r:") as src:
+            for m in src:
+                if split_member(m.name)[0] not in keys:
+                    out.addfile(m, src.extractfile(m))
+        os.replace(tmp, self.local_path)
+        self.keys = [k for k in self.keys if k not in keys]
 
     def discard(self) -> None:
         """Close and delete the local temporary file."""
@@ -117,8 +131,10 @@ def shard_urls(root: str, shard: str) -> dict[str, str]:
 
 
 def write_marker(url: str, marker: Mapping[str, Any]) -> None:
-    """Write a commit marker (JSON, sorted keys): call it LAST, after the data it vouches for."""
-    put_bytes(json.dumps(dict(marker), indent=1, sort_keys=True, default=str).encode(), url)
+    """Write a commit marker (JSON, sorted keys): call it LAST, after the data it vouches for.
+    String values are stripped of credentials (:func:`dclip_ray.urls.redact`)."""
+    clean = {k: redact(v) if isinstance(v, str) else v for k, v in marker.items()}
+    put_bytes(json.dumps(clean, indent=1, sort_keys=True, default=str).encode(), url)
 
 
 def read_marker(url: str) -> dict[str, Any] | None:
@@ -131,10 +147,14 @@ def read_marker(url: str) -> dict[str, Any] | None:
 
 
 def list_markers(root: str) -> list[str]:
-    """Names of the shards under ``root`` that have a commit marker, sorted."""
+    """Names of the shards under ``root`` that have a commit marker, sorted. Raises
+    :class:`InputFileError` when ``root`` cannot be listed (credentials, permissions)."""
     fs, path = fsspec.core.url_to_fs(root)
     try:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
         return []
+    except Exception as e:  # noqa: BLE001  (credentials, permissions, network: one line, exit 1)
+        raise InputFileError(f"{redact(root)}: cannot be listed ({type(e).__name__}: {redact(e)}); check the URL "
+                             "and credentials") from None
     return sorted(posixpath.basename(n)[: -len("_stats.json")] for n in names if n.endswith("_stats.json"))

@@ -15,6 +15,7 @@ import fsspec
 from braceexpand import braceexpand
 
 from dclip_ray.errors import InputFileError
+from dclip_ray.urls import redact
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
@@ -42,7 +43,7 @@ def _fs_and_paths(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
         else:
             paths.extend(expanded)
     if fs is None or not paths:
-        raise InputFileError(f"{url}: no input found; give a folder, a .tar shard, a brace list or a glob")
+        raise InputFileError(f"{redact(url)}: no input found; give a folder, a .tar shard, a brace list or a glob")
     return fs, paths
 
 
@@ -61,11 +62,11 @@ def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
             elif fs.exists(p):
                 out.append(p)
             else:
-                raise InputFileError(f"{p}: no such file or folder; check the --input path or URL")
+                raise InputFileError(f"{redact(p)}: no such file or folder; check the --input path or URL")
         except InputFileError:
             raise
         except Exception as e:  # noqa: BLE001  (credentials, network, permissions)
-            raise InputFileError(f"{url}: cannot be listed ({type(e).__name__}: {e}); check the URL and credentials") from None
+            raise InputFileError(f"{redact(url)}: cannot be listed ({type(e).__name__}: {redact(e)}); check the URL and credentials") from None
     return fs, out
 
 
@@ -86,7 +87,14 @@ def _record(key: str, shard: str, members: dict[str, bytes], errors: list[str]) 
     if errors:
         rec.error = "; ".join(errors)
     elif rec.image is None:
-        rec.error = f"no image member (found: {', '.join(sorted(members)) or 'nothing'})"
+        dotted = sorted(ext for ext in members if "." in ext and ext.rsplit(".", 1)[-1] in IMAGE_EXTS)
+        if dotted:
+            rec.error = (f"member {key}.{dotted[0]} has a dot in its key (WebDataset keys cannot contain dots: "
+                         f"it reads as key {key!r} + extension {dotted[0]!r}); rename it, e.g. "
+                         f"{key}_{dotted[0].replace('.', '_', dotted[0].count('.') - 1).rsplit('.', 1)[0]}."
+                         f"{dotted[0].rsplit('.', 1)[-1]}")
+        else:
+            rec.error = f"no image member (found: {', '.join(sorted(members)) or 'nothing'})"
     return rec
 
 
@@ -114,8 +122,8 @@ def iter_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[ImageRecord]:
                     members[ext] = fobj.read() if fobj is not None else b""
     except (tarfile.TarError, EOFError, OSError) as e:
         if key is not None:
-            yield _record(key, path, members, errors + [f"shard truncated or corrupt here: {e}"])
-        raise InputFileError(f"{path}: truncated or corrupt tar ({type(e).__name__}: {e})") from None
+            yield _record(key, path, members, errors + [f"shard truncated or corrupt here: {redact(e)}"])
+        raise InputFileError(f"{redact(path)}: truncated or corrupt tar ({type(e).__name__}: {redact(e)})") from None
     if key is not None:
         yield _record(key, path, members, errors)
 
@@ -132,7 +140,7 @@ def iter_folder(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[ImageRec
             data = fs.cat_file(p)
             yield ImageRecord(key=key, shard=folder, image=data, image_ext=ext.lower())
         except Exception as e:  # noqa: BLE001
-            yield ImageRecord(key=key, shard=folder, error=f"unreadable file: {type(e).__name__}: {e}")
+            yield ImageRecord(key=key, shard=folder, error=f"unreadable file: {type(e).__name__}: {redact(e)}")
 
 
 def iter_records(url: str, limit: int | None = None) -> Iterator[ImageRecord]:

@@ -13,6 +13,7 @@ from .convert import (
 )
 from .face import FaceIdentity, load_face
 from .presets import Preset, get_preset, is_preset, list_presets
+from .trust import is_trusted, trust_scope
 from .unet import convert_checkpoint, eps_fn_of, load_schedule_config, load_unet, read_state_dict
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "eps_fn_of",
     "get_preset",
     "is_preset",
+    "is_trusted",
     "list_presets",
     "load_clip",
     "load_face",
@@ -37,4 +39,5 @@ __all__ = [
     "load_unet",
     "preprocess_for_clip",
     "read_state_dict",
+    "trust_scope",
 ]

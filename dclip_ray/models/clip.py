@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.models.trust import is_trusted
 
 from .presets import get_preset, is_preset, list_presets, resolve_package_path
 
@@ -202,6 +203,7 @@ def load_clip(
     model_config_dir: str | None = None,
     random_init: bool = False,
     device: str | torch.device = "cpu",
+    trust_checkpoint: bool = False,
 ) -> ClipModel:
     """A frozen :class:`ClipModel` from a CLIP preset (``clip_vit_b16``, ``toy_clip`` ...) or an
     open_clip model name, with weights from a local file (open_clip state dict, safetensors, or
@@ -210,7 +212,9 @@ def load_clip(
     QuickGELU is forced for presets that say so, for ``*-quickgelu`` names, OpenAI's names
     (``ViT-B/16``), TorchScript (OpenAI) archives and weights paths containing "openai";
     ``quick_gelu`` overrides. ``model_config_dir`` registers custom open_clip
-    architecture JSON files first. ``random_init`` allows no weights (tests only).
+    architecture JSON files first. ``random_init`` allows no weights (tests only). State dicts load
+    with ``weights_only=True``; a TorchScript archive (it holds code) loads only with
+    ``trust_checkpoint`` (or the CLI's ``--trust-checkpoint``).
     """
     import open_clip
 
@@ -243,6 +247,11 @@ def load_clip(
     if weights is not None and not os.path.isfile(weights):
         raise InputFileError(f"CLIP weights {weights}: no such file; give a local .pt/.bin/.safetensors file")
     is_jit = weights is not None and _is_torchscript(weights)
+    if is_jit and not is_trusted(trust_checkpoint):
+        raise InputFileError(
+            f"CLIP weights {weights} are a TorchScript archive, which holds code; re-run with --trust-checkpoint "
+            "only if you trust its source (e.g. OpenAI's released .pt)"
+        )
     if quick_gelu is None:
         # OpenAI's weights were trained with QuickGELU; open_clip's plain names build GELU silently
         openai_file = weights is not None and "openai" in str(weights).lower()

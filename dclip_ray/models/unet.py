@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.models.trust import is_trusted
 
 from .convert import convert_state_dict, detect_format
 from .presets import Preset, get_preset, is_preset, list_presets
@@ -106,7 +107,7 @@ def read_state_dict(path: str, trust_checkpoint: bool = False) -> dict[str, torc
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # garbage, not a pickle that needs Python classes
             raise InputFileError(not_ckpt) from None
-        if not trust_checkpoint:
+        if not is_trusted(trust_checkpoint):
             raise InputFileError(
                 f"{path}: the checkpoint holds Python objects beyond tensors; re-run with --trust-checkpoint only if you trust its source"
             ) from None

@@ -31,6 +31,7 @@ from dclip_ray.hashing import config_sha256
 from dclip_ray.jobs import read_card, resolve_clip
 from dclip_ray.losses import directional_clip_loss
 from dclip_ray.prompts import EditSpec, parse_prompt_file
+from dclip_ray.urls import redact
 
 from . import work
 from .runtime import init_ray
@@ -147,7 +148,7 @@ def train_loop(config: dict[str, Any]) -> None:
                "train_seconds": round(result.seconds, 2)}
     if ray.train.get_context().get_world_rank() == 0:
         _save(result, config["out_dir"], fcfg, base, metrics, {
-            "base_model": config["model"], "train_keys": keys, "latents": origin, "prompt_name": config["name"],
+            "base_model": redact(config["model"]), "train_keys": keys, "latents": origin, "prompt_name": config["name"],
             "config_sha256": config["config_sha256"], "train_window": [started, time.time()]})
     ray.train.report({k: float(v) for k, v in metrics.items()})
 

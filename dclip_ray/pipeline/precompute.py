@@ -11,6 +11,7 @@ import ray
 from tqdm.auto import tqdm
 
 from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.urls import redact
 
 from . import work
 from .runtime import init_ray
@@ -35,6 +36,7 @@ class PrecomputeJob:
     address: str | None = None
     num_cpus: int | None = None
     verbose: bool = False
+    trust_checkpoint: bool = False
 
 
 @ray.remote(max_retries=3)
@@ -42,12 +44,12 @@ def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str) 
     work.set_threads(job.cpus_per_task)
     device = "cuda" if job.gpus_per_task > 0 else "cpu"
     return work.precompute_shard(job.model, job.preset, shard, path, job.out, key, job.batch_size,
-                                 job.recon_psnr, device)
+                                 job.recon_psnr, device, job.trust_checkpoint)
 
 
 def latent_key(job: PrecomputeJob) -> LatentKey:
     """The key of this job's latents (loads the base model once in the driver to hash it)."""
-    base = work.cached_base(job.model, job.preset)
+    base = work.cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
     return LatentKey(base.sha256, job.t0, job.n_inv_steps, base.resolution, job.resize_policy, job.dtype)  # type: ignore[arg-type]
 
 
@@ -80,6 +82,6 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
                 bar.update(len(done))
     results.sort(key=lambda r: r["shard"])
     errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
-    return {"store": store.dir, "key": key.fields(), "shards": results,
+    return {"store": redact(store.dir), "key": key.fields(), "shards": results,
             "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
             "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped"))}

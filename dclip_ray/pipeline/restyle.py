@@ -14,6 +14,8 @@ that Ray Data's own tasks are never starved (../shared/REFERENCE.md sec. 5).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dclip_ray.errors import AbortedError
 from dclip_ray.io.shards import read_marker, shard_urls
+from dclip_ray.urls import redact
 
 from . import work
 from .runtime import init_ray
@@ -41,27 +44,62 @@ class RestyleJob:
     address: str | None = None
     num_cpus: int | None = None
     verbose: bool = False
+    shard_timeout: float | None = None
+
+
+def _run_with_timeout(fn: Callable[[], dict[str, Any]], timeout: float | None) -> dict[str, Any] | None:
+    """``fn()`` in a daemon thread; its result, or None when it has not returned after ``timeout`` s
+    (the thread is left behind: it dies with the actor). Exceptions propagate."""
+    if timeout is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True, name="restyle-shard")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return None
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class GeneratorActor:
-    """A Ray Data actor: models loaded once; each call restyles the shards of its batch."""
+    """A Ray Data actor: models loaded once; each call restyles the shards of its batch. A shard that
+    has not finished after ``shard_timeout`` seconds is reported as stuck (the call returns, so the job
+    goes on with the other shards; the shard stays uncommitted)."""
 
-    def __init__(self, config: work.RestyleConfig, cpus: float):
+    def __init__(self, config: work.RestyleConfig, cpus: float, shard_timeout: float | None = None):
         work.set_threads(cpus)
         self.restyler = work.ShardRestyler(config)
+        self.shard_timeout = shard_timeout
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch``: ``{"shard": [names], "path": [paths]}`` -> one summary row per shard."""
         out: dict[str, list[Any]] = {k: [] for k in ("shard", "skipped", "n", "n_ok", "n_error", "inv_evals",
-                                                      "gen_evals", "n_cached", "seconds", "failed", "truncated")}
+                                                      "gen_evals", "n_cached", "seconds", "failed", "truncated",
+                                                      "stuck", "node")}
+        node = ray.get_runtime_context().get_node_id()
         for shard, path in zip(batch["shard"], batch["path"], strict=True):
+            empty = {"shard": str(shard), "skipped": False, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0,
+                     "gen_evals": 0, "n_cached": 0, "seconds": 0.0, "failed": "", "stuck": ""}
             try:
-                r = self.restyler.run(str(shard), str(path))
-                r["failed"] = ""
+                res = _run_with_timeout(lambda s=str(shard), p=str(path): self.restyler.run(s, p), self.shard_timeout)
+                if res is None:
+                    r = {**empty, "seconds": float(self.shard_timeout or 0),
+                         "stuck": f"no result after {self.shard_timeout:g} s (--shard-timeout)"}
+                else:
+                    r = {**res, "failed": "", "stuck": ""}
             except Exception as e:  # noqa: BLE001  (the shard stays uncommitted; a re-run redoes it)
-                r = {"shard": str(shard), "skipped": False, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0,
-                     "gen_evals": 0, "n_cached": 0, "seconds": 0.0, "failed": f"{type(e).__name__}: {e}"}
+                r = {**empty, "failed": redact(f"{type(e).__name__}: {e}")}
             r["truncated"] = r.get("truncated") or ""
+            r["node"] = node
             for k in out:
                 out[k].append(r[k])
         return {k: np.asarray(v) for k, v in out.items()}
@@ -87,8 +125,9 @@ def plan(job: RestyleJob) -> dict[str, Any]:
 
 def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     """Restyle every uncommitted input shard. Returns ``{"outputs", "shards", "n_images", "n_errors",
-    "inv_evals", "gen_evals", "failed"}``. Raises :class:`AbortedError` (exit 3) when a shard failed:
-    re-running redoes exactly the uncommitted shards."""
+    "inv_evals", "gen_evals", "failed", "stuck"}``; ``stuck`` names the shards that gave no result within
+    ``job.shard_timeout`` seconds (the others are finished; the CLI exits 2). Raises :class:`AbortedError`
+    (exit 3) when a shard failed: re-running redoes exactly the uncommitted shards."""
     cfg = job.config
     shards = _limit_shards(work.input_shards(job.input), job.limit)
     shas = work.model_shas(cfg)  # also validates every model before Ray starts
@@ -104,7 +143,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
         cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
         ds = ray.data.from_items([{"shard": n, "path": p} for n, p in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(GeneratorActor, batch_size=1, fn_constructor_args=(cfg, job.cpus_per_actor),
+        ds = ds.map_batches(GeneratorActor, batch_size=1, fn_constructor_args=(cfg, job.cpus_per_actor, job.shard_timeout),
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.actors, len(todo)))),
                             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
         with tqdm(total=len(todo), desc="restyle shards", disable=not progress) as bar:
@@ -113,8 +152,9 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                 bar.update(1)
     results.sort(key=lambda r: r["shard"])
     failed = {r["shard"]: r["failed"] for r in results if r.get("failed")}
+    stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
     summary = {
-        "outputs": [v.out for v in cfg.variants], "shards": results,
+        "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck,
         "n_images": sum(r.get("n_ok", 0) for r in results),
         "n_errors": sum(r.get("n_error", 0) for r in results),  # committed shards' error rows included
         "n_skipped": sum(1 for r in results if r.get("skipped")),

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.models.trust import TRUST_ENV, is_trusted
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
@@ -18,13 +19,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     An already initialised Ray (a test, a notebook, a Ray job's driver) is used as it is. Otherwise
     ``address`` or ``$RAY_ADDRESS`` joins a cluster; without either an embedded local Ray starts with
     ``num_cpus`` (default: the machine's), its dashboard (needed by Ray Train) bound to 127.0.0.1
-    when ``dashboard``. Ray's own logs stay quiet unless ``verbose``.
+    (never to all interfaces) when ``dashboard``. A trust scope (``--trust-checkpoint``) is passed to
+    the job's workers. Ray's own logs stay quiet unless ``verbose``.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         level = logging.INFO if verbose else logging.ERROR
         kwargs: dict[str, Any] = {"logging_level": level, "log_to_driver": verbose, "configure_logging": True}
+        if is_trusted():  # --trust-checkpoint reaches the workers that load models
+            kwargs["runtime_env"] = {"env_vars": {TRUST_ENV: "1"}}
         try:
             if address:
                 ray.init(address=address, **kwargs)

@@ -4,7 +4,8 @@ For every input shard and every output folder (``OUT`` itself, or each sub-folde
 commit markers, as written by a restyle with several models) it checks: the commit marker exists;
 the manifest's keys equal the input shard's keys, each exactly once; the tar holds exactly the ok
 keys, one image each, whose sha256 equals the manifest's; error rows have a reason and no image;
-the counts and the tar's sha256 equal the marker's. No Ray needed.
+the counts and the tar's sha256 and size equal the marker's; no key appears in two input shards.
+No Ray needed.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def output_folders(out: str) -> list[str]:
     return found
 
 
-def _tar_members(url: str) -> tuple[dict[str, list[bytes]], str]:
-    """``{key: [image bytes, ...]}`` of a tar and the tar's sha256."""
+def _tar_members(url: str) -> tuple[dict[str, list[bytes]], str, int]:
+    """``{key: [image bytes, ...]}`` of a tar, the tar's sha256 and its size in bytes."""
     with fsspec.open(url, "rb") as f:
         data = f.read()
     images: dict[str, list[bytes]] = {}
@@ -79,7 +80,7 @@ def _tar_members(url: str) -> tuple[dict[str, list[bytes]], str]:
                 images.setdefault(key, []).append(fobj.read() if fobj is not None else b"")
             else:
                 images.setdefault(key, [])
-    return images, hashlib.sha256(data).hexdigest()
+    return images, hashlib.sha256(data).hexdigest(), len(data)
 
 
 def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -105,7 +106,7 @@ def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str
     if extra:
         problems.append(f"{where}: {len(extra)} manifest key(s) not in the input, e.g. {extra[:3]}")
     try:
-        images, tar_sha = _tar_members(urls["tar"])
+        images, tar_sha, tar_size = _tar_members(urls["tar"])
     except (FileNotFoundError, OSError, tarfile.TarError) as e:
         return {"shard": shard, "output": folder, "committed": True}, problems + [f"{where}.tar unreadable: {e}"]
     ok_rows = {r.key: r for r in rows if r.status == "ok"}
@@ -121,7 +122,9 @@ def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str
     if absent:
         problems.append(f"{where}: {len(absent)} ok key(s) have no image in the tar, e.g. {absent[:3]}")
     if marker.get("tar_sha256") != tar_sha:
-        problems.append(f"{where}: the tar's sha256 differs from its commit marker (written after the marker?)")
+        problems.append(f"{where}: the tar's sha256 differs from its commit marker (damaged, or written after the marker)")
+    if "tar_bytes" in marker and marker["tar_bytes"] != tar_size:
+        problems.append(f"{where}: the tar has {tar_size} bytes, its commit marker says {marker['tar_bytes']}")
     if marker.get("n") != len(rows) or marker.get("n_ok") != len(ok_rows) or marker.get("n_error") != len(err_rows):
         problems.append(f"{where}: marker counts {marker.get('n')}/{marker.get('n_ok')}/{marker.get('n_error')} "
                         f"differ from the manifest {len(rows)}/{len(ok_rows)}/{len(err_rows)}")
@@ -135,6 +138,15 @@ def verify(out: str, input_url: str) -> VerifyReport:
     shards = input_shards(input_url)
     names = {n for n, _ in shards}
     expected = {name: shard_keys(path)[0] for name, path in shards}
+    homes: dict[str, list[str]] = {}
+    for name, keys in expected.items():
+        for k in dict.fromkeys(keys):
+            homes.setdefault(k, []).append(name)
+    shared = {k: v for k, v in homes.items() if len(v) > 1}
+    if shared:
+        k, v = next(iter(shared.items()))
+        report.problems.append(f"{len(shared)} key(s) appear in more than one input shard, e.g. {k!r} in {v[:3]} "
+                               "(keys must be unique within a dataset: rename them)")
     for folder in report.outputs:
         for name, _ in shards:
             counts, problems = verify_shard(folder, name, expected[name])

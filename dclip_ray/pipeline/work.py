@@ -11,6 +11,7 @@ import json
 import math
 import os
 import posixpath
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards
 from dclip_ray.jobs import BaseModel, load_base, read_card
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn, validate_gamma
 from dclip_ray.models import eps_fn_of, load_unet
+from dclip_ray.models.trust import trust_scope
+from dclip_ray.urls import redact
 
 # ---- inputs ---------------------------------------------------------------------------------------
 
@@ -134,6 +137,20 @@ def batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def duplicate_reason(key: str, n: int) -> str:
+    """The error-row reason of a key that names ``n`` > 1 samples of one shard (none of them is used:
+    which one is the real image cannot be told)."""
+    return (f"duplicate key: {n} samples named {key!r} in this shard (keys must be unique within a dataset); "
+            "none was used: rename them")
+
+
+def hang_forever(shard: str) -> None:
+    """Test hook (``RestyleConfig.hang_on``): a worker that never returns."""
+    del shard
+    while True:
+        time.sleep(3600)
+
+
 # ---- models (loaded once per process) -------------------------------------------------------------
 
 _BASES: dict[tuple[str, str | None], BaseModel] = {}
@@ -141,20 +158,23 @@ _UNETS: dict[str, torch.nn.Module] = {}
 _SHAS: dict[str, str] = {}
 
 
-def cached_base(model: str, preset: str | None = None, device: str = "cpu") -> BaseModel:
-    """:func:`dclip_ray.jobs.load_base`, loaded once per process (Ray workers reuse it across tasks)."""
+def cached_base(model: str, preset: str | None = None, device: str = "cpu", trust_checkpoint: bool = False,
+                ) -> BaseModel:
+    """:func:`dclip_ray.jobs.load_base`, loaded once per process (Ray workers reuse it across tasks).
+    ``trust_checkpoint`` lets a pickle holding more than tensors load (it can run code)."""
     key = (model, preset)
     if key not in _BASES:
-        _BASES[key] = load_base(model, preset)
+        with trust_scope(trust_checkpoint):
+            _BASES[key] = load_base(model, preset)
     base = _BASES[key]
     base.unet.to(device)
     return base
 
 
-def cached_unet(src: str, device: str = "cpu") -> torch.nn.Module:
+def cached_unet(src: str, device: str = "cpu", trust_checkpoint: bool = False) -> torch.nn.Module:
     """:func:`dclip_ray.models.load_unet` of a fine-tuned folder, loaded once per process."""
     if src not in _UNETS:
-        _UNETS[src] = load_unet(src)
+        _UNETS[src] = load_unet(src, trust_checkpoint=trust_checkpoint)
     return _UNETS[src].to(device)
 
 
@@ -197,10 +217,12 @@ def precompute_shard(
     batch_size: int = 16,
     recon_psnr: bool = False,
     device: str = "cpu",
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """DDIM-invert every good image of one input shard with the ORIGINAL model and store the latents.
 
-    Skips a shard already committed under ``key``. Returns ``{"shard", "skipped", "n", "n_ok",
+    Skips a shard already committed under ``key``. A key naming several samples of the shard is an
+    error (none of its samples is inverted). Returns ``{"shard", "skipped", "n", "n_ok",
     "n_error", "errors", "unet_evals", "seconds", "truncated"}``.
     """
     store = LatentStore(store_root, key)
@@ -210,7 +232,7 @@ def precompute_shard(
                 "n_ok": marker.get("n", 0), "n_error": len(marker.get("errors", {})), "errors": marker.get("errors", {}),
                 "unet_evals": 0, "seconds": 0.0, "truncated": marker.get("truncated")}
     start = time.perf_counter()
-    base = cached_base(model, preset, device)
+    base = cached_base(model, preset, device, trust_checkpoint)
     if base.sha256 != key.base_sha256:
         raise ConfigError(f"model {model} has sha256 {base.sha256[:12]}..., the latent key says {key.base_sha256[:12]}...")
     if base.resolution != key.resolution:
@@ -218,10 +240,14 @@ def precompute_shard(
     eps = CountingEps(eps_fn_of(base.unet))
     keys, lats, psnrs, errors = [], [], [], {}
     status: dict[str, Any] = {}
+    seen: dict[str, int] = {}
     stream = decode_shard(path, key.resolution, key.resize_policy, status)
     for batch in batched(iter(stream), batch_size):
         good = []
         for d in batch:
+            seen[d.rec.key] = seen.get(d.rec.key, 0) + 1
+            if seen[d.rec.key] > 1:
+                continue
             if d.error is not None:
                 errors[d.rec.key] = d.error
             else:
@@ -238,8 +264,16 @@ def precompute_shard(
     truncated = status.get("truncated")
     h = w = key.resolution
     latents = torch.cat(lats) if lats else torch.zeros(0, 3, h, w)
-    store.write(shard, keys, latents, torch.cat(psnrs) if psnrs else None, errors, source=path,
-                extra={"truncated": truncated})
+    recon = torch.cat(psnrs) if psnrs else None
+    dups = {k: n for k, n in seen.items() if n > 1}
+    if dups:  # no sample of a duplicated key is used
+        keep = [i for i, k in enumerate(keys) if k not in dups]
+        keys, latents = [keys[i] for i in keep], latents[keep]
+        recon = recon[keep] if recon is not None else None
+        psnrs = [recon] if recon is not None else []
+        for k, n in dups.items():
+            errors[k] = duplicate_reason(k, n)
+    store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated})
     return {"shard": shard, "skipped": False, "n": len(keys) + len(errors), "n_ok": len(keys),
             "n_error": len(errors), "errors": errors, "unet_evals": eps.evals,
             "seconds": round(time.perf_counter() - start, 3), "truncated": truncated,
@@ -353,7 +387,10 @@ class RestyleConfig:
     image_format: str = "png"
     batch_size: int = 16
     device: str = "cpu"
+    trust_checkpoint: bool = False  # allow pickles holding more than tensors (they can run code)
     crash_once: str | None = None  # test hook: a flag-file path; the first shard written kills its process
+    hang_on: str | None = None  # test hook: the shard whose worker never returns
+    kill_mid_batch: str | None = None  # test hook: a flag-file path; the first batch generated SIGKILLs its process
 
     def variant_hash(self, v: Variant, model_shas: list[str]) -> str:
         """The config hash recorded in a variant's commit markers (a different hash redoes the shard)."""
@@ -390,17 +427,28 @@ def encode_image(x: torch.Tensor, fmt: str) -> bytes:
 
 def model_shas(cfg: RestyleConfig) -> list[str]:
     """sha256 of the base (index 0) and each fine-tuned model's weights (models cached per process)."""
-    base = cached_base(cfg.base, cfg.preset, cfg.device)
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
     for f in cfg.finetuned:
         if f not in _SHAS:
-            _SHAS[f] = state_dict_sha256(cached_unet(f, cfg.device))
+            _SHAS[f] = state_dict_sha256(cached_unet(f, cfg.device, cfg.trust_checkpoint))
     return [base.sha256] + [_SHAS[f] for f in cfg.finetuned]
 
 
 def variant_committed(v: Variant, shard: str, config_hash: str) -> bool:
-    """True when variant ``v`` has a commit marker for ``shard`` written under ``config_hash``."""
-    m = read_marker(shard_urls(v.out, shard)["marker"])
-    return m is not None and m.get("config_sha256") == config_hash
+    """True when variant ``v`` has a commit marker for ``shard`` written under ``config_hash`` and the
+    tar it vouches for is there with the size it records (a half-uploaded or replaced tar is not
+    committed: the shard is redone)."""
+    urls = shard_urls(v.out, shard)
+    m = read_marker(urls["marker"])
+    if m is None or m.get("config_sha256") != config_hash:
+        return False
+    if "tar_bytes" in m:
+        try:
+            fs, p = fsspec.core.url_to_fs(urls["tar"])
+            return int(fs.size(p)) == int(m["tar_bytes"])
+        except (FileNotFoundError, OSError):
+            return False
+    return True
 
 
 class ShardRestyler:
@@ -414,8 +462,8 @@ class ShardRestyler:
 
     def __init__(self, cfg: RestyleConfig):
         self.cfg = cfg
-        self.base = cached_base(cfg.base, cfg.preset, cfg.device)
-        self.models = [self.base.unet] + [cached_unet(f, cfg.device) for f in cfg.finetuned]
+        self.base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+        self.models = [self.base.unet] + [cached_unet(f, cfg.device, cfg.trust_checkpoint) for f in cfg.finetuned]
         self.shas = model_shas(cfg)
         self.hashes = [cfg.variant_hash(v, self.shas) for v in cfg.variants]
         self.store = (find_latent_store(cfg.latents, self.base.sha256, cfg.t0, cfg.n_inv_steps, self.base.resolution,
@@ -432,7 +480,10 @@ class ShardRestyler:
     def _cached(self, shard: str) -> dict[str, torch.Tensor]:
         if self.store is None or not self.store.is_committed(shard):
             return {}
-        return self.store.read(shard).as_dict()
+        try:
+            return self.store.read(shard).as_dict()
+        except InputFileError:  # a damaged or half-written latent file: invert instead
+            return {}
 
     def _gen_evals(self) -> int:
         return sum(e.evals for e in self.model_eps)
@@ -444,6 +495,8 @@ class ShardRestyler:
         if self.committed(shard):
             return {"shard": shard, "skipped": True, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0,
                     "gen_evals": 0, "n_cached": 0, "seconds": 0.0, "truncated": None}
+        if self.cfg.hang_on == shard:
+            hang_forever(shard)
         start = time.perf_counter()
         cfg = self.cfg
         inv0, gen0 = self.inv_eps.evals, self._gen_evals()
@@ -453,11 +506,15 @@ class ShardRestyler:
         status: dict[str, Any] = {}
         n_cached = n_ok = n_err = 0
         position: dict[str, int] = {}
+        dups: dict[str, int] = {}
         try:
             stream = decode_shard(path, self.base.resolution, cfg.resize_policy, status)
             for batch in batched(iter(stream), cfg.batch_size):
                 pending = []
                 for d in batch:
+                    if d.rec.key in position:  # a repeated key: resolved below, none of its samples is used
+                        dups[d.rec.key] = dups.get(d.rec.key, 1) + 1
+                        continue
                     position[d.rec.key] = len(position)
                     if d.error is not None:
                         n_err += 1
@@ -478,7 +535,17 @@ class ShardRestyler:
                     for vi, v in enumerate(cfg.variants):
                         x = generate(self.variant_eps[vi], x_t0, cfg.t0, cfg.n_gen_steps, self.base.schedule)
                         self._write(v, shard, pending, x, x0, writers[vi], rows[vi], use_cache)
+                        if cfg.kill_mid_batch and not os.path.exists(cfg.kill_mid_batch):
+                            open(cfg.kill_mid_batch, "w").close()
+                            os.kill(os.getpid(), signal.SIGKILL)  # the actor dies mid-shard, mid-batch
                 n_ok += len(pending)
+            if dups:
+                for vi, w in enumerate(writers):
+                    w.drop(set(dups))
+                    rows[vi] = [r for r in rows[vi] if r.key not in dups]
+                    rows[vi] += [ManifestRow(k, shard, "error", error=duplicate_reason(k, n)) for k, n in dups.items()]
+                n_ok = sum(1 for r in rows[0] if r.status == "ok")
+                n_err = len(rows[0]) - n_ok
             for r in rows:
                 r.sort(key=lambda row: position[row.key])  # manifest rows in input order
             self._commit(shard, path, writers, rows, n_ok, n_err, status.get("truncated"))
@@ -522,14 +589,15 @@ class ShardRestyler:
             urls = shard_urls(v.out, shard)
             w.upload(urls["tar"])
             with open(w.local_path, "rb") as f:
-                tar_sha = hashlib.sha256(f.read()).hexdigest()
+                tar_data = f.read()
+            tar_sha = hashlib.sha256(tar_data).hexdigest()
             put_bytes(manifest_bytes(r), urls["manifest"])
             if self.cfg.crash_once and not os.path.exists(self.cfg.crash_once):
                 open(self.cfg.crash_once, "w").close()
                 os._exit(1)  # a worker dying between the data and its commit marker
             write_marker(urls["marker"], {  # last: the commit
-                "shard": shard, "source": path, "n": n_ok + n_err, "n_ok": n_ok, "n_error": n_err,
-                "config_sha256": h, "tar_sha256": tar_sha, "variant": v.name, "truncated": truncated,
+                "shard": shard, "source": redact(path), "n": n_ok + n_err, "n_ok": n_ok, "n_error": n_err,
+                "config_sha256": h, "tar_sha256": tar_sha, "tar_bytes": len(tar_data), "variant": v.name, "truncated": truncated,
                 "format": "dclip-ray/restyle-shard/1",
             })
 
@@ -623,7 +691,7 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]]) -> dict[str,
     generation). Loads the models (to hash them) but runs none."""
     shas = model_shas(cfg)
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    base = cached_base(cfg.base, cfg.preset, cfg.device)
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
     store = (find_latent_store(cfg.latents, shas[0], cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
              if cfg.latents else None)
     per_gen = sum(gen_evals_per_image(v, cfg.t0, cfg.n_gen_steps) for v in cfg.variants)
@@ -634,7 +702,7 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]]) -> dict[str,
         marker = store.read_marker(name) if store is not None and store.is_committed(name) else None
         n_cached = len(set(keys) & set((marker or {}).get("keys") or []))
         evals = 0 if done else (len(keys) - n_cached) * (cfg.n_inv_steps - 1) + len(keys) * per_gen
-        rows.append({"shard": name, "path": path, "images": len(keys), "cached_latents": n_cached,
+        rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": n_cached,
                      "committed": done, "unet_evals": evals, "truncated": truncated})
         if not done:
             total_imgs += len(keys)

@@ -1,0 +1,47 @@
+"""Credentials never leave the process: one helper that strips secrets from URLs (and from text that
+contains URLs) before anything is printed, logged or stored (markers, manifests, error rows, model cards).
+
+``s3://AKIA...:secret@bucket/x`` -> ``s3://***@bucket/x``; ``https://h/x?X-Amz-Signature=abc&v=1`` ->
+``https://h/x?X-Amz-Signature=***&v=1``.
+"""
+
+from __future__ import annotations
+
+import re
+
+# query parameters that carry secrets: AWS SigV2/SigV4 presigned URLs, GCS signed URLs, Azure SAS, OAuth
+SECRET_PARAMS = (
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid", "signature",
+    "x-goog-signature", "x-goog-credential", "sig", "se", "token", "access_token", "secret", "password",
+    "key", "sas", "client_secret", "refresh_token", "aws_secret_access_key", "aws_access_key_id",
+)
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+# ``user:password@`` left at the start of a path segment after a library stripped the scheme
+_BARE_USERINFO = re.compile(r"(?:(?<=^)|(?<=[\s/'\"(=]))[^/@\s:'\"]+:[^/@\s'\"]+@")
+_QUERY = re.compile(r"(?P<sep>[?&;])(?P<name>[A-Za-z0-9_\-.]+)=(?P<value>[^&#\s'\"]*)")
+
+
+def _query_sub(m: re.Match[str]) -> str:
+    if m.group("name").lower() in SECRET_PARAMS and m.group("value"):
+        return f"{m.group('sep')}{m.group('name')}=***"
+    return m.group(0)
+
+
+def redact(text: object) -> str:
+    """``text`` (a URL, a path, or any message that may contain URLs) with the user-info of every
+    URL (``user:password@``) and the values of known secret query parameters replaced by ``***``.
+
+    Plain paths and URLs without secrets come back unchanged; None gives ``"None"``.
+    """
+    s = str(text)
+    if "@" not in s and "=" not in s:
+        return s
+    s = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", s)
+    s = _BARE_USERINFO.sub("***@", s)
+    return _QUERY.sub(_query_sub, s)
+
+
+def redact_opt(text: str | None) -> str | None:
+    """:func:`redact` that keeps None as None (for optional fields of markers and cards)."""
+    return None if text is None else redact(text)

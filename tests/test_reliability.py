@@ -1,0 +1,367 @@
+"""Reliability without Ray: bad input of every kind, a property test of exactly-once, integrity checks.
+
+Each bad input ends as an error row with its reason (the shard goes on) or a one-line error with exit
+code 1 / 2, never a crash or a hang. The shard is restyled by the real unit of work
+(:class:`dclip_ray.pipeline.work.ShardRestyler`) on tiny random UNets with 2 steps: bookkeeping is
+under test, not the edit. The Ray scenarios (stuck shard, killed actor, lost node) are in
+tests/test_reliability_ray.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pipeline_fixtures import tiny_unet_dir
+
+from dclip_ray.cli import main
+from dclip_ray.io.manifest import read_manifest
+from dclip_ray.pipeline import work
+from dclip_ray.pipeline.verify import verify
+
+T0, N_INV, N_GEN = 200, 2, 2
+RED = (200, 30, 30)
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def write_tar(path, members) -> str:
+    with tarfile.open(path, "w") as tar:
+        for m in members:
+            add(tar, *m)
+    return str(path)
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb if decoded)."""
+    data = bytearray(encode(Image.new("L", (16, 16), 0)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])  # width, height, depth, colour, ...
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("models")
+    base = tiny_unet_dir(root / "base", 0)
+    ft = tiny_unet_dir(root / "ft", 1, {"base_model": base, "config": {"t0": T0}})
+    return {"base": base, "ft": ft}
+
+
+def restyle(models, data: str, out: str) -> list[dict]:
+    cfg = work.build_restyle_config(out, models=[models["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    r = work.ShardRestyler(cfg)
+    return [r.run(n, p) for n, p in work.input_shards(data)]
+
+
+def tar_keys(path: str) -> list[str]:
+    with tarfile.open(path) as t:
+        return list(dict.fromkeys(n.split(".", 1)[0] for n in t.getnames()))
+
+
+# ---- 1. every bad member of a shard: an error row with its reason -------------------------------------
+
+GOOD = encode(Image.new("RGB", (40, 30), RED))
+JPEG = encode(Image.new("RGB", (64, 64), RED), "JPEG")
+
+BAD_MEMBERS = {  # key: (members, reason expected in the error row)
+    "zero": ([("zero.png", b"")], "zero-byte image"),
+    "truncjpg": ([("truncjpg.jpg", JPEG[: len(JPEG) // 2])], "truncated image"),
+    "notimage": ([("notimage.jpg", b"this is a text file, not an image")], "undecodable image"),
+    "onlyjson": ([("onlyjson.json", b'{"caption": "x"}')], "no image member"),
+    "bomb": ([("bomb.png", bomb_png())], "decompression bomb"),
+    "bomb2": ([("bomb2.png", bomb_png(10000, 10000))], "decompression bomb"),
+    "img": ([("img.1.png", GOOD)], "has a dot in its key"),
+    "dup": ([], "duplicate key: 2 samples named 'dup'"),  # members placed below, apart from each other
+    "../escape": ([("../escape.png", GOOD)], "unsafe member name"),
+    "/etc/abs": ([("/etc/abs.png", GOOD)], "unsafe member name"),
+    "symlink": ([("symlink.png", b"", tarfile.SYMTYPE, "/etc/passwd")], "not a regular file"),
+    "hardlink": ([("hardlink.png", b"", tarfile.LNKTYPE, "ok1.png")], "not a regular file"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_shard(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    members = [("ok1.png", GOOD), ("ok1.txt", b"caption one"), ("dup.png", GOOD)]
+    for ms, _ in BAD_MEMBERS.values():
+        members += ms
+    members += [("dup.png", JPEG), ("ok2.jpg", JPEG)]
+    data = root / "data"
+    data.mkdir()
+    write_tar(data / "bad.tar", members)
+    keys = ["ok1", "dup"] + [k for k in BAD_MEMBERS if k != "dup"] + ["ok2"]
+    return str(data), keys
+
+
+def test_every_bad_member_is_an_error_row_with_its_reason_and_nothing_escapes(models, bad_shard, tmp_path):
+    data, keys = bad_shard
+    out = tmp_path / "out"
+    [s] = restyle(models, data, str(out))
+    assert (s["n"], s["n_ok"], s["n_error"]) == (len(keys), 2, len(BAD_MEMBERS))
+    rows = read_manifest(str(out / "bad.parquet"))
+    assert [r.key for r in rows] == keys, "one row per input key, in input order, the duplicate once"
+    errors = {r.key: r.error for r in rows if r.status == "error"}
+    for key, (_, reason) in BAD_MEMBERS.items():
+        assert reason in errors[key], (key, errors[key])
+    assert tar_keys(str(out / "bad.tar")) == ["ok1", "ok2"], "only the good keys are in the output tar"
+    report = verify(str(out), data)
+    assert report.ok, report.problems
+    marker = json.loads((out / "bad_stats.json").read_text())
+    assert marker["tar_bytes"] == os.path.getsize(out / "bad.tar") and marker["n_error"] == len(BAD_MEMBERS)
+    # nothing was written outside the output folder (the ../ and absolute names are never paths)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["bad.parquet", "bad.tar",
+                                                                                   "bad_stats.json"]
+    assert not os.path.exists("/etc/abs.png") and not (tmp_path.parent / "escape.png").exists()
+
+
+def test_precompute_gives_the_same_reasons_and_drops_both_samples_of_a_duplicate(models, bad_shard, tmp_path):
+    from dclip_ray.io.latents import LatentKey, LatentStore
+
+    data, keys = bad_shard
+    base = work.cached_base(models["base"])
+    key = LatentKey(base.sha256, T0, N_INV, 32)
+    s = work.precompute_shard(models["base"], None, "bad", f"{data}/bad.tar", str(tmp_path), key, batch_size=4)
+    assert (s["n"], s["n_ok"], s["n_error"]) == (len(keys), 2, len(BAD_MEMBERS))
+    assert set(s["errors"]) == set(BAD_MEMBERS) and "duplicate key" in s["errors"]["dup"]
+    assert LatentStore(str(tmp_path), key).read("bad").keys == ["ok1", "ok2"]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "RGBA-half", "CMYK", "I;16"])
+def test_unusual_image_modes_decode_to_the_right_rgb_pixels_through_a_shard(tmp_path, mode):
+    if mode == "L":
+        img, want = Image.new("L", (24, 24), 77), (77, 77, 77)
+    elif mode == "LA":
+        img, want = Image.new("LA", (24, 24), (77, 255)), (77, 77, 77)
+    elif mode == "P":
+        img, want = Image.new("RGB", (24, 24), RED).convert("P", palette=Image.ADAPTIVE), RED
+    elif mode == "RGBA":
+        img, want = Image.new("RGBA", (24, 24), RED + (255,)), RED
+    elif mode == "RGBA-half":  # alpha 128 composited on white
+        img, want = Image.new("RGBA", (24, 24), (0, 0, 255, 128)), (127, 127, 255)
+    elif mode == "CMYK":
+        img = Image.new("CMYK", (24, 24), (0, 200, 200, 40))
+        want = Image.new("CMYK", (1, 1), (0, 200, 200, 40)).convert("RGB").getpixel((0, 0))
+    else:
+        img, want = Image.fromarray(np.full((24, 24), 40000, dtype=np.uint16)), (156, 156, 156)  # 40000/65535*255
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    path = write_tar(tmp_path / "m.tar", [("k.png" if fmt == "PNG" else "k.jpg", encode(img, fmt))])
+    [d] = list(work.decode_shard(path, 16, "resize"))
+    assert d.error is None, d.error
+    rgb = ((d.x + 1) * 127.5).round().permute(1, 2, 0).numpy()  # [H,W,3] in 0..255
+    tol = 4 if fmt == "JPEG" else 1
+    assert np.abs(rgb - np.array(want, dtype=np.float32)).max() <= tol, (mode, rgb[8, 8], want)
+
+
+def test_truncated_tar_keeps_the_keys_before_the_cut_and_says_so(models, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(4):
+            add(tar, f"k{i}.png", GOOD)
+    assert len(GOOD) < 512, "each member: a 512-byte header + one 512-byte data block"
+    (data / "cut.tar").write_bytes(buf.getvalue()[: 5 * 512 + len(GOOD) // 2])  # inside k2's data
+    [s] = restyle(models, str(data), str(tmp_path / "out"))
+    assert s["n_ok"] == 2 and s["n_error"] == 1 and "truncated or corrupt" in s["truncated"]
+    rows = read_manifest(str(tmp_path / "out" / "cut.parquet"))
+    assert [(r.key, r.status) for r in rows] == [("k0", "ok"), ("k1", "ok"), ("k2", "error")]
+    assert "truncated" in rows[2].error
+    assert verify(str(tmp_path / "out"), str(data)).ok, "verify expects exactly the keys readable before the cut"
+
+
+def test_duplicate_keys_across_shards_are_restyled_and_reported_by_verify(models, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "a.tar", [("same.png", GOOD), ("a1.png", GOOD)])
+    write_tar(data / "b.tar", [("same.png", JPEG)])
+    out = tmp_path / "out"
+    res = restyle(models, str(data), str(out))
+    assert sum(r["n_ok"] for r in res) == 3, "the output is keyed by (shard, key): both are restyled"
+    capsys.readouterr()
+    assert main(["verify", str(out), "--input", str(data)]) == 2
+    assert "'same' in ['a', 'b']" in capsys.readouterr().err
+
+
+# ---- 1b. bad files and arguments: one line, exit code 1 ---------------------------------------------------
+
+
+def test_bad_model_files_and_prompt_files_are_one_line_errors_with_exit_1(models, bad_shard, tmp_path, capsys):
+    data, _ = bad_shard
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    broken_dir = tmp_path / "broken_unet"
+    broken_dir.mkdir()
+    (broken_dir / "config.json").write_text("{ not json")
+    cases = [
+        (["precompute", "--model", str(garbage), "--input", data, "--out", str(tmp_path / "l")], "not a PyTorch checkpoint"),
+        (["precompute", "--model", str(empty), "--input", data, "--out", str(tmp_path / "l")], "not a readable safetensors"),
+        (["restyle", "--input", data, "--out", str(tmp_path / "o"), "--model", str(broken_dir), "--base", models["base"],
+          "--dry-run"], "unreadable config.json"),
+        (["restyle", "--input", data, "--out", str(tmp_path / "o"), "--model", models["ft"], "--shard-timeout", "0"],
+         "--shard-timeout 0"),
+    ]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle -> blue circle\nred circle -> -> x\n")
+    cases.append((["finetune-many", str(prompts), "--model", models["base"], "--out", str(tmp_path / "m"),
+                   "--images", data, "--clip", "toy_clip"], "prompts.txt:2:"))
+    for argv, what in cases:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and what in err and "\n" not in err, (argv, err)
+    assert not any(os.path.exists(tmp_path / d) for d in ("l", "o", "m")), "nothing was started"
+
+
+# ---- property: for any mix of good and bad members, output + errors == input, disjoint -------------------
+
+KINDS = ["good", "jpeg", "gray", "rgba", "zero", "trunc", "text", "noimg", "link", "dot", "escape", "dup"]
+
+
+def build_members(kinds: list[str]) -> tuple[list[tuple], list[str]]:
+    members, keys = [], []
+    for i, kind in enumerate(kinds):
+        k = f"k{i}"
+        if kind == "dup" and keys:
+            k = keys[0]
+            kind = "good"
+        m = {
+            "good": [(f"{k}.png", GOOD), (f"{k}.txt", b"caption")],
+            "jpeg": [(f"{k}.jpg", JPEG)],
+            "gray": [(f"{k}.png", encode(Image.new("L", (20, 20), 9)))],
+            "rgba": [(f"{k}.png", encode(Image.new("RGBA", (20, 20), (1, 2, 3, 4))))],
+            "zero": [(f"{k}.png", b"")],
+            "trunc": [(f"{k}.jpg", JPEG[:300])],
+            "text": [(f"{k}.png", b"hello")],
+            "noimg": [(f"{k}.json", b"{}")],
+            "link": [(f"{k}.png", b"", tarfile.SYMTYPE, "../../x")],
+            "dot": [(f"{k}.v2.png", GOOD)],
+            "escape": [(f"../{k}.png", GOOD)],
+            "dup": [(f"{k}.png", GOOD)],
+        }[kind]
+        if kind == "escape":
+            k = f"../{k}"
+        members += m
+        keys.append(k)
+    return members, list(dict.fromkeys(keys))
+
+
+@pytest.fixture(scope="module")
+def property_restyler(models):
+    cfg = work.build_restyle_config("/nonexistent", models=[models["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN,
+                                    batch_size=3)
+    return work.ShardRestyler(cfg)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(KINDS), min_size=0, max_size=7))
+def test_property_output_plus_errors_equals_input_and_disjoint(property_restyler, tmp_path_factory, kinds):
+    root = tmp_path_factory.mktemp("prop")
+    data = root / "data"
+    data.mkdir()
+    members, keys = build_members(kinds)
+    write_tar(data / "s.tar", members)
+    out = root / "out"
+    property_restyler.cfg.variants[0].out = str(out)
+    s = property_restyler.run("s", str(data / "s.tar"))
+    rows = read_manifest(str(out / "s.parquet"))
+    ok = [r.key for r in rows if r.status == "ok"]
+    err = [r.key for r in rows if r.status == "error"]
+    assert set(ok).isdisjoint(err) and len(ok) + len(err) == len(rows)
+    assert sorted(ok + err) == sorted(keys), "every input key exactly once: in the output or as an error row"
+    assert tar_keys(str(out / "s.tar")) == ok, "the tar holds exactly the ok keys"
+    assert all(r.error for r in rows if r.status == "error")
+    assert s["n_ok"] == len(ok) and s["n_error"] == len(err)
+    assert verify(str(out), str(data)).ok
+
+
+# ---- 4. integrity: verify detects damage -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def restyled(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity")
+    data = root / "data"
+    data.mkdir()
+    for s in ("a", "b", "c"):
+        write_tar(data / f"{s}.tar", [(f"{s}{i}.png", GOOD) for i in range(3)])
+    out = root / "out"
+    restyle(models, str(data), str(out))
+    assert verify(str(out), str(data)).ok
+    return str(data), str(out)
+
+
+def damaged_copy(restyled, tmp_path):
+    import shutil
+
+    data, out = restyled
+    shutil.copytree(out, tmp_path / "out")
+    return data, str(tmp_path / "out")
+
+
+def test_verify_detects_a_flipped_byte_in_an_output_shard(restyled, tmp_path, capsys):
+    data, out = damaged_copy(restyled, tmp_path)
+    with tarfile.open(f"{out}/a.tar") as t:
+        offset = t.getmember("a1.png").offset_data + 40  # a byte inside the image data
+    raw = bytearray(open(f"{out}/a.tar", "rb").read())
+    raw[offset] ^= 0x01
+    open(f"{out}/a.tar", "wb").write(bytes(raw))
+    problems = "\n".join(verify(out, data).problems)
+    assert "a: the tar's sha256 differs from its commit marker" in problems
+    assert "'a1' image sha256 differs from the manifest" in problems
+    capsys.readouterr()
+    assert main(["verify", out, "--input", data]) == 2
+
+
+def test_verify_detects_a_missing_shard_and_a_missing_tar(restyled, tmp_path):
+    data, out = damaged_copy(restyled, tmp_path)
+    for f in ("b.tar", "b.parquet", "b_stats.json"):
+        os.remove(f"{out}/{f}")
+    os.remove(f"{out}/c.tar")
+    problems = "\n".join(verify(out, data).problems)
+    assert "b: not committed" in problems and "c.tar unreadable" in problems
+
+
+def test_verify_detects_a_manifest_that_disagrees_with_its_tar(restyled, tmp_path):
+    from dclip_ray.io.manifest import ManifestRow, write_manifest
+
+    data, out = damaged_copy(restyled, tmp_path)
+    rows = read_manifest(f"{out}/a.parquet")
+    rows[0] = ManifestRow(rows[0].key, rows[0].shard, "error", error="made up")  # tar still holds a0
+    write_manifest(rows, f"{out}/a.parquet")
+    problems = "\n".join(verify(out, data).problems)
+    assert "tar holds 'a0', which is not an ok row" in problems and "marker counts" in problems
+
+
+def test_a_marker_whose_tar_was_replaced_is_not_taken_as_committed(models, restyled, tmp_path):
+    data, out = damaged_copy(restyled, tmp_path)
+    with open(f"{out}/a.tar", "ab") as f:
+        f.write(b"\0" * 512)  # a replaced / half-uploaded tar of another size
+    res = {r["shard"]: r for r in restyle(models, data, out)}
+    assert not res["a"]["skipped"] and res["b"]["skipped"] and res["c"]["skipped"]
+    assert verify(out, data).ok

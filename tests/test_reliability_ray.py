@@ -1,0 +1,96 @@
+"""Reliability on a local Ray (2 CPUs): a stuck shard is reported after --shard-timeout while the other
+shards finish; a restyle actor SIGKILLed mid-shard is replaced and every key ends up exactly once.
+
+Other fault scenarios and where they are tested:
+(b) a killed driver re-run: tests/test_pipeline_train.py (acceptance);
+(c) a worker node removed from a two-node cluster: tests/test_reliability_cluster.py (slow);
+(d) a fine-tuning worker that raises once resumes from its checkpoint: tests/test_pipeline_train.py;
+(e) a crash after a shard's tar is written, before its commit marker: tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray
+import torch
+from pipeline_fixtures import make_inputs, tiny_unet_dir
+
+from dclip_ray.cli import main
+from dclip_ray.pipeline import work
+from dclip_ray.pipeline.verify import verify
+
+T0, N_INV, N_GEN = 200, 2, 2
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("world")
+    data, keys = make_inputs(root)
+    base = tiny_unet_dir(root / "base", 0)
+    ft = tiny_unet_dir(root / "ft", 1, {"base_model": base, "config": {"t0": T0}})
+    return {"data": data, "keys": keys, "ft": ft}
+
+
+def tree(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def test_a_stuck_shard_is_reported_after_the_timeout_and_the_others_finish(ray_local, world, tmp_path, capsys,
+                                                                          monkeypatch):
+    build = work.build_restyle_config
+
+    def hanging(*a, **kw):  # the test hook travels with the config to the actor
+        cfg = build(*a, **kw)
+        cfg.hang_on = "bad"
+        return cfg
+
+    monkeypatch.setattr(work, "build_restyle_config", hanging)
+    inputs = os.path.join(world["data"], "{00000,bad}.tar")
+    out = str(tmp_path / "out")
+    argv = ["restyle", "--input", inputs, "--out", out, "--model", world["ft"], "--n-inv", str(N_INV), "--n-gen",
+            str(N_GEN), "--actors", "1", "--cpus-per-actor", "0.5", "--shard-timeout", "4"]
+    capsys.readouterr()
+    assert main(argv + ["--json"]) == 2, "finished, with a stuck shard"
+    s = json.loads(capsys.readouterr().out)
+    assert list(s["stuck"]) == ["bad"] and "no result after 4 s" in s["stuck"]["bad"]
+    assert s["n_images"] == 8 and not s["failed"], "the other shard finished"
+    problems = verify(out, inputs).problems
+    assert problems == [f"{out}/bad: not committed (no bad_stats.json)"]
+    # the shard stayed uncommitted: a re-run (here the same unit of work, without Ray) redoes only it
+    restyler = work.ShardRestyler(build(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN))
+    again = {n: restyler.run(n, p) for n, p in work.input_shards(inputs)}
+    assert [n for n, r in again.items() if not r["skipped"]] == ["bad"] and again["bad"]["n_error"] == 4
+    assert verify(out, inputs).ok
+
+
+@pytest.mark.slow
+def test_a_restyle_actor_sigkilled_mid_shard_loses_and_duplicates_nothing(ray_local, world, tmp_path):
+    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+
+    def config(out):
+        return work.build_restyle_config(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+
+    inputs = world["data"]
+    clean = str(tmp_path / "clean")
+    run_restyle(RestyleJob(config(clean), inputs, actors=1), progress=False)
+    out, flag = str(tmp_path / "out"), tmp_path / "killed"
+    cfg = config(out)
+    cfg.kill_mid_batch = str(flag)
+    s = run_restyle(RestyleJob(cfg, inputs, actors=2), progress=False)
+    assert flag.exists(), "an actor was SIGKILLed after its first batch"
+    assert s["n_images"] == 19 and s["n_errors"] == 5 and not s["failed"]
+    report = verify(out, inputs)
+    assert report.ok, report.problems
+    assert sum(x["n"] for x in report.shards) == sum(len(set(k)) for k in world["keys"].values())
+    assert tree(out) == tree(clean), "the retried shard is byte-identical to an uninterrupted run"
