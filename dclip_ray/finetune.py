@@ -105,6 +105,20 @@ def _eps_of(unet: torch.nn.Module, checkpointed: bool) -> Callable[[torch.Tensor
     return lambda x, t: torch.utils.checkpoint.checkpoint(eps_fn, x, t, use_reentrant=False)
 
 
+def tensorboard_writer(log_dir: str | Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``log_dir`` (torch's, else tensorboardX's); ConfigError when
+    neither ``tensorboard`` nor ``tensorboardX`` is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError(f"--tensorboard {log_dir}: TensorBoard logging needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -124,6 +138,7 @@ def finetune(
     on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None,
     stop_after_batches: int | None = None,
     disable: bool = True,
+    tensorboard_dir: str | Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``base_unet`` so that generation from ``latents`` moves ``source`` -> ``target``.
 
@@ -132,6 +147,8 @@ def finetune(
     saves its state there (every ``checkpoint_every`` steps and at each epoch end) and resumes from it
     when a state exists; ``on_checkpoint(dir, metrics)`` is called after each save.
     ``stop_after_batches`` ends the run after that many batches in all (to test resumption).
+    ``tensorboard_dir``: also log every step's losses (``loss/<part>``) and the lr there (TensorBoard
+    event files; needs ``tensorboard`` or ``tensorboardX``).
     """
     if x0.shape != latents.shape or x0.ndim != 4:
         raise ConfigError(f"images {tuple(x0.shape)} and latents {tuple(latents.shape)} must both be [N,3,H,W]")
@@ -166,6 +183,14 @@ def finetune(
         epoch, batch_idx, step, perm = st["epoch"], st["batch_idx"], st["step"], st["perm"]
         history = list(st["history"])
     resumed_from = step
+    tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
+
+    def log_step(h: dict[str, float]) -> None:
+        if tb is not None:
+            for k, v in h.items():
+                if k not in ("epoch", "step", "t"):
+                    tb.add_scalar(f"loss/{k}", float(v), int(h["step"]))
+            tb.add_scalar("lr", opt.param_groups[0]["lr"], int(h["step"]))
 
     def save(metrics: dict[str, float]) -> None:
         if state_path is None:
@@ -190,6 +215,8 @@ def finetune(
         while batch_idx < n_batches:
             if stop_after_batches is not None and epoch * n_batches + batch_idx >= stop_after_batches:
                 bar.close()
+                if tb is not None:
+                    tb.close()
                 return FinetuneResult(unet.eval(), history, time.perf_counter() - start, resumed_from)
             idx = perm[batch_idx * config.batch_size : (batch_idx + 1) * config.batch_size]
             xb, xl = x0[idx].to(device), latents[idx].to(device)
@@ -204,6 +231,7 @@ def finetune(
                     opt.step()
                     x = x_next.detach()
                     history.append({"epoch": epoch, "step": step, "t": t, **parts})
+                    log_step(history[-1])
                     step += 1
                     bar.update(1)
             else:
@@ -215,6 +243,7 @@ def finetune(
                 loss.backward()
                 opt.step()
                 history.append({"epoch": epoch, "step": step, "t": -1, **parts})
+                log_step(history[-1])
                 step += 1
                 bar.update(1)
             batch_idx += 1
@@ -224,7 +253,20 @@ def finetune(
         sched.step()
         save(history[-1] if history else {})
     bar.close()
+    if tb is not None:
+        tb.close()
     return FinetuneResult(unet.eval(), history, time.perf_counter() - start, resumed_from)
+
+
+def loss_history(history: list[dict[str, float]], max_points: int = 2000) -> dict[str, list[float]]:
+    """The per-step history as columns ``{"step": [...], "epoch": [...], "total": [...], <part>: [...]}``
+    (rounded to 6 significant digits; evenly thinned to at most ``max_points`` steps) for the model card."""
+    if not history:
+        return {}
+    stride = max(1, -(-len(history) // max_points))
+    rows = history[::stride]
+    keys = [k for k in rows[0] if k != "t"]
+    return {k: [float(f"{float(r.get(k, float('nan'))):.6g}") for r in rows] for k in keys}
 
 
 def save_finetuned(
@@ -256,6 +298,7 @@ def save_finetuned(
         "dclip_ray_version": __version__,
         "final_loss": result.final_loss,
         "train_seconds": round(result.seconds, 2),
+        "loss_history": loss_history(result.history),
         "metrics": metrics or {},
         **(extra or {}),
     }

@@ -23,7 +23,7 @@ from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.io.images import ImageError, encode_png, load_image_tensor
 from dclip_ray.io.sources import iter_records
 from dclip_ray.losses import Augment
-from dclip_ray.mixing import strength_eps_fn
+from dclip_ray.mixing import load_mix_spec, mixed_eps_fn, strength_eps_fn
 from dclip_ray.models import (
     eps_fn_of,
     get_preset,
@@ -34,6 +34,7 @@ from dclip_ray.models import (
     load_unet,
 )
 from dclip_ray.report import save_grid
+from dclip_ray.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class FinetuneJob:
     face_weights: str | None = None
     n_train: int = 16
     checkpoint_dir: str | None = None
+    tensorboard_dir: str | None = None
 
 
 def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
@@ -120,9 +122,9 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     cfg = job.train
     latents = invert_images(eps_fn_of(base.unet), x0, cfg.t0, cfg.n_inv_steps, base.schedule, disable=not progress)
     result = finetune(base.unet, clip, x0, latents, base.schedule, cfg, face=face,
-                      checkpoint_dir=job.checkpoint_dir, disable=not progress)
+                      checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
     out = save_finetuned(result, job.out, cfg, base.unet, base.schedule_config,
-                         extra={"train_keys": keys, "base_model": job.model})
+                         extra={"train_keys": keys, "base_model": redact(job.model)})
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,
             "config": asdict(cfg)}
@@ -144,11 +146,12 @@ class EditJob:
     """Arguments of `dclip-ray edit` (see its --help)."""
 
     model: str
-    finetuned: str
+    finetuned: str | None
     images: str
     out: str
     preset: str | None = None
     strength: float = 1.0
+    mix: str | None = None  # a mix YAML (models + gamma, eq. 14) instead of one fine-tuned model
     t0: int | None = None
     n_inv_steps: int = 40
     n_gen_steps: int = 40
@@ -158,17 +161,25 @@ class EditJob:
 
 
 def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
-    """Invert with the original model, generate with ``strength`` r of the fine-tuned one, write PNGs."""
+    """Invert with the original model, generate with ``strength`` r of the fine-tuned one (or of the
+    gamma-weighted mix of several, eq. 14, when ``job.mix`` is given), write PNGs."""
+    if (job.finetuned is None) == (job.mix is None):
+        raise ConfigError("edit needs exactly one of --finetuned FT_DIR or --mix MIX.yaml")
     base = load_base(job.model, job.preset)
-    card = read_card(job.finetuned)
-    if card and card.get("base_model_sha256") not in (None, base.sha256):
-        log.warning("%s was fine-tuned from a different base model than %s", job.finetuned, job.model)
-    t0 = job.t0 or int(card.get("config", {}).get("t0") or (base.preset.t0 if base.preset else 0) or 500)
-    ft = load_unet(job.finetuned)
+    mix = load_mix_spec(job.mix) if job.mix else None
+    folders = list(mix.models) if mix else [str(job.finetuned)]
+    cards = [read_card(f) for f in folders]
+    for folder, card in zip(folders, cards, strict=True):
+        if card and card.get("base_model_sha256") not in (None, base.sha256):
+            log.warning("%s was fine-tuned from a different base model than %s", folder, job.model)
+    card_t0 = next((c.get("config", {}).get("t0") for c in cards if c.get("config", {}).get("t0")), None)
+    t0 = job.t0 or int(card_t0 or (base.preset.t0 if base.preset else 0) or 500)
+    fts = [eps_fn_of(load_unet(f)) for f in folders]
     keys, x0, errors = read_images(job.images, base.resolution, job.limit)
     lat = invert_images(eps_fn_of(base.unet), x0, t0, job.n_inv_steps, base.schedule, job.batch_size,
                         disable=not progress)
-    eps = strength_eps_fn(eps_fn_of(base.unet), eps_fn_of(ft), job.strength)
+    edited_eps = mixed_eps_fn(fts, mix.schedule(), base.schedule.num_timesteps) if mix else fts[0]
+    eps = strength_eps_fn(eps_fn_of(base.unet), edited_eps, job.strength)
     edited = generate_images(eps, lat, t0, job.n_gen_steps, base.schedule, job.batch_size, disable=not progress)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +189,8 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
         path.write_bytes(encode_png(x))
     summary: dict[str, Any] = {"out": str(out), "n_edited": len(keys), "t0": t0, "strength": job.strength,
                                "n_inv_steps": job.n_inv_steps, "n_gen_steps": job.n_gen_steps, "errors": errors}
+    if mix:
+        summary["mix"] = mix.as_dict()
     if job.grid:
         summary["grid"] = str(save_grid([x0[:16], edited[:16]], out / "grid.png"))
     return summary

@@ -17,6 +17,7 @@ Weights at every step must sum to 1 (eq. 14); a schedule that does not is an err
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -169,3 +170,66 @@ def strength_eps_fn(original: EpsFn, finetuned: EpsFn, r: float) -> EpsFn:
     if not 0.0 <= r <= 1.0:
         raise ConfigError(f"strength r={r} must be in [0, 1] (1 = the fine-tuned model alone)")
     return mixed_eps_fn([original, finetuned], ConstantGamma((1.0 - r, r)), num_timesteps=1)
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """A multi-attribute mix (eq. 14): fine-tuned model folders and the gamma schedule over them."""
+
+    models: tuple[str, ...]
+    gamma: dict[str, Any]
+
+    def schedule(self) -> GammaSchedule:
+        """The parsed gamma schedule (validated against ``len(models)`` by :func:`mixed_eps_fn`)."""
+        return gamma_from_spec(self.gamma)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data ``{"models": [...], "gamma": {...}}`` (what a mix YAML file holds)."""
+        return {"models": list(self.models), "gamma": dict(self.gamma)}
+
+
+def mix_from_data(data: Any, where: str = "mix", base_dir: str | None = None) -> MixSpec:
+    """Validate mix data ``{"models": [folder, ...], "gamma": {type: ...}}`` into a :class:`MixSpec`.
+
+    Relative local model paths resolve against ``base_dir`` (the mix file's folder) when they do not
+    exist as given. The gamma schedule must give one weight per model, summing to 1 at every step
+    (checked for t = 0..999); errors name ``where`` and the field.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with 'models' and 'gamma'")
+    unknown = sorted(set(data) - {"models", "gamma"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; a mix has only 'models' and 'gamma'")
+    models = data.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"{where}: 'models' must be a non-empty list of fine-tuned model folders")
+    gamma = data.get("gamma")
+    if not isinstance(gamma, Mapping):
+        raise ConfigError(f"{where}: 'gamma' must be a gamma spec (type: constant | piecewise | ramp)")
+    if base_dir is not None:
+        models = [m if "://" in m or os.path.isabs(m) or os.path.exists(m) else os.path.normpath(os.path.join(base_dir, m))
+                  for m in models]
+    try:
+        validate_gamma(gamma_from_spec(gamma), len(models), range(999, -1, -1))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return MixSpec(tuple(models), dict(gamma))
+
+
+def load_mix_spec(path: str) -> MixSpec:
+    """Read a mix YAML file (``models:`` list + ``gamma:`` spec, see the module docstring).
+
+    Raises :class:`InputFileError` for a missing/unreadable file and :class:`ConfigError` for bad content.
+    """
+    import yaml
+
+    from dclip_ray.errors import InputFileError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise InputFileError(f"mix file {path} not found; pass a YAML file with 'models' and 'gamma'") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputFileError(f"mix file {path} is not readable YAML ({type(e).__name__}); fix its syntax") from None
+    return mix_from_data(data, f"mix file {path}", os.path.dirname(os.path.abspath(path)))

@@ -48,6 +48,22 @@ def test_finetune_edit_latent_optim_commands(tmp_path, capsys):
         assert 10 * np.log10(1 / mse) > 25
     assert (tmp_path / "edited" / "grid.png").exists()
 
+    # A mix (eq. 14) whose gamma puts all weight on the original model reproduces the strength-0 edit
+    # exactly; an edit needs exactly one of --finetuned / --mix.
+    from dclip_ray.models import get_preset
+
+    base_dir = get_preset("toy_shapes").weights_path()
+    (tmp_path / "mix.yaml").write_text(f"models: [ft, {base_dir}]\ngamma: {{type: constant, weights: [0, 1]}}\n")
+    rc = main(["edit", "--model", "toy_shapes", "--mix", str(tmp_path / "mix.yaml"), "--images", str(images),
+               "--out", str(tmp_path / "mixed"), "--n-inv", "20", "--n-gen", "20", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 2 and out["mix"]["models"][0] == str(tmp_path / "ft")
+    for s in sample_dataset(3, seed=5, colours=["red"], shapes=["circle"]):
+        assert (tmp_path / "mixed" / f"{s.key}.png").read_bytes() == (tmp_path / "edited" / f"{s.key}.png").read_bytes()
+    rc = main(["edit", "--model", "toy_shapes", "--mix", str(tmp_path / "mix.yaml"), "--finetuned", str(tmp_path / "ft"),
+               "--images", str(images), "--out", str(tmp_path / "x")])
+    assert rc == 1 and "exactly one of --finetuned" in capsys.readouterr().err
+
     rc = main(["latent-optim", *common, "--source", "red circle", "--target", "blue circle",
                "--out", str(tmp_path / "lo"), "--n-inv", "5", "--n-gen", "2", "--iterations", "2", "--limit", "2"])
     out = json.loads(capsys.readouterr().out)
@@ -62,3 +78,10 @@ def test_bad_arguments_exit_1_with_one_line(tmp_path, capsys):
     rc = main(["edit", "--model", "toy_shapes", "--finetuned", str(tmp_path), "--images", str(tmp_path / "none"),
                "--out", str(tmp_path / "e")])
     assert rc == 1
+
+
+def test_unknown_option_is_a_usage_error_not_a_traceback(capsys):
+    # typer vendors its own click: its usage errors must map to exit 1 like click's own
+    rc = main(["edit", "--bogus"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "No such option: --bogus" in err and "Traceback" not in err

@@ -91,3 +91,34 @@ def test_mixing_inside_generation_changes_models_at_the_threshold():
     g = gamma_from_spec({"type": "piecewise", "table": {300: [1, 0], 0: [0, 1]}})
     generate(mixed_eps_fn([tagged("a"), tagged("b")], g), torch.zeros(1, 3, 2, 2), 500, 6, sched)
     assert seen == [("a", 500), ("a", 400), ("a", 300), ("b", 200), ("b", 100), ("b", 0)]
+
+
+def test_mix_file_loads_resolves_relative_models_and_names_bad_fields(tmp_path):
+    from dclip_ray.errors import InputFileError
+    from dclip_ray.mixing import load_mix_spec
+
+    (tmp_path / "models" / "blue").mkdir(parents=True)
+    good = tmp_path / "mix.yaml"
+    good.write_text("models: [models/blue, /abs/square]\n"
+                    "gamma: {type: ramp, start: {t: 500, weights: [1, 0]}, end: {t: 0, weights: [0, 1]}}\n")
+    spec = load_mix_spec(str(good))
+    assert spec.models == (str(tmp_path / "models" / "blue"), "/abs/square")
+    assert spec.schedule().weights(250) == [0.5, 0.5]
+    cases = {
+        "models: [a]\ngamma: {type: constant, weights: [0.5, 0.5]}\n": "2 weights for 1 models",
+        "models: [a, b]\ngamma: {type: constant, weights: [0.5, 0.6]}\n": "sum to 1.1",
+        "models: []\ngamma: {type: constant, weights: [1]}\n": "'models' must be a non-empty list",
+        "models: [a]\nweights: [1]\n": "unknown field(s) weights",
+        "models: [a]\ngamma: {type: cubic}\n": "gamma.type='cubic'",
+    }
+    for text, needle in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_mix_spec(str(bad))
+        assert needle in str(e.value) and str(bad) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(InputFileError, match="not found"):
+        load_mix_spec(str(tmp_path / "missing.yaml"))
+    (tmp_path / "broken.yaml").write_text("models: [a\n")
+    with pytest.raises(InputFileError, match="not readable YAML"):
+        load_mix_spec(str(tmp_path / "broken.yaml"))

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from dclip_ray.finetune import FinetuneConfig
 from dclip_ray.jobs import EditJob, FinetuneJob, LatentOptimJob, run_edit, run_finetune, run_latent_optim
-from dclip_ray.models import get_preset, is_preset
+from dclip_ray.models import get_preset, is_preset, trust_scope
 
 from .app import app
 
@@ -67,8 +67,10 @@ def finetune(
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (less memory)."),
     bf16: bool = typer.Option(False, help="bf16 autocast (GPU only)."),
     checkpoint_dir: str = typer.Option(None, help="Checkpoint here every epoch and resume from it."),
+    tensorboard: str = typer.Option(None, help="Also log every step's losses and the lr to TensorBoard files here."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
 ) -> None:
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
@@ -80,17 +82,23 @@ def finetune(
         aug_views=aug_views, seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
-                      checkpoint_dir=checkpoint_dir, train=cfg)
-    raise typer.Exit(_emit(run_finetune(job, progress=verbose), as_json, f"fine-tuned {source!r} -> {target!r}"))
+                      checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)
+    with trust_scope(trust_checkpoint):
+        summary = run_finetune(job, progress=verbose)
+    raise typer.Exit(_emit(summary, as_json, f"fine-tuned {source!r} -> {target!r}"))
 
 
 @app.command(epilog="""Example: dclip-ray edit --model toy_shapes --finetuned ft/blue --images toy/ --out edited/ --grid\n
-Half-strength edit: add --strength 0.5; more steps: --n-gen 40 (the paper's test setting).""")
+Half-strength edit: add --strength 0.5; more steps: --n-gen 40 (the paper's test setting).\n
+Two attributes at once (eq. 14): dclip-ray edit --model toy_shapes --mix mix.yaml --images toy/ --out both/\n
+mix.yaml: models: [ft/blue, ft/square]; gamma: {type: constant, weights: [0.5, 0.5]}
+(or type: ramp / piecewise with weights per step range, see docs/DESIGN.md).""")
 def edit(
     model: str = typer.Option(..., help="The ORIGINAL base UNet (used for inversion)."),
-    finetuned: str = typer.Option(..., help="Fine-tuned model folder (from `dclip-ray finetune`)."),
+    finetuned: str = typer.Option(None, help="Fine-tuned model folder (from `dclip-ray finetune`)."),
     images: str = typer.Option(..., help="Images: folder, .tar shard(s), brace list or glob; local or URL."),
     out: str = typer.Option(..., help="Output folder for {key}.png (and grid.png)."),
+    mix: str = typer.Option(None, help="Instead of --finetuned: a mix YAML (models + gamma(t), eq. 14)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     strength: float = typer.Option(1.0, help="Edit strength r in [0, 1]: eps = r*finetuned + (1-r)*original."),
     t0: int = typer.Option(None, help="Return step (default: the t0 the model was fine-tuned with)."),
@@ -101,12 +109,15 @@ def edit(
     grid: bool = typer.Option(False, help="Also write a before/after grid.png."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
 ) -> None:
     """Edit images with a fine-tuned model: invert with the original, generate with the fine-tuned one."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
-    job = EditJob(model=model, finetuned=finetuned, images=images, out=out, preset=preset, strength=strength, t0=t0,
+    job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset, strength=strength, t0=t0,
                   n_inv_steps=n_inv, n_gen_steps=n_gen, limit=limit, batch_size=batch_size, grid=grid)
-    raise typer.Exit(_emit(run_edit(job, progress=verbose), as_json, "edit"))
+    with trust_scope(trust_checkpoint):
+        summary = run_edit(job, progress=verbose)
+    raise typer.Exit(_emit(summary, as_json, "edit"))
 
 
 @app.command("latent-optim", epilog="""Example: dclip-ray latent-optim --model toy_shapes --source "red circle"
@@ -130,10 +141,13 @@ def latent_optim(
     grid: bool = typer.Option(False, help="Also write grid.png."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
 ) -> None:
     """The paper's baseline (Fig. 9): optimise each image's latent x_t0 with the CLIP loss, model frozen."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     job = LatentOptimJob(model=model, source=source, target=target, images=images, out=out, preset=preset,
                          clip=clip, clip_weights=clip_weights, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
                          iterations=iterations, lr=lr, w_l1=l1, limit=limit, grid=grid)
-    raise typer.Exit(_emit(run_latent_optim(job, progress=verbose), as_json, "latent optimisation"))
+    with trust_scope(trust_checkpoint):
+        summary = run_latent_optim(job, progress=verbose)
+    raise typer.Exit(_emit(summary, as_json, "latent optimisation"))
