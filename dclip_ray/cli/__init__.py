@@ -11,14 +11,26 @@ import click
 import typer
 
 from dclip_ray.errors import EXIT_USAGE, DclipError
+from dclip_ray.urls import redact
 
-from . import demo as _demo  # noqa: F401  (each import registers its commands)
+from . import apps as _apps  # noqa: F401  (each import registers its commands)
+from . import demo as _demo  # noqa: F401
 from . import edit as _edit  # noqa: F401
 from . import models as _models  # noqa: F401
 from . import pipeline as _pipeline  # noqa: F401
 from . import presets as _presets  # noqa: F401
 from . import toyworld as _toyworld  # noqa: F401
+from . import workflow as _workflow  # noqa: F401
 from .app import app
+
+try:  # newer typer vendors its own copy of click: its exceptions are distinct classes
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover  (older typer uses the click package itself)
+    _TyperClickException = click.ClickException
+
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, _TyperClickException)
 
 __all__ = ["app", "main"]
 
@@ -33,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="dclip-ray", standalone_mode=False)
     except DclipError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)  # a secret in a URL never reaches the terminal
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return int(e.exit_code or 0)
-    except click.exceptions.Abort:
+    except _ABORT:
         print("error: aborted", file=sys.stderr)
         return 3
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         return EXIT_USAGE
     return int(rv) if isinstance(rv, int) else 0

@@ -1,0 +1,306 @@
+"""`dclip-ray run SPEC`: precompute -> finetune-many -> restyle -> verify -> report, in order, incrementally.
+
+Each step is the library function its own command calls (:func:`run_precompute`,
+:func:`run_finetune_many`, :func:`run_restyle`, :func:`verify`), and each already skips committed work:
+latent shards with a commit marker, models whose card carries the same configuration hash, output
+shards with a commit marker. So the same spec can run every night and only new input shards are
+processed. Every run appends one JSON line to the run ledger (``outputs.root/runs.jsonl`` by default):
+run id, start, end, per-step counts, status and exit code; a run that stops on an error is recorded
+too before the error reaches the caller.
+
+Exit codes (DESIGN contract): 0 all done; 1 configuration error; 2 finished with per-item errors
+(bad images, verify problems, a failed report); 3 aborted (a prompt failed to train or a shard
+failed: re-run the same spec to resume).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+
+from dclip_ray.errors import EXIT_ABORTED, EXIT_ITEM_ERRORS, EXIT_OK, ConfigError, DclipError
+from dclip_ray.workflow.spec import WorkflowSpec
+
+STATUS_OF_CODE = {0: "ok", 1: "config_error", 2: "finished_with_errors", 3: "aborted"}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def append_ledger(ledger: str, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``ledger`` (local path or fsspec URL; remote files are
+    rewritten whole since object stores cannot append)."""
+    line = json.dumps(record, default=str, sort_keys=False) + "\n"
+    fs, path = fsspec.core.url_to_fs(ledger)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+        return
+    old = fs.cat_file(path) if fs.exists(path) else b""
+    fs.pipe_file(path, old + line.encode())
+
+
+def read_ledger(ledger: str) -> list[dict[str, Any]]:
+    """All run records of a ledger, oldest first (``[]`` when there is none yet)."""
+    try:
+        with fsspec.open(ledger, "rt", encoding="utf-8") as f:
+            return [json.loads(ln) for ln in f if ln.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def ensure_toyworld_input(spec: WorkflowSpec) -> int:
+    """Render the toy-world input under ``spec.input_url`` if a shard of it is missing; returns the
+    number of shards written (0 when all were there: the render is deterministic)."""
+    tw = spec.input.toyworld
+    if tw is None:
+        return 0
+    from dclip_ray.toyworld.data import write_shards
+
+    fs, root = fsspec.core.url_to_fs(spec.input_url)
+    names = [f"{i:05d}.tar" for i in range((tw.n + tw.shard_size - 1) // tw.shard_size)]
+    if all(fs.exists(f"{root.rstrip('/')}/{n}") for n in names):
+        return 0
+    return len(write_shards(spec.input_url, tw.n, seed=tw.seed, shard_size=tw.shard_size))
+
+
+def preflight(spec: WorkflowSpec) -> None:
+    """Fail before any work (and before Ray starts) when a local path the run needs is missing.
+
+    Checked here, on the machine that runs the spec, not at load time: a spec submitted from a laptop
+    names paths of the cluster. Raises :class:`ConfigError` naming the spec field."""
+    where = spec.source or spec.name
+    needed = [("model", spec.model), ("finetune.clip_weights", spec.finetune.clip_weights)]
+    if spec.input.url is not None:
+        needed.append(("input.url", spec.input.url))
+    for field, value in needed:
+        if not value or ("://" in value and not value.startswith("file://")):
+            continue
+        path = value.removeprefix("file://")
+        if os.path.isabs(path) and not any(c in path for c in "*?{[") and not os.path.exists(path):
+            raise ConfigError(f"workflow spec {where}: {field}: {path} not found on this machine; fix the path "
+                              "(relative paths resolve against the spec's folder)")
+
+
+def _prompt_names(spec: WorkflowSpec) -> list[str]:
+    from dclip_ray.prompts import parse_prompt_file
+
+    return [s.name for s in parse_prompt_file(spec.prompts.text() or spec.prompts.file or "")]
+
+
+def _step_precompute(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[str, Any]:
+    from .precompute import PrecomputeJob, run_precompute
+
+    lat = spec.latents
+    job = PrecomputeJob(model=spec.model, input=spec.input_url, out=spec.latent_store, t0=lat.t0, n_inv_steps=lat.n_inv,
+                        preset=spec.preset, resize_policy=spec.input.resize_policy, dtype=lat.dtype,
+                        batch_size=lat.batch_size, recon_psnr=lat.recon_psnr, cpus_per_task=spec.ray.cpus_per_task,
+                        gpus_per_task=spec.ray.gpus_per_task, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
+                        verbose=verbose)
+    s = run_precompute(job, progress=progress)
+    return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
+            "images": s["n_images"], "errors": s["n_errors"], "store": s["store"]}
+
+
+def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[str, Any]:
+    from .finetune_many import FinetuneManyJob, run_finetune_many
+
+    ft, r = spec.finetune, spec.ray
+    job = FinetuneManyJob(prompts=spec.prompts.text() or spec.prompts.file or "", model=spec.model,
+                          out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
+                          clip=ft.clip, clip_weights=ft.clip_weights, n_train=ft.n_train, t0=spec.latents.t0,
+                          n_inv_steps=spec.latents.n_inv, n_gen_steps=ft.n_gen, epochs=ft.epochs, lr=ft.lr,
+                          lr_gamma=ft.lr_gamma, batch_size=ft.batch_size, mode=ft.mode, aug_views=ft.aug_views,
+                          seed=ft.seed, checkpoint_every=ft.checkpoint_every,
+                          resize_policy=spec.input.resize_policy, cpus_per_prompt=r.cpus_per_prompt,
+                          gpus_per_prompt=r.gpus_per_prompt, max_failures=ft.max_failures,
+                          max_concurrent=ft.max_concurrent, address=r.address, num_cpus=r.num_cpus, verbose=verbose)
+    s = run_finetune_many(job, progress=progress)
+    return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"], "failed": s["n_failed"],
+            "models": {p["name"]: {"status": p["status"], "path": p["model_path"], "final_loss": p["final_loss"],
+                                   "quality_s_dir": p["quality_s_dir"], **({"error": p["error"]} if p["error"] else {})}
+                       for p in s["prompts"]}}
+
+
+def restyle_plan(spec: WorkflowSpec, ok_models: set[str]) -> tuple[str, list[str] | None, dict[str, Any] | None, list[str]]:
+    """(output folder, model folders or None, mix or None, prompt names left out because their model
+    failed). Outputs go to ``restyled/{name}`` per variant and ``restyled/mix`` for a mix, whatever
+    their number, so the layout never changes when a variant is added."""
+    rs, root = spec.restyle, spec.restyled_dir.rstrip("/")
+    models_root = spec.models_dir.rstrip("/")
+    if rs.mix is not None:
+        missing = [n for n in rs.mix.models if n not in ok_models]
+        if missing:
+            return f"{root}/mix", None, None, missing
+        mix = {"models": [f"{models_root}/{n}" for n in rs.mix.models], "gamma": dict(rs.mix.gamma)}
+        return f"{root}/mix", None, mix, []
+    names = rs.variants or _prompt_names(spec)
+    kept = [n for n in names if n in ok_models]
+    out = f"{root}/{kept[0]}" if len(kept) == 1 else root
+    return out, [f"{models_root}/{n}" for n in kept], None, [n for n in names if n not in ok_models]
+
+
+def _restyle_resources(spec: WorkflowSpec) -> tuple[int, float]:
+    """(actors, CPUs per actor): the spec's, else from the cluster's CPUs with fractional CPUs so that
+    Ray Data's read tasks are never starved (REFERENCE sec. 5: a pool claiming every CPU hangs)."""
+    import ray
+
+    rs = spec.restyle
+    res = ray.cluster_resources() if ray.is_initialized() else {}
+    cpus = max(1, int(res.get("CPU", os.cpu_count() or 1)))
+    gpus = int(res.get("GPU", 0))
+    actors = rs.actors or (max(1, gpus) if rs.gpus_per_actor else cpus)
+    per_actor = rs.cpus_per_actor if rs.cpus_per_actor is not None else (0.5 if actors >= cpus else 1.0)
+    return actors, per_actor
+
+
+def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progress: bool) -> dict[str, Any]:
+    from . import work
+    from .restyle import RestyleJob, run_restyle
+
+    out, models, mix, left_out = restyle_plan(spec, ok_models)
+    if not models and mix is None:
+        return {"status": "skipped (no fine-tuned model)", "left_out": left_out, "processed": 0}
+    rs = spec.restyle
+    cfg = work.build_restyle_config(out, models=models, mix=mix, base=spec.model, strength=rs.strength,
+                                    preset=spec.preset, n_inv_steps=spec.latents.n_inv, n_gen_steps=rs.n_gen,
+                                    latents=spec.latent_store, resize_policy=spec.input.resize_policy,
+                                    image_format=rs.format, batch_size=rs.batch_size)
+    actors, per_actor = _restyle_resources(spec)
+    job = RestyleJob(config=cfg, input=spec.input_url, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
+                     gpus_per_actor=rs.gpus_per_actor, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
+                     verbose=verbose)
+    s = run_restyle(job, progress=progress)
+    return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
+            "images": s["n_images"], "errors": s["n_errors"], "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"],
+            "outputs": s["outputs"], "left_out": left_out, "actors": actors, "cpus_per_actor": per_actor,
+            "nodes": len({r["node"] for r in s["shards"] if r.get("node")})}
+
+
+def _step_verify(spec: WorkflowSpec) -> dict[str, Any]:
+    from .verify import verify
+
+    if spec.restyle.limit is not None:
+        return {"status": "skipped (restyle.limit set: not every input shard is restyled)"}
+    r = verify(spec.restyled_dir, spec.input_url)
+    return {"ok": r.ok, "outputs": len(r.outputs), "shards": len(r.shards), "keys": sum(s.get("n", 0) for s in r.shards),
+            "error_rows": sum(s.get("n_error", 0) for s in r.shards), "problems": len(r.problems),
+            "first_problems": r.problems[:5]}
+
+
+def _step_report(spec: WorkflowSpec) -> dict[str, Any]:
+    if not spec.outputs.report:
+        return {"status": "skipped (outputs.report: false)"}
+    if "://" in spec.outputs.root and not spec.outputs.root.startswith("file://"):
+        return {"status": "skipped (the report is written for a local outputs.root only)"}
+    try:
+        from dclip_ray.evaluation.report import write_report
+    except ModuleNotFoundError as e:
+        if e.name in ("dclip_ray.evaluation", "dclip_ray.evaluation.report"):
+            return {"status": "skipped (not available)"}
+        raise
+    except ImportError as e:  # the module is there but has no write_report
+        if "write_report" in str(e):
+            return {"status": "skipped (not available)"}
+        raise
+    return {"status": "ok", "path": write_report(spec.outputs.root)}
+
+
+def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the whole spec once and return its run record (also appended to ``spec.ledger``).
+
+    The record: ``{"run_id", "spec", "name", "start", "end", "seconds", "status", "exit_code", "steps":
+    {"input", "precompute", "finetune", "restyle", "verify", "report"}, "host", "ray_address"}``; per-step
+    counts include ``processed`` and ``skipped`` shards or prompts, so a second run over the same input
+    shows ``processed == 0`` everywhere. A :class:`DclipError` from a step (configuration error, aborted
+    shard) is recorded with its exit code and re-raised; any other exception is recorded as
+    ``crashed`` (exit 3) and re-raised.
+    """
+    say = log or (lambda _msg: None)
+    t_start = time.time()
+    record: dict[str, Any] = {
+        "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+        "spec": spec.source, "name": spec.name, "start": _now(), "end": None, "seconds": None, "status": "running",
+        "exit_code": None, "steps": {}, "host": socket.gethostname(),
+        "ray_address": spec.ray.address or os.environ.get("RAY_ADDRESS") or "embedded",
+    }
+    steps = record["steps"]
+    code = EXIT_OK
+
+    def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        say(f"[{name}] ...")
+        t = time.perf_counter()
+        steps[name] = {"status": "running"}
+        out = fn()
+        out.setdefault("status", "ok")
+        out["seconds"] = round(time.perf_counter() - t, 2)
+        steps[name] = out
+        say(f"[{name}] {out['status']}: " + ", ".join(f"{k}={v}" for k, v in out.items()
+                                                      if isinstance(v, (int, float)) and not isinstance(v, bool)))
+        return out
+
+    try:
+        preflight(spec)
+        step("input", lambda: {"written_shards": ensure_toyworld_input(spec), "url": spec.input_url})
+        from .runtime import init_ray
+
+        # once, with the dashboard on (Ray Train needs it); every step then uses this Ray
+        init_ray(spec.ray.address, spec.ray.num_cpus, dashboard=True, verbose=verbose)
+        pre = step("precompute", lambda: _step_precompute(spec, verbose, progress))
+        if pre["errors"]:
+            pre["status"] = "finished with per-item errors"
+            code = max(code, EXIT_ITEM_ERRORS)
+        ft = step("finetune", lambda: _step_finetune(spec, verbose, progress))
+        ok_models = {n for n, m in ft["models"].items() if m["status"] == "ok" or m["status"].startswith("skipped")}
+        if ft["failed"]:
+            ft["status"] = f"{ft['failed']} prompt(s) failed; re-run to resume them"
+            code = max(code, EXIT_ABORTED)
+        rs = step("restyle", lambda: _step_restyle(spec, ok_models, verbose, progress))
+        if rs.get("errors"):
+            rs["status"] = "finished with per-item errors"
+            code = max(code, EXIT_ITEM_ERRORS)
+        if rs.get("processed") is None or str(rs.get("status", "")).startswith("skipped"):
+            steps["verify"] = {"status": "skipped (nothing restyled)"}
+        else:
+            v = step("verify", lambda: _step_verify(spec))
+            if v.get("ok") is False:
+                v["status"] = f"{v['problems']} problem(s)"
+                code = max(code, EXIT_ITEM_ERRORS)
+        try:
+            step("report", lambda: _step_report(spec))
+        except Exception as e:  # noqa: BLE001  (the outputs are done; the report is recorded as failed)
+            steps["report"] = {"status": f"failed: {type(e).__name__}: {e}"[:500]}
+            code = max(code, EXIT_ITEM_ERRORS)
+        record["exit_code"] = code
+        record["status"] = STATUS_OF_CODE[code]
+    except DclipError as e:
+        record.update(exit_code=e.exit_code, status=STATUS_OF_CODE.get(e.exit_code, "error"), error=str(e))
+        _mark_running(steps, str(e))
+        raise
+    except BaseException as e:
+        record.update(exit_code=EXIT_ABORTED, status="crashed", error=f"{type(e).__name__}: {e}"[:500])
+        _mark_running(steps, record["error"])
+        raise
+    finally:
+        record["end"] = _now()
+        record["seconds"] = round(time.time() - t_start, 2)
+        append_ledger(spec.ledger, record)
+    return record
+
+
+def _mark_running(steps: dict[str, Any], error: str) -> None:
+    for s in steps.values():
+        if s.get("status") == "running":
+            s["status"] = f"failed: {error}"[:500]
