@@ -22,7 +22,7 @@ from dclip_ray.toyworld import judge, sample_dataset
 
 # The best settings found so far on the toy world: 24/32 held-out edits judged "blue circle", but the
 # shape often moves (mean mask IoU 0.2); the issue-5 target (tests/test_finetune_toyworld.py) is not met.
-DEMO_TRAIN = {"t0": 500, "n_gen_steps": 6, "epochs": 5, "lr": 1e-5, "w_l1": 1.5, "aug_views": 8, "aug_shift": 4,
+DEMO_TRAIN = {"t0": 500, "n_gen_steps": 6, "epochs": 5, "lr": 2e-5, "w_l1": 1.5, "aug_views": 8, "aug_shift": 4,
               "aug_noise": 0.2, "seed": 0}
 
 

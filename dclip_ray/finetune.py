@@ -72,6 +72,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "n_gen_steps", "n_inv_steps", "t0"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.clip_form not in ("cosine", "log"):
+            raise ConfigError(f"clip_form={self.clip_form!r}: expected 'log' (official) or 'cosine'")
         if self.lr <= 0 or self.lr_gamma <= 0:
             raise ConfigError(f"lr={self.lr} and lr_gamma={self.lr_gamma} must be > 0")
 

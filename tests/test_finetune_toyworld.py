@@ -5,10 +5,11 @@ Acceptance (issue 5): with 16 training images and at most 5 epochs,
   shape mask IoU >= 0.85 and background mean absolute error <= 6/255;
 - "red circle" -> "red square" (t0 >= 500) succeeds on >= 80 % with the colour kept.
 
-NOT MET YET (see the note on issue 5): with the bundled toy CLIP the fine-tuned model finds
-adversarial solutions (the red disc erased and a blue blob drawn elsewhere, or a green disc with a
-blue fringe). These tests are kept as the target, in `make test-all` only, marked xfail (not strict,
-so a run that meets the target reports XPASS).
+Status: with the position-aware toy CLIP (see dclip_ray/toyworld/weights/TOY_CLIP.md) red -> blue
+meets the colour and background targets (measured: 29/32 blue circles, background error 4.0/255) but
+not the shape target (mean IoU 0.58: the discs come out slightly shrunk and lumpy); the shape-IoU and
+circle -> square targets stay as xfail (not strict: a run that meets them reports XPASS). Each test
+fine-tunes for about 2-5 minutes, so they live in `make test-all` only.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from dclip_ray.models import eps_fn_of, load_clip, load_schedule_config, load_un
 from dclip_ray.toyworld import judge, sample_dataset
 
 SETTINGS = {
-    "blue": dict(source="red circle", target="blue circle", t0=500, n_gen_steps=6, epochs=5, lr=4e-4,
-                 w_l1=1.0, aug_views=4, seed=0),
-    "square": dict(source="red circle", target="red square", t0=500, n_gen_steps=6, epochs=5, lr=4e-4,
-                   w_l1=1.0, aug_views=4, seed=0),
+    "blue": dict(source="red circle", target="blue circle", t0=500, n_gen_steps=6, epochs=5, lr=2e-5,
+                 w_l1=1.5, aug_views=8, aug_shift=4, aug_noise=0.2, seed=0),
+    "square": dict(source="red circle", target="red square", t0=500, n_gen_steps=6, epochs=5, lr=2e-5,
+                   w_l1=1.5, aug_views=8, aug_shift=4, aug_noise=0.2, seed=0),
 }
 
 
@@ -51,24 +52,36 @@ def world():
                 lat_eval=lat_eval)
 
 
+_CACHE: dict = {}
+
+
 def edit_and_judge(world, key):
+    if key in _CACHE:
+        return _CACHE[key]
     cfg = FinetuneConfig(**SETTINGS[key])
     res = finetune(world["unet"], world["clip"], world["x_train"], world["lat_train"], world["sched"], cfg)
     out = generate_images(eps_fn_of(res.unet), world["lat_eval"], cfg.t0, 40, world["sched"], batch_size=32)
-    return [judge(o, ref_mask=s.mask) for o, s in zip(out, world["held_out"], strict=True)]
+    _CACHE[key] = [judge(o, ref_mask=s.mask) for o, s in zip(out, world["held_out"], strict=True)]
+    return _CACHE[key]
 
 
 NOT_MET = pytest.mark.xfail(reason="issue 5 acceptance not met yet on the toy world", strict=False)
 pytestmark = pytest.mark.slow
 
 
-@NOT_MET
-def test_red_to_blue_recolours_and_keeps_shape_and_background(world):
+def test_red_to_blue_recolours_in_place_and_keeps_the_background(world):
     verdicts = edit_and_judge(world, "blue")
     ok = [v for v in verdicts if v.matches("blue", "circle")]
     assert len(ok) / len(verdicts) >= 0.90, [(v.colour, v.shape) for v in verdicts]
-    assert min(v.iou for v in ok) >= 0.85
     assert np.mean([v.bg_error for v in verdicts]) * 255 <= 6.0
+    assert np.mean([v.iou for v in verdicts]) >= 0.5, "in place: not erased and redrawn elsewhere"
+
+
+@NOT_MET
+def test_red_to_blue_keeps_the_shape_mask(world):
+    verdicts = edit_and_judge(world, "blue")
+    ok = [v for v in verdicts if v.matches("blue", "circle")]
+    assert ok and min(v.iou for v in ok) >= 0.85
 
 
 @NOT_MET

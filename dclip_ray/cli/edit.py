@@ -37,7 +37,8 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
 
 @app.command(epilog="""Example (the toy world, CPU, about a minute):\n
   dclip-ray toyworld make-data --out toy/ --n 16 --colours red --shapes circle\n
-  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue --lr 1e-5\n
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue
+  --lr 2e-5 --l1 1.5 --aug-views 8 --aug-shift 4 --aug-noise 0.2\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
 --source face --target "angry face" --images faces/ --out ft/angry --t0 500 --l1 1.0""")
 def finetune(
@@ -57,12 +58,16 @@ def finetune(
     mode: str = typer.Option("efficient", help="'efficient' (loss per step) or 'full' (backprop through all steps)."),
     epochs: int = typer.Option(5, help="Epochs over the training images."),
     batch_size: int = typer.Option(1, help="Images per optimiser step."),
-    lr: float = typer.Option(2e-6, help="Adam learning rate (the paper's default; the toy world uses ~1e-5)."),
+    lr: float = typer.Option(2e-6, help="Adam learning rate (the paper's default; the toy world uses 2e-5)."),
     lr_gamma: float = typer.Option(1.2, help="Learning-rate factor applied after every epoch."),
     clip_weight: float = typer.Option(3.0, "--clip-weight", help="Weight of the directional CLIP loss."),
     l1: float = typer.Option(None, help="Weight of the L1 loss (default: the preset's)."),
     id_weight: float = typer.Option(0.0, "--id", help="Weight of the face identity loss."),
     aug_views: int = typer.Option(4, help="Augmented CLIP views per loss (0 = off)."),
+    aug_shift: int = typer.Option(3, help="Largest random shift (pixels) of the augmented CLIP views."),
+    aug_noise: float = typer.Option(0.1, help="Gaussian noise std (on [-1,1]) added to the augmented CLIP views."),
+    global_weight: float = typer.Option(0.0, "--global-weight", help="Weight of the global CLIP loss (eq. 8)."),
+    clip_form: str = typer.Option("log", help="Directional loss form: 'log' (official) or 'cosine'."),
     seed: int = typer.Option(0, help="Random seed (CPU runs are deterministic)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (less memory)."),
     bf16: bool = typer.Option(False, help="bf16 autocast (GPU only)."),
@@ -79,7 +84,8 @@ def finetune(
         source=source, target=target, t0=t0 or (p.t0 if p and p.t0 else 500), n_inv_steps=n_inv,
         n_gen_steps=n_gen, mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, lr_gamma=lr_gamma,
         w_clip=clip_weight, w_l1=l1 if l1 is not None else (p.loss_weights.l1 if p else 0.0), w_id=id_weight,
-        aug_views=aug_views, seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
+        aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, w_global=global_weight, clip_form=clip_form,
+        seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)

@@ -61,13 +61,16 @@ def train_clip_cmd(
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads")] = 2,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="linear warmup steps")] = 50,
     init: Annotated[str | None, typer.Option("--init", help="start from these weights (.safetensors) instead of random")] = None,
+    position_weight: Annotated[float, typer.Option(
+        "--position-weight", help="weight of the position-caption loss ('red circle in the top left'); 0 = off")] = 0.0,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="print the model-card metrics after training")] = True,
 ) -> None:
     """Train the tiny CLIP contrastively on rendered captions with augmentations and hard negatives."""
     from dclip_ray.toyworld.train_clip import CLIPTrainConfig, create_toy_clip, evaluate_clip, train_clip
 
     cfg = CLIPTrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, warmup_steps=warmup_steps, init=init
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, warmup_steps=warmup_steps, init=init,
+        position_weight=position_weight,
     )
     train_clip(out, cfg, log_fn=typer.echo)
     if evaluate:

@@ -63,6 +63,28 @@ def hard_negative_phrases() -> list[str]:
     return pairs + [f"{c} blob" for c in names]
 
 
+POSITIONS: tuple[str, ...] = (
+    "in the top left", "at the top", "in the top right",
+    "on the left", "in the centre", "on the right",
+    "in the bottom left", "at the bottom", "in the bottom right",
+)
+"""Where a shape's centre lies on a 3 x 3 grid (row-major), for the position captions."""
+
+
+def position_index(cx: float, cy: float, size: int = SIZE) -> int:
+    """Index into :data:`POSITIONS` of a shape centred at ``(cx, cy)`` (pixels): the middle band is
+    ``size/2 +- size/12`` wide on each axis (centres lie in about [8, 24] on a 32-pixel image)."""
+    lo, hi = size / 2 - size / 12, size / 2 + size / 12
+    col = 0 if cx < lo else (2 if cx > hi else 1)
+    row = 0 if cy < lo else (2 if cy > hi else 1)
+    return 3 * row + col
+
+
+def position_phrases() -> list[str]:
+    """Colour x shape x position phrases, ``"red circle in the top left"`` (class-major)."""
+    return [f"{p} {pos}" for p in class_phrases() for pos in POSITIONS]
+
+
 def all_phrases() -> list[str]:
     """Every phrase the model is trained on: class phrases first, then the hard negatives."""
     return class_phrases() + hard_negative_phrases()
@@ -81,6 +103,7 @@ class CLIPTrainConfig:
     blob_fraction: float = 0.2
     max_noise: float = 0.12
     blob_pool_size: int = 1500
+    position_weight: float = 0.0
     init: str | None = None
     seed: int = 0
     threads: int = 2
@@ -149,15 +172,20 @@ def training_batch(
     cfg: CLIPTrainConfig,
     phrases: list[str],
     blob_pool: list[np.ndarray] | None = None,
+    positions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render ``n`` training images: ``(uint8 [n,H,W,3], caption index int64 [n])`` into ``phrases``.
 
-    Blobs come from ``blob_pool`` (coverages, reused with a random flip/transpose) when given.
+    Blobs come from ``blob_pool`` (coverages, reused with a random flip/transpose) when given. When
+    ``positions`` (int64 ``[n]``) is given it receives each single-colour shape's index into
+    :func:`position_phrases` (-1 for two-colour shapes and blobs).
     """
     names = list(COLOURS)
     index = {p: i for i, p in enumerate(phrases)}
     images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     targets = np.empty(n, dtype=np.int64)
+    if positions is not None:
+        positions[:] = -1
     for i in range(n):
         u = rng.random()
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -180,6 +208,9 @@ def training_batch(
             fg = np.asarray(COLOURS[colour], np.float32)
             images[i] = np.rint(cov * fg + (1 - cov) * _background(rng)).clip(0, 255).astype(np.uint8)
             targets[i] = index[f"{colour} {shape}"]
+            if positions is not None:
+                cls = class_phrases().index(f"{colour} {shape}")
+                positions[i] = cls * len(POSITIONS) + position_index(params.cx, params.cy)
     return images, targets
 
 
@@ -257,6 +288,8 @@ def train_clip(
     model.train()
     phrases = all_phrases()
     tokens = {t: tokenizer([t.format(p) for p in phrases]) for t in TEMPLATES}
+    pos_phrases = position_phrases()
+    pos_tokens = {t: tokenizer([t.format(p) for p in pos_phrases]) for t in TEMPLATES}
     blob_pool = [blob_coverage(rng) for _ in range(cfg.blob_pool_size)]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -276,8 +309,9 @@ def train_clip(
     log_fn(f"toy CLIP: {n_params} parameters; {cfg.steps} steps at batch {cfg.batch_size}, {len(phrases)} captions")
     t_start = time.time()
     running, correct, seen = 0.0, 0, 0
+    positions = np.empty(cfg.batch_size, dtype=np.int64)
     for step in range(cfg.steps):
-        images, targets = training_batch(rng, cfg.batch_size, cfg, phrases, blob_pool)
+        images, targets = training_batch(rng, cfg.batch_size, cfg, phrases, blob_pool, positions)
         x = augment(uint8_to_01(images), gen, cfg.max_noise)
         template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
         img_f = F.normalize(model.encode_image(normalize(x)), dim=-1)
@@ -285,6 +319,13 @@ def train_clip(
         logits = model.logit_scale.exp() * img_f @ txt_f.T
         target = torch.from_numpy(targets)
         loss = F.cross_entropy(logits, target)
+        has_pos = torch.from_numpy(positions >= 0)
+        if cfg.position_weight > 0 and has_pos.any():
+            # position captions make the embedding encode where the shape is, so that a directional
+            # edit that moves the shape no longer points along a colour/shape-only text direction
+            pos_f = F.normalize(model.encode_text(pos_tokens[template]), dim=-1)
+            pos_logits = model.logit_scale.exp() * img_f[has_pos] @ pos_f.T
+            loss = loss + cfg.position_weight * F.cross_entropy(pos_logits, torch.from_numpy(positions)[has_pos])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -368,10 +409,60 @@ def pgd_attack_success(
     return float((pred == target).float().mean())
 
 
+@torch.no_grad()
+def position_accuracy(model: torch.nn.Module, tokenizer: Callable, n: int = 300, seed: int = 77) -> float:
+    """Held-out accuracy of the position (3 x 3 grid cell) read from the best of the 108 captions
+    ``"{colour} {shape} {position}"`` (chance: 1/9)."""
+    ds = sample_dataset(n, seed)
+    txt = encode_text(model, tokenizer, position_phrases())
+    img = encode_image(model, uint8_to_01(np.stack([s.image for s in ds])))
+    pred = (img @ txt.T).argmax(-1).numpy() % len(POSITIONS)
+    truth = np.asarray([position_index(s.params.cx, s.params.cy) for s in ds])
+    return float((pred == truth).mean())
+
+
+@torch.no_grad()
+def direction_probe(model: torch.nn.Module, tokenizer: Callable, n: int = 50, seed: int = 0) -> dict[str, float]:
+    """Mean cosine between the image change and the text direction "red circle" -> "blue circle"
+    (templates averaged) for four edits of a red circle: recoloured in place (``inplace``), recoloured
+    and moved (``moved``), only moved (``moved_only``) and erased (``erase``). A CLIP that guides edits
+    well scores ``inplace`` clearly above ``moved`` and ``erase``."""
+    from .render import ShapeParams
+
+    rng = np.random.default_rng(seed)
+    bg = np.asarray(BACKGROUND, np.float32)
+
+    def draw(colour: str, cx: float, cy: float) -> np.ndarray:
+        cov = coverage("circle", ShapeParams(cx=cx, cy=cy, r=8.0))[..., None]
+        return np.rint(cov * np.asarray(COLOURS[colour], np.float32) + (1 - cov) * bg).astype(np.uint8)
+
+    def text_mean(phrase: str) -> torch.Tensor:
+        return F.normalize(torch.stack([encode_text(model, tokenizer, [phrase], t)[0] for t in TEMPLATES]).mean(0), dim=-1)
+
+    direction = F.normalize(text_mean("blue circle") - text_mean("red circle"), dim=-1)
+    refs, edits = [], {"inplace": [], "moved": [], "moved_only": [], "erase": []}
+    for _ in range(n):
+        cx, cy, cx2, cy2 = rng.uniform(11, 21, 4)
+        refs.append(draw("red", cx, cy))
+        edits["inplace"].append(draw("blue", cx, cy))
+        edits["moved"].append(draw("blue", cx2, cy2))
+        edits["moved_only"].append(draw("red", cx2, cy2))
+        edits["erase"].append(np.broadcast_to(np.rint(bg).astype(np.uint8), refs[-1].shape))
+    e_ref = encode_image(model, uint8_to_01(np.stack(refs)))
+    out = {}
+    for name, images in edits.items():
+        d = F.normalize(encode_image(model, uint8_to_01(np.stack(images))) - e_ref, dim=-1)
+        out[f"cos_{name}"] = round(float((d @ direction).mean()), 4)
+    return out
+
+
 def evaluate_clip(model: torch.nn.Module, tokenizer: Callable, n: int = 600) -> dict:
-    """All the model-card numbers: zero-shot accuracy, the "blue circle" probes, PGD success rates."""
+    """All the model-card numbers: zero-shot and position accuracy, the "blue circle" probes, the
+    edit-direction probe, PGD success rates."""
     model.eval()
-    metrics = {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, n=n)}
+    metrics = {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, n=n),
+               "position_acc": position_accuracy(model, tokenizer)}
+    metrics.update(direction_probe(model, tokenizer))
     metrics.update(robustness_probes(model, tokenizer))
     for eps in (2, 4, 8):
         metrics[f"pgd_success_eps{eps}"] = pgd_attack_success(model, tokenizer, eps=eps / 255)
