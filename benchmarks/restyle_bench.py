@@ -1,0 +1,277 @@
+"""Restyle: Ray Data pipeline vs the official one-image-at-a-time loop, the latent cache, and actor scaling.
+
+Issue 10 items 1, 2 and 5, measured side by side in one run on the toy world (model: the bundled toy
+UNet ``toy_shapes``, 1.1 M parameters, 32x32; the "fine-tuned" models are copies of its weights, see
+:mod:`benchmarks._common`).
+
+1. Throughput (images/s) of ``run_restyle`` (2 actors of 0.5 CPU, 1 torch thread each; Ray started
+   beforehand, actor start-up and model loading included in the wall time) vs a plain single-process
+   loop that decodes, inverts, generates and encodes ONE image at a time with the same model and
+   steps, at batch sizes 1, 8, 32. The plain loop runs at 1 torch thread and at all CPUs; the
+   reference is the faster of the two (on a loaded machine 2 OpenMP threads can be far slower than 1).
+2. UNet evaluations per image for K fine-tuned models, counted by the pipeline's own counters
+   (``inv_evals`` / ``gen_evals`` of the restyle summary) at S_inv = S_gen = 40 vs the one-at-a-time
+   loop, which re-inverts for every model (counted for one model, times K); and the wall-time ratio of
+   restyling K = 3 models with latents precomputed by ``run_precompute`` vs without (two Ray jobs; and
+   the restyler alone on one shard in this process, best of 2 alternating runs, less noisy).
+5. Throughput with 2 actors vs 1 (0.5 CPU and 1 torch thread each) and the Ray overhead: the fixed
+   cost of a job (wall minus inside time of a one-image, one-step restyle: actor start, model load,
+   Ray Data start) and, with 1 actor, the rest per call (wall - fixed cost - inside time, per shard;
+   one shard per actor call). Can be negative within noise. Beside it, the machine's own ceiling: two
+   plain 1-thread processes running the toy UNet at once vs one alone (no Ray): on cores shared with
+   other jobs it is well under 2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _common as c
+
+T0 = 500
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """Sizes of one run: full (``make bench``) or quick (smoke test)."""
+    if quick:
+        return {"n_images": 8, "shard_size": 4, "n_baseline": 2, "steps": 3, "batches": [1, 4],
+                "count_steps": 5, "count_k": [1, 3], "cache_k": 3, "t0": T0}
+    return {"n_images": 128, "shard_size": 32, "n_baseline": 8, "steps": 10, "batches": [1, 8, 32],
+            "count_steps": 40, "count_k": [1, 3, 10], "cache_k": 3, "t0": T0}
+
+
+def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: int, n_gen: int, limit: int,
+               ) -> dict[str, Any]:
+    """What the official code does: for each image and each model, decode, invert with the base model,
+    generate with the model, encode a PNG and write it; one image at a time, in this process.
+
+    Returns ``{"images", "seconds", "inv_evals", "gen_evals"}`` (evaluations counted per image x call).
+    """
+    from dclip_ray.diffusion import generate, invert
+    from dclip_ray.jobs import load_base
+    from dclip_ray.models import eps_fn_of, load_unet
+    from dclip_ray.pipeline import work
+
+    base = load_base(c.TOY_MODEL)
+    inv_eps = work.CountingEps(eps_fn_of(base.unet))
+    gen_eps = [work.CountingEps(eps_fn_of(load_unet(m))) for m in models]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _, path in work.input_shards(inputs):
+            for d in work.decode_shard(path, base.resolution):
+                if n >= limit:
+                    break
+                if d.x is None:
+                    continue
+                x0 = d.x[None]
+                for mi, eps in enumerate(gen_eps):  # the official code inverts again for every model
+                    x_t0 = invert(inv_eps, x0, t0, n_inv, base.schedule)
+                    x = generate(eps, x_t0, t0, n_gen, base.schedule)
+                    (out_dir / f"{d.rec.key}_{mi}.png").write_bytes(work.encode_image(x[0], "png"))
+                n += 1
+    return {"images": n, "seconds": time.perf_counter() - start, "inv_evals": inv_eps.evals,
+            "gen_evals": sum(e.evals for e in gen_eps)}
+
+
+def _throughput(tmp: Path, inputs: str, s: dict[str, Any], models: list[str]) -> tuple[list[dict], dict]:
+    steps = s["steps"]
+    rows, plain_ips = [], {}
+    for n_threads in sorted({1, os.cpu_count() or 1}):
+        with c.threads(n_threads):
+            base = plain_loop(inputs, tmp / "plain", models[:1], s["t0"], steps, steps, s["n_baseline"])
+        plain_ips[n_threads] = base["images"] / base["seconds"]
+        rows.append({"runner": "plain loop (1 image at a time)", "batch": 1, "actors": 0, "torch_threads": n_threads,
+                     "images": base["images"], "wall_s": round(base["seconds"], 3), "inside_s": round(base["seconds"], 3),
+                     "images_per_s": round(plain_ips[n_threads], 3)})
+    base_ips = max(plain_ips.values())  # the reference: the plain loop at its better thread count
+    for r in rows:
+        r["vs_plain"] = r["vs_plain_inside"] = round(r["images_per_s"] / base_ips, 3)
+    ratios = {"plain_all_threads_over_1thread": plain_ips[max(plain_ips)] / plain_ips[1]}
+    for b in s["batches"]:
+        summary, wall = c.restyle(inputs, str(tmp / f"tp_b{b}"), models[:1], s["t0"], steps, steps, b, actors=2)
+        inside = c.inside_seconds(summary)
+        ips = summary["n_images"] / wall
+        # inside: the actors' own time; 2 actors work in parallel, so their images/s is n / (inside / 2)
+        ips_inside = summary["n_images"] / (inside / 2)
+        rows.append({"runner": "ray data restyle", "batch": b, "actors": 2, "torch_threads": 1,
+                     "images": summary["n_images"], "wall_s": round(wall, 3), "inside_s": round(inside, 3),
+                     "images_per_s": round(ips, 3), "vs_plain": round(ips / base_ips, 3),
+                     "vs_plain_inside": round(ips_inside / base_ips, 3)})
+        ratios[f"restyle_vs_plain_b{b}"] = ips / base_ips
+    return rows, ratios
+
+
+def _counts(tmp: Path, s: dict[str, Any]) -> tuple[list[dict], dict]:
+    steps = s["count_steps"]
+    one = c.toy_shards(tmp, 1, 1, seed=7)
+    kmax = max(s["count_k"])
+    models = c.finetuned_copies(tmp, kmax, s["t0"])
+    plain = plain_loop(one, tmp / "plain_count", models[:1], s["t0"], steps, steps, 1)
+    plain_per_model = plain["inv_evals"] + plain["gen_evals"]
+    rows, ratios = [], {}
+    for k in s["count_k"]:
+        summary, _ = c.restyle(one, str(tmp / f"count_k{k}"), models[:k], s["t0"], steps, steps, 1, actors=1)
+        n = summary["n_images"]
+        ours = (summary["inv_evals"] + summary["gen_evals"]) / n
+        official = plain_per_model * k
+        rows.append({"K": k, "S_inv": steps, "S_gen": steps, "one_at_a_time": official,
+                     "formula_one_at_a_time": k * (2 * steps - 1), "ours_inv": summary["inv_evals"] / n,
+                     "ours_gen": summary["gen_evals"] / n, "ours": ours, "formula_ours": steps - 1 + steps * k,
+                     "saved": round(1 - ours / official, 4), "ours/one_at_a_time": round(ours / official, 4)})
+        ratios[f"evals_ours_over_official_K{k}"] = ours / official
+    return rows, ratios
+
+
+def _cache(tmp: Path, inputs: str, s: dict[str, Any]) -> tuple[list[dict], dict]:
+    from dclip_ray.pipeline.precompute import PrecomputeJob, run_precompute
+
+    k, steps, b = s["cache_k"], s["steps"], max(s["batches"])
+    models = c.finetuned_copies(tmp, k, s["t0"])
+    lat = str(tmp / "latents")
+    t = time.perf_counter()
+    pre = run_precompute(PrecomputeJob(c.TOY_MODEL, inputs, lat, t0=s["t0"], n_inv_steps=steps, batch_size=b,
+                                       cpus_per_task=0.5), progress=False)
+    pre_wall = time.perf_counter() - t
+    rows, res = [], {}
+    for name, latents in (("inverted", None), ("cached", lat)):
+        summary, wall = c.restyle(inputs, str(tmp / f"cache_{name}"), models, s["t0"], steps, steps, b,
+                                  actors=2, latents=latents)
+        res[name] = (summary, wall)
+        rows.append({"latents": name, "K": k, "batch": b, "images": summary["n_images"],
+                     "n_cached": sum(r.get("n_cached", 0) for r in summary["shards"]),
+                     "evals_per_image": (summary["inv_evals"] + summary["gen_evals"]) / summary["n_images"],
+                     "wall_s": round(wall, 3), "inside_s": round(c.inside_seconds(summary), 3)})
+    # the same restyler in this process, no Ray, one shard, best of 2 alternating runs: less exposed to the
+    # load of other processes than the two Ray jobs above
+    from dclip_ray.pipeline import work
+
+    name, path = work.input_shards(inputs)[0]
+    best: dict[str, float] = {}
+    with c.threads(1):
+        for rep in range(2):
+            for kind, latents in (("inverted", None), ("cached", lat)):
+                cfg = work.build_restyle_config(str(tmp / f"cache_local_{kind}_{rep}"), models=models, t0=s["t0"],
+                                                n_inv_steps=steps, n_gen_steps=steps, batch_size=b, latents=latents)
+                one = work.ShardRestyler(cfg).run(name, path)
+                best[kind] = min(best.get(kind, float("inf")), one["seconds"])
+                if rep == 0:
+                    rows.append({"latents": f"{kind} (in-process, 1 shard)", "K": k, "batch": b, "images": one["n_ok"],
+                                 "n_cached": one["n_cached"], "evals_per_image": (one["inv_evals"] + one["gen_evals"]) / one["n_ok"],
+                                 "wall_s": "", "inside_s": ""})
+    for row in rows[-2:]:
+        row["inside_s"] = round(best[row["latents"].split()[0]], 3)
+    rows.append({"latents": "cached/inverted (in-process)", "K": k, "batch": b, "images": "", "n_cached": "",
+                 "evals_per_image": "", "wall_s": "", "inside_s": round(best["cached"] / best["inverted"], 3)})
+    (si, wi), (sc, wc) = res["inverted"], res["cached"]
+    ratio_wall = wc / wi
+    ratio_inside = c.inside_seconds(sc) / c.inside_seconds(si)
+    expected = (steps * k) / (steps - 1 + steps * k)
+    rows.append({"latents": "cached/inverted", "K": k, "batch": b, "images": "", "n_cached": "",
+                 "evals_per_image": round(expected, 4), "wall_s": round(ratio_wall, 3), "inside_s": round(ratio_inside, 3)})
+    rows.append({"latents": "precompute (once)", "K": 0, "batch": b, "images": pre["n_images"], "n_cached": "",
+                 "evals_per_image": steps - 1, "wall_s": round(pre_wall, 3), "inside_s": ""})
+    return rows, {"cached_over_inverted_wall_K3": ratio_wall, "cached_over_inverted_inside_K3": ratio_inside,
+                  "cached_over_inverted_in_process_K3": best["cached"] / best["inverted"]}
+
+
+def _scaling(tmp: Path, inputs: str, s: dict[str, Any], models: list[str]) -> tuple[list[dict], dict]:
+    steps, b = s["steps"], max(s["batches"])
+    rows, res = [], {}
+    # the fixed cost of a job (actor start, model load, Ray Data start): a one-image, one-step restyle
+    one = c.toy_shards(tmp, 1, 1, seed=7)
+    tiny, tiny_wall = c.restyle(one, str(tmp / "scale_empty"), models[:1], s["t0"], 2, 2, 1, actors=1)
+    startup = tiny_wall - c.inside_seconds(tiny)
+    for actors in (1, 2):
+        summary, wall = c.restyle(inputs, str(tmp / f"scale_{actors}"), models[:1], s["t0"], steps, steps, b,
+                                  actors=actors)
+        inside = c.inside_seconds(summary)
+        calls = len([r for r in summary["shards"] if not r.get("skipped")])
+        res[actors] = summary["n_images"] / wall
+        rows.append({"actors": actors, "cpus_per_actor": 0.5, "torch_threads_per_actor": 1, "batch": b,
+                     "images": summary["n_images"], "shard_calls": calls, "wall_s": round(wall, 3),
+                     "inside_s": round(inside, 3), "images_per_s": round(res[actors], 3),
+                     "job_startup_s": round(startup, 3),
+                     "overhead_per_call_s": round((wall - startup - inside) / calls, 3) if actors == 1 else "",
+                     "overhead_share": round(1 - inside / (wall * actors), 3)})
+    rows.append({"actors": "2/1", "cpus_per_actor": "", "torch_threads_per_actor": "", "batch": b, "images": "",
+                 "shard_calls": "", "wall_s": "", "inside_s": "", "images_per_s": round(res[2] / res[1], 3),
+                 "job_startup_s": "", "overhead_per_call_s": "", "overhead_share": ""})
+    ceiling = machine_scaling(3 if s["steps"] < 10 else 20)
+    rows.append({"actors": "2/1 machine ceiling (2 plain processes, no Ray)", "cpus_per_actor": "",
+                 "torch_threads_per_actor": 1, "batch": 32, "images": "", "shard_calls": "", "wall_s": "",
+                 "inside_s": "", "images_per_s": round(ceiling, 3), "job_startup_s": "", "overhead_per_call_s": "",
+                 "overhead_share": ""})
+    return rows, {"two_actors_over_one": res[2] / res[1], "two_processes_over_one_no_ray": ceiling,
+                  "job_startup_s": startup,
+                  "ray_overhead_per_call_s_1actor": float(rows[0]["overhead_per_call_s"])}
+
+
+def unet_loop_seconds(n_forwards: int, batch: int = 32) -> float:
+    """Seconds for ``n_forwards`` toy-UNet forwards at ``batch``, 1 torch thread, in this process."""
+    from dclip_ray.models import load_unet
+
+    torch.set_num_threads(1)
+    unet = load_unet(c.TOY_MODEL).eval()
+    x, t = torch.randn(batch, 3, 32, 32), torch.full((batch,), 500, dtype=torch.long)
+    with torch.no_grad():
+        unet(x, t)
+        start = time.perf_counter()
+        for _ in range(n_forwards):
+            unet(x, t)
+    return time.perf_counter() - start
+
+
+def machine_scaling(n_forwards: int) -> float:
+    """The machine's own ceiling for item 5, without Ray: throughput of two 1-thread processes running
+    the toy UNet at once over one process alone (2.0 on two free cores)."""
+    def spawn() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "benchmarks.restyle_bench", str(n_forwards)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                cwd=str(Path(__file__).resolve().parents[1]))
+
+    def seconds(p: subprocess.Popen) -> float:
+        out, _ = p.communicate()
+        return float(out.strip().splitlines()[-1])
+
+    alone = seconds(spawn())
+    pair = [spawn(), spawn()]
+    both = max(seconds(p) for p in pair)
+    return 2 * alone / both
+
+
+def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+    """Items 1, 2, 5 of issue 10 (see the module docstring). Returns ``{"settings", "tables", "ratios"}``."""
+    s = settings(quick)
+    with tempfile.TemporaryDirectory(prefix="bench-restyle-") as d:
+        tmp = Path(d)
+        inputs = c.toy_shards(tmp, s["n_images"], s["shard_size"])
+        models = c.finetuned_copies(tmp, 1, s["t0"])
+        c.ray_session(2)
+        try:
+            tp_rows, r1 = _throughput(tmp, inputs, s, models)
+            count_rows, r2 = _counts(tmp, s)
+            cache_rows, r3 = _cache(tmp, inputs, s)
+            scale_rows, r5 = _scaling(tmp, inputs, s, models)
+        finally:
+            c.ray_stop()
+    settings_out = {**s, "machine": c.machine(), "model": "toy_shapes (bundled toy UNet, 1.1 M params, 32x32); "
+                    "fine-tuned models = copies of its weights", "n_inv_steps": s["steps"], "n_gen_steps": s["steps"],
+                    "ray": "embedded, num_cpus=2; actors 0.5 CPU / 1 torch thread each"}
+    return {"settings": settings_out,
+            "tables": {"throughput (item 1)": tp_rows, "UNet evaluations per image (item 2)": count_rows,
+                       "latent cache, K models (item 2)": cache_rows, "actors 2 vs 1 (item 5)": scale_rows},
+            "ratios": {**r1, **r2, **r3, **r5}}
+
+
+if __name__ == "__main__":
+    print(unet_loop_seconds(int(sys.argv[1])))

@@ -1,0 +1,113 @@
+"""Smoke tests of `make bench` (benchmarks/): every suite runs in --quick mode and returns finite ratios.
+
+The fast ones (runner + FLOP count, helpers) run in `make test`; the suites that start Ray are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import _common, flops_bench, memory_bench, restyle_bench, utilisation_bench
+from benchmarks.__main__ import main
+
+
+def check(res: dict, tables: list[str], ratios: list[str]) -> None:
+    """The suite's result has its settings (with the machine), its tables (non-empty) and its ratios:
+    positive finite numbers (the Ray overhead figures, differences of two times, only finite)."""
+    assert res["settings"]["machine"]["cpus"] == os.cpu_count()
+    for t in tables:
+        assert res["tables"][t], t
+    for k in ratios:
+        assert k in res["ratios"], k
+    for k, v in res["ratios"].items():
+        assert isinstance(v, float) and math.isfinite(v), (k, v)
+        if "overhead" not in k:
+            assert v > 0, (k, v)
+
+
+def test_runner_flops_quick(tmp_path: Path) -> None:
+    assert main(["--only", "flops", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["quick"] is True
+    flops = res["suites"]["flops"]
+    check(flops, ["full-size UNet (item 6)", "projected edits/s per GPU (item 6)"],
+          ["celeba_hq_tflop_per_forward", "celeba_hq_h100_fresh_edits_per_s_at_40pct"])
+    # the published figure for the Ho et al. 256x256 UNet: 248.7 GMAC = 0.497 TFLOP
+    assert flops["ratios"]["celeba_hq_tflop_per_forward"] == pytest.approx(0.497, rel=0.01)
+    row = flops["tables"]["full-size UNet (item 6)"][0]
+    assert (row["params_M"], row["evals_fresh_edit"], row["evals_cached_edit"]) == (113.67, 79, 40)
+    # 40 % of 989 TFLOP/s over 79 forwards of 0.497 TFLOP: about 10 new edits/s
+    assert flops["ratios"]["celeba_hq_h100_fresh_edits_per_s_at_40pct"] == pytest.approx(10.08, rel=0.01)
+    assert "| celeba_hq |" in flops_bench.markdown(flops)
+
+
+def test_evals_per_edit_follow_the_official_time_sequence() -> None:
+    assert flops_bench.evals_per_edit(500, 40, 40) == {"inversion": 39, "generation": 40, "fresh": 79, "cached": 40}
+    assert flops_bench.evals_per_edit(500, 40, 6)["fresh"] == 45
+
+
+def test_flop_count_of_a_linear_layer() -> None:
+    lin = torch.nn.Linear(64, 32)
+    x = torch.zeros(8, 64)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+        lin(x)
+    assert fc.get_total_flops() == 2 * 8 * 64 * 32  # the convention the GEMM figure uses too
+
+
+def test_tree_rss_sampler_sees_a_child_process() -> None:
+    import subprocess
+    import sys
+    import time
+
+    own = _common._tree_rss_bytes(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "b = b'x' * (200 * 2**20); import time; time.sleep(30)"])
+    try:
+        time.sleep(1.5)
+        with _common.TreeRssSampler(interval=0.05) as s:
+            time.sleep(0.2)
+        assert s.peak - own > 150 * 2**20  # the child's 200 MB counted
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_gemm_flops_positive() -> None:
+    assert utilisation_bench.gemm_flops_per_s(256, 2) > 1e8
+
+
+@pytest.mark.slow
+def test_restyle_quick(tmp_path: Path) -> None:
+    res = restyle_bench.run(tmp_path, quick=True)
+    check(res, ["throughput (item 1)", "UNet evaluations per image (item 2)", "latent cache, K models (item 2)",
+                "actors 2 vs 1 (item 5)"], ["restyle_vs_plain_b1", "two_actors_over_one", "cached_over_inverted_wall_K3"])
+    counts = res["tables"]["UNet evaluations per image (item 2)"]
+    for row in counts:  # the pipeline's own counters match the formulas: 79K one at a time vs 39 + 40K ours
+        assert row["one_at_a_time"] == row["formula_one_at_a_time"]
+        assert row["ours"] == row["formula_ours"]
+    assert res["ratios"]["evals_ours_over_official_K3"] == pytest.approx(19 / 27)
+    cache = {r["latents"]: r for r in res["tables"]["latent cache, K models (item 2)"]}
+    assert cache["cached"]["n_cached"] == cache["cached"]["images"] > 0
+    assert cache["inverted"]["n_cached"] == 0
+
+
+@pytest.mark.slow
+def test_memory_quick(tmp_path: Path) -> None:
+    res = memory_bench.run(tmp_path, quick=True)
+    check(res, ["streaming memory (item 4)"], ["peak_rss_large_over_small"])
+    rows = res["tables"]["streaming memory (item 4)"]
+    assert [r["images"] for r in rows[:2]] == [200, 1000]
+    assert rows[0]["peak_tree_rss_mb"] > rows[0]["after_ray_init_mb"] > 300  # Ray's processes are counted
+
+
+@pytest.mark.slow
+def test_utilisation_quick(tmp_path: Path) -> None:
+    res = utilisation_bench.run(tmp_path, quick=True)
+    check(res, ["UNet FLOP/s vs GEMM (item 7)"], ["restyle_vs_gemm_b1", "restyle_vs_gemm_b8", "bare_vs_gemm_b8"])
+    for row in res["tables"]["UNet FLOP/s vs GEMM (item 7)"]:
+        assert row["unet_evals"] == row["images"] * (2 + 3)  # S_inv = S_gen = 3: 2 + 3 calls per image
