@@ -7,3 +7,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402  (after the environment above, which must be set before any import)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An embedded 2-CPU Ray for one test module (no dashboard), shut down afterwards."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -14,7 +14,6 @@ import json
 import os
 
 import pytest
-import ray
 import torch
 from pipeline_fixtures import make_inputs, tiny_unet_dir
 
@@ -23,13 +22,6 @@ from dclip_ray.pipeline import work
 from dclip_ray.pipeline.verify import verify
 
 T0, N_INV, N_GEN = 200, 2, 2
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -226,3 +226,31 @@ def test_toy_clip_knows_where_the_shape_is(toy_clip):
     assert probe["cos_inplace"] - probe["cos_moved"] >= 0.1
     assert probe["cos_inplace"] - probe["cos_erase"] >= 0.4
     assert abs(probe["cos_moved_only"]) < 0.2
+
+
+def test_position_captions_label_where_the_shape_is():
+    from dclip_ray.toyworld.judge import judge
+    from dclip_ray.toyworld.train_clip import (
+        POSITIONS,
+        CLIPTrainConfig,
+        all_phrases,
+        position_index,
+        position_phrases,
+        training_batch,
+    )
+
+    pos = np.empty(64, dtype=np.int64)
+    images, targets = training_batch(np.random.default_rng(3), 64, CLIPTrainConfig(), all_phrases(), None, pos)
+    single = pos >= 0
+    assert 20 <= single.sum() < 64, "two-colour shapes and blobs carry no position caption"
+    checked = 0
+    for img, t, p in zip(images[single], targets[single], pos[single], strict=True):
+        caption = position_phrases()[p]
+        assert caption.startswith(all_phrases()[t] + " ") and caption.endswith(POSITIONS[p % len(POSITIONS)])
+        ys, xs = np.nonzero(judge(img).mask)
+        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5  # the mask's centroid (pixel centres at +0.5)
+        bands = (32 / 2 - 32 / 12, 32 / 2 + 32 / 12)
+        if min(abs(v - b) for v in (cx, cy) for b in bands) > 1.0:  # clear of a cell border
+            assert position_index(cx, cy) == p % len(POSITIONS)
+            checked += 1
+    assert checked >= 10

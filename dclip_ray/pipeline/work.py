@@ -30,7 +30,7 @@ from dclip_ray.io.manifest import ManifestRow, manifest_bytes
 from dclip_ray.io.shards import TarShardWriter, put_bytes, read_marker, shard_urls, write_marker
 from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards
 from dclip_ray.jobs import BaseModel, load_base, read_card
-from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn, validate_gamma
+from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mix_from_data, mixed_eps_fn, validate_gamma
 from dclip_ray.models import eps_fn_of, load_unet
 from dclip_ray.models.trust import trust_scope
 from dclip_ray.urls import redact
@@ -646,15 +646,10 @@ def build_restyle_config(
     if mix is not None:
         if models:
             raise ConfigError("give either --model or --mix, not both (the mix file lists its models)")
-        mix_models = mix.get("models")
-        if not isinstance(mix_models, list) or not mix_models or not all(isinstance(m, str) for m in mix_models):
-            raise ConfigError("mix file: 'models' must be a non-empty list of fine-tuned model folders")
-        if "gamma" not in mix or not isinstance(mix["gamma"], dict):
-            raise ConfigError("mix file: 'gamma' must be a gamma spec (type: constant | piecewise | ramp)")
-        finetuned = list(mix_models)
-        gamma_from_spec(mix["gamma"])
-        variants.append(Variant("mix", out.rstrip("/"), list(range(1, len(finetuned) + 1)), dict(mix["gamma"]),
-                                {"mix": {"models": finetuned, "gamma": mix["gamma"]}}))
+        spec = mix_from_data(mix, "mix")  # one weight per model, summing to 1 at every step
+        finetuned = list(spec.models)
+        variants.append(Variant("mix", out.rstrip("/"), list(range(1, len(finetuned) + 1)), dict(spec.gamma),
+                                {"mix": spec.as_dict()}))
     else:
         if not models:
             raise ConfigError("restyle needs --model FT_DIR (repeatable) or --mix MIX.yaml")

@@ -182,6 +182,7 @@ def training_batch(
     """
     names = list(COLOURS)
     index = {p: i for i, p in enumerate(phrases)}
+    class_index = {p: i for i, p in enumerate(class_phrases())}
     images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     targets = np.empty(n, dtype=np.int64)
     if positions is not None:
@@ -209,8 +210,7 @@ def training_batch(
             images[i] = np.rint(cov * fg + (1 - cov) * _background(rng)).clip(0, 255).astype(np.uint8)
             targets[i] = index[f"{colour} {shape}"]
             if positions is not None:
-                cls = class_phrases().index(f"{colour} {shape}")
-                positions[i] = cls * len(POSITIONS) + position_index(params.cx, params.cy)
+                positions[i] = class_index[f"{colour} {shape}"] * len(POSITIONS) + position_index(params.cx, params.cy)
     return images, targets
 
 
