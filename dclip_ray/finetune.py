@@ -61,6 +61,7 @@ class FinetuneConfig:
     aug_views: int = 4
     aug_shift: int = 3
     aug_noise: float = 0.1
+    aug_blur: float = 0.0  # largest Gaussian blur sigma (pixels) of a CLIP view; 0 = no blur
     seed: int = 0
     grad_checkpointing: bool = False
     bf16: bool = False
@@ -79,7 +80,7 @@ class FinetuneConfig:
 
     def augment(self) -> Augment:
         """The CLIP-input augmentation this config asks for."""
-        return Augment(self.aug_views, self.aug_shift, self.aug_noise)
+        return Augment(self.aug_views, self.aug_shift, self.aug_noise, self.aug_blur)
 
 
 @dataclass

@@ -38,7 +38,8 @@ def clip_members(clip: Any) -> list[tuple[Any, float]]:
 
 @dataclass(frozen=True)
 class Augment:
-    """Paired random views of ``(x_gen, x_ref)``: the same integer shift and the same noise on both.
+    """Paired random views of ``(x_gen, x_ref)``: the same integer shift, the same Gaussian blur
+    (sigma uniform in [0, ``max_blur``] pixels; 0 disables it) and the same noise on both.
 
     ``n_views = 0`` disables augmentation (the official code's behaviour).
     """
@@ -46,6 +47,7 @@ class Augment:
     n_views: int = 4
     max_shift: int = 3
     noise_std: float = 0.1
+    max_blur: float = 0.0
 
     def views(
         self, x_gen: torch.Tensor, x_ref: torch.Tensor, generator: torch.Generator | None = None
@@ -58,15 +60,27 @@ class Augment:
         for _ in range(self.n_views):
             dx, dy = (torch.randint(-p, p + 1, (2,), generator=generator).tolist() if p > 0 else (0, 0))
             noise = torch.randn(x_gen.shape, generator=generator).to(x_gen) * self.noise_std
+            sigma = float(torch.rand((), generator=generator)) * self.max_blur if self.max_blur > 0 else 0.0
             pair = []
             for x in (x_gen, x_ref):
                 if p > 0:
                     x = F.pad(x, (p, p, p, p), mode="replicate")
                     h, w = x.shape[-2] - 2 * p, x.shape[-1] - 2 * p
                     x = x[..., p + dy : p + dy + h, p + dx : p + dx + w]
+                if sigma > 0.05:
+                    x = gaussian_blur(x, sigma)
                 pair.append(x + noise)
             out.append((pair[0], pair[1]))
         return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``x`` [B,C,H,W] (any range) with std ``sigma`` pixels (torchvision, reflected
+    edges, kernel +-3 sigma); differentiable in ``x``."""
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
+
+    size = 2 * max(1, int(3.0 * sigma + 0.5)) + 1
+    return tv_blur(x, [size, size], [sigma, sigma])
 
 
 def directional_clip_loss(

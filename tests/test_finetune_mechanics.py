@@ -128,3 +128,18 @@ def test_bad_config_is_a_config_error():
         cfg(mode="fast")
     with pytest.raises(ConfigError, match="epochs"):
         cfg(epochs=0)
+
+
+def test_augment_views_share_one_transform_and_blur_removes_fine_detail():
+    from dclip_ray.losses import Augment, gaussian_blur
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    # a pair of equal images stays equal in every view: shift, blur and noise are shared
+    for a, b in Augment(6, 3, 0.1, max_blur=1.5).views(x, x.clone(), torch.Generator().manual_seed(1)):
+        assert torch.equal(a, b)
+    # blur keeps a constant image and the mean, and removes most of a checkerboard's energy
+    assert torch.allclose(gaussian_blur(torch.full((1, 3, 32, 32), 0.3), 1.0), torch.full((1, 3, 32, 32), 0.3))
+    checker = ((torch.arange(32).view(-1, 1) + torch.arange(32).view(1, -1)) % 2).float().expand(1, 3, 32, 32) * 2 - 1
+    blurred = gaussian_blur(checker, 1.0)
+    assert blurred.abs().mean() < 0.05 * checker.abs().mean()

@@ -40,13 +40,17 @@ def train_ddpm_cmd(
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads")] = 2,
     layers_per_block: Annotated[int, typer.Option("--layers-per-block", help="UNet resnets per level")] = 1,
     save_every: Annotated[int, typer.Option("--save-every", help="write an EMA checkpoint every N steps (0: never)")] = 250,
+    init: Annotated[str | None, typer.Option("--init", help="continue from this UNet folder (e.g. the bundled toy_unet)")] = None,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="linear warmup steps")] = 100,
+    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights")] = 0.995,
 ) -> None:
     """Train the toy 32x32 DDPM (eps prediction, linear 1e-4..2e-2 schedule, T=1000); saves the EMA weights."""
     from dclip_ray.toyworld.train_ddpm import DDPMTrainConfig, train_ddpm
 
     cfg = DDPMTrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-        layers_per_block=layers_per_block, save_every=save_every,
+        layers_per_block=layers_per_block, save_every=save_every, init=init,
+        warmup_steps=warmup_steps, ema_decay=ema_decay,
     )
     train_ddpm(out, cfg, log_fn=typer.echo)
 

@@ -66,6 +66,7 @@ class DDPMTrainConfig:
     threads: int = 2
     save_every: int = 250
     layers_per_block: int = 1
+    init: str | None = None  # continue from this UNet2DModel folder (its EMA weights) instead of random
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -108,8 +109,16 @@ def train_ddpm(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    unet_cfg = dict(UNET_CONFIG, layers_per_block=cfg.layers_per_block)
-    model = UNet2DModel.from_config(unet_cfg)
+    if cfg.init is not None:
+        init_dir = Path(cfg.init)
+        if not (init_dir / "config.json").is_file():
+            raise ConfigError(f"train-ddpm --init {cfg.init}: not a UNet2DModel folder (no config.json); "
+                              "pass a folder written by train-ddpm")
+        model = UNet2DModel.from_pretrained(str(init_dir))
+        unet_cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    else:
+        unet_cfg = dict(UNET_CONFIG, layers_per_block=cfg.layers_per_block)
+        model = UNet2DModel.from_config(unet_cfg)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -134,7 +143,8 @@ def train_ddpm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        # EMA warmup only from random init: a continued run starts its average at the loaded weights
+        decay = cfg.ema_decay if cfg.init is not None else min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.lerp_(p, 1.0 - decay)
