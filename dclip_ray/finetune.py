@@ -62,6 +62,7 @@ class FinetuneConfig:
     aug_shift: int = 3
     aug_noise: float = 0.1
     aug_blur: float = 0.0  # largest Gaussian blur sigma (pixels) of a CLIP view; 0 = no blur
+    aug_flip: str = ""  # random flips of the CLIP views: "" none, "h" left-right, "hv" both axes
     seed: int = 0
     grad_checkpointing: bool = False
     bf16: bool = False
@@ -77,10 +78,11 @@ class FinetuneConfig:
             raise ConfigError(f"clip_form={self.clip_form!r}: expected 'log' (official) or 'cosine'")
         if self.lr <= 0 or self.lr_gamma <= 0:
             raise ConfigError(f"lr={self.lr} and lr_gamma={self.lr_gamma} must be > 0")
+        self.augment()  # validates the augmentation fields
 
     def augment(self) -> Augment:
         """The CLIP-input augmentation this config asks for."""
-        return Augment(self.aug_views, self.aug_shift, self.aug_noise, self.aug_blur)
+        return Augment(self.aug_views, self.aug_shift, self.aug_noise, self.aug_blur, self.aug_flip)
 
 
 @dataclass

@@ -6,9 +6,11 @@ A CLIP argument is anything with ``encode_image(x [B,3,H,W] in [-1,1]) -> [B,D]`
 loss is the weight-averaged loss of its members.
 
 Adversarial solutions: a small CLIP (and a big one, less often) can be satisfied by pixel patterns a
-person would not call an edit. Encoding several augmented views (random shifts, Gaussian noise) of the
-image pair and averaging the loss over them makes such patterns much harder to find; the default is
-4 views, up to 3 px shifts and noise 0.1 (measured on the toy world, see docs/).
+person would not call an edit. Encoding several augmented views (random shifts, Gaussian noise, and
+optionally blur and flips) of the image pair and averaging the loss over them makes such patterns much
+harder to find; the default is 4 views, up to 3 px shifts and noise 0.1. Flips matter for geometric
+edits: without them the toy CLIP's circle -> square direction is met by squaring only the top corners
+(the feature that tells a square from a triangle); with up-down flips every corner has to change.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def clip_members(clip: Any) -> list[tuple[Any, float]]:
 @dataclass(frozen=True)
 class Augment:
     """Paired random views of ``(x_gen, x_ref)``: the same integer shift, the same Gaussian blur
-    (sigma uniform in [0, ``max_blur``] pixels; 0 disables it) and the same noise on both.
+    (sigma uniform in [0, ``max_blur``] pixels; 0 disables it), the same random flips (``flip``: ""
+    none, "h" left-right, "hv" left-right and up-down, each with probability 1/2) and the same noise
+    on both.
 
     ``n_views = 0`` disables augmentation (the official code's behaviour).
     """
@@ -48,6 +52,11 @@ class Augment:
     max_shift: int = 3
     noise_std: float = 0.1
     max_blur: float = 0.0
+    flip: str = ""
+
+    def __post_init__(self) -> None:
+        if self.flip not in ("", "h", "hv"):
+            raise ConfigError(f"augmentation flip={self.flip!r}: expected '' (none), 'h' or 'hv'")
 
     def views(
         self, x_gen: torch.Tensor, x_ref: torch.Tensor, generator: torch.Generator | None = None
@@ -61,6 +70,10 @@ class Augment:
             dx, dy = (torch.randint(-p, p + 1, (2,), generator=generator).tolist() if p > 0 else (0, 0))
             noise = torch.randn(x_gen.shape, generator=generator).to(x_gen) * self.noise_std
             sigma = float(torch.rand((), generator=generator)) * self.max_blur if self.max_blur > 0 else 0.0
+            dims = []
+            if self.flip:
+                coins = torch.rand((len(self.flip),), generator=generator).tolist()
+                dims = [d for d, c in zip((-1, -2), coins, strict=False) if c < 0.5]
             pair = []
             for x in (x_gen, x_ref):
                 if p > 0:
@@ -69,6 +82,8 @@ class Augment:
                     x = x[..., p + dy : p + dy + h, p + dx : p + dx + w]
                 if sigma > 0.05:
                     x = gaussian_blur(x, sigma)
+                if dims:
+                    x = torch.flip(x, dims)
                 pair.append(x + noise)
             out.append((pair[0], pair[1]))
         return out

@@ -136,8 +136,16 @@ def test_augment_views_share_one_transform_and_blur_removes_fine_detail():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     # a pair of equal images stays equal in every view: shift, blur and noise are shared
-    for a, b in Augment(6, 3, 0.1, max_blur=1.5).views(x, x.clone(), torch.Generator().manual_seed(1)):
+    for a, b in Augment(6, 3, 0.1, max_blur=1.5, flip="hv").views(x, x.clone(), torch.Generator().manual_seed(1)):
         assert torch.equal(a, b)
+    # flips: with no shift/noise, every view is one of the 4 flips of x, and more than one occurs
+    flips = {(0,): torch.flip(x, (-1,)), (1,): torch.flip(x, (-2,)), (0, 1): torch.flip(x, (-1, -2)), (): x}
+    seen = set()
+    for a, _ in Augment(16, 0, 0.0, flip="hv").views(x, x, torch.Generator().manual_seed(2)):
+        seen |= {k for k, f in flips.items() if torch.equal(a, f)}
+    assert len(seen) >= 3
+    with pytest.raises(ConfigError, match="flip"):
+        FinetuneConfig(source="a", target="b", aug_flip="v")
     # blur keeps a constant image and the mean, and removes most of a checkerboard's energy
     assert torch.allclose(gaussian_blur(torch.full((1, 3, 32, 32), 0.3), 1.0), torch.full((1, 3, 32, 32), 0.3))
     checker = ((torch.arange(32).view(-1, 1) + torch.arange(32).view(1, -1)) % 2).float().expand(1, 3, 32, 32) * 2 - 1

@@ -67,6 +67,7 @@ def finetune(
     aug_shift: int = typer.Option(3, help="Largest random shift (pixels) of the augmented CLIP views."),
     aug_noise: float = typer.Option(0.1, help="Gaussian noise std (on [-1,1]) added to the augmented CLIP views."),
     aug_blur: float = typer.Option(0.0, help="Largest Gaussian blur sigma (pixels) of the augmented CLIP views (0 = none)."),
+    aug_flip: str = typer.Option("", help="Random flips of the augmented CLIP views: '' none, 'h' left-right, 'hv' both."),
     global_weight: float = typer.Option(0.0, "--global-weight", help="Weight of the global CLIP loss (eq. 8)."),
     clip_form: str = typer.Option("log", help="Directional loss form: 'log' (official) or 'cosine'."),
     seed: int = typer.Option(0, help="Random seed (CPU runs are deterministic)."),
@@ -85,7 +86,7 @@ def finetune(
         source=source, target=target, t0=t0 or (p.t0 if p and p.t0 else 500), n_inv_steps=n_inv,
         n_gen_steps=n_gen, mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, lr_gamma=lr_gamma,
         w_clip=clip_weight, w_l1=l1 if l1 is not None else (p.loss_weights.l1 if p else 0.0), w_id=id_weight,
-        aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, w_global=global_weight, clip_form=clip_form,
+        aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, aug_flip=aug_flip, w_global=global_weight, clip_form=clip_form,
         seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
