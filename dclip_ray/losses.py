@@ -121,15 +121,14 @@ def directional_clip_loss(
     total, weight_sum = 0.0, 0.0
     for model, w in clip_members(clip):
         text_dir = model.text_direction(source, target).to(x_gen.device)
-        per_view = []
-        for g, r in views:
-            with torch.no_grad():
-                e_ref = model.encode_image(r)
-            d_img = model.encode_image(g) - e_ref
-            d_img = d_img / (d_img.norm(dim=-1, keepdim=True) + 1e-7)
-            cos = (d_img * text_dir.to(d_img.dtype)).sum(-1)
-            per_view.append(1.0 - cos if form == "cosine" else -torch.log(((1.0 + cos) / 2.0).clamp_min(1e-7)))
-        total = total + w * torch.stack(per_view).mean(0)
+        # all views in one forward pass per side: [V*B,3,H,W] (view-major)
+        with torch.no_grad():
+            e_ref = model.encode_image(torch.cat([r for _, r in views]))
+        d_img = model.encode_image(torch.cat([g for g, _ in views])) - e_ref
+        d_img = d_img / (d_img.norm(dim=-1, keepdim=True) + 1e-7)
+        cos = (d_img * text_dir.to(d_img.dtype)).sum(-1).view(len(views), x_gen.shape[0])
+        per_view = 1.0 - cos if form == "cosine" else -torch.log(((1.0 + cos) / 2.0).clamp_min(1e-7))
+        total = total + w * per_view.mean(0)
         weight_sum += w
     return total / weight_sum
 

@@ -9,9 +9,10 @@ Status: with the position-aware toy CLIP (see dclip_ray/toyworld/weights/TOY_CLI
 meets the colour and background targets (measured: 29/32 blue circles, background error 4.0/255) but
 not the shape target (mean IoU 0.58: the discs come out slightly shrunk and lumpy). Circle -> square
 needs full mode, up-down + left-right flips of the CLIP views (without them only the top corners get
-squared), 10 generation steps and a stronger CLIP weight: 22/32 red squares, background 4.0/255 at
-seed 0 (13/32 at seed 1), asserted at >= 50 %; the 80 % target and the shape-IoU target stay xfail
-(not strict: a run that meets them reports XPASS). Each edit fine-tunes for 1-2 minutes, so these
+squared), 10 generation steps, a stronger CLIP weight and view noise 0.1: 27/32 red squares (84 %),
+background 5.4/255 at seed 0, but 17/32 and 22/32 at seeds 1 and 2, so the robust level (>= 50 %)
+is asserted and the 80 % target stays xfail at seed 0 (not strict: this seed reports XPASS), as does
+the shape-IoU target of red -> blue. Each edit fine-tunes for 1-2 minutes, so these
 tests live in `make test-all` only.
 """
 
@@ -31,7 +32,7 @@ SETTINGS = {
     "blue": dict(source="red circle", target="blue circle", t0=500, n_gen_steps=6, epochs=5, lr=2e-5,
                  w_l1=1.5, aug_views=8, aug_shift=4, aug_noise=0.2, seed=0),
     "square": dict(source="red circle", target="red square", t0=500, n_gen_steps=10, mode="full", epochs=5,
-                   lr=1e-4, w_clip=5.0, w_l1=2.0, aug_views=8, aug_shift=4, aug_noise=0.2, aug_flip="hv", seed=0),
+                   lr=1e-4, w_clip=5.0, w_l1=2.0, aug_views=8, aug_shift=4, aug_noise=0.1, aug_flip="hv", seed=0),
 }
 
 
