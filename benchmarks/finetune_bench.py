@@ -1,7 +1,9 @@
-"""Fine-tuning: seconds per epoch and peak memory, efficient vs full mode (toy world, CPU).
+"""Fine-tuning: seconds per prompt and peak memory, efficient vs full mode (toy world, CPU).
 
 Peak memory is the growth of the process's peak RSS during training over its value after the models
-are loaded and warmed up, each configuration in a fresh subprocess so the numbers do not mix.
+are loaded and warmed up, each configuration in a fresh subprocess (2 torch threads) so the numbers do
+not mix. Rows: one toy prompt end to end in efficient mode (the issue-5 goal: <= 60 s on 2 cores),
+the circle -> square setting in full mode, then one epoch of each mode at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +30,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int) -> dict:
+def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int, threads: int = 2) -> dict:
     """One fine-tuning run in this process: seconds (inversion and training) and peak-RSS growth (MB)."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     unet = load_unet("toy_shapes")
     sched = schedule_from_config(load_schedule_config("toy_shapes"))
@@ -52,22 +56,26 @@ def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int) 
 
 
 def _subprocess(*args: object) -> dict:
+    """Run :func:`measure` (mode, batch, images, epochs, n_gen) in a fresh interpreter."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.finetune_bench", *map(str, args)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run() -> list[dict]:
-    """Efficient vs full at S_gen = 6 (batch 1 and 8), and one toy prompt end to end."""
-    rows = [_subprocess("efficient", 1, 16, 5, 6)]  # the acceptance setting: one toy prompt end to end
-    for batch in (1, 8):
+def run(out_dir: Path | None = None, quick: bool = False) -> list[dict]:
+    """One toy prompt end to end (efficient, S_gen 6; full, S_gen 10), then efficient vs full for one
+    epoch at batch 1 and 8. ``quick``: 4 images, 1 epoch, batch 1 only (numbers not meaningful)."""
+    n, epochs, batches = (4, 1, (1,)) if quick else (16, 5, (1, 8))
+    rows = [_subprocess("efficient", 1, n, epochs, 6),  # the acceptance setting: one toy prompt end to end
+            _subprocess("full", 1, n, epochs, 10)]  # the circle -> square setting's mode and steps
+    for batch in batches:
         for mode in ("efficient", "full"):
-            rows.append(_subprocess(mode, batch, 16, 1, 6))
-    by = {(r["mode"], r["batch"], r["epochs"]): r for r in rows}
-    for batch in (1, 8):
-        eff, full = by[("efficient", batch, 1)], by[("full", batch, 1)]
+            rows.append(_subprocess(mode, batch, n, 1, 6))
+    by = {(r["mode"], r["batch"], r["epochs"], r["n_gen"]): r for r in rows}
+    for batch in batches:
+        eff, full = by[("efficient", batch, 1, 6)], by[("full", batch, 1, 6)]
         ratio = eff["peak_rss_growth_mb"] / max(full["peak_rss_growth_mb"], 1e-6)
-        rows.append({"mode": "efficient/full", "batch": batch, "images": 16, "epochs": 1, "n_gen": 6,
+        rows.append({"mode": "efficient/full", "batch": batch, "images": n, "epochs": 1, "n_gen": 6,
                      "invert_s": "", "train_s": round(eff["train_s"] / full["train_s"], 3), "s_per_epoch": "",
                      "peak_rss_growth_mb": round(ratio, 3), "final_loss": ""})
     return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import _common, flops_bench, memory_bench, restyle_bench, utilisation_bench
+from benchmarks import _common, finetune_bench, flops_bench, memory_bench, restyle_bench, utilisation_bench
 from benchmarks.__main__ import main
 
 
@@ -111,3 +111,12 @@ def test_utilisation_quick(tmp_path: Path) -> None:
     check(res, ["UNet FLOP/s vs GEMM (item 7)"], ["restyle_vs_gemm_b1", "restyle_vs_gemm_b8", "bare_vs_gemm_b8"])
     for row in res["tables"]["UNet FLOP/s vs GEMM (item 7)"]:
         assert row["unet_evals"] == row["images"] * (2 + 3)  # S_inv = S_gen = 3: 2 + 3 calls per image
+
+
+@pytest.mark.slow
+def test_finetune_quick_efficient_mode_uses_less_memory_than_full() -> None:
+    rows = finetune_bench.run(quick=True)
+    ratio = [r for r in rows if r["mode"] == "efficient/full"]
+    assert [r["batch"] for r in ratio] == [1]
+    assert all(r["train_s"] > 0 for r in rows if r["mode"] != "efficient/full")
+    assert 0 < ratio[0]["peak_rss_growth_mb"] < 1.0, rows  # efficient keeps one step's graph, full all of them
