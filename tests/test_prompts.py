@@ -112,6 +112,22 @@ def test_resolve_fills_only_missing_fields():
     assert isinstance(r, EditSpec)
 
 
+def test_training_options_reach_the_finetune_config():
+    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
+
+    text = ("red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 views=8 shift=4 noise=0.1 flip=hv\n"
+            "red circle -> blue circle flip=none\n")
+    sq, blue = parse_prompt_text(text)
+    assert (sq.mode, sq.views, sq.shift, sq.noise, sq.flip) == ("full", 8, 4, 0.1, "hv")
+    assert blue.flip == "" and blue.mode is None
+    job = FinetuneManyJob(prompts="p.txt", model="toy_shapes", out="o", aug_flip="h", aug_noise=0.2, lr=2e-5)
+    c = finetune_config(sq, job, None)
+    assert (c.mode, c.n_gen_steps, c.lr, c.w_clip, c.w_l1, c.aug_views, c.aug_shift, c.aug_noise, c.aug_flip) == (
+        "full", 10, 1e-4, 5.0, 2.0, 8, 4, 0.1, "hv")
+    c = finetune_config(blue, job, None)  # the line's flip=none wins over the job's; the rest is the job's
+    assert (c.mode, c.aug_flip, c.aug_noise, c.aug_views, c.lr) == ("efficient", "", 0.2, 4, 2e-5)
+
+
 def test_safe_name():
     assert safe_name("3D render in the style of Pixar") == "3d_render_in_the_style_of_pixar"
     assert safe_name("Café / Zürich!") == "cafe_zurich"
@@ -144,7 +160,11 @@ def test_crlf_and_bom():
         ("face -> angry name=Angry!", "1:20", "bad value 'Angry!' for name"),
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
-        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, t0, clip, l1, id, epochs, lr, n_inv, n_gen"),
+        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, t0, clip, l1, id, epochs, lr, n_inv, n_gen, mode, views, "
+         "shift, noise, flip"),
+        ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
+        ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),
+        ("face -> angry noise=-0.1", "1:21", "bad value '-0.1' for noise"),
         ("face -> angry t0=500 face", "1:22", "expected key=value, got 'face'"),
         ("face t0=5 -> angry", "1:6", "option 't0=5' before '->'"),
         ("pixr", "1:1", "unknown edit preset 'pixr'; did you mean pixar?"),

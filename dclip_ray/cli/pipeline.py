@@ -103,7 +103,10 @@ def finetune_many(
     lr_gamma: float = typer.Option(1.2, help="Learning-rate factor after every epoch."),
     batch_size: int = typer.Option(1, help="Images per optimiser step."),
     mode: str = typer.Option("efficient", help="'efficient' or 'full'."),
-    aug_views: int = typer.Option(4, help="Augmented CLIP views per loss."),
+    aug_views: int = typer.Option(4, help="Augmented CLIP views per loss (a line's views= overrides)."),
+    aug_shift: int = typer.Option(3, help="Largest random shift (pixels) of the CLIP views (shift=)."),
+    aug_noise: float = typer.Option(0.1, help="Gaussian noise std of the CLIP views (noise=)."),
+    aug_flip: str = typer.Option("", help="Random flips of the CLIP views: '' none, 'h', 'hv' (flip=)."),
     seed: int = typer.Option(0, help="Random seed."),
     checkpoint_every: int = typer.Option(0, help="Batches between checkpoints (0: each epoch end)."),
     cpus_per_prompt: float = typer.Option(1.0, help="CPUs of each prompt's Train worker."),
@@ -122,7 +125,8 @@ def finetune_many(
     job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
                           clip=clip, clip_weights=clip_weights, n_train=n_train, t0=t0, n_inv_steps=n_inv,
                           n_gen_steps=n_gen, epochs=epochs, lr=lr, lr_gamma=lr_gamma, batch_size=batch_size,
-                          mode=mode, aug_views=aug_views, seed=seed, checkpoint_every=checkpoint_every,
+                          mode=mode, aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise,
+                          aug_flip=aug_flip, seed=seed, checkpoint_every=checkpoint_every,
                           cpus_per_prompt=cpus_per_prompt, gpus_per_prompt=gpus_per_prompt,
                           max_failures=max_failures, max_concurrent=max_concurrent, address=address, verbose=verbose)
     with trust_scope(trust_checkpoint):

@@ -122,7 +122,8 @@ def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[st
                           clip=ft.clip, clip_weights=ft.clip_weights, n_train=ft.n_train, t0=spec.latents.t0,
                           n_inv_steps=spec.latents.n_inv, n_gen_steps=ft.n_gen, epochs=ft.epochs, lr=ft.lr,
                           lr_gamma=ft.lr_gamma, batch_size=ft.batch_size, mode=ft.mode, aug_views=ft.aug_views,
-                          seed=ft.seed, checkpoint_every=ft.checkpoint_every,
+                          aug_shift=ft.aug_shift, aug_noise=ft.aug_noise, aug_flip=ft.aug_flip, seed=ft.seed,
+                          checkpoint_every=ft.checkpoint_every,
                           resize_policy=spec.input.resize_policy, cpus_per_prompt=r.cpus_per_prompt,
                           gpus_per_prompt=r.gpus_per_prompt, max_failures=ft.max_failures,
                           max_concurrent=ft.max_concurrent, address=r.address, num_cpus=r.num_cpus, verbose=verbose)

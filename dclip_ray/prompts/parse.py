@@ -10,8 +10,11 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
 
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
 derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1``, ``id`` (loss
-weights >= 0), ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1).
-An option left out is None: the consumer fills it from the model preset (see
+weights >= 0), ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
+``mode`` (``efficient`` or ``full``) and the CLIP-view augmentation: ``views`` (>= 0), ``shift``
+(pixels >= 0), ``noise`` (>= 0), ``flip`` (``none``, ``h`` or ``hv``). A shape edit on the toy world,
+for example: ``red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``.
+An option left out is None: the consumer fills it from the job or the model preset (see
 :meth:`EditSpec.resolve`). ``→`` is accepted for ``->``.
 
 Every error is a :class:`~dclip_ray.errors.ConfigError` with the message
@@ -44,8 +47,9 @@ class EditSpec(BaseModel):
     """One edit of a prompt file: fine-tune toward ``target`` away from ``source``.
 
     ``t0`` (integer timestep in 1..999), ``clip``/``l1``/``id`` (loss weights), ``epochs``, ``lr``,
-    ``n_inv`` and ``n_gen`` are None when the line did not set them (the consumer takes the model
-    preset's defaults). ``preset`` names the edit preset a bare preset line expanded; ``line`` is
+    ``n_inv``, ``n_gen``, ``mode`` (efficient | full) and the CLIP-view augmentation ``views``,
+    ``shift``, ``noise``, ``flip`` (none | h | hv) are None when the line did not set them (the
+    consumer takes the job's or the model preset's defaults). ``preset`` names the edit preset a bare preset line expanded; ``line`` is
     the 1-based line of the prompt file (None when built in code).
     """
 
@@ -61,6 +65,11 @@ class EditSpec(BaseModel):
     lr: float | None = None
     n_inv: int | None = None
     n_gen: int | None = None
+    mode: str | None = None
+    views: int | None = None
+    shift: int | None = None
+    noise: float | None = None
+    flip: str | None = None
     preset: str | None = None
     line: int | None = None
 
@@ -109,6 +118,19 @@ def _float_min(lo: float, strict: bool) -> Callable[[str], float]:
     return conv
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def conv(v: str) -> str:
+        if v not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return v
+
+    return conv
+
+
+def _flip(v: str) -> str:
+    return "" if _choice("none", "h", "hv")(v) == "none" else v
+
+
 def _name(v: str) -> str:
     if not NAME_RE.match(v):
         raise ValueError("expected 1-64 characters of lowercase letters, digits, '_' or '-', starting with a letter or digit")
@@ -125,6 +147,11 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "lr": _float_min(0.0, strict=True),
     "n_inv": _int_in(1, None),
     "n_gen": _int_in(1, None),
+    "mode": _choice("efficient", "full"),
+    "views": _int_in(0, None),
+    "shift": _int_in(0, None),
+    "noise": _float_min(0.0, strict=False),
+    "flip": _flip,
 }
 """The ``key=value`` options of a prompt line and their value parsers."""
 

@@ -103,6 +103,9 @@ class FinetuneSpec(_Strict):
     batch_size: int = Field(1, ge=1)
     mode: Literal["efficient", "full"] = "efficient"
     aug_views: int = Field(4, ge=1)
+    aug_shift: int = Field(3, ge=0)
+    aug_noise: float = Field(0.1, ge=0)
+    aug_flip: Literal["", "h", "hv"] = ""
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     max_failures: int = Field(2, ge=0)
