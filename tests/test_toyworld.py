@@ -254,3 +254,22 @@ def test_position_captions_label_where_the_shape_is():
             assert position_index(cx, cy) == p % len(POSITIONS)
             checked += 1
     assert checked >= 10
+
+
+def test_train_ddpm_init_continues_from_the_bundled_weights(tmp_path):
+    import safetensors.torch
+
+    from dclip_ray.toyworld.train_ddpm import DDPMTrainConfig, train_ddpm
+
+    src = toy_unet_path()
+    log = train_ddpm(tmp_path / "cont", DDPMTrainConfig(steps=1, batch_size=2, lr=1e-4, warmup_steps=1, threads=1,
+                                                        save_every=0, init=str(src), ema_decay=0.999),
+                     log_fn=lambda _: None)
+    assert log["n_params"] == 1_063_651
+    before = safetensors.torch.load_file(src / "diffusion_pytorch_model.safetensors")
+    after = safetensors.torch.load_file(tmp_path / "cont" / "diffusion_pytorch_model.safetensors")
+    # the saved EMA starts at the loaded weights: one tiny step moves it by far less than a fresh init would
+    diff = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < diff < 1e-3
+    with pytest.raises(ConfigError, match="--init"):
+        train_ddpm(tmp_path / "bad", DDPMTrainConfig(steps=1, init=str(tmp_path)), log_fn=lambda _: None)
