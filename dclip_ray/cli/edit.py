@@ -88,7 +88,8 @@ def finetune(
         source=source, target=target, t0=t0 or (p.t0 if p and p.t0 else 500), n_inv_steps=n_inv,
         n_gen_steps=n_gen, mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, lr_gamma=lr_gamma,
         w_clip=clip_weight, w_l1=l1 if l1 is not None else (p.loss_weights.l1 if p else 0.0), w_id=id_weight,
-        aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, aug_flip=aug_flip, w_global=global_weight, clip_form=clip_form,
+        aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, aug_flip=aug_flip,
+        w_global=global_weight, clip_form=clip_form,
         seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,

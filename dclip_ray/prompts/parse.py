@@ -49,8 +49,8 @@ class EditSpec(BaseModel):
     ``t0`` (integer timestep in 1..999), ``clip``/``l1``/``id`` (loss weights), ``epochs``, ``lr``,
     ``n_inv``, ``n_gen``, ``mode`` (efficient | full) and the CLIP-view augmentation ``views``,
     ``shift``, ``noise``, ``flip`` (none | h | hv) are None when the line did not set them (the
-    consumer takes the job's or the model preset's defaults). ``preset`` names the edit preset a bare preset line expanded; ``line`` is
-    the 1-based line of the prompt file (None when built in code).
+    consumer takes the job's or the model preset's defaults). ``preset`` names the edit preset a bare
+    preset line expanded; ``line`` is the 1-based line of the prompt file (None when built in code).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -127,8 +127,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return conv
 
 
+_flip_choice = _choice("none", "h", "hv")
+
+
 def _flip(v: str) -> str:
-    return "" if _choice("none", "h", "hv")(v) == "none" else v
+    """``none`` -> "" (no flips, as :class:`dclip_ray.losses.Augment` spells it); ``h``/``hv`` kept."""
+    return "" if _flip_choice(v) == "none" else v
 
 
 def _name(v: str) -> str:

@@ -66,7 +66,8 @@ class DDPMTrainConfig:
     threads: int = 2
     save_every: int = 250
     layers_per_block: int = 1
-    init: str | None = None  # continue from this UNet2DModel folder (its EMA weights) instead of random
+    init: str | None = None  # continue from this UNet2DModel folder instead of random (its architecture
+    # wins: layers_per_block is then ignored)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
