@@ -57,6 +57,7 @@ class FinetuneConfig:
     w_l1: float = 0.0
     w_id: float = 0.0
     w_global: float = 0.0
+    w_edge: float = 0.0  # edge-structure loss (ours): keeps where edges are, not their colours
     clip_form: Literal["cosine", "log"] = "log"
     aug_views: int = 4
     aug_shift: int = 3
@@ -164,7 +165,8 @@ def finetune(
     if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
     loss_fn = EditLoss(clip, config.source, config.target, config.w_clip, config.w_l1, config.w_id, face,
-                       config.clip_form, config.augment(), config.w_global)
+                       config.clip_form, config.augment(), config.w_global,
+                       config.w_edge)
     opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
     gen = torch.Generator().manual_seed(config.seed)

@@ -151,3 +151,32 @@ def test_augment_views_share_one_transform_and_blur_removes_fine_detail():
     checker = ((torch.arange(32).view(-1, 1) + torch.arange(32).view(1, -1)) % 2).float().expand(1, 3, 32, 32) * 2 - 1
     blurred = gaussian_blur(checker, 1.0)
     assert blurred.abs().mean() < 0.05 * checker.abs().mean()
+
+
+def test_edge_loss_prefers_a_recolour_in_place_to_a_smaller_disc_where_l1_does_not():
+    """Why the edge-structure loss exists: L1 to a red disc rewards a *smaller* blue disc (fewer pixels
+    changed); edge magnitudes ignore the colour of an edge but not its place."""
+    import dataclasses
+
+    import numpy as np
+
+    from dclip_ray.losses import edge_loss, l1_loss
+    from dclip_ray.toyworld import sample_dataset
+    from dclip_ray.toyworld.render import render
+
+    def tensor(arrays):
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    held = sample_dataset(8, seed=202, colours=["red"], shapes=["circle"])
+    red = tensor([s.image for s in held])
+    blue = tensor([render("blue", "circle", params=s.params)[0] for s in held])
+    smaller = tensor([render("blue", "circle", params=dataclasses.replace(s.params, r=s.params.r - 2))[0] for s in held])
+    assert l1_loss(smaller, red).mean() < 0.9 * l1_loss(blue, red).mean()  # the bias this loss corrects
+    assert edge_loss(blue, red).mean() < 0.2 * edge_loss(smaller, red).mean()
+    assert float(edge_loss(red, red).max()) < 1e-6
+    x = blue.clone().requires_grad_(True)
+    loss, parts = EditLoss(clip=None, source="a", target="b", w_clip=0.0, w_edge=1.0)(x, red)
+    loss.backward()
+    assert parts["edge"] > 0 and x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=">= 0"):
+        EditLoss(clip=None, source="a", target="b", w_edge=-1.0)

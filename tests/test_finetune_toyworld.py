@@ -5,9 +5,13 @@ Acceptance (issue 5): with 16 training images and at most 5 epochs,
   shape mask IoU >= 0.85 and background mean absolute error <= 6/255;
 - "red circle" -> "red square" (t0 >= 500) succeeds on >= 80 % with the colour kept.
 
-Status: with the position-aware toy CLIP (see dclip_ray/toyworld/weights/TOY_CLIP.md) red -> blue
-meets the colour and background targets (measured: 29/32 blue circles, background error 4.0/255) but
-not the shape target (mean IoU 0.58: the discs come out slightly shrunk and lumpy). Circle -> square
+Status: with the position-aware toy CLIP (see dclip_ray/toyworld/weights/TOY_CLIP.md) and the
+edge-structure loss red -> blue meets the colour and background targets (measured: 31/32 blue circles,
+background error 4.3/255 at seed 0; 31/32 and 27/32 at seeds 1 and 2) but not the shape target (mean
+IoU 0.77, 0.76, 0.70 at seeds 0-2: the discs come out a little skewed and soft-edged; with L1 alone,
+no edge loss, they were shrunk and lumpy, IoU 0.58). A supervised check (L1 to the true blue renders
+instead of CLIP, 5 epochs) reaches 0.79-0.88 depending on lr and S_gen, so the 0.85 target sits at
+what 5 epochs of fine-tuning can reach even with a perfect loss. Circle -> square
 needs full mode, up-down + left-right flips of the CLIP views (without them only the top corners get
 squared), 10 generation steps, a stronger CLIP weight and view noise 0.1: 27/32 red squares (84 %),
 background 5.4/255 at seed 0, but 17/32 and 22/32 at seeds 1 and 2, so the robust level (>= 50 %)
@@ -29,8 +33,8 @@ from dclip_ray.models import eps_fn_of, load_clip, load_schedule_config, load_un
 from dclip_ray.toyworld import judge, sample_dataset
 
 SETTINGS = {
-    "blue": dict(source="red circle", target="blue circle", t0=500, n_gen_steps=6, epochs=5, lr=2e-5,
-                 w_l1=1.5, aug_views=8, aug_shift=4, aug_noise=0.2, seed=0),
+    "blue": dict(source="red circle", target="blue circle", t0=500, n_gen_steps=6, epochs=5, lr=5e-5,
+                 w_l1=0.5, w_edge=8.0, aug_views=8, aug_shift=4, aug_noise=0.2, seed=0),
     "square": dict(source="red circle", target="red square", t0=500, n_gen_steps=10, mode="full", epochs=5,
                    lr=1e-4, w_clip=5.0, w_l1=2.0, aug_views=8, aug_shift=4, aug_noise=0.1, aug_flip="hv", seed=0),
 }
@@ -78,14 +82,14 @@ def test_red_to_blue_recolours_in_place_and_keeps_the_background(world):
     ok = [v for v in verdicts if v.matches("blue", "circle")]
     assert len(ok) / len(verdicts) >= 0.90, [(v.colour, v.shape) for v in verdicts]
     assert np.mean([v.bg_error for v in verdicts]) * 255 <= 6.0
-    assert np.mean([v.iou for v in verdicts]) >= 0.5, "in place: not erased and redrawn elsewhere"
+    assert np.mean([v.iou for v in verdicts]) >= 0.65, "in place and about the same size (0.58 without the edge loss)"
 
 
 @NOT_MET
 def test_red_to_blue_keeps_the_shape_mask(world):
     verdicts = edit_and_judge(world, "blue")
     ok = [v for v in verdicts if v.matches("blue", "circle")]
-    assert ok and min(v.iou for v in ok) >= 0.85
+    assert ok and np.mean([v.iou for v in ok]) >= 0.85
 
 
 def test_circle_to_square_squares_most_circles_and_keeps_colour_and_background(world):

@@ -9,8 +9,8 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
     neanderthal t0=500     # a preset with overrides
 
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
-derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1``, ``id`` (loss
-weights >= 0), ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
+derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1``, ``id``, ``edge``
+(loss weights >= 0; ``edge`` is the edge-structure loss, :func:`dclip_ray.losses.edge_loss`), ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
 ``mode`` (``efficient`` or ``full``) and the CLIP-view augmentation: ``views`` (>= 0), ``shift``
 (pixels >= 0), ``noise`` (>= 0), ``flip`` (``none``, ``h`` or ``hv``). A shape edit on the toy world,
 for example: ``red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``.
@@ -61,6 +61,7 @@ class EditSpec(BaseModel):
     clip: float | None = None
     l1: float | None = None
     id: float | None = None
+    edge: float | None = None
     epochs: int | None = None
     lr: float | None = None
     n_inv: int | None = None
@@ -147,6 +148,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "clip": _float_min(0.0, strict=False),
     "l1": _float_min(0.0, strict=False),
     "id": _float_min(0.0, strict=False),
+    "edge": _float_min(0.0, strict=False),
     "epochs": _int_in(1, None),
     "lr": _float_min(0.0, strict=True),
     "n_inv": _int_in(1, None),
