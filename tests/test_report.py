@@ -87,6 +87,9 @@ def test_report_of_a_finetune_and_edit_folder(local_run, capsys):
     empty.mkdir()
     page = Path(write_report(str(empty))).read_text()
     assert page.count("not available") == 4
+    # configuration given by the caller (the workflow runner passes the spec, which lives elsewhere)
+    page = Path(write_report(str(empty), config={"workflow spec": {"name": "toy<1>"}})).read_text()
+    assert page.count("not available") == 3 and "<h3>workflow spec</h3>" in page and "toy&lt;1&gt;" in page
     assert main(["report", str(local_run / "nope")]) == 1
 
 

@@ -241,14 +241,15 @@ def test_missing_local_paths_stop_the_run_before_any_step(tmp_path, fake_steps):
 def test_report_step_calls_write_report_when_available(tmp_path, fake_steps, monkeypatch):
     seen = []
     fake = types.ModuleType("dclip_ray.evaluation.report")
-    fake.write_report = lambda run_dir: seen.append(run_dir) or f"{run_dir}/report.html"
+    fake.write_report = lambda run_dir, config: seen.append((run_dir, config)) or f"{run_dir}/report.html"
     monkeypatch.setitem(sys.modules, "dclip_ray.evaluation.report", fake)
     spec = load_spec(write_spec(tmp_path, GOOD))
     r = wr.run_workflow(spec, progress=False)
-    assert seen == [str(tmp_path / "out")]
+    assert [d for d, _ in seen] == [str(tmp_path / "out")]
+    assert seen[0][1]["workflow spec (as run, paths resolved)"]["name"] == spec.name  # the spec is in the report
     assert r["steps"]["report"] == {"status": "ok", "path": f"{tmp_path}/out/report.html", "seconds": pytest.approx(0, abs=1)}
 
-    def broken(run_dir):
+    def broken(run_dir, config):
         raise RuntimeError("no metrics")
 
     fake.write_report = broken

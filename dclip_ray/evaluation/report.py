@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ h3{font-size:15px;margin:18px 0 6px} .muted{color:#777;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:6px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
 pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:8px;font-size:12px;overflow:auto;max-height:320px}
-img{image-rendering:pixelated;border:1px solid #ccc;margin:4px 0} .na{color:#a55;font-style:italic}
+img{image-rendering:pixelated;border:1px solid #ccc;margin:4px 0;max-width:100%;height:auto} .na{color:#a55;font-style:italic}
 """
 
 
@@ -460,8 +460,8 @@ def _metrics_html(root: Path, evals: list[tuple[Path, dict[str, Any]]], cards: l
     return "\n".join(parts) or _na("no evaluation found (run `dclip-ray eval ... --out RUN_DIR/eval.json`)")
 
 
-def _config_html(root: Path, dirs: list[Path]) -> str:
-    parts = []
+def _config_html(root: Path, dirs: list[Path], config: Mapping[str, Any] | None = None) -> str:
+    parts = [f"<h3>{html.escape(str(name))}</h3>" + _pre(value) for name, value in (config or {}).items()]
     top = [p for p in sorted(root.iterdir()) if p.is_file()] if root.is_dir() else []
     for p in top:
         if p.suffix in (".yaml", ".yml") or p.name in ("prompts.txt",):
@@ -478,12 +478,14 @@ def _config_html(root: Path, dirs: list[Path]) -> str:
     return "\n".join(parts) or _na("no configuration file (workflow spec, prompts, summaries) at the top of the run")
 
 
-def write_report(run_dir: str, out: str | None = None) -> str:
+def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any] | None = None) -> str:
     """Write ONE self-contained HTML page describing the run folder ``run_dir``; return its path.
 
     ``out`` defaults to ``run_dir/report.html``. Works on a `finetune` / `edit` / `translate` output
     folder and on a pipeline run folder (models, restyled shards, evaluations, workflow spec); parts that
-    are missing show "not available". Raises :class:`InputFileError` only when ``run_dir`` is not a folder.
+    are missing show "not available". ``config``: ``{title: text or JSON-able data}`` shown first under
+    "Configuration" (the workflow runner passes the spec as run, which need not live in ``run_dir``).
+    Raises :class:`InputFileError` only when ``run_dir`` is not a folder.
     """
     root = Path(run_dir)
     if not root.is_dir():
@@ -503,7 +505,7 @@ def write_report(run_dir: str, out: str | None = None) -> str:
                  or _na("no edited images found (restyle shards, edit/translate outputs)")),
         _section("Metrics", lambda: _metrics_html(root, evals, cards)),
         _section("Fine-tuning", lambda: _models_html(root, cards)),
-        _section("Configuration", lambda: _config_html(root, dirs)),
+        _section("Configuration", lambda: _config_html(root, dirs, config)),
     ]
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>dclip-ray report: {html.escape(root.resolve().name)}</title><style>{_CSS}</style></head><body>\n"

@@ -215,7 +215,8 @@ def _step_report(spec: WorkflowSpec) -> dict[str, Any]:
         if "write_report" in str(e):
             return {"status": "skipped (not available)"}
         raise
-    return {"status": "ok", "path": write_report(spec.outputs.root)}
+    config = {"workflow spec (as run, paths resolved)": spec.model_dump(mode="json")}
+    return {"status": "ok", "path": write_report(spec.outputs.root, config=config)}
 
 
 def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = False,
