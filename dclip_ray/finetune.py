@@ -165,8 +165,7 @@ def finetune(
     if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
     loss_fn = EditLoss(clip, config.source, config.target, config.w_clip, config.w_l1, config.w_id, face,
-                       config.clip_form, config.augment(), config.w_global,
-                       config.w_edge)
+                       config.clip_form, config.augment(), w_global=config.w_global, w_edge=config.w_edge)
     opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
     gen = torch.Generator().manual_seed(config.seed)

@@ -163,9 +163,10 @@ def test_edge_loss_prefers_a_recolour_in_place_to_a_smaller_disc_where_l1_does_n
     from dclip_ray.losses import edge_loss, l1_loss
     from dclip_ray.toyworld import sample_dataset
     from dclip_ray.toyworld.render import render
+    from dclip_ray.toyworld.train_ddpm import images_to_tensor
 
     def tensor(arrays):
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return images_to_tensor(np.stack(arrays))
 
     held = sample_dataset(8, seed=202, colours=["red"], shapes=["circle"])
     red = tensor([s.image for s in held])

@@ -10,7 +10,8 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
 
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
 derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1``, ``id``, ``edge``
-(loss weights >= 0; ``edge`` is the edge-structure loss, :func:`dclip_ray.losses.edge_loss`), ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
+(loss weights >= 0; ``edge`` is the edge-structure loss, :func:`dclip_ray.losses.edge_loss`),
+``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
 ``mode`` (``efficient`` or ``full``) and the CLIP-view augmentation: ``views`` (>= 0), ``shift``
 (pixels >= 0), ``noise`` (>= 0), ``flip`` (``none``, ``h`` or ``hv``). A shape edit on the toy world,
 for example: ``red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``.
