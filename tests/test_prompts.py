@@ -46,7 +46,7 @@ def test_grey_hair_is_fixed():
     "name, t0",
     [("pixar", 601), ("neanderthal", 601), ("gogh", 601), ("sketch", 601), ("male", 401), ("makeup", 301),
      ("no_makeup", 301), ("tanned", 201), ("dog_bear", 500), ("dog_hamster", 601), ("imagenet_cubism", 601),
-     ("angry", 500), ("toy_red_to_blue", 500), ("toy_circle_to_square", 500)],
+     ("angry", 500), ("toy_red_to_blue", 500), ("toy_circle_to_square", 550)],
 )
 def test_recommended_t0(name, t0):
     assert get_edit_preset(name).t0 == t0

@@ -40,7 +40,7 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue
   --lr 5e-5 --l1 0.5 --edge 8 --aug-views 8 --aug-shift 4 --aug-noise 0.2\n
 A shape edit (circle -> square) needs flipped CLIP views and full mode: --target "red square" --mode full
-  --n-gen 10 --lr 1e-4 --clip-weight 5 --l1 2 --aug-views 8 --aug-shift 4 --aug-noise 0.1 --aug-flip hv\n
+  --t0 550 --n-gen 10 --lr 1e-4 --clip-weight 5 --l1 2 --aug-views 8 --aug-shift 4 --aug-noise 0.1 --aug-flip hv\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
 --source face --target "angry face" --images faces/ --out ft/angry --t0 500 --l1 1.0""")
 def finetune(

@@ -14,7 +14,7 @@ derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1
 ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
 ``mode`` (``efficient`` or ``full``) and the CLIP-view augmentation: ``views`` (>= 0), ``shift``
 (pixels >= 0), ``noise`` (>= 0), ``flip`` (``none``, ``h`` or ``hv``). A shape edit on the toy world,
-for example: ``red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``.
+for example: ``red circle -> red square t0=550 mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``.
 An option left out is None: the consumer fills it from the job or the model preset (see
 :meth:`EditSpec.resolve`). ``→`` is accepted for ``->``.
 
