@@ -58,6 +58,13 @@ class FinetuneConfig:
     w_id: float = 0.0
     w_global: float = 0.0
     w_edge: float = 0.0  # edge-structure loss (ours): keeps where edges are, not their colours
+    edge_scales: int = 1  # the edge loss compares 1 (pixels), 2 (+2x2 averages), 3 (+4x4) ... scales
+    # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
+    # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
+    # first and then hold the outline harder (multi-scale edges from the start find a tinted background).
+    refine_from: int = 0
+    refine_l1: float | None = None  # None: keep w_l1
+    refine_edge_scales: int | None = None  # None: keep edge_scales
     clip_form: Literal["cosine", "log"] = "log"
     aug_views: int = 4
     aug_shift: int = 3
@@ -79,11 +86,24 @@ class FinetuneConfig:
             raise ConfigError(f"clip_form={self.clip_form!r}: expected 'log' (official) or 'cosine'")
         if self.lr <= 0 or self.lr_gamma <= 0:
             raise ConfigError(f"lr={self.lr} and lr_gamma={self.lr_gamma} must be > 0")
+        for name in ("edge_scales", "refine_edge_scales"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.refine_from < 0 or (self.refine_l1 is not None and self.refine_l1 < 0):
+            raise ConfigError(f"refine_from={self.refine_from} and refine_l1={self.refine_l1} must be >= 0")
         self.augment()  # validates the augmentation fields
 
     def augment(self) -> Augment:
         """The CLIP-input augmentation this config asks for."""
         return Augment(self.aug_views, self.aug_shift, self.aug_noise, self.aug_blur, self.aug_flip)
+
+    def edit_loss(self, clip: Any, face: Any = None, epoch: int = 0) -> EditLoss:
+        """The objective for ``epoch`` (0-based): the refinement-stage weights from ``refine_from`` on."""
+        refining = 0 < self.refine_from <= epoch
+        w_l1 = self.refine_l1 if refining and self.refine_l1 is not None else self.w_l1
+        scales = self.refine_edge_scales if refining and self.refine_edge_scales is not None else self.edge_scales
+        return EditLoss(clip, self.source, self.target, self.w_clip, w_l1, self.w_id, face, self.clip_form,
+                        self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales)
 
 
 @dataclass
@@ -164,8 +184,7 @@ def finetune(
         p.requires_grad_(True)
     if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
-    loss_fn = EditLoss(clip, config.source, config.target, config.w_clip, config.w_l1, config.w_id, face,
-                       config.clip_form, config.augment(), w_global=config.w_global, w_edge=config.w_edge)
+    loss_fns = {e: config.edit_loss(clip, face, e) for e in {0, min(config.refine_from, config.epochs)}}
     opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
     gen = torch.Generator().manual_seed(config.seed)
@@ -218,6 +237,7 @@ def finetune(
     while epoch < config.epochs:
         if perm is None:
             perm = torch.randperm(n, generator=gen).tolist()
+        loss_fn = loss_fns[config.refine_from if 0 < config.refine_from <= epoch else 0]
         while batch_idx < n_batches:
             if stop_after_batches is not None and epoch * n_batches + batch_idx >= stop_after_batches:
                 bar.close()

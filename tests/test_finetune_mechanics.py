@@ -181,3 +181,46 @@ def test_edge_loss_prefers_a_recolour_in_place_to_a_smaller_disc_where_l1_does_n
     assert parts["edge"] > 0 and x.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match=">= 0"):
         EditLoss(clip=None, source="a", target="b", w_edge=-1.0)
+
+
+def test_multi_scale_edges_keep_pulling_a_disc_that_is_off_by_more_than_a_pixel_or_two():
+    """At one scale the edge loss of a too-small disc peaks at 2 px and then falls (the outlines no
+    longer overlap, and a smaller disc has fewer edge pixels); with 2x2 and 4x4 averages added it keeps
+    growing, so a misplaced outline is pulled back from further away."""
+    import dataclasses
+
+    import numpy as np
+
+    from dclip_ray.losses import edge_loss
+    from dclip_ray.toyworld import sample_dataset
+    from dclip_ray.toyworld.render import render
+    from dclip_ray.toyworld.train_ddpm import images_to_tensor
+
+    held = sample_dataset(8, seed=202, colours=["red"], shapes=["circle"])
+    red = images_to_tensor(np.stack([s.image for s in held]))
+
+    def blue_smaller_by(d, scales):
+        blue = images_to_tensor(np.stack([render("blue", "circle", params=dataclasses.replace(s.params, r=s.params.r - d))[0]
+                                          for s in held]))
+        return float(edge_loss(blue, red, scales).mean())
+
+    one = [blue_smaller_by(d, 1) for d in (1, 2, 4)]
+    three = [blue_smaller_by(d, 3) for d in (0, 1, 2, 4)]
+    assert one[2] < one[1], one  # the single-scale loss gives up beyond 2 px
+    assert three[0] < 0.2 * three[1] < three[1] < three[2] < three[3], three  # in place is cheap; monotone
+    with pytest.raises(ConfigError, match="edge_scales=0 must be >= 1"):
+        cfg(edge_scales=0)
+
+
+def test_refinement_stage_switches_the_loss_from_its_epoch(tiny_unet, random_clip, data):
+    x0, lat = data
+    staged = finetune(tiny_unet, random_clip, x0, lat, SCHED, cfg(epochs=3, w_l1=0.0, w_edge=1.0, refine_from=2,
+                                                                  refine_l1=1.0, refine_edge_scales=2))
+    by_epoch = {e: [h for h in staged.history if h["epoch"] == e] for e in range(3)}
+    assert all("l1" not in h for e in (0, 1) for h in by_epoch[e])
+    assert by_epoch[2] and all(h["l1"] > 0 for h in by_epoch[2])
+    plain = finetune(tiny_unet, random_clip, x0, lat, SCHED, cfg(epochs=2, w_l1=0.0, w_edge=1.0))
+    assert weights_equal(plain.unet, finetune(tiny_unet, random_clip, x0, lat, SCHED, cfg(
+        epochs=2, w_l1=0.0, w_edge=1.0, refine_from=2, refine_l1=1.0)).unet)  # the stage starts after the last epoch
+    assert cfg(refine_from=1, refine_l1=2.0).edit_loss(random_clip, epoch=1).w_l1 == 2.0
+    assert cfg(refine_from=1, refine_l1=2.0).edit_loss(random_clip, epoch=0).w_l1 == 0.0

@@ -116,7 +116,7 @@ def test_training_options_reach_the_finetune_config():
     from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
 
     text = ("red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 views=8 shift=4 noise=0.1 flip=hv\n"
-            "red circle -> blue circle flip=none edge=5 l1=0.5\n")
+            "red circle -> blue circle flip=none edge=5 l1=0.5 refine=2 refine_l1=1.5 refine_scales=3\n")
     sq, blue = parse_prompt_text(text)
     assert (sq.mode, sq.views, sq.shift, sq.noise, sq.flip) == ("full", 8, 4, 0.1, "hv")
     assert blue.flip == "" and blue.mode is None
@@ -127,6 +127,9 @@ def test_training_options_reach_the_finetune_config():
     c = finetune_config(blue, job, None)  # the line's flip=none wins over the job's; the rest is the job's
     assert (c.mode, c.aug_flip, c.aug_noise, c.aug_views, c.lr) == ("efficient", "", 0.2, 4, 2e-5)
     assert (c.w_edge, c.w_l1, finetune_config(sq, job, None).w_edge) == (5.0, 0.5, 0.0)
+    assert (c.edge_scales, c.refine_from, c.refine_l1, c.refine_edge_scales) == (1, 2, 1.5, 3)
+    c = finetune_config(sq, job, None)
+    assert (c.refine_from, c.refine_l1, c.refine_edge_scales) == (0, None, None)
 
 
 def test_safe_name():
@@ -161,7 +164,7 @@ def test_crlf_and_bom():
         ("face -> angry name=Angry!", "1:20", "bad value 'Angry!' for name"),
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
-        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, t0, clip, l1, id, edge, epochs, lr, n_inv, n_gen, mode, views, "
+        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, t0, clip, l1, id, edge, edge_scales, refine, refine_l1, refine_scales, epochs, lr, n_inv, n_gen, mode, views, "
          "shift, noise, flip"),
         ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
         ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),

@@ -38,7 +38,8 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
 @app.command(epilog="""Example (the toy world, CPU, about a minute):\n
   dclip-ray toyworld make-data --out toy/ --n 16 --colours red --shapes circle\n
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue
-  --lr 5e-5 --l1 0.5 --edge 8 --aug-views 8 --aug-shift 4 --aug-noise 0.2\n
+  --lr 5e-5 --l1 0.5 --edge 8 --aug-views 8 --aug-shift 4 --aug-noise 0.2
+  --refine-from 2 --refine-l1 1.5 --refine-edge-scales 3\n
 A shape edit (circle -> square) needs flipped CLIP views and full mode: --target "red square" --mode full
   --t0 550 --n-gen 10 --lr 1e-4 --clip-weight 5 --l1 2 --aug-views 8 --aug-shift 4 --aug-noise 0.1 --aug-flip hv\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
@@ -67,6 +68,11 @@ def finetune(
     id_weight: float = typer.Option(0.0, "--id", help="Weight of the face identity loss."),
     edge: float = typer.Option(0.0, help="Weight of the edge-structure loss (keeps where edges are; "
                                "for colour/texture edits, not shape edits)."),
+    edge_scales: int = typer.Option(1, help="Scales the edge loss compares: 1 pixels, 2 adds 2x2 averages, 3 adds 4x4."),
+    refine_from: int = typer.Option(0, help="Epoch (0-based) from which --refine-l1 / --refine-edge-scales apply "
+                                    "(0 = no refinement stage)."),
+    refine_l1: float = typer.Option(None, help="L1 weight in the refinement stage (default: unchanged)."),
+    refine_edge_scales: int = typer.Option(None, help="Edge-loss scales in the refinement stage (default: unchanged)."),
     aug_views: int = typer.Option(4, help="Augmented CLIP views per loss (0 = off)."),
     aug_shift: int = typer.Option(3, help="Largest random shift (pixels) of the augmented CLIP views."),
     aug_noise: float = typer.Option(0.1, help="Gaussian noise std (on [-1,1]) added to the augmented CLIP views."),
@@ -90,7 +96,8 @@ def finetune(
         source=source, target=target, t0=t0 or (p.t0 if p and p.t0 else 500), n_inv_steps=n_inv,
         n_gen_steps=n_gen, mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, lr_gamma=lr_gamma,
         w_clip=clip_weight, w_l1=l1 if l1 is not None else (p.loss_weights.l1 if p else 0.0), w_id=id_weight,
-        w_edge=edge, aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, aug_flip=aug_flip,
+        w_edge=edge, edge_scales=edge_scales, refine_from=refine_from, refine_l1=refine_l1,
+        refine_edge_scales=refine_edge_scales, aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, aug_flip=aug_flip,
         w_global=global_weight, clip_form=clip_form,
         seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,

@@ -78,14 +78,15 @@ def finetune_config(spec: EditSpec, job: FinetuneManyJob, preset: Any) -> Finetu
     """The :class:`FinetuneConfig` of one prompt line: the line's options, else the job's, else the preset's."""
     lw = getattr(preset, "loss_weights", None)
     s = spec.resolve(t0=job.t0 or getattr(preset, "t0", None) or 500, clip=getattr(lw, "clip", 3.0) if lw else 3.0,
-                     l1=getattr(lw, "l1", 0.0) if lw else 0.0, id=getattr(lw, "id", 0.0) if lw else 0.0, edge=0.0,
+                     l1=getattr(lw, "l1", 0.0) if lw else 0.0, id=getattr(lw, "id", 0.0) if lw else 0.0, edge=0.0, edge_scales=1, refine=0,
                      epochs=job.epochs, lr=job.lr, n_inv=job.n_inv_steps, n_gen=job.n_gen_steps, mode=job.mode,
                      views=job.aug_views, shift=job.aug_shift, noise=job.aug_noise, flip=job.aug_flip)
     if s.id:
         raise ConfigError(f"prompt {spec.name}: the identity loss (id={s.id}) is not supported by finetune-many yet; set id=0")
     return FinetuneConfig(source=s.source, target=s.target, t0=s.t0, n_inv_steps=s.n_inv, n_gen_steps=s.n_gen,
                           mode=s.mode, epochs=s.epochs, batch_size=job.batch_size, lr=s.lr, lr_gamma=job.lr_gamma,
-                          w_clip=s.clip, w_l1=s.l1, w_id=s.id, w_edge=s.edge, aug_views=s.views, aug_shift=s.shift,
+                          w_clip=s.clip, w_l1=s.l1, w_id=s.id, w_edge=s.edge, edge_scales=s.edge_scales, refine_from=s.refine,
+                          refine_l1=s.refine_l1, refine_edge_scales=s.refine_scales, aug_views=s.views, aug_shift=s.shift,
                           aug_noise=s.noise, aug_flip=s.flip, seed=job.seed,
                           checkpoint_every=job.checkpoint_every)
 

@@ -11,6 +11,8 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
 derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1``, ``id``, ``edge``
 (loss weights >= 0; ``edge`` is the edge-structure loss, :func:`dclip_ray.losses.edge_loss`),
+``edge_scales`` (>= 1, the scales that loss compares), the refinement stage ``refine`` (the 0-based
+epoch it starts at; 0 = none), ``refine_l1`` (>= 0) and ``refine_scales`` (>= 1),
 ``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
 ``mode`` (``efficient`` or ``full``) and the CLIP-view augmentation: ``views`` (>= 0), ``shift``
 (pixels >= 0), ``noise`` (>= 0), ``flip`` (``none``, ``h`` or ``hv``). A shape edit on the toy world,
@@ -63,6 +65,10 @@ class EditSpec(BaseModel):
     l1: float | None = None
     id: float | None = None
     edge: float | None = None
+    edge_scales: int | None = None
+    refine: int | None = None
+    refine_l1: float | None = None
+    refine_scales: int | None = None
     epochs: int | None = None
     lr: float | None = None
     n_inv: int | None = None
@@ -150,6 +156,10 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "l1": _float_min(0.0, strict=False),
     "id": _float_min(0.0, strict=False),
     "edge": _float_min(0.0, strict=False),
+    "edge_scales": _int_in(1, None),
+    "refine": _int_in(0, None),
+    "refine_l1": _float_min(0.0, strict=False),
+    "refine_scales": _int_in(1, None),
     "epochs": _int_in(1, None),
     "lr": _float_min(0.0, strict=True),
     "n_inv": _int_in(1, None),
