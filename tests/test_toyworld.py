@@ -146,6 +146,18 @@ def test_make_data_cli_rejects_bad_n(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_make_data_cli_restricts_colours_and_shapes(tmp_path, capsys):
+    import webdataset as wds
+
+    out = tmp_path / "red"
+    assert main(["toyworld", "make-data", "--out", str(out), "--n", "6", "--colours", "red", "--shapes", "circle,square"]) == 0
+    rows = list(wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False))
+    assert [(json.loads(r["json"])["colour"], json.loads(r["json"])["shape"]) for r in rows] == [
+        ("red", "circle"), ("red", "square")] * 3
+    assert main(["toyworld", "make-data", "--out", str(tmp_path / "x"), "--n", "2", "--colours", "purple"]) == 1
+    assert "unknown toy-world colour 'purple': use one of red, green, blue, yellow" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- committed weights
 
 

@@ -22,11 +22,18 @@ def make_data_cmd(
     n: Annotated[int, typer.Option("--n", help="number of images")] = 1200,
     seed: Annotated[int, typer.Option("--seed", help="dataset seed (keys are '{seed}_{index:06d}')")] = 0,
     shard_size: Annotated[int, typer.Option("--shard-size", help="images per shard")] = 1000,
+    colours: Annotated[str | None, typer.Option("--colours", help="only these colours, comma-separated "
+                                                "(red,green,blue,yellow; default all)")] = None,
+    shapes: Annotated[str | None, typer.Option("--shapes", help="only these shapes, comma-separated "
+                                               "(circle,square,triangle; default all)")] = None,
 ) -> None:
     """Render N toy images (png + caption txt + json labels + mask.png) into WebDataset shards."""
     from dclip_ray.toyworld.data import write_shards
 
-    urls = write_shards(out, n, seed=seed, shard_size=shard_size)
+    def names(v: str | None) -> list[str] | None:
+        return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
+
+    urls = write_shards(out, n, seed=seed, shard_size=shard_size, colours=names(colours), shapes=names(shapes))
     typer.echo(f"wrote {n} images in {len(urls)} shard(s) under {out}")
 
 

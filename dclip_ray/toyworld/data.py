@@ -35,8 +35,11 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000) -> list[str]:
+def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colours: list[str] | None = None,
+                 shapes: list[str] | None = None) -> list[str]:
     """Render ``n`` examples from ``seed`` and write them as WebDataset shards under ``out``.
+
+    ``colours`` / ``shapes``: restrict the classes (default: all four colours and three shapes).
 
     Returns the shard URLs in order. Raises :class:`ConfigError` for ``n < 1`` or ``shard_size < 1``.
     """
@@ -46,7 +49,7 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000) -> lis
         raise ConfigError(f"make-data: --n must be >= 1, got {n}")
     if shard_size < 1:
         raise ConfigError(f"make-data: --shard-size must be >= 1, got {shard_size}")
-    samples = sample_dataset(n, seed)
+    samples = sample_dataset(n, seed, colours=colours, shapes=shapes)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     urls = []
