@@ -119,4 +119,8 @@ def test_finetune_quick_efficient_mode_uses_less_memory_than_full() -> None:
     ratio = [r for r in rows if r["mode"] == "efficient/full"]
     assert [r["batch"] for r in ratio] == [1]
     assert all(r["train_s"] > 0 for r in rows if r["mode"] != "efficient/full")
-    assert 0 < ratio[0]["peak_rss_growth_mb"] < 1.0, rows  # efficient keeps one step's graph, full all of them
+    full = [r for r in rows if r["mode"] == "full" and r["batch"] == 1 and r["epochs"] == 1]
+    assert full and full[0]["peak_rss_growth_mb"] > 0, rows  # the measurement sees the full-mode graph
+    # efficient keeps one step's graph, full all of them; efficient's growth can round to 0.0 MB when
+    # its graph fits in memory the warm-up already touched
+    assert 0 <= ratio[0]["peak_rss_growth_mb"] < 1.0, rows
