@@ -184,7 +184,7 @@ def finetune(
         p.requires_grad_(True)
     if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
-    loss_fns = {e: config.edit_loss(clip, face, e) for e in {0, min(config.refine_from, config.epochs)}}
+    config.edit_loss(clip, face)  # a bad loss setup fails here, before any state is loaded
     opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
     gen = torch.Generator().manual_seed(config.seed)
@@ -237,7 +237,7 @@ def finetune(
     while epoch < config.epochs:
         if perm is None:
             perm = torch.randperm(n, generator=gen).tolist()
-        loss_fn = loss_fns[config.refine_from if 0 < config.refine_from <= epoch else 0]
+        loss_fn = config.edit_loss(clip, face, epoch)  # stateless and cheap: the stage decides per epoch
         while batch_idx < n_batches:
             if stop_after_batches is not None and epoch * n_batches + batch_idx >= stop_after_batches:
                 bar.close()

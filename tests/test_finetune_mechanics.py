@@ -153,25 +153,28 @@ def test_augment_views_share_one_transform_and_blur_removes_fine_detail():
     assert blurred.abs().mean() < 0.05 * checker.abs().mean()
 
 
-def test_edge_loss_prefers_a_recolour_in_place_to_a_smaller_disc_where_l1_does_not():
-    """Why the edge-structure loss exists: L1 to a red disc rewards a *smaller* blue disc (fewer pixels
-    changed); edge magnitudes ignore the colour of an edge but not its place."""
+def discs(colour: str, smaller_by: float = 0.0) -> torch.Tensor:
+    """8 toy discs [8,3,32,32] in [-1,1] in ``colour``, at the places and sizes of 8 held-out red circles
+    (radius reduced by ``smaller_by`` pixels)."""
     import dataclasses
 
     import numpy as np
 
-    from dclip_ray.losses import edge_loss, l1_loss
     from dclip_ray.toyworld import sample_dataset
     from dclip_ray.toyworld.render import render
     from dclip_ray.toyworld.train_ddpm import images_to_tensor
 
-    def tensor(arrays):
-        return images_to_tensor(np.stack(arrays))
-
     held = sample_dataset(8, seed=202, colours=["red"], shapes=["circle"])
-    red = tensor([s.image for s in held])
-    blue = tensor([render("blue", "circle", params=s.params)[0] for s in held])
-    smaller = tensor([render("blue", "circle", params=dataclasses.replace(s.params, r=s.params.r - 2))[0] for s in held])
+    return images_to_tensor(np.stack([
+        render(colour, "circle", params=dataclasses.replace(s.params, r=s.params.r - smaller_by))[0] for s in held]))
+
+
+def test_edge_loss_prefers_a_recolour_in_place_to_a_smaller_disc_where_l1_does_not():
+    """Why the edge-structure loss exists: L1 to a red disc rewards a *smaller* blue disc (fewer pixels
+    changed); edge magnitudes ignore the colour of an edge but not its place."""
+    from dclip_ray.losses import edge_loss, l1_loss
+
+    red, blue, smaller = discs("red"), discs("blue"), discs("blue", 2)
     assert l1_loss(smaller, red).mean() < 0.9 * l1_loss(blue, red).mean()  # the bias this loss corrects
     assert edge_loss(blue, red).mean() < 0.2 * edge_loss(smaller, red).mean()
     assert float(edge_loss(red, red).max()) < 1e-6
@@ -187,22 +190,12 @@ def test_multi_scale_edges_keep_pulling_a_disc_that_is_off_by_more_than_a_pixel_
     """At one scale the edge loss of a too-small disc peaks at 2 px and then falls (the outlines no
     longer overlap, and a smaller disc has fewer edge pixels); with 2x2 and 4x4 averages added it keeps
     growing, so a misplaced outline is pulled back from further away."""
-    import dataclasses
-
-    import numpy as np
-
     from dclip_ray.losses import edge_loss
-    from dclip_ray.toyworld import sample_dataset
-    from dclip_ray.toyworld.render import render
-    from dclip_ray.toyworld.train_ddpm import images_to_tensor
 
-    held = sample_dataset(8, seed=202, colours=["red"], shapes=["circle"])
-    red = images_to_tensor(np.stack([s.image for s in held]))
+    red = discs("red")
 
     def blue_smaller_by(d, scales):
-        blue = images_to_tensor(np.stack([render("blue", "circle", params=dataclasses.replace(s.params, r=s.params.r - d))[0]
-                                          for s in held]))
-        return float(edge_loss(blue, red, scales).mean())
+        return float(edge_loss(discs("blue", d), red, scales).mean())
 
     one = [blue_smaller_by(d, 1) for d in (1, 2, 4)]
     three = [blue_smaller_by(d, 3) for d in (0, 1, 2, 4)]

@@ -85,6 +85,7 @@ def test_red_to_blue_recolours_in_place_and_keeps_the_background(world):
     ok = [v for v in verdicts if v.matches("blue", "circle")]
     assert len(ok) / len(verdicts) >= 0.90, [(v.colour, v.shape) for v in verdicts]
     assert np.mean([v.bg_error for v in verdicts]) * 255 <= 6.0
+    assert np.mean([v.iou for v in verdicts]) >= 0.85, "in place and the same size, blobs included"
 
 
 def test_red_to_blue_keeps_the_shape_mask(world):
