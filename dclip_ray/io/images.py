@@ -95,3 +95,20 @@ def encode_png(x: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(tensor_to_uint8(x)).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def output_defect(x: torch.Tensor) -> str | None:
+    """Why a generated image must not be committed, or None when it may.
+
+    ``x``: [3,H,W], nominally in [-1,1]. Non-finite values (NaN/inf: a diverged model or a NaN weight)
+    give ``"non-finite output: ..."``; an image whose 8-bit pixels are all one colour (what NaNs
+    become after clamping, or a collapsed model) gives ``"blank output: ..."``. Real edits are neither.
+    """
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        return f"non-finite output: {bad} of {x.numel()} values are NaN or infinite (check the models and the mix weights)"
+    u8 = tensor_to_uint8(x)
+    if (u8 == u8[0, 0]).all():
+        r, g, b = (int(v) for v in u8[0, 0])
+        return f"blank output: every pixel is ({r},{g},{b}) (check the models and the mix weights)"
+    return None

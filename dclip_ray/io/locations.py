@@ -1,0 +1,81 @@
+"""Where a command writes must never be where it reads: output locations checked against inputs.
+
+An output folder that equals, contains or sits inside an input (image shards, a latent store, a model
+folder) would overwrite or mix with what the command reads (``restyle --input D/ --out D/`` replaced
+the input tars). :func:`check_outputs` refuses such a layout before any work starts, naming both paths.
+
+Locations are compared as normalised ``(protocol, path)`` pairs: local paths through ``realpath`` (so
+``D``, ``./D/`` and a symlink to ``D`` are one place), URLs by protocol and path (``s3://b/x/`` and
+``s3://b/x`` are one place). An input given as a glob or brace list (``D/{0..3}.tar``, ``D/*.tar``) is
+taken at the folder before its first pattern character. A name that is neither an existing path nor a
+URL (a preset name such as ``toy_shapes``) is no location and is not compared.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Mapping
+
+from dclip_ray.errors import ConfigError
+from dclip_ray.urls import redact
+
+_PATTERN = re.compile(r"[*?\[{]")
+
+
+def normalise(location: str) -> tuple[str, str] | None:
+    """``(protocol, absolute path without a trailing slash)`` of a local path or URL; None for a name
+    that is no location (a preset name, an empty string)."""
+    if not location:
+        return None
+    m = _PATTERN.search(location)
+    if m:  # a glob or brace list: the folder it lists
+        location = location[: m.start()]
+        location = location[: location.rfind("/") + 1] if "/" in location else "."
+    if "://" in location and not location.startswith("file://"):
+        protocol, _, rest = location.partition("://")
+        rest = rest.split("?", 1)[0]
+        return protocol.lower(), "/" + posixpath.normpath("/" + rest).strip("/")
+    path = location[len("file://"):] if location.startswith("file://") else location
+    if not (os.path.exists(path) or os.sep in path or path.startswith(".")):
+        return None  # a bare name such as a preset: nothing on disk
+    return "file", os.path.realpath(os.path.abspath(path))
+
+
+def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+    if inner[0] != outer[0]:
+        return False
+    a, b = inner[1].rstrip("/") or "/", outer[1].rstrip("/") or "/"
+    return a == b or a.startswith(b if b.endswith("/") else b + "/")
+
+
+def overlap(a: str, b: str) -> bool:
+    """True when locations ``a`` and ``b`` are the same place or one contains the other."""
+    na, nb = normalise(a), normalise(b)
+    return na is not None and nb is not None and (_within(na, nb) or _within(nb, na))
+
+
+def check_outputs(outputs: Mapping[str, str | None], inputs: Mapping[str, str | None]) -> None:
+    """Refuse output locations that equal, contain or sit inside an input location (or another output).
+
+    ``outputs`` / ``inputs``: ``{label: location}`` with labels as the user wrote them (``"--out"``,
+    ``"--input"``, ``"--model models/blue"``); None values are skipped. Raises :class:`ConfigError`
+    (exit 1, nothing started) naming both paths and the fix.
+    """
+    outs = [(k, v) for k, v in outputs.items() if v]
+    ins = [(k, v) for k, v in inputs.items() if v]
+    for label, out in outs:
+        for in_label, src in ins:
+            if not overlap(out, src):
+                continue
+            a, b = normalise(out), normalise(src)
+            how = ("is" if a == b else "is inside" if a is not None and b is not None and _within(a, b)
+                   else "contains")
+            raise ConfigError(f"{label} {redact(out)} {how} {in_label} {redact(src)}: writing there would overwrite "
+                              f"or mix with what is read; choose an output folder outside every input")
+    for i, (label, out) in enumerate(outs):
+        for other_label, other in outs[i + 1:]:
+            if overlap(out, other):
+                raise ConfigError(f"{label} {redact(out)} and {other_label} {redact(other)} overlap: outputs would "
+                                  "overwrite each other; give them separate folders")
