@@ -21,6 +21,7 @@ from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.io.images import ImageError, encode_png, load_image_tensor
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.sources import iter_records
 from dclip_ray.losses import Augment
 from dclip_ray.mixing import load_mix_spec, mixed_eps_fn, strength_eps_fn
@@ -165,6 +166,8 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     gamma-weighted mix of several, eq. 14, when ``job.mix`` is given), write PNGs."""
     if (job.finetuned is None) == (job.mix is None):
         raise ConfigError("edit needs exactly one of --finetuned FT_DIR or --mix MIX.yaml")
+    check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned,
+                                       "--mix": job.mix})
     base = load_base(job.model, job.preset)
     mix = load_mix_spec(job.mix) if job.mix else None
     folders = list(mix.models) if mix else [str(job.finetuned)]

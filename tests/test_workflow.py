@@ -135,6 +135,7 @@ def test_unreadable_specs(tmp_path, capsys):
 
 def test_check_prints_the_resolved_spec(tmp_path, capsys):
     spec = write_spec(tmp_path, GOOD)
+    (tmp_path / "data").mkdir()  # --check makes the run's own checks: a missing input.url is an error
     capsys.readouterr()
     assert main(["run", str(spec), "--check", "--set", "finetune.epochs=4"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -168,7 +169,7 @@ def fake_steps(monkeypatch, tmp_path):
             raise state["restyle_raises"]
         return {"shards": 2, "processed": state["processed"], "skipped": 2 - state["processed"], "images": 16, "errors": 0}
 
-    def ver(spec):
+    def ver(spec, ok_models):
         calls.append("verify")
         return {"ok": True, "keys": 16, "problems": 0}
 

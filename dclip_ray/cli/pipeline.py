@@ -59,8 +59,6 @@ def precompute(
     _setup(verbose)
     from dclip_ray.pipeline.precompute import PrecomputeJob, run_precompute
 
-    if resize_policy not in ("center-crop", "resize", "pad"):
-        raise ConfigError(f"--resize-policy {resize_policy!r}: expected center-crop, resize or pad")
     job = PrecomputeJob(model=model, input=input, out=out, t0=t0, n_inv_steps=n_inv, preset=preset,
                         resize_policy=resize_policy, dtype=dtype, batch_size=batch_size, recon_psnr=recon_psnr,
                         cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, address=address, verbose=verbose,
@@ -166,7 +164,10 @@ def restyle(
     strength: float = typer.Option(1.0, help="Edit strength r in [0,1]: eps = r*finetuned + (1-r)*original."),
     base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
-    latents: str = typer.Option(None, help="Latent store root (cached inversions are used when their key matches)."),
+    latents: str = typer.Option(None, help="Latent store root, or the key folder precompute printed (cached inversions "
+                                "are used when their key and the image bytes match; a miss is reported)."),
+    require_latents: bool = typer.Option(False, "--require-latents", help="Fail (exit 1, nothing started) unless "
+                                         "--latents holds current latents for every shard to restyle."),
     t0: int = typer.Option(None, help="Return step (default: the t0 the models were fine-tuned with)."),
     n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
     n_gen: int = typer.Option(40, help="Generation steps S_gen."),
@@ -192,10 +193,6 @@ def restyle(
 
     if image_format not in ("png", "jpg"):
         raise ConfigError(f"--format {image_format!r}: expected png or jpg")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} must be >= 1")
-    if shard_timeout is not None and shard_timeout <= 0:
-        raise ConfigError(f"--shard-timeout {shard_timeout} must be > 0 seconds")
     cfg = work.build_restyle_config(out, models=list(model or []) or None, base=base, strength=strength,
                                     mix=_read_mix(mix) if mix else None, preset=preset, t0=t0, n_inv_steps=n_inv,
                                     n_gen_steps=n_gen, latents=latents, resize_policy=resize_policy,
@@ -204,7 +201,8 @@ def restyle(
     n_actors = actors or max(1, cpus if not gpus_per_actor else 1)
     per_actor = cpus_per_actor if cpus_per_actor is not None else (0.5 if n_actors >= cpus else 1.0)
     job = RestyleJob(config=cfg, input=input, limit=limit, actors=n_actors, cpus_per_actor=per_actor,
-                     gpus_per_actor=gpus_per_actor, address=address, verbose=verbose, shard_timeout=shard_timeout)
+                     gpus_per_actor=gpus_per_actor, address=address, verbose=verbose, shard_timeout=shard_timeout,
+                     require_latents=require_latents)
     if dry_run:
         with trust_scope(trust_checkpoint):
             p = plan(job)
@@ -218,6 +216,8 @@ def restyle(
                 t.add_row(r["shard"], str(r["images"]), str(r["cached_latents"]), "yes" if r["committed"] else "no",
                           str(r["unet_evals"]))
             Console().print(t)
+        for w in p["warnings"]:
+            err.print(f"[yellow]warning[/] {w}")
         raise typer.Exit(0)
     with trust_scope(trust_checkpoint):
         s = run_restyle(job, progress=not as_json)
@@ -231,6 +231,11 @@ def restyle(
             t.add_row(r["shard"], "skipped (committed)" if r.get("skipped") else "done", _fmt(r.get("n_ok")),
                       _fmt(r.get("n_error")), _fmt(r.get("inv_evals")), _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
         Console().print(t)
+    for w in s["warnings"]:
+        err.print(f"[yellow]warning[/] {w}")
+    if s["n_stale_latents"]:
+        err.print(f"[yellow]warning[/] {s['n_stale_latents']} cached latent(s) were of older image bytes under the same "
+                  "key and were not used (the images were inverted again); re-run precompute to refresh the store")
     if s["n_errors"]:
         err.print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
     for shard, why in s["stuck"].items():

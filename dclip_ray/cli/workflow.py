@@ -35,6 +35,9 @@ def run_cmd(
 
     s = load_spec(spec, list(set_ or []))
     if check:
+        from dclip_ray.pipeline.workflow_run import preflight
+
+        preflight(s)  # the same checks as a run makes before any work
         resolved = {"input": s.input_url, "latents": s.latent_store, "models": s.models_dir,
                     "restyled": s.restyled_dir, "ledger": s.ledger}
         print(json.dumps({"spec": s.source, "resolved": resolved, **s.model_dump(mode="json")}, indent=2))

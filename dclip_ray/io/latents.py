@@ -80,10 +80,16 @@ class LatentShard:
     recon_psnr: torch.Tensor | None = None
     errors: dict[str, str] = field(default_factory=dict)
     source: str | None = None
+    image_sha256: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """``{image key: latent [3,H,W] float32}``."""
         return {k: self.latents[i].float() for i, k in enumerate(self.keys)}
+
+    def is_fresh(self, key: str, image_sha256: str) -> bool:
+        """True when the latent of ``key`` was inverted from exactly these image bytes (their sha256);
+        False for a key whose image has changed since, or a store written before images were hashed."""
+        return self.image_sha256.get(key) == image_sha256
 
 
 def _join(root: str, *parts: str) -> str:
@@ -125,6 +131,13 @@ class LatentStore:
         marker = self.read_marker(shard)
         return marker is not None and marker.get("key") == self.key.fields()
 
+    def is_current(self, shard: str, fingerprint: str) -> bool:
+        """True when ``shard`` is committed under this key from input content ``fingerprint`` (an input
+        rewritten since, even under the same keys, is not current: precompute redoes it)."""
+        marker = self.read_marker(shard)
+        return (marker is not None and marker.get("key") == self.key.fields()
+                and marker.get("source_fingerprint") == fingerprint)
+
     def committed_shards(self) -> list[str]:
         """Names of the shards committed under this key, sorted."""
         try:
@@ -143,12 +156,16 @@ class LatentStore:
         errors: dict[str, str] | None = None,
         source: str | None = None,
         extra: dict[str, Any] | None = None,
+        image_sha256: dict[str, str] | None = None,
+        source_fingerprint: str | None = None,
     ) -> dict[str, Any]:
         """Store the latents of one shard; the commit marker is written last. Idempotent.
 
         ``latents``: [N,3,H,W] (any float dtype; stored as the key's dtype), ``keys``: N image keys,
-        ``recon_psnr``: [N] in dB or None, ``errors``: ``{key: reason}`` of images not inverted.
-        Returns the marker written.
+        ``recon_psnr``: [N] in dB or None, ``errors``: ``{key: reason}`` of images not inverted,
+        ``image_sha256``: ``{key: sha256 of the image bytes inverted}`` (a reader uses a latent only for
+        the same bytes), ``source_fingerprint``: the input shard's content fingerprint
+        (:func:`dclip_ray.io.sources.shard_fingerprint`; a changed input is redone). Returns the marker.
         """
         if latents.ndim != 4 or latents.shape[0] != len(keys):
             raise ConfigError(f"latents {tuple(latents.shape)} must be [N,3,H,W] with N = {len(keys)} keys")
@@ -171,6 +188,8 @@ class LatentStore:
             "errors": dict(errors or {}),
             "dtype": self.key.dtype,
             "tensor_sha256": hashlib.sha256(data).hexdigest(),
+            "image_sha256": dict(image_sha256 or {}),
+            "source_fingerprint": source_fingerprint,
             **(extra or {}),
         }
         with self.fs.open(self.marker_path(shard), "wb") as f:  # last: the commit
@@ -200,7 +219,8 @@ class LatentStore:
         tensors = st_load(data)
         keys = json.loads(meta["keys"])
         return LatentShard(keys=keys, latents=tensors["latents"], recon_psnr=tensors.get("recon_psnr"),
-                           errors=dict(marker.get("errors") or {}), source=marker.get("source"))
+                           errors=dict(marker.get("errors") or {}), source=marker.get("source"),
+                           image_sha256=dict(marker.get("image_sha256") or {}))
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -211,3 +231,58 @@ def _metadata(data: bytes) -> dict[str, str]:
     except ValueError:
         raise InputFileError("latent file: unreadable safetensors header; re-run precompute") from None
     return dict(header.get("__metadata__") or {})
+
+
+def store_root(root: str) -> str:
+    """The store root for ``root``: ``root`` itself, or its parent when ``root`` is one key's digest
+    folder (``ROOT/{digest}``, the path precompute prints), so either can be passed as ``--latents``."""
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        names = [n for n in fs.ls(path, detail=False) if n.endswith("_stats.json")]
+    except (FileNotFoundError, NotADirectoryError):
+        return root
+    for n in names[:1]:
+        try:
+            with fs.open(n, "rb") as f:
+                marker = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        if isinstance(marker, dict) and isinstance(marker.get("key"), dict):
+            return root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else "."
+    return root
+
+
+def stored_keys(root: str) -> list[dict[str, Any]]:
+    """The key fields of every store under ``root`` that has at least one commit marker (for telling a
+    user why nothing matched)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        folders = [e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory"]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    keys = []
+    for folder in sorted(folders):
+        for n in sorted(fs.ls(folder, detail=False)):
+            if not n.endswith("_stats.json"):
+                continue
+            try:
+                with fs.open(n, "rb") as f:
+                    key = json.loads(f.read()).get("key")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(key, dict):
+                keys.append(key)
+                break
+    return keys
+
+
+def key_mismatch(wanted: LatentKey, stored: dict[str, Any]) -> list[str]:
+    """The fields in which a stored key differs from ``wanted`` (dtype aside: either is readable),
+    as ``"n_inv_steps 20 (this run: 40)"``."""
+    out = []
+    for name, value in asdict(wanted).items():
+        if name != "dtype" and stored.get(name) != value:
+            shown = f"{stored.get(name)!s:.12}" if name == "base_sha256" else stored.get(name)
+            mine = f"{value!s:.12}" if name == "base_sha256" else value
+            out.append(f"{name} {shown} (this run: {mine})")
+    return out

@@ -24,9 +24,10 @@ from dclip_ray.urls import redact
 _PATTERN = re.compile(r"[*?\[{]")
 
 
-def normalise(location: str) -> tuple[str, str] | None:
+def normalise(location: str, is_path: bool = False) -> tuple[str, str] | None:
     """``(protocol, absolute path without a trailing slash)`` of a local path or URL; None for a name
-    that is no location (a preset name, an empty string)."""
+    that is no location (a preset name, an empty string) unless ``is_path`` (an output, which is a
+    path even before it exists)."""
     if not location:
         return None
     m = _PATTERN.search(location)
@@ -38,7 +39,7 @@ def normalise(location: str) -> tuple[str, str] | None:
         rest = rest.split("?", 1)[0]
         return protocol.lower(), "/" + posixpath.normpath("/" + rest).strip("/")
     path = location[len("file://"):] if location.startswith("file://") else location
-    if not (os.path.exists(path) or os.sep in path or path.startswith(".")):
+    if not (is_path or os.path.exists(path) or os.sep in path or path.startswith(".")):
         return None  # a bare name such as a preset: nothing on disk
     return "file", os.path.realpath(os.path.abspath(path))
 
@@ -51,8 +52,8 @@ def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
 
 
 def overlap(a: str, b: str) -> bool:
-    """True when locations ``a`` and ``b`` are the same place or one contains the other."""
-    na, nb = normalise(a), normalise(b)
+    """True when output location ``a`` and location ``b`` are the same place or one contains the other."""
+    na, nb = normalise(a, is_path=True), normalise(b)
     return na is not None and nb is not None and (_within(na, nb) or _within(nb, na))
 
 
@@ -69,7 +70,7 @@ def check_outputs(outputs: Mapping[str, str | None], inputs: Mapping[str, str | 
         for in_label, src in ins:
             if not overlap(out, src):
                 continue
-            a, b = normalise(out), normalise(src)
+            a, b = normalise(out, is_path=True), normalise(src)
             how = ("is" if a == b else "is inside" if a is not None and b is not None and _within(a, b)
                    else "contains")
             raise ConfigError(f"{label} {redact(out)} {how} {in_label} {redact(src)}: writing there would overwrite "

@@ -17,8 +17,10 @@ import io
 import json
 import os
 import posixpath
+import socket
 import tarfile
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,12 +106,19 @@ def put_file(local: str, url: str) -> None:
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem":
-        tmp = f"{path}.tmp-{os.getpid()}"
+    if _local(fs):
+        tmp = f"{path}{TMP_MARK}{os.getpid()}"
         fs.put_file(local, tmp)
         os.replace(tmp, path)
     else:
         fs.put_file(local, path)
+
+
+def _local(fs: fsspec.AbstractFileSystem) -> bool:
+    return getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem"
+
+
+TMP_MARK = ".tmp-"  # ``NAME.tmp-PID``: a local write in progress (renamed to NAME when complete)
 
 
 def put_bytes(data: bytes, url: str) -> None:
@@ -158,3 +167,95 @@ def list_markers(root: str) -> list[str]:
         raise InputFileError(f"{redact(root)}: cannot be listed ({type(e).__name__}: {redact(e)}); check the URL "
                              "and credentials") from None
     return sorted(posixpath.basename(n)[: -len("_stats.json")] for n in names if n.endswith("_stats.json"))
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a local write in progress or left over by a crash (``NAME.tmp-PID``)."""
+    base = posixpath.basename(name)
+    return TMP_MARK in base and base.rsplit(TMP_MARK, 1)[1].isdigit()
+
+
+def list_temporaries(root: str, shard: str | None = None) -> list[str]:
+    """Paths of leftover temporaries (:func:`is_temporary`) directly under ``root``, optionally only
+    those of output shard ``shard``; sorted. A missing ``root`` has none."""
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        names = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [n for n in names if is_temporary(n)]
+    if shard is not None:
+        found = [n for n in found if posixpath.basename(n).startswith((f"{shard}.", f"{shard}_"))]
+    return sorted(found)
+
+
+def remove_temporaries(root: str, shard: str) -> list[str]:
+    """Delete the leftover temporaries of output shard ``shard`` under ``root`` (call it while holding
+    the shard's lease: no live writer owns them then). Returns the paths removed."""
+    fs, _ = fsspec.core.url_to_fs(root)
+    gone = list_temporaries(root, shard)
+    for p in gone:
+        try:
+            fs.rm(p)
+        except FileNotFoundError:
+            pass
+    return gone
+
+
+# ---- leases: one writer per output shard -------------------------------------------------------------
+
+LEASE_TTL_S = 900.0  # a lease not renewed for this long is taken to be dead (its writer crashed)
+
+
+def lease_url(root: str, shard: str) -> str:
+    """URL of the lease of output shard ``shard`` under ``root``."""
+    return f"{root.rstrip('/')}/{shard}.lease"
+
+
+def _read_lease(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -> dict[str, Any] | None:
+    """Take (or renew) the lease of output shard ``shard`` for ``owner`` (a run id). Returns None when
+    taken, or the lease of the live run that holds it (``{"owner", "host", "pid", "expires"}``).
+
+    A lease expires ``ttl`` seconds after it was last taken or renewed; an expired lease, or one
+    of the same owner (a retried task of the same run), is taken over. On a local filesystem the lease
+    is created atomically (``O_CREAT | O_EXCL``); on an object store the check and the write are two
+    requests, so two runs starting on one shard in the same instant may both work on it. Either way
+    every write is idempotent (deterministic names, marker last): a lease saves duplicate work, it is
+    not what keeps keys exactly once.
+    """
+    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    mine = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + ttl}
+    data = json.dumps(mine, sort_keys=True).encode()
+    held = _read_lease(fs, path)
+    if held is not None and held.get("owner") != owner and float(held.get("expires", 0)) > time.time():
+        return held
+    if _local(fs) and held is None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # another run won the race
+            return _read_lease(fs, path) or {"owner": "unknown", "expires": time.time() + ttl}
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return None
+    put_bytes(data, lease_url(root, shard))  # a takeover of an expired lease, a renewal, or an object store
+    return None
+
+
+def release_lease(root: str, shard: str, owner: str) -> None:
+    """Remove the lease of ``shard`` if ``owner`` holds it (another run's lease is left alone)."""
+    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
+    held = _read_lease(fs, path)
+    if held is not None and held.get("owner") == owner:
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass

@@ -6,6 +6,7 @@ names are used only as keys; nothing is ever written to a path taken from an arc
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import tarfile
 from collections.abc import Iterator
@@ -154,3 +155,42 @@ def iter_records(url: str, limit: int | None = None) -> Iterator[ImageRecord]:
                 return
             yield rec
             n += 1
+
+
+def _sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def shard_fingerprint(path: str) -> str:
+    """A fingerprint of an input shard's content: it changes whenever an image is rewritten, even under
+    the same keys, so committed latents and outputs of an older version are detected and redone.
+
+    A local tar: ``sha256:<hex of its bytes>``. A folder shard: the sha256 over its image files' relative
+    names and sha256s. An object-store tar whose listing gives a content checksum (S3 ETag, GCS md5):
+    ``etag:<checksum>:<size>`` without reading the object; else the sha256 of its bytes. Raises
+    :class:`InputFileError` when the shard cannot be read.
+    """
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        if fs.isdir(p):
+            h = hashlib.sha256()
+            for f in sorted(x for x in fs.find(p) if x.rsplit(".", 1)[-1].lower() in IMAGE_EXTS):
+                h.update(f"{posixpath.relpath(f, p)}\0{_sha256_of(fs, f)}\n".encode())
+            return f"sha256:{h.hexdigest()}"
+        if not _is_local(fs):
+            info = fs.info(p)
+            tag = next((info.get(k) for k in ("ETag", "etag", "md5Hash", "crc32c") if info.get(k)), None)
+            if tag:
+                return f"etag:{str(tag).strip(chr(34))}:{info.get('size')}"
+        return f"sha256:{_sha256_of(fs, p)}"
+    except Exception as e:  # noqa: BLE001  (permissions, network, a vanished file)
+        raise InputFileError(f"{redact(path)}: cannot be read ({type(e).__name__}: {redact(e)}); check the input") from None

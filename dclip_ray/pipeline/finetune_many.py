@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import config_sha256
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.jobs import read_card, resolve_clip
 from dclip_ray.losses import directional_clip_loss
 from dclip_ray.prompts import EditSpec, parse_prompt_file
@@ -215,11 +216,18 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
     base = work.cached_base(job.model, job.preset)
     if job.latents is None and job.images is None:
         raise ConfigError("finetune-many needs --latents URL (from `dclip-ray precompute`) or --images URL")
+    work.check_out_folder(job.out)
+    check_outputs({"--out": job.out}, {"--latents": job.latents, "--images": job.images, "--model": job.model,
+                                       "the prompt file": job.prompts})
     resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
     rows, launches = [], []
     hashes: dict[str, str] = {}
     for spec in specs:
         fcfg = finetune_config(spec, job, base.preset)
+        try:
+            work.check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
+        except ConfigError as e:
+            raise ConfigError(f"prompt {spec.name}: {e}") from None
         if job.images is None and work.find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
                                                          base.resolution, job.resize_policy) is None:
             raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "

@@ -4,17 +4,22 @@ resize policy, dtype). Committed shards are skipped; a changed key writes to ano
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 from tqdm.auto import tqdm
 
+from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.urls import redact
 
 from . import work
 from .runtime import init_ray
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,11 +45,12 @@ class PrecomputeJob:
 
 
 @ray.remote(max_retries=3)
-def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str) -> dict[str, Any]:
+def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str, fingerprint: str,
+                     owner: str) -> dict[str, Any]:
     work.set_threads(job.cpus_per_task)
     device = "cuda" if job.gpus_per_task > 0 else "cpu"
     return work.precompute_shard(job.model, job.preset, shard, path, job.out, key, job.batch_size,
-                                 job.recon_psnr, device, job.trust_checkpoint)
+                                 job.recon_psnr, device, job.trust_checkpoint, fingerprint, owner)
 
 
 def latent_key(job: PrecomputeJob) -> LatentKey:
@@ -53,28 +59,47 @@ def latent_key(job: PrecomputeJob) -> LatentKey:
     return LatentKey(base.sha256, job.t0, job.n_inv_steps, base.resolution, job.resize_policy, job.dtype)  # type: ignore[arg-type]
 
 
+def check_job(job: PrecomputeJob) -> None:
+    """Validate every argument before work starts (also what ``--dry-run``-style checks run): the store
+    is a folder outside the input and the model, the step settings fit the model. Raises
+    :class:`ConfigError` (exit 1)."""
+    if job.resize_policy not in ("center-crop", "resize", "pad"):
+        raise ConfigError(f"--resize-policy {job.resize_policy!r}: expected center-crop, resize or pad")
+    if job.dtype not in ("float32", "float16"):
+        raise ConfigError(f"--dtype {job.dtype!r}: expected float32 or float16")
+    work.check_out_folder(job.out)
+    check_outputs({"--out": job.out}, {"--input": job.input, "--model": job.model})
+    base = work.cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
+    work.check_steps(base.schedule, job.t0, n_inv_steps=job.n_inv_steps, batch_size=job.batch_size)
+
+
 def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     """Invert every input shard not yet committed under the job's key, one Ray task per shard.
 
     Returns ``{"store", "key", "shards": [per-shard summaries], "n_images", "n_errors", "n_skipped"}``.
     """
     job = replace(job, model=work.absolute(job.model) or job.model, out=work.absolute(job.out) or job.out)
+    check_job(job)
     shards = work.input_shards(job.input)
     key = latent_key(job)
     store = LatentStore(job.out, key)
-    todo = [(n, p) for n, p in shards if not store.is_committed(n)]
+    prints = work.fingerprints(shards)
+    todo = [(n, p) for n, p in shards if not store.is_current(n, prints[n])]
     results = []
     for n, _ in shards:
-        marker = store.read_marker(n) if store.is_committed(n) else None
+        marker = store.read_marker(n) if store.is_current(n, prints[n]) else None
         if marker is not None:
             results.append({"shard": n, "skipped": True, "n_ok": marker.get("n", 0), "errors": marker.get("errors") or {},
                             "n_error": len(marker.get("errors") or {})})
+        elif store.is_committed(n):
+            log.warning("input shard %s changed since its latents were computed: inverting it again", n)
     if todo:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
         opts: dict[str, Any] = {"num_cpus": job.cpus_per_task}
         if job.gpus_per_task:
             opts["num_gpus"] = job.gpus_per_task
-        pending = [_precompute_task.options(**opts).remote(job, key, n, p) for n, p in todo]
+        owner = work.new_run_id()
+        pending = [_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner) for n, p in todo]
         with tqdm(total=len(pending), desc="precompute shards", disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -82,6 +107,10 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
                 bar.update(len(done))
     results.sort(key=lambda r: r["shard"])
     errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
-    return {"store": redact(store.dir), "key": key.fields(), "shards": results,
+    leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
+    summary = {"store": redact(store.dir), "key": key.fields(), "shards": results,
             "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
-            "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped"))}
+            "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),
+            "leased": leased}
+    work.raise_if_leased(leased)
+    return summary

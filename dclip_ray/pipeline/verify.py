@@ -1,16 +1,20 @@
 """`dclip-ray verify OUT --input URL`: check that every input key is in the output exactly once.
 
-For every input shard and every output folder (``OUT`` itself, or each sub-folder of ``OUT`` holding
-commit markers, as written by a restyle with several models) it checks: the commit marker exists;
-the manifest's keys equal the input shard's keys, each exactly once; the tar holds exactly the ok
-keys, one image each, whose sha256 equals the manifest's; error rows have a reason and no image;
-the counts and the tar's sha256 and size equal the marker's; no key appears in two input shards.
-No Ray needed.
+The output folders are those the restyle declared in ``OUT/restyle.json`` (a declared variant folder
+that is gone is a problem), or for older outputs ``OUT`` itself or each sub-folder of ``OUT`` holding
+commit markers. For every input shard and every output folder it checks: the commit marker exists; the
+manifest's keys equal the input shard's keys, each exactly once; the tar holds exactly the ok keys, one
+image each, whose sha256 equals the manifest's; error rows have a reason and no image; the counts and
+the tar's sha256 and size equal the marker's; the input shard's content is the one the output was made
+from (an input rewritten since is reported); no key appears in two input shards. It also reports files
+that no input shard explains (a stray shard, e.g. a copy duplicating input keys) and temporaries left
+by a write that died. No Ray needed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import tarfile
 from collections import Counter
@@ -21,10 +25,10 @@ import fsspec
 
 from dclip_ray.errors import InputFileError
 from dclip_ray.io.manifest import read_manifest
-from dclip_ray.io.shards import list_markers, read_marker, shard_urls
-from dclip_ray.io.sources import split_member
+from dclip_ray.io.shards import is_temporary, list_markers, read_marker, shard_urls
+from dclip_ray.io.sources import shard_fingerprint, split_member
 
-from .work import input_shards, shard_keys
+from .work import DECLARATION, input_shards, shard_keys
 
 IMAGE_MEMBERS = ("png", "jpg")
 
@@ -47,8 +51,27 @@ class VerifyReport:
         return {"ok": self.ok, "outputs": self.outputs, "shards": self.shards, "problems": self.problems}
 
 
+def declared_folders(out: str) -> list[str] | None:
+    """The output folders that ``OUT/restyle.json`` declares (whether or not they exist), or None when
+    ``out`` has no declaration (outputs written before declarations, or a variant folder itself)."""
+    try:
+        with fsspec.open(f"{out.rstrip('/')}/{DECLARATION}", "rb") as f:
+            decl = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    folders = []
+    for v in decl.get("variants") or []:
+        folder = str(v.get("folder") or ".")
+        folders.append(out.rstrip("/") if folder == "." else f"{out.rstrip('/')}/{folder}")
+    return folders or None
+
+
 def output_folders(out: str) -> list[str]:
-    """``out`` when it holds commit markers, else its sub-folders that do (several-model restyles)."""
+    """The folders declared in ``OUT/restyle.json``; without one, ``out`` when it holds commit markers,
+    else its sub-folders that do (several-model restyles)."""
+    declared = declared_folders(out)
+    if declared is not None:
+        return declared
     if list_markers(out):
         return [out.rstrip("/")]
     fs, path = fsspec.core.url_to_fs(out)
@@ -83,8 +106,10 @@ def _tar_members(url: str) -> tuple[dict[str, list[bytes]], str, int]:
     return images, hashlib.sha256(data).hexdigest(), len(data)
 
 
-def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Check one output shard against its input keys; returns (counts, problems)."""
+def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str | None = None,
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """Check one output shard against its input keys (and, when given, the input's content fingerprint);
+    returns (counts, problems)."""
     where = f"{folder}/{shard}"
     urls = shard_urls(folder, shard)
     problems: list[str] = []
@@ -125,6 +150,10 @@ def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str
         problems.append(f"{where}: the tar's sha256 differs from its commit marker (damaged, or written after the marker)")
     if "tar_bytes" in marker and marker["tar_bytes"] != tar_size:
         problems.append(f"{where}: the tar has {tar_size} bytes, its commit marker says {marker['tar_bytes']}")
+    made_from = marker.get("source_fingerprint")
+    if fingerprint is not None and made_from is not None and made_from != fingerprint:
+        problems.append(f"{where}: the input shard changed after this output was written (other image bytes); "
+                        "re-run restyle to redo it")
     if marker.get("n") != len(rows) or marker.get("n_ok") != len(ok_rows) or marker.get("n_error") != len(err_rows):
         problems.append(f"{where}: marker counts {marker.get('n')}/{marker.get('n_ok')}/{marker.get('n_error')} "
                         f"differ from the manifest {len(rows)}/{len(ok_rows)}/{len(err_rows)}")
@@ -132,12 +161,47 @@ def verify_shard(folder: str, shard: str, expected: list[str]) -> tuple[dict[str
             "n_error": len(err_rows), "expected": len(expected)}, problems
 
 
-def verify(out: str, input_url: str) -> VerifyReport:
-    """Verify the restyle output ``out`` against its input ``input_url`` (see the module docstring)."""
-    report = VerifyReport(outputs=output_folders(out))
+def _strays(folder: str, names: set[str], homes: dict[str, list[str]]) -> list[str]:
+    """Problems of files in an output folder that no input shard explains, and leftover temporaries."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    try:
+        files = [posixpath.basename(n) for n in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    problems = []
+    temps = sorted(f for f in files if is_temporary(f))
+    if temps:
+        problems.append(f"{folder}: {len(temps)} temporary file(s) left by a write that did not finish, e.g. "
+                        f"{temps[:3]}; re-run restyle (it removes them) or delete them")
+    for f in sorted(files):
+        if is_temporary(f):
+            continue
+        stem = (f[: -len("_stats.json")] if f.endswith("_stats.json") else f.rsplit(".", 1)[0]
+                if f.endswith((".tar", ".parquet", ".lease")) else None)
+        if stem is None or stem in names:
+            continue
+        detail = ""
+        if f.endswith(".tar"):
+            try:
+                images, _, _ = _tar_members(f"{folder}/{f}")
+                dup = sorted(k for k in images if k in homes)
+                if dup:
+                    detail = f"; it duplicates {len(dup)} input key(s), e.g. {dup[:3]}"
+            except (OSError, tarfile.TarError) as e:
+                detail = f"; unreadable: {e}"
+        problems.append(f"{folder}/{f}: no input shard named {stem!r} explains it{detail}; remove it")
+    return problems
+
+
+def verify(out: str, input_url: str, folders: list[str] | None = None) -> VerifyReport:
+    """Verify the restyle output ``out`` against its input ``input_url`` (see the module docstring).
+    ``folders``: the output folders that must be there (a workflow knows its variants); default: the
+    declared or found ones."""
+    report = VerifyReport(outputs=folders or output_folders(out))
     shards = input_shards(input_url)
     names = {n for n, _ in shards}
     expected = {name: shard_keys(path)[0] for name, path in shards}
+    prints = {name: shard_fingerprint(path) for name, path in shards}
     homes: dict[str, list[str]] = {}
     for name, keys in expected.items():
         for k in dict.fromkeys(keys):
@@ -147,12 +211,15 @@ def verify(out: str, input_url: str) -> VerifyReport:
         k, v = next(iter(shared.items()))
         report.problems.append(f"{len(shared)} key(s) appear in more than one input shard, e.g. {k!r} in {v[:3]} "
                                "(keys must be unique within a dataset: rename them)")
+    fs, _ = fsspec.core.url_to_fs(out)
     for folder in report.outputs:
+        if not fs.isdir(fsspec.core.url_to_fs(folder)[1]):
+            report.problems.append(f"{folder}: a declared output folder is missing: every key of this variant is "
+                                   "lost; re-run restyle to write it")
+            continue
         for name, _ in shards:
-            counts, problems = verify_shard(folder, name, expected[name])
+            counts, problems = verify_shard(folder, name, expected[name], prints[name])
             report.shards.append(counts)
             report.problems.extend(problems)
-        strays = sorted(set(list_markers(folder)) - names)
-        if strays:
-            report.problems.append(f"{folder}: output shard(s) with no input shard: {strays[:5]}")
+        report.problems.extend(_strays(folder, names, homes))
     return report

@@ -21,14 +21,24 @@ import fsspec
 import torch
 from PIL import Image
 
-from dclip_ray.diffusion import EpsFn, generate, generation_pairs, invert
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.diffusion import EpsFn, Schedule, generate, generation_pairs, invert
+from dclip_ray.errors import AbortedError, ConfigError, InputFileError
 from dclip_ray.hashing import config_sha256, state_dict_sha256
-from dclip_ray.io.images import ImageError, load_image_tensor, tensor_to_uint8
-from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.io.images import ImageError, load_image_tensor, output_defect, tensor_to_uint8
+from dclip_ray.io.latents import LatentKey, LatentShard, LatentStore, key_mismatch, store_root, stored_keys
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes
-from dclip_ray.io.shards import TarShardWriter, put_bytes, read_marker, shard_urls, write_marker
-from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards
+from dclip_ray.io.shards import (
+    TarShardWriter,
+    acquire_lease,
+    put_bytes,
+    read_marker,
+    release_lease,
+    remove_temporaries,
+    shard_urls,
+    write_marker,
+)
+from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards, shard_fingerprint
 from dclip_ray.jobs import BaseModel, load_base, read_card
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mix_from_data, mixed_eps_fn, validate_gamma
 from dclip_ray.models import eps_fn_of, load_unet
@@ -88,6 +98,22 @@ def shard_keys(path: str) -> tuple[list[str], str | None]:
     except InputFileError as e:
         return keys, str(e)
     return keys, None
+
+
+def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, str]:
+    """``{shard name: content fingerprint}`` of input shards, read in parallel threads (I/O bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        prints = list(pool.map(shard_fingerprint, [p for _, p in shards]))
+    return {n: f for (n, _), f in zip(shards, prints, strict=True)}
+
+
+def new_run_id() -> str:
+    """A fresh id naming one run (the owner of the leases it takes)."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
 
 
 @dataclass
@@ -151,6 +177,32 @@ def hang_forever(shard: str) -> None:
         time.sleep(3600)
 
 
+def check_steps(schedule: Schedule, t0: int, n_inv_steps: int | None = None, n_gen_steps: int | None = None,
+                batch_size: int | None = None) -> None:
+    """Validate the step settings against the base model's schedule before any work starts (a bad
+    value fails at once with exit 1, never after every shard was computed). Raises :class:`ConfigError`
+    naming the option."""
+    if not 1 <= t0 < schedule.num_timesteps:
+        raise ConfigError(f"--t0 {t0} must be in [1, {schedule.num_timesteps - 1}] (the base model has "
+                          f"T={schedule.num_timesteps} steps); the toy world and the paper use 300-600")
+    for option, n in (("--n-inv", n_inv_steps), ("--n-gen", n_gen_steps)):
+        if n is not None and not 2 <= n <= t0 + 1:
+            raise ConfigError(f"{option} {n} must be in [2, t0 + 1 = {t0 + 1}] (steps between 0 and t0)")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+
+
+def check_out_folder(out: str, option: str = "--out") -> None:
+    """Refuse an output location that exists and is not a folder (a file), naming it."""
+    try:
+        fs, p = fsspec.core.url_to_fs(out)
+        is_file = fs.isfile(p)
+    except Exception:  # noqa: BLE001  (unreachable stores fail later with their own message)
+        return
+    if is_file:
+        raise ConfigError(f"{option} {redact(out)} is a file; give a folder (it is created when missing)")
+
+
 # ---- models (loaded once per process) -------------------------------------------------------------
 
 _BASES: dict[tuple[str, str | None], BaseModel] = {}
@@ -207,6 +259,13 @@ def set_threads(num_cpus: float) -> None:
 # ---- precompute: one input shard -> latents --------------------------------------------------------
 
 
+def _skipped_precompute(shard: str, marker: dict[str, Any]) -> dict[str, Any]:
+    errors = marker.get("errors") or {}
+    return {"shard": shard, "skipped": True, "n": marker.get("n", 0) + len(errors), "n_ok": marker.get("n", 0),
+            "n_error": len(errors), "errors": errors, "unet_evals": 0, "seconds": 0.0,
+            "truncated": marker.get("truncated")}
+
+
 def precompute_shard(
     model: str,
     preset: str | None,
@@ -218,19 +277,51 @@ def precompute_shard(
     recon_psnr: bool = False,
     device: str = "cpu",
     trust_checkpoint: bool = False,
+    fingerprint: str | None = None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """DDIM-invert every good image of one input shard with the ORIGINAL model and store the latents.
 
-    Skips a shard already committed under ``key``. A key naming several samples of the shard is an
-    error (none of its samples is inverted). Returns ``{"shard", "skipped", "n", "n_ok",
-    "n_error", "errors", "unet_evals", "seconds", "truncated"}``.
+    Skips a shard already committed under ``key`` from the same input content (``fingerprint``, see
+    :func:`dclip_ray.io.sources.shard_fingerprint`; computed here when None); a shard whose input was
+    rewritten since is redone. A key naming several samples of the shard is an error (none of its
+    samples is inverted). ``owner`` (a run id) takes the shard's lease first: a shard leased by another
+    live run is left to it (``"leased"`` names the holder). Returns ``{"shard", "skipped", "n", "n_ok",
+    "n_error", "errors", "unet_evals", "seconds", "truncated", "leased"}``.
     """
     store = LatentStore(store_root, key)
-    if store.is_committed(shard):
-        marker = store.read_marker(shard) or {}
-        return {"shard": shard, "skipped": True, "n": marker.get("n", 0) + len(marker.get("errors", {})),
-                "n_ok": marker.get("n", 0), "n_error": len(marker.get("errors", {})), "errors": marker.get("errors", {}),
-                "unet_evals": 0, "seconds": 0.0, "truncated": marker.get("truncated")}
+    fingerprint = fingerprint or shard_fingerprint(path)
+    if store.is_current(shard, fingerprint):
+        return _skipped_precompute(shard, store.read_marker(shard) or {})
+    if owner is not None:
+        held = acquire_lease(store.dir, shard, owner)
+        if held is not None:
+            return {**_skipped_precompute(shard, {}), "skipped": False, "leased": lease_text(held)}
+    try:
+        return {**_invert_shard(model, preset, shard, path, store, batch_size, recon_psnr, device,
+                                trust_checkpoint, fingerprint), "leased": ""}
+    finally:
+        if owner is not None:
+            release_lease(store.dir, shard, owner)
+
+
+def lease_text(held: dict[str, Any]) -> str:
+    """One line naming the run that holds a lease and until when."""
+    until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
+    return f"being written by run {held.get('owner')} on {held.get('host')} (pid {held.get('pid')}), lease until {until}"
+
+
+def raise_if_leased(leased: dict[str, str]) -> None:
+    """Raise :class:`AbortedError` (exit 3) when shards were left to another run that holds their lease."""
+    if leased:
+        shard, why = next(iter(leased.items()))
+        raise AbortedError(f"{len(leased)} shard(s) left to another run writing the same output (e.g. {shard}: "
+                           f"{why}); the rest is done: re-run the same command after that run ends")
+
+
+def _invert_shard(model: str, preset: str | None, shard: str, path: str, store: LatentStore, batch_size: int,
+                  recon_psnr: bool, device: str, trust_checkpoint: bool, fingerprint: str) -> dict[str, Any]:
+    key = store.key
     start = time.perf_counter()
     base = cached_base(model, preset, device, trust_checkpoint)
     if base.sha256 != key.base_sha256:
@@ -238,7 +329,7 @@ def precompute_shard(
     if base.resolution != key.resolution:
         raise ConfigError(f"model {model} works at {base.resolution}px, the latent key says {key.resolution}px")
     eps = CountingEps(eps_fn_of(base.unet))
-    keys, lats, psnrs, errors = [], [], [], {}
+    keys, lats, psnrs, errors, shas = [], [], [], {}, {}
     status: dict[str, Any] = {}
     seen: dict[str, int] = {}
     stream = decode_shard(path, key.resolution, key.resize_policy, status)
@@ -260,6 +351,7 @@ def precompute_shard(
             if recon_psnr:
                 psnrs.append(psnr(generate(eps, x_t0, key.t0, key.n_inv_steps, base.schedule), x0).cpu())
         keys.extend(d.rec.key for d in good)
+        shas.update((d.rec.key, image_sha256(d.rec)) for d in good)
         lats.append(x_t0.cpu())
     truncated = status.get("truncated")
     h = w = key.resolution
@@ -273,11 +365,18 @@ def precompute_shard(
         psnrs = [recon] if recon is not None else []
         for k, n in dups.items():
             errors[k] = duplicate_reason(k, n)
-    store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated})
+            shas.pop(k, None)
+    store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated},
+                image_sha256=shas, source_fingerprint=fingerprint)
     return {"shard": shard, "skipped": False, "n": len(keys) + len(errors), "n_ok": len(keys),
             "n_error": len(errors), "errors": errors, "unet_evals": eps.evals,
             "seconds": round(time.perf_counter() - start, 3), "truncated": truncated,
             "mean_recon_psnr": float(torch.cat(psnrs).mean()) if psnrs else None}
+
+
+def image_sha256(rec: ImageRecord) -> str:
+    """sha256 of a record's image bytes (what a cached latent is keyed to)."""
+    return hashlib.sha256(rec.image or b"").hexdigest()
 
 
 def find_latent_store(root: str, base_sha256: str, t0: int, n_inv_steps: int, resolution: int,
@@ -322,7 +421,7 @@ def training_data(
             if src is None:
                 continue
             for d in decode_shard(src, base.resolution, policy):
-                if d.x is not None and d.rec.key in wanted:
+                if d.x is not None and d.rec.key in wanted and cached.is_fresh(d.rec.key, image_sha256(d.rec)):
                     keys.append(d.rec.key)
                     xs.append(d.x)
                     zs.append(cached.latents[wanted[d.rec.key]].float())
@@ -388,6 +487,7 @@ class RestyleConfig:
     batch_size: int = 16
     device: str = "cpu"
     trust_checkpoint: bool = False  # allow pickles holding more than tensors (they can run code)
+    root: str = ""  # the --out the variants are under (restyle.json, the run's declaration, is written there)
     crash_once: str | None = None  # test hook: a flag-file path; the first shard written kills its process
     hang_on: str | None = None  # test hook: the shard whose worker never returns
     kill_mid_batch: str | None = None  # test hook: a flag-file path; the first batch generated SIGKILLs its process
@@ -434,13 +534,16 @@ def model_shas(cfg: RestyleConfig) -> list[str]:
     return [base.sha256] + [_SHAS[f] for f in cfg.finetuned]
 
 
-def variant_committed(v: Variant, shard: str, config_hash: str) -> bool:
-    """True when variant ``v`` has a commit marker for ``shard`` written under ``config_hash`` and the
-    tar it vouches for is there with the size it records (a half-uploaded or replaced tar is not
-    committed: the shard is redone)."""
+def variant_committed(v: Variant, shard: str, config_hash: str, fingerprint: str | None = None) -> bool:
+    """True when variant ``v`` has a commit marker for ``shard`` written under ``config_hash`` from the
+    input content ``fingerprint`` (when given: an input rewritten since is not committed), and the tar
+    it vouches for is there with the size it records (a half-uploaded or replaced tar is not committed:
+    the shard is redone)."""
     urls = shard_urls(v.out, shard)
     m = read_marker(urls["marker"])
     if m is None or m.get("config_sha256") != config_hash:
+        return False
+    if fingerprint is not None and m.get("source_fingerprint") != fingerprint:
         return False
     if "tar_bytes" in m:
         try:
@@ -451,13 +554,19 @@ def variant_committed(v: Variant, shard: str, config_hash: str) -> bool:
     return True
 
 
+def _skipped_restyle(shard: str, **kw: Any) -> dict[str, Any]:
+    return {"shard": shard, "skipped": True, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0, "gen_evals": 0,
+            "n_cached": 0, "n_stale": 0, "seconds": 0.0, "truncated": None, "leased": "", **kw}
+
+
 class ShardRestyler:
     """Loads the base and fine-tuned models once; :meth:`run` restyles one whole input shard.
 
     For each image: the cached latent when the store has it (same model hash, t0, steps, size,
-    policy), else ONE inversion with the base model shared by every variant; then one generation
-    per variant. Per variant it writes ``{shard}.tar``, ``{shard}.parquet`` (a row for every input
-    key) and ``{shard}_stats.json`` last.
+    policy) for exactly these image bytes, else ONE inversion with the base model shared by every
+    variant; then one generation per variant. Per variant it writes ``{shard}.tar``, ``{shard}.parquet``
+    (a row for every input key) and ``{shard}_stats.json`` last. A generated image that is not finite
+    or is one flat colour is never committed: it becomes an error row.
     """
 
     def __init__(self, cfg: RestyleConfig):
@@ -473,38 +582,57 @@ class ShardRestyler:
         self.variant_eps = [mixed_eps_fn([self.model_eps[i] for i in v.models], gamma_of(v),
                                          self.base.schedule.num_timesteps) for v in cfg.variants]
 
-    def committed(self, shard: str) -> bool:
-        """True when every variant has a commit marker for ``shard`` with this config's hash."""
-        return all(variant_committed(v, shard, h) for v, h in zip(self.cfg.variants, self.hashes, strict=True))
+    def committed(self, shard: str, fingerprint: str | None = None) -> bool:
+        """True when every variant has a commit marker for ``shard`` with this config's hash (and, when
+        given, from this input content)."""
+        return all(variant_committed(v, shard, h, fingerprint)
+                   for v, h in zip(self.cfg.variants, self.hashes, strict=True))
 
-    def _cached(self, shard: str) -> dict[str, torch.Tensor]:
+    def _cached(self, shard: str) -> LatentShard | None:
         if self.store is None or not self.store.is_committed(shard):
-            return {}
+            return None
         try:
-            return self.store.read(shard).as_dict()
+            return self.store.read(shard)
         except InputFileError:  # a damaged or half-written latent file: invert instead
-            return {}
+            return None
 
     def _gen_evals(self) -> int:
         return sum(e.evals for e in self.model_eps)
 
-    def run(self, shard: str, path: str) -> dict[str, Any]:
-        """Restyle one input shard (idempotent; skipped when already committed). Returns a summary:
-        ``{"shard", "skipped", "n", "n_ok", "n_error", "inv_evals", "gen_evals", "n_cached", "seconds"}``
-        (evaluations count images x network calls)."""
-        if self.committed(shard):
-            return {"shard": shard, "skipped": True, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0,
-                    "gen_evals": 0, "n_cached": 0, "seconds": 0.0, "truncated": None}
+    def run(self, shard: str, path: str, fingerprint: str | None = None, owner: str | None = None) -> dict[str, Any]:
+        """Restyle one input shard (idempotent; skipped when committed from the same input content).
+        ``owner`` (a run id) takes the shard's lease first; a shard leased by another live run is left
+        to it. Returns ``{"shard", "skipped", "n", "n_ok", "n_error", "inv_evals", "gen_evals",
+        "n_cached", "n_stale", "seconds", "truncated", "leased"}`` (evaluations count images x network
+        calls; ``n_stale``: cached latents not used because their image has changed)."""
+        fingerprint = fingerprint or shard_fingerprint(path)
+        if self.committed(shard, fingerprint):
+            return _skipped_restyle(shard)
+        root = self.cfg.variants[0].out
+        if owner is not None:
+            held = acquire_lease(root, shard, owner)
+            if held is not None:
+                return _skipped_restyle(shard, skipped=False, leased=lease_text(held))
+        try:
+            for v in self.cfg.variants:
+                remove_temporaries(v.out, shard)  # left by a writer that died (a full disk, a kill)
+            return self._restyle(shard, path, fingerprint)
+        finally:
+            if owner is not None:
+                release_lease(root, shard, owner)
+
+    def _restyle(self, shard: str, path: str, fingerprint: str) -> dict[str, Any]:
         if self.cfg.hang_on == shard:
             hang_forever(shard)
         start = time.perf_counter()
         cfg = self.cfg
         inv0, gen0 = self.inv_eps.evals, self._gen_evals()
         cached = self._cached(shard)
+        latents = cached.as_dict() if cached is not None else {}
         writers = [TarShardWriter() for _ in cfg.variants]
         rows: list[list[ManifestRow]] = [[] for _ in cfg.variants]
         status: dict[str, Any] = {}
-        n_cached = n_ok = n_err = 0
+        n_cached = n_stale = 0
         position: dict[str, int] = {}
         dups: dict[str, int] = {}
         try:
@@ -517,7 +645,6 @@ class ShardRestyler:
                         continue
                     position[d.rec.key] = len(position)
                     if d.error is not None:
-                        n_err += 1
                         for r in rows:
                             r.append(ManifestRow(d.rec.key, shard, "error", error=d.error))
                     else:
@@ -525,10 +652,13 @@ class ShardRestyler:
                 if not pending:
                     continue
                 x0 = torch.stack([d.x for d in pending]).to(cfg.device)
-                use_cache = all(d.rec.key in cached for d in pending)
+                known = [d for d in pending if d.rec.key in latents]
+                fresh = [d for d in known if cached is not None and cached.is_fresh(d.rec.key, image_sha256(d.rec))]
+                n_stale += len(known) - len(fresh)
+                use_cache = len(fresh) == len(pending)
                 with torch.no_grad():
                     if use_cache:
-                        x_t0 = torch.stack([cached[d.rec.key] for d in pending]).to(cfg.device)
+                        x_t0 = torch.stack([latents[d.rec.key] for d in pending]).to(cfg.device)
                         n_cached += len(pending)
                     else:
                         x_t0 = invert(self.inv_eps, x0, cfg.t0, cfg.n_inv_steps, self.base.schedule)
@@ -538,29 +668,33 @@ class ShardRestyler:
                         if cfg.kill_mid_batch and not os.path.exists(cfg.kill_mid_batch):
                             open(cfg.kill_mid_batch, "w").close()
                             os.kill(os.getpid(), signal.SIGKILL)  # the actor dies mid-shard, mid-batch
-                n_ok += len(pending)
             if dups:
                 for vi, w in enumerate(writers):
                     w.drop(set(dups))
                     rows[vi] = [r for r in rows[vi] if r.key not in dups]
                     rows[vi] += [ManifestRow(k, shard, "error", error=duplicate_reason(k, n)) for k, n in dups.items()]
-                n_ok = sum(1 for r in rows[0] if r.status == "ok")
-                n_err = len(rows[0]) - n_ok
             for r in rows:
                 r.sort(key=lambda row: position[row.key])  # manifest rows in input order
-            self._commit(shard, path, writers, rows, n_ok, n_err, status.get("truncated"))
+            self._commit(shard, path, writers, rows, status.get("truncated"), fingerprint)
         finally:
             for w in writers:
                 w.discard()
-        return {"shard": shard, "skipped": False, "n": n_ok + n_err, "n_ok": n_ok, "n_error": n_err,
+        n_ok = min(sum(1 for r in v_rows if r.status == "ok") for v_rows in rows)
+        n_err = max(sum(1 for r in v_rows if r.status != "ok") for v_rows in rows)
+        return {"shard": shard, "skipped": False, "n": len(rows[0]), "n_ok": n_ok, "n_error": n_err,
                 "inv_evals": self.inv_eps.evals - inv0, "gen_evals": self._gen_evals() - gen0, "n_cached": n_cached,
-                "seconds": round(time.perf_counter() - start, 3), "truncated": status.get("truncated")}
+                "n_stale": n_stale, "seconds": round(time.perf_counter() - start, 3),
+                "truncated": status.get("truncated"), "leased": ""}
 
     def _write(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, x0: torch.Tensor,
                writer: TarShardWriter, rows: list[ManifestRow], cached: bool) -> None:
         cfg = self.cfg
         ext = "png" if cfg.image_format == "png" else "jpg"
         for i, d in enumerate(items):
+            defect = output_defect(x[i])
+            if defect is not None:  # never commit NaN or a flat image (a NaN weight, a diverged model)
+                rows.append(ManifestRow(d.rec.key, shard, "error", error=defect))
+                continue
             data = encode_image(x[i], cfg.image_format)
             meta: dict[str, Any] = {}
             if "json" in d.rec.extras:
@@ -584,8 +718,10 @@ class ShardRestyler:
             rows.append(ManifestRow(d.rec.key, shard, "ok", sha256=hashlib.sha256(data).hexdigest(), metrics=metrics))
 
     def _commit(self, shard: str, path: str, writers: list[TarShardWriter], rows: list[list[ManifestRow]],
-                n_ok: int, n_err: int, truncated: str | None) -> None:
+                truncated: str | None, fingerprint: str) -> None:
         for v, h, w, r in zip(self.cfg.variants, self.hashes, writers, rows, strict=True):
+            n_ok = sum(1 for row in r if row.status == "ok")
+            n_err = len(r) - n_ok
             urls = shard_urls(v.out, shard)
             w.upload(urls["tar"])
             with open(w.local_path, "rb") as f:
@@ -598,7 +734,7 @@ class ShardRestyler:
             write_marker(urls["marker"], {  # last: the commit
                 "shard": shard, "source": redact(path), "n": n_ok + n_err, "n_ok": n_ok, "n_error": n_err,
                 "config_sha256": h, "tar_sha256": tar_sha, "tar_bytes": len(tar_data), "variant": v.name, "truncated": truncated,
-                "format": "dclip-ray/restyle-shard/1",
+                "source_fingerprint": fingerprint, "format": "dclip-ray/restyle-shard/1",
             })
 
 
@@ -677,10 +813,82 @@ def build_restyle_config(
     for v in variants:
         v.out = absolute(v.out) or v.out
     return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
-                         variants=variants, t0=int(t0), preset=preset, **kw)
+                         variants=variants, t0=int(t0), preset=preset, root=absolute(out.rstrip("/")) or out, **kw)
 
 
-def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]]) -> dict[str, Any]:
+DECLARATION = "restyle.json"
+
+
+def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
+    """Write ``ROOT/restyle.json``: the variants this restyle writes (name, folder relative to ROOT) and
+    its input, so that ``verify`` checks every declared variant (a deleted variant folder is a problem)."""
+    root = (cfg.root or cfg.variants[0].out).rstrip("/")
+    variants = [{"name": v.name, "folder": posixpath.relpath(v.out, root) if "://" not in v.out
+                 else v.out[len(root):].strip("/") or "."} for v in cfg.variants]
+    data = json.dumps({"format": "dclip-ray/restyle-run/1", "input": redact(input_url), "variants": variants},
+                      indent=1, sort_keys=True).encode()
+    url = f"{root}/{DECLARATION}"
+    try:
+        with fsspec.open(url, "rb") as f:
+            if f.read() == data:
+                return  # unchanged: a re-run touches nothing
+    except (FileNotFoundError, OSError):
+        pass
+    put_bytes(data, url)
+
+
+def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
+    """Validate a restyle before any work (the run, ``--dry-run`` and ``run --check`` call it): every
+    output is a folder outside the input, the latent store and the models; the step settings fit the
+    base model. Resolves ``cfg.latents`` when it names one key's digest folder. Raises
+    :class:`ConfigError` (exit 1)."""
+    inputs: dict[str, str | None] = {"--input": input_url, "--latents": cfg.latents, "--base": cfg.base}
+    inputs.update({f"--model {f}": f for f in cfg.finetuned})
+    for v in cfg.variants:
+        check_out_folder(v.out)
+    check_outputs({f"--out ({v.name})" if len(cfg.variants) > 1 else "--out": v.out for v in cfg.variants}, inputs)
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+    check_steps(base.schedule, cfg.t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
+    if cfg.latents:
+        cfg.latents = store_root(cfg.latents)
+
+
+def latent_coverage(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str],
+                    require: bool = False) -> list[str]:
+    """What ``--latents`` gives this restyle: warnings (one line each) when it gives nothing or not
+    every shard, naming the key field that differs. With ``require`` (``--require-latents``) a shard
+    without current latents is a :class:`ConfigError` instead (exit 1, nothing started)."""
+    if not cfg.latents:
+        if require:
+            raise ConfigError("--require-latents needs --latents STORE (the root that `dclip-ray precompute --out` wrote)")
+        return []
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+    key = LatentKey(base.sha256, cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)  # type: ignore[arg-type]
+    store = find_latent_store(cfg.latents, base.sha256, cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
+    if store is None:
+        stored = stored_keys(cfg.latents)
+        if stored:
+            diffs = "; ".join(", ".join(key_mismatch(key, k)) or "dtype only" for k in stored[:3])
+            why = f"it holds latents of another key: {diffs}"
+        else:
+            why = "it holds no committed latents (run `dclip-ray precompute` with this run's settings)"
+        msg = f"--latents {redact(cfg.latents)}: no cached latent matches this run, every image is inverted; {why}"
+        if require:
+            raise ConfigError(msg + "; match --t0/--n-inv/--resize-policy to the store, or drop --require-latents")
+        return [msg]
+    missing = [n for n, _ in shards if not (store.is_committed(n)
+                                            and (store.read_marker(n) or {}).get("source_fingerprint") == prints[n])]
+    if not missing:
+        return []
+    msg = (f"--latents {redact(cfg.latents)}: {len(missing)} of {len(shards)} input shard(s) have no current latents "
+           f"(not precomputed, or the input changed since), e.g. {missing[:3]}; they are inverted here")
+    if require:
+        raise ConfigError(msg.replace("; they are inverted here", "; run `dclip-ray precompute` on this input first"))
+    return [msg]
+
+
+def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str] | None = None,
+                 ) -> dict[str, Any]:
     """What a restyle would run (``--dry-run``): per shard the keys, whether it is committed, how many
     latents are cached; totals of images and UNet evaluations (images x network calls, inversion +
     generation). Loads the models (to hash them) but runs none."""
@@ -693,8 +901,11 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]]) -> dict[str,
     rows, total_imgs, total_evals = [], 0, 0
     for name, path in shards:
         keys, truncated = shard_keys(path)
-        done = all(variant_committed(v, name, h) for v, h in zip(cfg.variants, hashes, strict=True))
+        fp = (prints or {}).get(name)
+        done = all(variant_committed(v, name, h, fp) for v, h in zip(cfg.variants, hashes, strict=True))
         marker = store.read_marker(name) if store is not None and store.is_committed(name) else None
+        if marker is not None and fp is not None and marker.get("source_fingerprint") != fp:
+            marker = None  # latents of an older version of this input: not used
         n_cached = len(set(keys) & set((marker or {}).get("keys") or []))
         evals = 0 if done else (len(keys) - n_cached) * (cfg.n_inv_steps - 1) + len(keys) * per_gen
         rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": n_cached,

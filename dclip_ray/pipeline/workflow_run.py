@@ -91,6 +91,25 @@ def preflight(spec: WorkflowSpec) -> None:
         if os.path.isabs(path) and not any(c in path for c in "*?{[") and not os.path.exists(path):
             raise ConfigError(f"workflow spec {where}: {field}: {path} not found on this machine; fix the path "
                               "(relative paths resolve against the spec's folder)")
+    _check_locations(spec)
+
+
+def _check_locations(spec: WorkflowSpec) -> None:
+    """No step writes where a step reads: latents, models and restyled outputs apart from the input, the
+    base model and each other (raises :class:`ConfigError` naming the spec fields)."""
+    from dclip_ray.io.locations import check_outputs
+
+    where = spec.source or spec.name
+    given_input = {"input.url": spec.input.url} if spec.input.url else {}
+    try:
+        check_outputs({"latents store": spec.latent_store}, {**given_input, "model": spec.model})
+        check_outputs({"models folder": spec.models_dir}, {**given_input, "model": spec.model,
+                                                           "latents store": spec.latent_store})
+        check_outputs({"restyled folder": spec.restyled_dir}, {**given_input, "model": spec.model,
+                                                               "latents store": spec.latent_store,
+                                                               "models folder": spec.models_dir})
+    except ConfigError as e:
+        raise ConfigError(f"workflow spec {where}: {e}") from None
 
 
 def _prompt_names(spec: WorkflowSpec) -> list[str]:
@@ -189,12 +208,17 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
             "nodes": len({r["node"] for r in s["shards"] if r.get("node")})}
 
 
-def _step_verify(spec: WorkflowSpec) -> dict[str, Any]:
+def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
     from .verify import verify
 
     if spec.restyle.limit is not None:
         return {"status": "skipped (restyle.limit set: not every input shard is restyled)"}
-    r = verify(spec.restyled_dir, spec.input_url)
+    out, models, mix, _ = restyle_plan(spec, ok_models)
+    root = spec.restyled_dir.rstrip("/")
+    from .work import variant_name
+
+    folders = [out] if mix is not None or len(models or []) == 1 else [f"{root}/{variant_name(m)}" for m in models or []]
+    r = verify(spec.restyled_dir, spec.input_url, folders=folders or None)
     return {"ok": r.ok, "outputs": len(r.outputs), "shards": len(r.shards), "keys": sum(s.get("n", 0) for s in r.shards),
             "error_rows": sum(s.get("n_error", 0) for s in r.shards), "problems": len(r.problems),
             "first_problems": r.problems[:5]}
@@ -276,7 +300,7 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
         if rs.get("processed") is None or str(rs.get("status", "")).startswith("skipped"):
             steps["verify"] = {"status": "skipped (nothing restyled)"}
         else:
-            v = step("verify", lambda: _step_verify(spec))
+            v = step("verify", lambda: _step_verify(spec, ok_models))
             if v.get("ok") is False:
                 v["status"] = f"{v['problems']} problem(s)"
                 code = max(code, EXIT_ITEM_ERRORS)
