@@ -92,3 +92,21 @@ def make_inputs(root: Path, n: int = 16, shard_size: int = 8) -> tuple[str, dict
     keys["bad"] = ["ok1", "zero", "trunc", "link", "noimg", "ok2"]
     keys["cut"] = ["c1", "c2"]
     return str(data), keys
+
+
+def write_shards_like(path: str, seed: int) -> None:
+    """Rewrite the tar at ``path`` in place with the same member names and other image bytes (an input
+    that changed under the same keys)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    with tarfile.open(path) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t if m.isfile()]
+    with tarfile.open(path, "w") as tar:
+        for name, blob in members:
+            if name.endswith(".png"):
+                arr = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                blob = buf.getvalue()
+            _add(tar, name, blob)

@@ -185,11 +185,18 @@ def check_steps(schedule: Schedule, t0: int, n_inv_steps: int | None = None, n_g
     if not 1 <= t0 < schedule.num_timesteps:
         raise ConfigError(f"--t0 {t0} must be in [1, {schedule.num_timesteps - 1}] (the base model has "
                           f"T={schedule.num_timesteps} steps); the toy world and the paper use 300-600")
+    check_step_counts(t0, n_inv_steps, n_gen_steps)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+
+
+def check_step_counts(t0: int, n_inv_steps: int | None = None, n_gen_steps: int | None = None) -> None:
+    """The step counts need no model: each in [2, t0 + 1]. Raises :class:`ConfigError` naming the option."""
+    if t0 < 1:
+        raise ConfigError(f"--t0 {t0} must be >= 1")
     for option, n in (("--n-inv", n_inv_steps), ("--n-gen", n_gen_steps)):
         if n is not None and not 2 <= n <= t0 + 1:
             raise ConfigError(f"{option} {n} must be in [2, t0 + 1 = {t0 + 1}] (steps between 0 and t0)")
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
 
 
 def check_out_folder(out: str, option: str = "--out") -> None:
@@ -805,6 +812,7 @@ def build_restyle_config(
         if len(t0s) > 1:
             raise ConfigError(f"the fine-tuned models were trained at different t0 {sorted(t0s)}; pass --t0")
         t0 = t0s.pop() if t0s else 500
+    check_step_counts(int(t0), int(kw.get("n_inv_steps", 40)), int(kw.get("n_gen_steps", 40)))
     steps = [t for t, _ in generation_pairs(int(t0), int(kw.get("n_gen_steps", 40)))]
     for v in variants:
         validate_gamma(gamma_of(v), len(v.models), steps)  # before any model loads or Ray starts
