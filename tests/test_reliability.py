@@ -176,6 +176,49 @@ def test_unusual_image_modes_decode_to_the_right_rgb_pixels_through_a_shard(tmp_
     assert np.abs(rgb - np.array(want, dtype=np.float32)).max() <= tol, (mode, rgb[8, 8], want)
 
 
+def png16(shared: int, other: int) -> bytes:
+    """A 16x16 16-bit grayscale PNG: the left half ``shared``, the right half ``other``."""
+    arr = np.full((16, 16), shared, dtype=np.uint16)
+    arr[:, 8:] = other
+    return encode(Image.fromarray(arr))
+
+
+def test_16_bit_png_brightness_is_a_fixed_scale_not_the_image_maximum():
+    """Issue 17 item 9: a pixel of 100 stayed 100 when the maximum was 255 and became 0 when it was 256."""
+    from dclip_ray.io.images import decode_image
+
+    for shared in (100, 25700, 40000):
+        seen = []
+        for maximum in (255, 256, 65535):
+            img = Image.open(io.BytesIO(png16(shared, maximum)))
+            assert img.mode == "I;16", "the test needs a 16-bit decode"
+            seen.append(int(np.asarray(decode_image(png16(shared, maximum)))[0, 0, 0]))
+        assert seen == [round(shared / 257)] * 3, (shared, seen)
+
+
+def test_reasons_are_deterministic_so_two_clean_runs_write_the_same_manifest_bytes(models, bad_shard, tmp_path,
+                                                                                    monkeypatch):
+    """Issue 17 item 8: PIL's reason named ``<_io.BytesIO object at 0x...>``: every run wrote other bytes."""
+    data, _ = bad_shard
+    for name in ("a", "b"):
+        restyle(models, data, str(tmp_path / name))
+    rows = read_manifest(str(tmp_path / "a" / "bad.parquet"))
+    errors = {r.key: r.error for r in rows if r.status == "error"}
+    assert errors["notimage"].startswith("undecodable image: UnidentifiedImageError: cannot identify image file")
+    assert not [e for e in errors.values() if "0x" in e], errors
+    assert (tmp_path / "a" / "bad.parquet").read_bytes() == (tmp_path / "b" / "bad.parquet").read_bytes()
+    # any exception text that becomes a reason loses its addresses, not only PIL's
+    marker = object()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"decoder {marker!r} failed")
+
+    monkeypatch.setattr(work, "load_image_tensor", boom)
+    path = write_tar(tmp_path / "g.tar", [("k.png", GOOD)])
+    [d] = list(work.decode_shard(path, 16))
+    assert d.error == "undecodable image: RuntimeError: decoder <object object> failed"
+
+
 def test_truncated_tar_keeps_the_keys_before_the_cut_and_says_so(models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -24,7 +24,7 @@ from PIL import Image
 from dclip_ray.diffusion import EpsFn, generate, generation_pairs, invert
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import config_sha256, state_dict_sha256
-from dclip_ray.io.images import ImageError, load_image_tensor, tensor_to_uint8
+from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor, tensor_to_uint8
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes
 from dclip_ray.io.shards import TarShardWriter, put_bytes, read_marker, shard_urls, write_marker
@@ -118,7 +118,7 @@ def decode_shard(path: str, size: int, policy: str = "center-crop", status: dict
             except ImageError as e:
                 yield Decoded(rec, None, str(e))
             except Exception as e:  # noqa: BLE001  (never let one image fail the shard)
-                yield Decoded(rec, None, f"undecodable image: {type(e).__name__}: {e}")
+                yield Decoded(rec, None, clean_reason(f"undecodable image: {type(e).__name__}: {e}"))
     except InputFileError as e:
         if status is not None:
             status["truncated"] = str(e)
