@@ -34,3 +34,7 @@ class AbortedError(DclipError, RuntimeError):
     """The run stopped before finishing; re-running the same command resumes it (exit code 3)."""
 
     exit_code = EXIT_ABORTED
+
+
+class DclipWarning(UserWarning):
+    """A notice the user should see but that stops nothing; the CLI prints it as one line ``warning: ...``."""

@@ -15,6 +15,7 @@ import os
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -408,3 +409,100 @@ def test_a_marker_whose_tar_was_replaced_is_not_taken_as_committed(models, resty
     res = {r["shard"]: r for r in restyle(models, data, out)}
     assert not res["a"]["skipped"] and res["b"]["skipped"] and res["c"]["skipped"]
     assert verify(out, data).ok
+
+
+# ---- 1c. `dclip-ray edit` on the toy world: duplicate keys, defective outputs, mix weights ---------------
+
+
+@pytest.fixture(scope="module")
+def toy_input(tmp_path_factory):
+    """Two toy shards of 2 keys each, plus a copy of the first under another name: keys 0_000000 and
+    0_000001 name two samples each (in 00000.tar and 00002.tar), 0_000002 and 0_000003 one."""
+    import shutil
+
+    from dclip_ray.toyworld.data import write_shards
+
+    data = tmp_path_factory.mktemp("toy") / "data"
+    write_shards(str(data), 4, seed=0, shard_size=2, colours=["red"], shapes=["circle"])
+    shutil.copy(data / "00000.tar", data / "00002.tar")
+    return str(data)
+
+
+def toy_edit(out, images: str, *extra: str) -> list[str]:
+    from dclip_ray.models import get_preset
+
+    return ["edit", "--model", "toy_shapes", "--images", images, "--out", str(out), "--n-inv", "2", "--n-gen", "2",
+            "--json", *(extra or ("--finetuned", str(get_preset("toy_shapes").weights_path())))]
+
+
+def test_edit_makes_duplicate_keys_error_rows_and_counts_only_the_files_it_wrote(toy_input, tmp_path, capsys):
+    """Issue 17 item 10: two shards with the same keys gave "n_edited: 16", 8 files written, exit 0."""
+    assert main(toy_edit(tmp_path / "out", toy_input)) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_000002.png", "0_000003.png"]
+    assert out["n_edited"] == 2
+    errors = {e["key"]: e for e in out["errors"]}
+    assert sorted(errors) == ["0_000000", "0_000001"]
+    for key, e in errors.items():
+        assert e["error"].startswith(f"duplicate key: 2 samples named {key!r} in the input"), e
+        assert "none was used" in e["error"] and e["shard"].endswith("00002.tar") and "00000.tar" in e["shard"]
+
+
+def test_edit_never_writes_a_non_finite_or_blank_image(toy_input, tmp_path, capsys, monkeypatch):
+    """Issue 17 item 4: a NaN weight gave black outputs with exit 0. A generated image that is NaN or one
+    colour becomes an error entry and no file, whatever the cause (here: a patched generator)."""
+    import dclip_ray.jobs as jobs
+
+    real = jobs.generate_images
+
+    def broken(*args, **kwargs):
+        x = real(*args, **kwargs)
+        x[0] = float("nan")  # a diverged model
+        x[1] = -1.0  # a collapsed one: all black
+        return x
+
+    monkeypatch.setattr(jobs, "generate_images", broken)
+    single = tmp_path / "single"
+    single.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (single / name).write_bytes((Path(toy_input) / name).read_bytes())
+    assert main(toy_edit(tmp_path / "out", str(single))) == 2
+    out = json.loads(capsys.readouterr().out)
+    errors = {e["key"]: e["error"] for e in out["errors"]}
+    assert errors["0_000000"].startswith("non-finite output: 3072 of 3072 values are NaN")
+    assert errors["0_000001"].startswith("blank output: every pixel is (0,0,0)")
+    assert out["n_edited"] == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_000002.png",
+                                                                                         "0_000003.png"]
+
+
+@pytest.mark.parametrize("weights, named", [("[.nan, 1]", "gamma.weights[0] = nan"),
+                                            ("[1, .inf]", "gamma.weights[1] = inf")])
+def test_a_non_finite_mix_weight_is_a_one_line_config_error_before_any_work(toy_input, tmp_path, capsys, weights,
+                                                                            named):
+    """Issue 17 item 4: NaN passes the sum-to-1 check (every comparison with NaN is False)."""
+    from dclip_ray.models import get_preset
+
+    base = get_preset("toy_shapes").weights_path()
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"models: [{base}, {base}]\ngamma: {{type: constant, weights: {weights}}}\n")
+    for argv in (toy_edit(tmp_path / "e", toy_input, "--mix", str(mix)),
+                 ["restyle", "--input", toy_input, "--out", str(tmp_path / "r"), "--mix", str(mix), "--dry-run"]):
+        assert main(argv) == 1, argv
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert err.startswith(f"error: mix file {mix}: {named}: every gamma weight must be a finite number"), err
+        assert "\n" not in err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists(), "nothing was started"
+
+
+def test_a_negative_mix_weight_is_allowed_and_printed(toy_input, tmp_path, capsys):
+    from dclip_ray.models import get_preset
+
+    base = get_preset("toy_shapes").weights_path()
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"models: [{base}, {base}]\ngamma: {{type: constant, weights: [-0.5, 1.5]}}\n")
+    assert main(toy_edit(tmp_path / "e", toy_input, "--mix", str(mix))) == 2  # the duplicate keys
+    err = capsys.readouterr().err.strip().splitlines()
+    notes = [ln for ln in err if ln.startswith("warning: ")]
+    assert notes == [f"warning: mix file {mix}: negative gamma weight -0.5: that model's edit is subtracted "
+                     "(a task vector); check that this is intended"], err

@@ -6,11 +6,15 @@ Each command family lives in its own module and registers itself on :data:`app`.
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 import typer
 
-from dclip_ray.errors import EXIT_USAGE, DclipError
+from dclip_ray.errors import EXIT_USAGE, DclipError, DclipWarning
 from dclip_ray.urls import redact
 
 from . import apps as _apps  # noqa: F401  (each import registers its commands)
@@ -35,6 +39,23 @@ _USAGE = (click.ClickException, _TyperClickException)
 __all__ = ["app", "main"]
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show each :class:`DclipWarning` once, as one line ``warning: ...`` on stderr (others as Python does)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.simplefilter("default", DclipWarning)
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, DclipWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the process exit code.
 
@@ -43,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=argv, prog_name="dclip-ray", standalone_mode=False)
+        with _one_line_warnings():
+            rv = command.main(args=argv, prog_name="dclip-ray", standalone_mode=False)
     except DclipError as e:
         print(f"error: {redact(e)}", file=sys.stderr)  # a secret in a URL never reaches the terminal
         return e.exit_code

@@ -28,7 +28,7 @@ from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor, ten
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes
 from dclip_ray.io.shards import TarShardWriter, put_bytes, read_marker, shard_urls, write_marker
-from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards
+from dclip_ray.io.sources import ImageRecord, duplicate_reason, iter_folder, iter_tar, list_shards
 from dclip_ray.jobs import BaseModel, load_base, read_card
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mix_from_data, mixed_eps_fn, validate_gamma
 from dclip_ray.models import eps_fn_of, load_unet
@@ -135,13 +135,6 @@ def batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
-
-def duplicate_reason(key: str, n: int) -> str:
-    """The error-row reason of a key that names ``n`` > 1 samples of one shard (none of them is used:
-    which one is the real image cannot be told)."""
-    return (f"duplicate key: {n} samples named {key!r} in this shard (keys must be unique within a dataset); "
-            "none was used: rename them")
 
 
 def hang_forever(shard: str) -> None:
