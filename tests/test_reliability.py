@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pipeline_fixtures import tiny_unet_dir
+from pipeline_fixtures import interrupted_run, tiny_unet_dir
 
 from dclip_ray.cli import main
 from dclip_ray.io.manifest import read_manifest
@@ -492,6 +492,8 @@ def test_a_non_finite_mix_weight_is_a_one_line_config_error_before_any_work(toy_
         err = captured.err.strip()
         assert err.startswith(f"error: mix file {mix}: {named}: every gamma weight must be a finite number"), err
         assert "\n" not in err
+        if "--json" in argv:  # a failure prints a JSON object too
+            assert json.loads(captured.out) == {"status": "error", "exit_code": 1, "error": err[len("error: "):]}
     assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists(), "nothing was started"
 
 
@@ -506,3 +508,66 @@ def test_a_negative_mix_weight_is_allowed_and_printed(toy_input, tmp_path, capsy
     notes = [ln for ln in err if ln.startswith("warning: ")]
     assert notes == [f"warning: mix file {mix}: negative gamma weight -0.5: that model's edit is subtracted "
                      "(a task vector); check that this is intended"], err
+
+
+# ---- 1d. SIGINT / SIGTERM: one line, exit code 3, the run ledger says "interrupted" --------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_exits_3_with_one_line_and_records_interrupted_in_the_ledger(tmp_path, sig):
+    """Issue 17 item 6: Ctrl-C exited 130 with no message while runs.jsonl said exit_code 3 "crashed"."""
+    import signal
+
+    out = tmp_path / "out"
+    rc, stdout, stderr = interrupted_run(
+        tmp_path, "dclip_ray.pipeline.workflow_run.ensure_toyworld_input",
+        ["run", str(ROOT / "workflows" / "toy.yaml"), "--set", f"outputs.root={out}", "--json"],
+        getattr(signal, sig))
+    line = f"error: interrupted ({sig}); re-run the same command to resume"
+    assert (rc, stderr.strip()) == (3, line), (rc, stderr)
+    assert json.loads(stdout) == {"status": "interrupted", "exit_code": 3, "error": line[len("error: "):]}
+    [record] = [json.loads(ln) for ln in (out / "runs.jsonl").read_text().splitlines()]
+    assert (record["status"], record["exit_code"]) == ("interrupted", 3)
+    assert record["error"] == f"interrupted ({sig}); re-run the same spec to resume"
+    assert record["steps"]["input"]["status"].startswith("failed: interrupted"), record["steps"]
+
+
+@pytest.mark.parametrize("command, sig", [("restyle", "SIGINT"), ("edit", "SIGTERM")])
+def test_every_command_stops_on_sigint_and_sigterm_with_one_line_and_exit_3(tmp_path, command, sig):
+    import signal
+
+    if command == "restyle":
+        target = "dclip_ray.pipeline.work.build_restyle_config"
+        argv = ["restyle", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", "m"]
+    else:
+        target = "dclip_ray.jobs.load_base"
+        argv = ["edit", "--model", "toy_shapes", "--finetuned", "ft", "--images", "in", "--out", "out"]
+    rc, stdout, stderr = interrupted_run(tmp_path, target, argv, getattr(signal, sig))
+    assert (rc, stderr.strip(), stdout) == (3, f"error: interrupted ({sig}); re-run the same command to resume", "")
+
+
+def test_the_sigterm_handler_survives_a_library_that_replaces_it():
+    """``ray.init`` installs a SIGTERM handler that exits with code 1; runtime.init_ray re-arms ours."""
+    import signal
+
+    from dclip_ray.errors import Interrupted
+    from dclip_ray.interrupts import interrupt_handlers, rearm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt_handlers():
+        signal.signal(signal.SIGTERM, lambda *_: None)  # what a library does
+        assert rearm() is True
+        with pytest.raises(Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        assert e.value.signame == "SIGTERM" and e.value.exit_code == 3
+    assert signal.getsignal(signal.SIGTERM) is before and rearm() is False
+
+
+def test_json_commands_print_a_json_object_on_a_usage_error_too(capsys):
+    assert main(["edit", "--model", "toy_shapes", "--json"]) == 1  # --images and --out missing
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"status": "error", "exit_code": 1, "error": "Missing option '--images'."}
