@@ -34,3 +34,21 @@ class AbortedError(DclipError, RuntimeError):
     """The run stopped before finishing; re-running the same command resumes it (exit code 3)."""
 
     exit_code = EXIT_ABORTED
+
+
+class DclipWarning(UserWarning):
+    """A notice the user should see but that stops nothing; the CLI prints it as one line ``warning: ...``."""
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run; re-running the same command resumes it (exit code 3).
+
+    A ``BaseException`` like ``KeyboardInterrupt`` (no ``except Exception`` swallows it) but not one: the
+    CLI framework turns a ``KeyboardInterrupt`` into a bare exit 130. ``signame``: ``"SIGINT"`` or ``"SIGTERM"``.
+    """
+
+    exit_code: int = EXIT_ABORTED
+
+    def __init__(self, signame: str = "SIGINT") -> None:
+        super().__init__(signame)
+        self.signame = signame

@@ -20,9 +20,9 @@ from dclip_ray.edit import generate_images, invert_images, latent_optimization
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import state_dict_sha256
-from dclip_ray.io.images import ImageError, encode_png, load_image_tensor
+from dclip_ray.io.images import ImageError, encode_png, load_image_tensor, output_defect
 from dclip_ray.io.locations import check_outputs
-from dclip_ray.io.sources import iter_records
+from dclip_ray.io.sources import duplicate_reason, iter_records
 from dclip_ray.losses import Augment
 from dclip_ray.mixing import load_mix_spec, mixed_eps_fn, strength_eps_fn
 from dclip_ray.models import (
@@ -74,27 +74,61 @@ def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) ->
     return load_clip(name, weights=clip_weights)
 
 
-def read_images(url: str, size: int, limit: int | None = None) -> tuple[list[str], torch.Tensor, list[dict]]:
-    """Decode up to ``limit`` good images of ``url`` to ``[N,3,size,size]`` in [-1,1].
+@dataclass
+class ImageBatch:
+    """Decoded input images: ``x`` [N,3,size,size] in [-1,1] for ``keys`` (read from ``shards``), and an
+    ``{"key", "shard", "error"}`` entry for every key that could not be used."""
 
-    Returns ``(keys, images, errors)``; ``errors`` lists ``{"key", "shard", "error"}`` for the rest.
+    keys: list[str]
+    shards: list[str]
+    x: torch.Tensor
+    errors: list[dict]
+
+
+def read_image_batch(url: str, size: int, limit: int | None = None) -> ImageBatch:
+    """Decode up to ``limit`` good images of ``url`` (every one when ``limit`` is None).
+
+    A key that names several samples of the input (two shards with the same keys, or ``a.png`` and
+    ``a.jpg`` in one folder) is one error entry and none of its samples is used: which one is the real
+    image cannot be told, and both would be written to the same ``{key}.png``. With ``limit``, keys are
+    checked against the records read so far. Raises :class:`InputFileError` when no image is usable.
     """
-    keys, xs, errors = [], [], []
+    good: dict[str, tuple[str, torch.Tensor]] = {}
+    bad: dict[str, dict] = {}
+    shards_of: dict[str, list[str]] = {}
     for rec in iter_records(url):
-        if limit is not None and len(keys) >= limit:
+        if limit is not None and len(good) >= limit:
             break
+        shards = shards_of.setdefault(rec.key, [])
+        shards.append(rec.shard)
+        if len(shards) > 1:
+            good.pop(rec.key, None)
+            reason = duplicate_reason(rec.key, len(shards), "the input")
+            bad[rec.key] = {"key": rec.key, "shard": ", ".join(dict.fromkeys(shards)), "error": reason}
+            log.warning("skipping %s: %s", rec.key, reason)
+            continue
         if rec.error is None:
             try:
-                xs.append(load_image_tensor(rec.image or b"", size))
-                keys.append(rec.key)
+                good[rec.key] = (rec.shard, load_image_tensor(rec.image or b"", size))
                 continue
             except ImageError as e:
                 rec.error = str(e)
-        errors.append({"key": rec.key, "shard": rec.shard, "error": rec.error})
+        bad[rec.key] = {"key": rec.key, "shard": rec.shard, "error": rec.error}
         log.warning("skipping %s: %s", rec.key, rec.error)
-    if not xs:
-        raise InputFileError(f"{url}: no usable image ({len(errors)} errors); check the --images input")
-    return keys, torch.stack(xs), errors
+    if not good:
+        raise InputFileError(f"{url}: no usable image ({len(bad)} errors); check the --images input")
+    return ImageBatch(list(good), [sh for sh, _ in good.values()], torch.stack([x for _, x in good.values()]),
+                      list(bad.values()))
+
+
+def read_images(url: str, size: int, limit: int | None = None) -> tuple[list[str], torch.Tensor, list[dict]]:
+    """Decode up to ``limit`` good images of ``url`` to ``[N,3,size,size]`` in [-1,1].
+
+    Returns ``(keys, images, errors)``; ``errors`` lists ``{"key", "shard", "error"}`` for the rest
+    (duplicate keys included, see :func:`read_image_batch`).
+    """
+    b = read_image_batch(url, size, limit)
+    return b.keys, b.x, b.errors
 
 
 @dataclass
@@ -163,7 +197,10 @@ class EditJob:
 
 def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     """Invert with the original model, generate with ``strength`` r of the fine-tuned one (or of the
-    gamma-weighted mix of several, eq. 14, when ``job.mix`` is given), write PNGs."""
+    gamma-weighted mix of several, eq. 14, when ``job.mix`` is given), write PNGs.
+
+    ``n_edited`` counts the files written; a generated image that is non-finite or one colour
+    (:func:`output_defect`) is not written but listed in ``errors``, as are duplicate and bad inputs."""
     if (job.finetuned is None) == (job.mix is None):
         raise ConfigError("edit needs exactly one of --finetuned FT_DIR or --mix MIX.yaml")
     check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned,
@@ -178,7 +215,8 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     card_t0 = next((c.get("config", {}).get("t0") for c in cards if c.get("config", {}).get("t0")), None)
     t0 = job.t0 or int(card_t0 or (base.preset.t0 if base.preset else 0) or 500)
     fts = [eps_fn_of(load_unet(f)) for f in folders]
-    keys, x0, errors = read_images(job.images, base.resolution, job.limit)
+    batch = read_image_batch(job.images, base.resolution, job.limit)
+    keys, x0, errors = batch.keys, batch.x, list(batch.errors)
     lat = invert_images(eps_fn_of(base.unet), x0, t0, job.n_inv_steps, base.schedule, job.batch_size,
                         disable=not progress)
     edited_eps = mixed_eps_fn(fts, mix.schedule(), base.schedule.num_timesteps) if mix else fts[0]
@@ -186,11 +224,18 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     edited = generate_images(eps, lat, t0, job.n_gen_steps, base.schedule, job.batch_size, disable=not progress)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    for key, x in zip(keys, edited, strict=True):
+    n_written = 0
+    for key, shard, x in zip(keys, batch.shards, edited, strict=True):
+        defect = output_defect(x)  # a NaN weight or a collapsed model: never written as if it were an edit
+        if defect is not None:
+            errors.append({"key": key, "shard": shard, "error": defect})
+            log.warning("not writing %s: %s", key, defect)
+            continue
         path = out / f"{key}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(x))
-    summary: dict[str, Any] = {"out": str(out), "n_edited": len(keys), "t0": t0, "strength": job.strength,
+        n_written += 1
+    summary: dict[str, Any] = {"out": str(out), "n_edited": n_written, "t0": t0, "strength": job.strength,
                                "n_inv_steps": job.n_inv_steps, "n_gen_steps": job.n_gen_steps, "errors": errors}
     if mix:
         summary["mix"] = mix.as_dict()

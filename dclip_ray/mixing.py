@@ -12,12 +12,16 @@ Gamma schedules are data (a dict, e.g. from a YAML mix spec):
 - ``{"type": "ramp", "start": {"t": 500, "weights": [1, 0]}, "end": {"t": 0, "weights": [0, 1]}}``:
   linear in t between the two points, constant outside.
 
-Weights at every step must sum to 1 (eq. 14); a schedule that does not is an error naming the step.
+Weights at every step must be finite and sum to 1 (eq. 14); a schedule that does not is an error naming
+the weight or the step. Negative weights are allowed (a task vector: they subtract that model's edit)
+but a mix holding one gives a :class:`~dclip_ray.errors.DclipWarning`.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from dclip_ray.diffusion import EpsFn
-from dclip_ray.errors import ConfigError
+from dclip_ray.errors import ConfigError, DclipWarning
 
 SUM_TOLERANCE = 1e-6
 
@@ -87,9 +91,13 @@ def _floats(values: Any, where: str) -> tuple[float, ...]:
     if not isinstance(values, Sequence) or isinstance(values, str) or not values:
         raise ConfigError(f"{where}: expected a non-empty list of weights, got {values!r}")
     try:
-        return tuple(float(v) for v in values)
+        out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: weights must be numbers, got {values!r}") from None
+    for i, v in enumerate(out):
+        if not math.isfinite(v):  # NaN passes the sum-to-1 check (every comparison is False) and blanks every output
+            raise ConfigError(f"{where}[{i}] = {v}: every gamma weight must be a finite number; fix that weight")
+    return out
 
 
 def gamma_from_spec(spec: Mapping[str, Any]) -> GammaSchedule:
@@ -101,11 +109,14 @@ def gamma_from_spec(spec: Mapping[str, Any]) -> GammaSchedule:
         table = spec.get("table")
         if not isinstance(table, Mapping) or not table:
             raise ConfigError("gamma.table: expected a mapping {step_threshold: [weights, ...]}")
-        try:
-            rows = sorted(((int(k), _floats(v, f"gamma.table[{k}]")) for k, v in table.items()), reverse=True)
-        except ValueError:
-            raise ConfigError(f"gamma.table: thresholds must be integer steps, got {list(table)}") from None
-        return PiecewiseGamma(tuple(rows))
+        rows = []
+        for k, v in table.items():
+            try:
+                threshold = int(k)
+            except (TypeError, ValueError):
+                raise ConfigError(f"gamma.table: thresholds must be integer steps, got {list(table)}") from None
+            rows.append((threshold, _floats(v, f"gamma.table[{k}]")))  # its own error names the row
+        return PiecewiseGamma(tuple(sorted(rows, reverse=True)))
     if kind == "ramp":
         start, end = spec.get("start"), spec.get("end")
         if not isinstance(start, Mapping) or not isinstance(end, Mapping) or "t" not in start or "t" not in end:
@@ -116,7 +127,7 @@ def gamma_from_spec(spec: Mapping[str, Any]) -> GammaSchedule:
 
 
 def validate_gamma(gamma: GammaSchedule, n_models: int, steps: Iterable[int]) -> None:
-    """Check that at every step in ``steps`` there are ``n_models`` weights summing to 1.
+    """Check that at every step in ``steps`` there are ``n_models`` finite weights summing to 1.
 
     Raises :class:`ConfigError` naming the first offending step.
     """
@@ -124,6 +135,8 @@ def validate_gamma(gamma: GammaSchedule, n_models: int, steps: Iterable[int]) ->
         w = gamma.weights(t)
         if len(w) != n_models:
             raise ConfigError(f"gamma at step t={t} has {len(w)} weights for {n_models} models; give one per model")
+        if not all(math.isfinite(v) for v in w):
+            raise ConfigError(f"gamma weights at step t={t} are {w}: every weight must be a finite number; fix them")
         total = sum(w)
         if abs(total - 1.0) > SUM_TOLERANCE:
             raise ConfigError(f"gamma weights at step t={t} sum to {total:.6g}, not 1 (eq. 14); rescale them")
@@ -192,8 +205,9 @@ def mix_from_data(data: Any, where: str = "mix", base_dir: str | None = None) ->
     """Validate mix data ``{"models": [folder, ...], "gamma": {type: ...}}`` into a :class:`MixSpec`.
 
     Relative local model paths resolve against ``base_dir`` (the mix file's folder) when they do not
-    exist as given. The gamma schedule must give one weight per model, summing to 1 at every step
-    (checked for t = 0..999); errors name ``where`` and the field.
+    exist as given. The gamma schedule must give one finite weight per model, summing to 1 at every step
+    (checked for t = 0..999); errors name ``where`` and the field. A negative weight is allowed but
+    warned about (:func:`warn_negative_weights`).
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping with 'models' and 'gamma'")
@@ -210,10 +224,23 @@ def mix_from_data(data: Any, where: str = "mix", base_dir: str | None = None) ->
         models = [m if "://" in m or os.path.isabs(m) or os.path.exists(m) else os.path.normpath(os.path.join(base_dir, m))
                   for m in models]
     try:
-        validate_gamma(gamma_from_spec(gamma), len(models), range(999, -1, -1))
+        schedule = gamma_from_spec(gamma)
+        validate_gamma(schedule, len(models), range(999, -1, -1))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    warn_negative_weights(schedule, where)
     return MixSpec(tuple(models), dict(gamma))
+
+
+def warn_negative_weights(gamma: GammaSchedule, where: str, steps: Iterable[int] = range(1000)) -> float | None:
+    """Give a :class:`DclipWarning` when ``gamma`` has a negative weight at one of ``steps``; return the
+    most negative weight (None when there is none). Negative weights stay allowed: they are task vectors."""
+    lowest = min((w for t in steps for w in gamma.weights(t)), default=0.0)
+    if lowest >= 0:
+        return None
+    warnings.warn(f"{where}: negative gamma weight {lowest:g}: that model's edit is subtracted (a task vector); "
+                  "check that this is intended", DclipWarning, stacklevel=2)
+    return lowest
 
 
 def load_mix_spec(path: str) -> MixSpec:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import open_clip
@@ -30,6 +34,42 @@ def random_clip_weights(folder: Path) -> str:
     path = folder / "random_clip.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return str(path)
+
+
+# `dclip-ray ARGV` in a fresh interpreter with one function replaced by a sleep that first touches a file
+SLOW_DRIVER = """
+import importlib, pathlib, sys, time
+ready, target, argv = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+module, name = target.rsplit(".", 1)
+def slow(*args, **kwargs):
+    ready.write_text("ready")
+    time.sleep(300)
+setattr(importlib.import_module(module), name, slow)
+from dclip_ray.cli import main
+sys.exit(main(argv))
+"""
+
+
+def interrupted_run(tmp_path, target: str, argv: list[str], sig: int) -> tuple[int, str, str]:
+    """Run ``dclip-ray ARGV`` in a subprocess (cwd ``tmp_path``) whose function ``target`` (``module.name``)
+    sleeps; send ``sig`` once it sleeps. Returns ``(exit code, stdout, stderr)``."""
+    ready = tmp_path / "ready"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, str(ready), target, *argv], cwd=str(tmp_path),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the command never reached its slow step"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
 
 
 def make_world(root: Path, t0: int) -> dict:

@@ -15,6 +15,7 @@ import os
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pipeline_fixtures import tiny_unet_dir
+from pipeline_fixtures import interrupted_run, tiny_unet_dir
 
 from dclip_ray.cli import main
 from dclip_ray.io.manifest import read_manifest
@@ -174,6 +175,49 @@ def test_unusual_image_modes_decode_to_the_right_rgb_pixels_through_a_shard(tmp_
     rgb = ((d.x + 1) * 127.5).round().permute(1, 2, 0).numpy()  # [H,W,3] in 0..255
     tol = 4 if fmt == "JPEG" else 1
     assert np.abs(rgb - np.array(want, dtype=np.float32)).max() <= tol, (mode, rgb[8, 8], want)
+
+
+def png16(shared: int, other: int) -> bytes:
+    """A 16x16 16-bit grayscale PNG: the left half ``shared``, the right half ``other``."""
+    arr = np.full((16, 16), shared, dtype=np.uint16)
+    arr[:, 8:] = other
+    return encode(Image.fromarray(arr))
+
+
+def test_16_bit_png_brightness_is_a_fixed_scale_not_the_image_maximum():
+    """Issue 17 item 9: a pixel of 100 stayed 100 when the maximum was 255 and became 0 when it was 256."""
+    from dclip_ray.io.images import decode_image
+
+    for shared in (100, 25700, 40000):
+        seen = []
+        for maximum in (255, 256, 65535):
+            img = Image.open(io.BytesIO(png16(shared, maximum)))
+            assert img.mode == "I;16", "the test needs a 16-bit decode"
+            seen.append(int(np.asarray(decode_image(png16(shared, maximum)))[0, 0, 0]))
+        assert seen == [round(shared / 257)] * 3, (shared, seen)
+
+
+def test_reasons_are_deterministic_so_two_clean_runs_write_the_same_manifest_bytes(models, bad_shard, tmp_path,
+                                                                                    monkeypatch):
+    """Issue 17 item 8: PIL's reason named ``<_io.BytesIO object at 0x...>``: every run wrote other bytes."""
+    data, _ = bad_shard
+    for name in ("a", "b"):
+        restyle(models, data, str(tmp_path / name))
+    rows = read_manifest(str(tmp_path / "a" / "bad.parquet"))
+    errors = {r.key: r.error for r in rows if r.status == "error"}
+    assert errors["notimage"].startswith("undecodable image: UnidentifiedImageError: cannot identify image file")
+    assert not [e for e in errors.values() if "0x" in e], errors
+    assert (tmp_path / "a" / "bad.parquet").read_bytes() == (tmp_path / "b" / "bad.parquet").read_bytes()
+    # any exception text that becomes a reason loses its addresses, not only PIL's
+    marker = object()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"decoder {marker!r} failed")
+
+    monkeypatch.setattr(work, "load_image_tensor", boom)
+    path = write_tar(tmp_path / "g.tar", [("k.png", GOOD)])
+    [d] = list(work.decode_shard(path, 16))
+    assert d.error == "undecodable image: RuntimeError: decoder <object object> failed"
 
 
 def test_truncated_tar_keeps_the_keys_before_the_cut_and_says_so(models, tmp_path):
@@ -365,3 +409,165 @@ def test_a_marker_whose_tar_was_replaced_is_not_taken_as_committed(models, resty
     res = {r["shard"]: r for r in restyle(models, data, out)}
     assert not res["a"]["skipped"] and res["b"]["skipped"] and res["c"]["skipped"]
     assert verify(out, data).ok
+
+
+# ---- 1c. `dclip-ray edit` on the toy world: duplicate keys, defective outputs, mix weights ---------------
+
+
+@pytest.fixture(scope="module")
+def toy_input(tmp_path_factory):
+    """Two toy shards of 2 keys each, plus a copy of the first under another name: keys 0_000000 and
+    0_000001 name two samples each (in 00000.tar and 00002.tar), 0_000002 and 0_000003 one."""
+    import shutil
+
+    from dclip_ray.toyworld.data import write_shards
+
+    data = tmp_path_factory.mktemp("toy") / "data"
+    write_shards(str(data), 4, seed=0, shard_size=2, colours=["red"], shapes=["circle"])
+    shutil.copy(data / "00000.tar", data / "00002.tar")
+    return str(data)
+
+
+def toy_edit(out, images: str, *extra: str) -> list[str]:
+    from dclip_ray.models import get_preset
+
+    return ["edit", "--model", "toy_shapes", "--images", images, "--out", str(out), "--n-inv", "2", "--n-gen", "2",
+            "--json", *(extra or ("--finetuned", str(get_preset("toy_shapes").weights_path())))]
+
+
+def test_edit_makes_duplicate_keys_error_rows_and_counts_only_the_files_it_wrote(toy_input, tmp_path, capsys):
+    """Issue 17 item 10: two shards with the same keys gave "n_edited: 16", 8 files written, exit 0."""
+    assert main(toy_edit(tmp_path / "out", toy_input)) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_000002.png", "0_000003.png"]
+    assert out["n_edited"] == 2
+    errors = {e["key"]: e for e in out["errors"]}
+    assert sorted(errors) == ["0_000000", "0_000001"]
+    for key, e in errors.items():
+        assert e["error"].startswith(f"duplicate key: 2 samples named {key!r} in the input"), e
+        assert "none was used" in e["error"] and e["shard"].endswith("00002.tar") and "00000.tar" in e["shard"]
+
+
+def test_edit_never_writes_a_non_finite_or_blank_image(toy_input, tmp_path, capsys, monkeypatch):
+    """Issue 17 item 4: a NaN weight gave black outputs with exit 0. A generated image that is NaN or one
+    colour becomes an error entry and no file, whatever the cause (here: a patched generator)."""
+    import dclip_ray.jobs as jobs
+
+    real = jobs.generate_images
+
+    def broken(*args, **kwargs):
+        x = real(*args, **kwargs)
+        x[0] = float("nan")  # a diverged model
+        x[1] = -1.0  # a collapsed one: all black
+        return x
+
+    monkeypatch.setattr(jobs, "generate_images", broken)
+    single = tmp_path / "single"
+    single.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (single / name).write_bytes((Path(toy_input) / name).read_bytes())
+    assert main(toy_edit(tmp_path / "out", str(single))) == 2
+    out = json.loads(capsys.readouterr().out)
+    errors = {e["key"]: e["error"] for e in out["errors"]}
+    assert errors["0_000000"].startswith("non-finite output: 3072 of 3072 values are NaN")
+    assert errors["0_000001"].startswith("blank output: every pixel is (0,0,0)")
+    assert out["n_edited"] == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_000002.png",
+                                                                                         "0_000003.png"]
+
+
+@pytest.mark.parametrize("weights, named", [("[.nan, 1]", "gamma.weights[0] = nan"),
+                                            ("[1, .inf]", "gamma.weights[1] = inf")])
+def test_a_non_finite_mix_weight_is_a_one_line_config_error_before_any_work(toy_input, tmp_path, capsys, weights,
+                                                                            named):
+    """Issue 17 item 4: NaN passes the sum-to-1 check (every comparison with NaN is False)."""
+    from dclip_ray.models import get_preset
+
+    base = get_preset("toy_shapes").weights_path()
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"models: [{base}, {base}]\ngamma: {{type: constant, weights: {weights}}}\n")
+    for argv in (toy_edit(tmp_path / "e", toy_input, "--mix", str(mix)),
+                 ["restyle", "--input", toy_input, "--out", str(tmp_path / "r"), "--mix", str(mix), "--dry-run"]):
+        assert main(argv) == 1, argv
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert err.startswith(f"error: mix file {mix}: {named}: every gamma weight must be a finite number"), err
+        assert "\n" not in err
+        if "--json" in argv:  # a failure prints a JSON object too
+            assert json.loads(captured.out) == {"status": "error", "exit_code": 1, "error": err[len("error: "):]}
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists(), "nothing was started"
+
+
+def test_a_negative_mix_weight_is_allowed_and_printed(toy_input, tmp_path, capsys):
+    from dclip_ray.models import get_preset
+
+    base = get_preset("toy_shapes").weights_path()
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"models: [{base}, {base}]\ngamma: {{type: constant, weights: [-0.5, 1.5]}}\n")
+    assert main(toy_edit(tmp_path / "e", toy_input, "--mix", str(mix))) == 2  # the duplicate keys
+    err = capsys.readouterr().err.strip().splitlines()
+    notes = [ln for ln in err if ln.startswith("warning: ")]
+    assert notes == [f"warning: mix file {mix}: negative gamma weight -0.5: that model's edit is subtracted "
+                     "(a task vector); check that this is intended"], err
+
+
+# ---- 1d. SIGINT / SIGTERM: one line, exit code 3, the run ledger says "interrupted" --------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_exits_3_with_one_line_and_records_interrupted_in_the_ledger(tmp_path, sig):
+    """Issue 17 item 6: Ctrl-C exited 130 with no message while runs.jsonl said exit_code 3 "crashed"."""
+    import signal
+
+    out = tmp_path / "out"
+    rc, stdout, stderr = interrupted_run(
+        tmp_path, "dclip_ray.pipeline.workflow_run.ensure_toyworld_input",
+        ["run", str(ROOT / "workflows" / "toy.yaml"), "--set", f"outputs.root={out}", "--json"],
+        getattr(signal, sig))
+    line = f"error: interrupted ({sig}); re-run the same command to resume"
+    assert (rc, stderr.strip()) == (3, line), (rc, stderr)
+    assert json.loads(stdout) == {"status": "interrupted", "exit_code": 3, "error": line[len("error: "):]}
+    [record] = [json.loads(ln) for ln in (out / "runs.jsonl").read_text().splitlines()]
+    assert (record["status"], record["exit_code"]) == ("interrupted", 3)
+    assert record["error"] == f"interrupted ({sig}); re-run the same spec to resume"
+    assert record["steps"]["input"]["status"].startswith("failed: interrupted"), record["steps"]
+
+
+@pytest.mark.parametrize("command, sig", [("restyle", "SIGINT"), ("edit", "SIGTERM")])
+def test_every_command_stops_on_sigint_and_sigterm_with_one_line_and_exit_3(tmp_path, command, sig):
+    import signal
+
+    if command == "restyle":
+        target = "dclip_ray.pipeline.work.build_restyle_config"
+        argv = ["restyle", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", "m"]
+    else:
+        target = "dclip_ray.jobs.load_base"
+        argv = ["edit", "--model", "toy_shapes", "--finetuned", "ft", "--images", "in", "--out", "out"]
+    rc, stdout, stderr = interrupted_run(tmp_path, target, argv, getattr(signal, sig))
+    assert (rc, stderr.strip(), stdout) == (3, f"error: interrupted ({sig}); re-run the same command to resume", "")
+
+
+def test_the_sigterm_handler_survives_a_library_that_replaces_it():
+    """``ray.init`` installs a SIGTERM handler that exits with code 1; runtime.init_ray re-arms ours."""
+    import signal
+
+    from dclip_ray.errors import Interrupted
+    from dclip_ray.interrupts import interrupt_handlers, rearm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt_handlers():
+        signal.signal(signal.SIGTERM, lambda *_: None)  # what a library does
+        assert rearm() is True
+        with pytest.raises(Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        assert e.value.signame == "SIGTERM" and e.value.exit_code == 3
+    assert signal.getsignal(signal.SIGTERM) is before and rearm() is False
+
+
+def test_json_commands_print_a_json_object_on_a_usage_error_too(capsys):
+    assert main(["edit", "--model", "toy_shapes", "--json"]) == 1  # --images and --out missing
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"status": "error", "exit_code": 1, "error": "Missing option '--images'."}

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from pipeline_fixtures import make_inputs, tiny_unet_dir
+from pipeline_fixtures import interrupted_run, make_inputs, tiny_unet_dir
 
 from dclip_ray.cli import main
 from dclip_ray.pipeline import work
@@ -36,6 +36,17 @@ def world(tmp_path_factory):
 
 def tree(folder):
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def test_sigterm_after_ray_started_exits_3_with_one_line(world, tmp_path):
+    """``ray.init`` replaces the SIGTERM handler with one that exits 1 (issue 17 item 6): the CLI's comes back.
+
+    Runs before the module's own Ray starts (it starts an embedded one in a subprocess)."""
+    import signal
+
+    argv = ["restyle", "--input", world["data"], "--out", str(tmp_path / "out"), "--model", world["ft"]]
+    rc, stdout, stderr = interrupted_run(tmp_path, "dclip_ray.pipeline.runtime.quiet_ray_data", argv, signal.SIGTERM)
+    assert (rc, stderr.strip()) == (3, "error: interrupted (SIGTERM); re-run the same command to resume"), (rc, stderr)
 
 
 def test_a_stuck_shard_is_reported_after_the_timeout_and_the_others_finish(ray_local, world, tmp_path, capsys,

@@ -5,12 +5,18 @@ Each command family lives in its own module and registers itself on :data:`app`.
 
 from __future__ import annotations
 
+import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 import typer
 
-from dclip_ray.errors import EXIT_USAGE, DclipError
+from dclip_ray.errors import EXIT_ABORTED, EXIT_USAGE, DclipError, DclipWarning, Interrupted
+from dclip_ray.interrupts import interrupt_handlers
 from dclip_ray.urls import redact
 
 from . import apps as _apps  # noqa: F401  (each import registers its commands)
@@ -35,24 +41,70 @@ _USAGE = (click.ClickException, _TyperClickException)
 __all__ = ["app", "main"]
 
 
+EXIT_KEYBOARD_INTERRUPT = 130  # what typer returns for a KeyboardInterrupt it caught itself
+
+
+def _wants_json(args: list[str]) -> bool:
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def _fail(as_json: bool, code: int, message: str, status: str = "error") -> int:
+    """One line ``error: MESSAGE`` on stderr and, for ``--json``, ``{"status", "exit_code", "error"}`` on stdout."""
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"status": status, "exit_code": code, "error": message}))
+    return code
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show each :class:`DclipWarning` once, as one line ``warning: ...`` on stderr (others as Python does)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.simplefilter("default", DclipWarning)
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, DclipWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
+def _interrupted(as_json: bool, signame: str) -> int:
+    return _fail(as_json, EXIT_ABORTED, f"interrupted ({signame}); re-run the same command to resume", "interrupted")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the process exit code.
 
     Library errors (:class:`DclipError`) print one line ``error: ...`` on stderr and map to their
-    exit code; click usage errors map to exit code 1 (configuration error, nothing started).
+    exit code; click usage errors map to exit code 1 (configuration error, nothing started). SIGINT
+    (Ctrl-C) and SIGTERM print ``error: interrupted (SIGINT); re-run the same command to resume`` and
+    give exit code 3 (aborted, a re-run resumes). With ``--json`` every one of these failures also prints
+    ``{"status": "error" | "interrupted", "exit_code": N, "error": "..."}`` on stdout.
     """
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = _wants_json(args)
     command = typer.main.get_command(app)
-    try:
-        rv = command.main(args=argv, prog_name="dclip-ray", standalone_mode=False)
-    except DclipError as e:
-        print(f"error: {redact(e)}", file=sys.stderr)  # a secret in a URL never reaches the terminal
-        return e.exit_code
-    except _EXIT as e:
-        return int(e.exit_code or 0)
-    except _ABORT:
-        print("error: aborted", file=sys.stderr)
-        return 3
-    except _USAGE as e:
-        e.show()
-        return EXIT_USAGE
+    with interrupt_handlers(), _one_line_warnings():
+        try:
+            rv = command.main(args=args, prog_name="dclip-ray", standalone_mode=False)
+        except DclipError as e:  # a secret in a URL never reaches the terminal
+            return _fail(as_json, e.exit_code, redact(e))
+        except _EXIT as e:
+            return int(e.exit_code or 0)
+        except Interrupted as e:
+            return _interrupted(as_json, e.signame)
+        except _ABORT:
+            return _fail(as_json, EXIT_ABORTED, "aborted; re-run the same command to resume")
+        except _USAGE as e:
+            e.show()
+            if as_json:
+                print(json.dumps({"status": "error", "exit_code": EXIT_USAGE, "error": e.format_message()}))
+            return EXIT_USAGE
+    if rv == EXIT_KEYBOARD_INTERRUPT:  # a KeyboardInterrupt our handlers did not raise (not the main thread)
+        return _interrupted(as_json, "SIGINT")
     return int(rv) if isinstance(rv, int) else 0

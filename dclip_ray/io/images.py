@@ -8,6 +8,7 @@ manifest (never a crash, never a silent drop).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Literal
 
@@ -17,17 +18,36 @@ from PIL import Image, ImageOps
 
 ResizePolicy = Literal["center-crop", "resize", "pad"]
 MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit, enforced explicitly here
+# 16-bit grayscale (PNG opens as I;16, some decoders give I): 0..65535 -> 0..255 by a fixed factor
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+SIXTEEN_TO_EIGHT = 257.0  # 65535 / 255
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message is the reason for the error manifest."""
 
 
+_OBJECT_REPR = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+\b")
+
+
+def clean_reason(text: str) -> str:
+    """An exception text made deterministic for a manifest reason: object reprs lose their memory address.
+
+    ``"cannot identify image file <_io.BytesIO object at 0x7f3a...>"`` becomes ``"cannot identify image
+    file <_io.BytesIO object>"``, so two runs over the same bad bytes record the same reason (and the
+    same Parquet bytes). Newlines become spaces: a reason is one line.
+    """
+    text = _ADDRESS.sub("", _OBJECT_REPR.sub(r"<\1>", str(text)))
+    return " ".join(text.split())
+
+
 def decode_image(data: bytes, min_size: int = 8) -> Image.Image:
     """Decode image bytes to an RGB PIL image; raises :class:`ImageError` with the reason.
 
     Handles grayscale, palette, CMYK, 16-bit and alpha images (alpha is composited on white) and
-    applies the EXIF orientation. Zero-byte, truncated, undecodable, oversized (decompression bomb)
+    applies the EXIF orientation. 16-bit values (and mode ``I``, read as 16-bit) are divided by 257
+    (65535 -> 255), whatever the image's maximum. Zero-byte, truncated, undecodable, oversized (decompression bomb)
     and too-small images are errors.
     """
     if not data:
@@ -43,17 +63,16 @@ def decode_image(data: bytes, min_size: int = 8) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"decompression bomb refused: {e}") from None
+        raise ImageError(clean_reason(f"decompression bomb refused: {e}")) from None
     except Exception as e:  # noqa: BLE001  (PIL raises many types for bad data)
         kind = "truncated image" if "truncated" in str(e).lower() else "undecodable image"
-        raise ImageError(f"{kind}: {type(e).__name__}: {e}") from None
+        raise ImageError(clean_reason(f"{kind}: {type(e).__name__}: {e}")) from None
     if min(img.size) < min_size:
         raise ImageError(f"image of {img.size[0]}x{img.size[1]} is smaller than the minimum {min_size} px")
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in SIXTEEN_BIT_MODES:  # a fixed scale: a pixel's brightness never depends on the others
         arr = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(np.round(arr / SIXTEEN_TO_EIGHT), 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):

@@ -33,6 +33,13 @@ class ImageRecord:
     error: str | None = None
 
 
+def duplicate_reason(key: str, n: int, where: str = "this shard") -> str:
+    """The error reason of a key that names ``n`` > 1 samples of ``where`` (one shard for the pipeline, the
+    whole input for `dclip-ray edit`): none of them is used, since which one is the real image cannot be told."""
+    return (f"duplicate key: {n} samples named {key!r} in {where} (keys must be unique within a dataset); "
+            "none was used: rename them")
+
+
 def _fs_and_paths(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     paths: list[str] = []
     fs = None

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.interrupts import rearm
 from dclip_ray.models.trust import TRUST_ENV, is_trusted
 
 
@@ -37,6 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
                          dashboard_host="127.0.0.1", **kwargs)
         except ConnectionError as e:
             raise ConfigError(f"cannot reach the Ray cluster at {address}: {e}; check --address / RAY_ADDRESS") from None
+        rearm()  # ray.init replaced the CLI's SIGTERM handler (one line, exit 3): its own exits 1 or aborts
     quiet_ray_data(verbose)
     return dict(ray.cluster_resources())
 

@@ -24,7 +24,7 @@ from PIL import Image
 from dclip_ray.diffusion import EpsFn, Schedule, generate, generation_pairs, invert
 from dclip_ray.errors import AbortedError, ConfigError, InputFileError
 from dclip_ray.hashing import config_sha256, state_dict_sha256
-from dclip_ray.io.images import ImageError, load_image_tensor, output_defect, tensor_to_uint8
+from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor, output_defect, tensor_to_uint8
 from dclip_ray.io.latents import LatentKey, LatentShard, LatentStore, key_mismatch, store_root, stored_keys
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes
@@ -38,7 +38,14 @@ from dclip_ray.io.shards import (
     shard_urls,
     write_marker,
 )
-from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards, shard_fingerprint
+from dclip_ray.io.sources import (
+    ImageRecord,
+    duplicate_reason,
+    iter_folder,
+    iter_tar,
+    list_shards,
+    shard_fingerprint,
+)
 from dclip_ray.jobs import BaseModel, load_base, read_card
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mix_from_data, mixed_eps_fn, validate_gamma
 from dclip_ray.models import eps_fn_of, load_unet
@@ -144,7 +151,7 @@ def decode_shard(path: str, size: int, policy: str = "center-crop", status: dict
             except ImageError as e:
                 yield Decoded(rec, None, str(e))
             except Exception as e:  # noqa: BLE001  (never let one image fail the shard)
-                yield Decoded(rec, None, f"undecodable image: {type(e).__name__}: {e}")
+                yield Decoded(rec, None, clean_reason(f"undecodable image: {type(e).__name__}: {e}"))
     except InputFileError as e:
         if status is not None:
             status["truncated"] = str(e)
@@ -161,13 +168,6 @@ def batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
-
-def duplicate_reason(key: str, n: int) -> str:
-    """The error-row reason of a key that names ``n`` > 1 samples of one shard (none of them is used:
-    which one is the real image cannot be told)."""
-    return (f"duplicate key: {n} samples named {key!r} in this shard (keys must be unique within a dataset); "
-            "none was used: rename them")
 
 
 def hang_forever(shard: str) -> None:

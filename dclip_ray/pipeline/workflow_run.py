@@ -26,7 +26,7 @@ from typing import Any
 
 import fsspec
 
-from dclip_ray.errors import EXIT_ABORTED, EXIT_ITEM_ERRORS, EXIT_OK, ConfigError, DclipError
+from dclip_ray.errors import EXIT_ABORTED, EXIT_ITEM_ERRORS, EXIT_OK, ConfigError, DclipError, Interrupted
 from dclip_ray.workflow.spec import WorkflowSpec
 
 STATUS_OF_CODE = {0: "ok", 1: "config_error", 2: "finished_with_errors", 3: "aborted"}
@@ -251,8 +251,9 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
     {"input", "precompute", "finetune", "restyle", "verify", "report"}, "host", "ray_address"}``; per-step
     counts include ``processed`` and ``skipped`` shards or prompts, so a second run over the same input
     shows ``processed == 0`` everywhere. A :class:`DclipError` from a step (configuration error, aborted
-    shard) is recorded with its exit code and re-raised; any other exception is recorded as
-    ``crashed`` (exit 3) and re-raised.
+    shard) is recorded with its exit code and re-raised; SIGINT / SIGTERM (:class:`Interrupted` or
+    ``KeyboardInterrupt``) as ``interrupted`` (exit 3); any other exception as ``crashed`` (exit 3); all
+    are re-raised.
     """
     say = log or (lambda _msg: None)
     t_start = time.time()
@@ -314,6 +315,12 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
     except DclipError as e:
         record.update(exit_code=e.exit_code, status=STATUS_OF_CODE.get(e.exit_code, "error"), error=str(e))
         _mark_running(steps, str(e))
+        raise
+    except (Interrupted, KeyboardInterrupt) as e:  # SIGINT / SIGTERM: a re-run of the same spec resumes
+        signame = getattr(e, "signame", "SIGINT")
+        record.update(exit_code=EXIT_ABORTED, status="interrupted",
+                      error=f"interrupted ({signame}); re-run the same spec to resume")
+        _mark_running(steps, record["error"])
         raise
     except BaseException as e:
         record.update(exit_code=EXIT_ABORTED, status="crashed", error=f"{type(e).__name__}: {e}"[:500])

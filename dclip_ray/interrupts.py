@@ -1,0 +1,61 @@
+"""SIGINT and SIGTERM as one exception, so that every command stops the same way (one line, exit code 3).
+
+:func:`interrupt_handlers` makes both signals raise :class:`~dclip_ray.errors.Interrupted` in the main
+thread for the length of a command; the CLI catches it, the workflow runner records it in its ledger.
+``ray.init`` installs its own SIGTERM handler (it exits with code 1 or 15, the run unrecorded), so the
+code that starts Ray calls :func:`rearm` afterwards; Ray's atexit hook still shuts the local Ray down.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from dclip_ray.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_previous: dict[int, Any] = {}  # while armed: signal -> the handler it had before
+
+
+def _raise(signum: int, frame: FrameType | None) -> None:
+    del frame
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def interrupt_handlers() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers come back after.
+
+    Outside the main thread (where Python cannot set handlers) and inside an armed block this changes nothing.
+    """
+    if not _main_thread() or _previous:
+        yield
+        return
+    for s in SIGNALS:
+        _previous[s] = signal.signal(s, _raise)
+    try:
+        yield
+    finally:
+        for s, handler in _previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _previous.clear()
+
+
+def rearm() -> bool:
+    """Put the handlers back when a library replaced them inside an armed block; True when any was replaced."""
+    if not _previous or not _main_thread():
+        return False
+    changed = False
+    for s in SIGNALS:
+        if signal.getsignal(s) is not _raise:
+            signal.signal(s, _raise)
+            changed = True
+    return changed
