@@ -280,3 +280,18 @@ def test_a_shard_leased_by_another_run_is_not_computed_twice(world, data, tmp_pa
     res = restyle_all(restyle_cfg(world, out), data, owner="run-a")
     assert res[0]["n_ok"] == 8 and res[1]["skipped"]
     assert verify(out, data).ok
+
+
+def test_the_lease_of_a_run_whose_driver_is_gone_is_taken_at_once(world, data, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    assert acquire_lease(out, "00000", f"crashed:{socket.gethostname()}:{dead.pid}") is None
+    assert acquire_lease(out, "00000", f"alive:{socket.gethostname()}:{os.getpid()}") is None, "the dead run's lease is free"
+    assert acquire_lease(out, "00000", "third:elsewhere:1") is not None, "a live run's lease is not"
+    res = restyle_all(restyle_cfg(world, out), data, owner=f"alive:{socket.gethostname()}:{os.getpid()}")
+    assert res[0]["n_ok"] == 8 and not os.path.exists(f"{out}/00000.lease")

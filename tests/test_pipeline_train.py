@@ -102,7 +102,7 @@ def test_finetune_two_prompts_at_once_then_restyle(ray_train, clip_weights, tmp_
     rc, r = run_json(capsys, argv)
     assert rc == 2 and r["n_images"] == 19 and r["n_errors"] == 5 and r["inv_evals"] == 0
     assert main(["verify", out, "--input", data]) == 0
-    assert sorted(os.listdir(out)) == ["blue", "green"]
+    assert sorted(os.listdir(out)) == ["blue", "green", "restyle.json"]
     errs = {x.key: x.error for x in read_manifest(os.path.join(out, "green", "bad.parquet")) if x.status == "error"}
     assert set(errs) == set(BAD_REASONS)
     del keys

@@ -14,6 +14,7 @@ import posixpath
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,11 +30,11 @@ from dclip_ray.io.latents import LatentKey, LatentShard, LatentStore, key_mismat
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes
 from dclip_ray.io.shards import (
+    LeaseKeeper,
     TarShardWriter,
-    acquire_lease,
+    new_owner,
     put_bytes,
     read_marker,
-    release_lease,
     remove_temporaries,
     shard_urls,
     write_marker,
@@ -117,10 +118,8 @@ def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, s
 
 
 def new_run_id() -> str:
-    """A fresh id naming one run (the owner of the leases it takes)."""
-    import uuid
-
-    return uuid.uuid4().hex[:12]
+    """A fresh owner naming one run for the leases it takes (:func:`dclip_ray.io.shards.new_owner`)."""
+    return new_owner()
 
 
 @dataclass
@@ -300,16 +299,11 @@ def precompute_shard(
     fingerprint = fingerprint or shard_fingerprint(path)
     if store.is_current(shard, fingerprint):
         return _skipped_precompute(shard, store.read_marker(shard) or {})
-    if owner is not None:
-        held = acquire_lease(store.dir, shard, owner)
+    with LeaseKeeper(store.dir, shard, owner) if owner is not None else nullcontext() as held:
         if held is not None:
             return {**_skipped_precompute(shard, {}), "skipped": False, "leased": lease_text(held)}
-    try:
         return {**_invert_shard(model, preset, shard, path, store, batch_size, recon_psnr, device,
                                 trust_checkpoint, fingerprint), "leased": ""}
-    finally:
-        if owner is not None:
-            release_lease(store.dir, shard, owner)
 
 
 def lease_text(held: dict[str, Any]) -> str:
@@ -616,17 +610,12 @@ class ShardRestyler:
         if self.committed(shard, fingerprint):
             return _skipped_restyle(shard)
         root = self.cfg.variants[0].out
-        if owner is not None:
-            held = acquire_lease(root, shard, owner)
+        with LeaseKeeper(root, shard, owner) if owner is not None else nullcontext() as held:
             if held is not None:
                 return _skipped_restyle(shard, skipped=False, leased=lease_text(held))
-        try:
             for v in self.cfg.variants:
                 remove_temporaries(v.out, shard)  # left by a writer that died (a full disk, a kill)
             return self._restyle(shard, path, fingerprint)
-        finally:
-            if owner is not None:
-                release_lease(root, shard, owner)
 
     def _restyle(self, shard: str, path: str, fingerprint: str) -> dict[str, Any]:
         if self.cfg.hang_on == shard:
