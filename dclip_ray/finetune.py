@@ -23,87 +23,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from dclip_ray import __version__
+from dclip_ray.config import FinetuneConfig, Mode
 from dclip_ray.diffusion import Schedule, ddim_step, generation_pairs
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import state_dict_sha256
-from dclip_ray.losses import Augment, EditLoss
 
-Mode = Literal["efficient", "full"]
+__all__ = ["STATE_FILE", "FinetuneConfig", "FinetuneResult", "Mode", "finetune", "loss_history", "save_finetuned",
+           "tensorboard_writer"]
 STATE_FILE = "finetune_state.pt"
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything that determines a fine-tuning run (recorded in ``dclip.json``)."""
-
-    source: str
-    target: str
-    t0: int = 500
-    n_inv_steps: int = 40
-    n_gen_steps: int = 6
-    mode: Mode = "efficient"
-    epochs: int = 5
-    batch_size: int = 1
-    lr: float = 2e-6
-    lr_gamma: float = 1.2  # the lr is multiplied by this after every epoch
-    w_clip: float = 3.0
-    w_l1: float = 0.0
-    w_id: float = 0.0
-    w_global: float = 0.0
-    w_edge: float = 0.0  # edge-structure loss (ours): keeps where edges are, not their colours
-    edge_scales: int = 1  # the edge loss compares 1 (pixels), 2 (+2x2 averages), 3 (+4x4) ... scales
-    # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
-    # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
-    # first and then hold the outline harder (multi-scale edges from the start find a tinted background).
-    refine_from: int = 0
-    refine_l1: float | None = None  # None: keep w_l1
-    refine_edge_scales: int | None = None  # None: keep edge_scales
-    clip_form: Literal["cosine", "log"] = "log"
-    aug_views: int = 4
-    aug_shift: int = 3
-    aug_noise: float = 0.1
-    aug_blur: float = 0.0  # largest Gaussian blur sigma (pixels) of a CLIP view; 0 = no blur
-    aug_flip: str = ""  # random flips of the CLIP views: "" none, "h" left-right, "hv" both axes
-    seed: int = 0
-    grad_checkpointing: bool = False
-    bf16: bool = False
-    checkpoint_every: int = 0  # batches between checkpoints; 0 = at the end of every epoch only
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("efficient", "full"):
-            raise ConfigError(f"mode={self.mode!r}: expected 'efficient' or 'full'")
-        for name in ("epochs", "batch_size", "n_gen_steps", "n_inv_steps", "t0"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.clip_form not in ("cosine", "log"):
-            raise ConfigError(f"clip_form={self.clip_form!r}: expected 'log' (official) or 'cosine'")
-        if self.lr <= 0 or self.lr_gamma <= 0:
-            raise ConfigError(f"lr={self.lr} and lr_gamma={self.lr_gamma} must be > 0")
-        for name in ("edge_scales", "refine_edge_scales"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.refine_from < 0 or (self.refine_l1 is not None and self.refine_l1 < 0):
-            raise ConfigError(f"refine_from={self.refine_from} and refine_l1={self.refine_l1} must be >= 0")
-        self.augment()  # validates the augmentation fields
-
-    def augment(self) -> Augment:
-        """The CLIP-input augmentation this config asks for."""
-        return Augment(self.aug_views, self.aug_shift, self.aug_noise, self.aug_blur, self.aug_flip)
-
-    def edit_loss(self, clip: Any, face: Any = None, epoch: int = 0) -> EditLoss:
-        """The objective for ``epoch`` (0-based): the refinement-stage weights from ``refine_from`` on."""
-        refining = 0 < self.refine_from <= epoch
-        w_l1 = self.refine_l1 if refining and self.refine_l1 is not None else self.w_l1
-        scales = self.refine_edge_scales if refining and self.refine_edge_scales is not None else self.edge_scales
-        return EditLoss(clip, self.source, self.target, self.w_clip, w_l1, self.w_id, face, self.clip_form,
-                        self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales)
 
 
 @dataclass

@@ -201,7 +201,7 @@ def test_multi_scale_edges_keep_pulling_a_disc_that_is_off_by_more_than_a_pixel_
     three = [blue_smaller_by(d, 3) for d in (0, 1, 2, 4)]
     assert one[2] < one[1], one  # the single-scale loss gives up beyond 2 px
     assert three[0] < 0.2 * three[1] < three[1] < three[2] < three[3], three  # in place is cheap; monotone
-    with pytest.raises(ConfigError, match="edge_scales=0 must be >= 1"):
+    with pytest.raises(ConfigError, match="edge_scales=0: expected an integer >= 1"):
         cfg(edge_scales=0)
 
 

@@ -123,8 +123,9 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     prompts.write_text("red circle -> blue circle name=blue\nred circle -> green circle name=green\n"
                        "red circle -> red square name=square\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=models, latents=lat, clip="toy_clip",
-                          clip_weights=clip_weights, n_train=4, t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2,
-                          lr=1e-4, aug_views=1, checkpoint_every=1, max_failures=1)
+                          clip_weights=clip_weights, n_train=4, max_failures=1,
+                          settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
+                                        checkpoint_every=1))
     s = run_finetune_many(job, progress=False, test_hooks={"green": {"fail_after_batches": 5}})
     assert [p["status"] for p in s["prompts"]] == ["ok", "ok", "ok"], s
     # never three at once on 2 CPUs (that two do run at once is asserted by the two-prompt test; here a

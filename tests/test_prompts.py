@@ -120,7 +120,8 @@ def test_training_options_reach_the_finetune_config():
     sq, blue = parse_prompt_text(text)
     assert (sq.mode, sq.views, sq.shift, sq.noise, sq.flip) == ("full", 8, 4, 0.1, "hv")
     assert blue.flip == "" and blue.mode is None
-    job = FinetuneManyJob(prompts="p.txt", model="toy_shapes", out="o", aug_flip="h", aug_noise=0.2, lr=2e-5)
+    job = FinetuneManyJob(prompts="p.txt", model="toy_shapes", out="o",
+                          settings={"aug_flip": "h", "aug_noise": 0.2, "lr": 2e-5})
     c = finetune_config(sq, job, None)
     assert (c.mode, c.n_gen_steps, c.lr, c.w_clip, c.w_l1, c.aug_views, c.aug_shift, c.aug_noise, c.aug_flip) == (
         "full", 10, 1e-4, 5.0, 2.0, 8, 4, 0.1, "hv")
@@ -164,8 +165,8 @@ def test_crlf_and_bom():
         ("face -> angry name=Angry!", "1:20", "bad value 'Angry!' for name"),
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
-        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, t0, clip, l1, id, edge, edge_scales, refine, refine_l1, refine_scales, epochs, lr, n_inv, n_gen, mode, views, "
-         "shift, noise, flip"),
+        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, t0, n_inv, n_gen, mode, epochs, batch, lr, lr_gamma, clip, l1, "
+         "id, global, edge, edge_scales, refine, refine_l1, refine_scales, clip_form, views, shift, noise, blur, flip, seed"),
         ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
         ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),
         ("face -> angry noise=-0.1", "1:21", "bad value '-0.1' for noise"),

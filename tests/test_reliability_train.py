@@ -34,9 +34,9 @@ def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle -> blue circle name=plain\nred circle -> blue circle name=failing\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=str(tmp_path / "models"), latents=lat,
-                          clip="toy_clip", clip_weights=random_clip_weights(tmp_path), n_train=4, t0=T0,
-                          n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1, checkpoint_every=1,
-                          max_failures=1, seed=0)
+                          clip="toy_clip", clip_weights=random_clip_weights(tmp_path), n_train=4, max_failures=1,
+                          settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
+                                        checkpoint_every=1, seed=0))
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)
     try:

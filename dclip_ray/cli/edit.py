@@ -10,11 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.finetune import FinetuneConfig
+from dclip_ray.config import resolve_finetune_config
 from dclip_ray.jobs import EditJob, FinetuneJob, LatentOptimJob, run_edit, run_finetune, run_latent_optim
 from dclip_ray.models import get_preset, is_preset, trust_scope
 
 from .app import app
+from .settings import finetune_options
 
 console = Console(stderr=True)
 
@@ -44,6 +45,7 @@ A shape edit (circle -> square) needs flipped CLIP views and full mode: --target
   --t0 550 --n-gen 10 --lr 1e-4 --clip-weight 5 --l1 2 --aug-views 8 --aug-shift 4 --aug-noise 0.1 --aug-flip hv\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
 --source face --target "angry face" --images faces/ --out ft/angry --t0 500 --l1 1.0""")
+@finetune_options()
 def finetune(
     model: str = typer.Option(..., help="Base UNet: preset name (toy_shapes), diffusers folder, .ckpt/.pt or URL."),
     source: str = typer.Option(..., help="Source text, e.g. 'face'."),
@@ -55,51 +57,17 @@ def finetune(
     clip_weights: str = typer.Option(None, help="Local CLIP weights file (required for non-bundled CLIPs)."),
     face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (--id > 0)."),
     n_train: int = typer.Option(16, help="Number of training images."),
-    t0: int = typer.Option(None, help="Return step t0 (default: the preset's, else 500)."),
-    n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
-    n_gen: int = typer.Option(6, help="Generation steps S_gen during training."),
-    mode: str = typer.Option("efficient", help="'efficient' (loss per step) or 'full' (backprop through all steps)."),
-    epochs: int = typer.Option(5, help="Epochs over the training images."),
-    batch_size: int = typer.Option(1, help="Images per optimiser step."),
-    lr: float = typer.Option(2e-6, help="Adam learning rate (the paper's default; the toy world uses 2e-5)."),
-    lr_gamma: float = typer.Option(1.2, help="Learning-rate factor applied after every epoch."),
-    clip_weight: float = typer.Option(3.0, "--clip-weight", help="Weight of the directional CLIP loss."),
-    l1: float = typer.Option(None, help="Weight of the L1 loss (default: the preset's)."),
-    id_weight: float = typer.Option(0.0, "--id", help="Weight of the face identity loss."),
-    edge: float = typer.Option(0.0, help="Weight of the edge-structure loss (keeps where edges are; "
-                               "for colour/texture edits, not shape edits)."),
-    edge_scales: int = typer.Option(1, help="Scales the edge loss compares: 1 pixels, 2 adds 2x2 averages, 3 adds 4x4."),
-    refine_from: int = typer.Option(0, help="Epoch (0-based) from which --refine-l1 / --refine-edge-scales apply "
-                                    "(0 = no refinement stage)."),
-    refine_l1: float = typer.Option(None, help="L1 weight in the refinement stage (default: unchanged)."),
-    refine_edge_scales: int = typer.Option(None, help="Edge-loss scales in the refinement stage (default: unchanged)."),
-    aug_views: int = typer.Option(4, help="Augmented CLIP views per loss (0 = off)."),
-    aug_shift: int = typer.Option(3, help="Largest random shift (pixels) of the augmented CLIP views."),
-    aug_noise: float = typer.Option(0.1, help="Gaussian noise std (on [-1,1]) added to the augmented CLIP views."),
-    aug_blur: float = typer.Option(0.0, help="Largest Gaussian blur sigma (pixels) of the augmented CLIP views (0 = none)."),
-    aug_flip: str = typer.Option("", help="Random flips of the augmented CLIP views: '' none, 'h' left-right, 'hv' both."),
-    global_weight: float = typer.Option(0.0, "--global-weight", help="Weight of the global CLIP loss (eq. 8)."),
-    clip_form: str = typer.Option("log", help="Directional loss form: 'log' (official) or 'cosine'."),
-    seed: int = typer.Option(0, help="Random seed (CPU runs are deterministic)."),
-    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (less memory)."),
-    bf16: bool = typer.Option(False, help="bf16 autocast (GPU only)."),
     checkpoint_dir: str = typer.Option(None, help="Checkpoint here every epoch and resume from it."),
     tensorboard: str = typer.Option(None, help="Also log every step's losses and the lr to TensorBoard files here."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     p = get_preset(preset or model) if is_preset(preset or model) else None
-    cfg = FinetuneConfig(
-        source=source, target=target, t0=t0 or (p.t0 if p and p.t0 else 500), n_inv_steps=n_inv,
-        n_gen_steps=n_gen, mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, lr_gamma=lr_gamma,
-        w_clip=clip_weight, w_l1=l1 if l1 is not None else (p.loss_weights.l1 if p else 0.0), w_id=id_weight,
-        w_edge=edge, edge_scales=edge_scales, refine_from=refine_from, refine_l1=refine_l1,
-        refine_edge_scales=refine_edge_scales, aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise, aug_blur=aug_blur, aug_flip=aug_flip,
-        w_global=global_weight, clip_form=clip_form,
-        seed=seed, grad_checkpointing=grad_checkpointing, bf16=bf16)
+    cfg = resolve_finetune_config(source, target, settings, preset=p)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)

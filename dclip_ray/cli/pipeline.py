@@ -18,6 +18,7 @@ from dclip_ray.errors import ConfigError
 from dclip_ray.models.trust import trust_scope
 
 from .app import app
+from .settings import finetune_options
 
 err = Console(stderr=True)
 
@@ -83,8 +84,9 @@ def precompute(
 @app.command("finetune-many", epilog="""Example (toy world):\n
   printf 'red circle -> blue circle name=blue\\nred circle -> green circle name=green\\n' > prompts.txt\n
   dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 1e-5 --t0 500""")
+@finetune_options()
 def finetune_many(
-    prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET [key=value ...]' or preset per line."),
+    prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET key=value ...' or preset per line."),
     model: str = typer.Option(..., help="The base UNet (preset name, folder, checkpoint or URL)."),
     out: str = typer.Option(..., help="Output root: one fine-tuned model folder per prompt name."),
     latents: str = typer.Option(None, help="Latent store root from `dclip-ray precompute` (images are re-read from the shards it names)."),
@@ -92,21 +94,8 @@ def finetune_many(
     preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
     clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
     clip_weights: str = typer.Option(None, help="Local CLIP weights file."),
+    face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (lines with id > 0)."),
     n_train: int = typer.Option(16, help="Training images per prompt."),
-    t0: int = typer.Option(None, help="Default t0 for lines without t0= (default: the preset's, else 500)."),
-    n_inv: int = typer.Option(40, help="Default S_inv (must match the cached latents)."),
-    n_gen: int = typer.Option(6, help="Default S_gen during training."),
-    epochs: int = typer.Option(5, help="Default epochs."),
-    lr: float = typer.Option(2e-6, help="Default learning rate (the toy world uses ~1e-5)."),
-    lr_gamma: float = typer.Option(1.2, help="Learning-rate factor after every epoch."),
-    batch_size: int = typer.Option(1, help="Images per optimiser step."),
-    mode: str = typer.Option("efficient", help="'efficient' or 'full'."),
-    aug_views: int = typer.Option(4, help="Augmented CLIP views per loss (a line's views= overrides)."),
-    aug_shift: int = typer.Option(3, help="Largest random shift (pixels) of the CLIP views (shift=)."),
-    aug_noise: float = typer.Option(0.1, help="Gaussian noise std of the CLIP views (noise=)."),
-    aug_flip: str = typer.Option("", help="Random flips of the CLIP views: '' none, 'h', 'hv' (flip=)."),
-    seed: int = typer.Option(0, help="Random seed."),
-    checkpoint_every: int = typer.Option(0, help="Batches between checkpoints (0: each epoch end)."),
     cpus_per_prompt: float = typer.Option(1.0, help="CPUs of each prompt's Train worker."),
     gpus_per_prompt: float = typer.Option(0.0, help="GPUs of each prompt's Train worker."),
     max_failures: int = typer.Option(2, help="Worker failures tolerated per prompt (resumes from the last checkpoint)."),
@@ -115,18 +104,18 @@ def finetune_many(
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """Fine-tune one model per prompt line on Ray Train, several at once; resumable."""
+    """Fine-tune one model per prompt line on Ray Train, several at once; resumable. Each fine-tuning option
+    is the default of every line; a line's own key=value wins (see the option's 'prompt line' name)."""
     _setup(verbose)
     from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
 
     job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
-                          clip=clip, clip_weights=clip_weights, n_train=n_train, t0=t0, n_inv_steps=n_inv,
-                          n_gen_steps=n_gen, epochs=epochs, lr=lr, lr_gamma=lr_gamma, batch_size=batch_size,
-                          mode=mode, aug_views=aug_views, aug_shift=aug_shift, aug_noise=aug_noise,
-                          aug_flip=aug_flip, seed=seed, checkpoint_every=checkpoint_every,
-                          cpus_per_prompt=cpus_per_prompt, gpus_per_prompt=gpus_per_prompt,
-                          max_failures=max_failures, max_concurrent=max_concurrent, address=address, verbose=verbose)
+                          clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
+                          settings=dict(settings or {}), cpus_per_prompt=cpus_per_prompt,
+                          gpus_per_prompt=gpus_per_prompt, max_failures=max_failures, max_concurrent=max_concurrent,
+                          address=address, verbose=verbose)
     with trust_scope(trust_checkpoint):
         s = run_finetune_many(job, progress=not as_json)
     if as_json:

@@ -17,7 +17,7 @@ import os
 import posixpath
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -25,12 +25,14 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from dclip_ray.config import resolve_finetune_config
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import config_sha256
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.jobs import read_card, resolve_clip
 from dclip_ray.losses import directional_clip_loss
+from dclip_ray.models.face import load_face
 from dclip_ray.prompts import EditSpec, parse_prompt_file
 from dclip_ray.urls import redact
 
@@ -40,7 +42,10 @@ from .runtime import init_ray
 
 @dataclass
 class FinetuneManyJob:
-    """Arguments of `dclip-ray finetune-many` (see its --help)."""
+    """Arguments of `dclip-ray finetune-many` (see its --help). ``settings``: the job's fine-tuning
+    settings (``{FinetuneConfig field: value}``, from the CLI or the workflow spec); a prompt line's own
+    options win over them, and what neither gives comes from the model preset or the declared default
+    (:func:`dclip_ray.config.resolve_finetune_config`)."""
 
     prompts: str
     model: str
@@ -50,21 +55,9 @@ class FinetuneManyJob:
     preset: str | None = None
     clip: str | None = None
     clip_weights: str | None = None
+    face_weights: str | None = None
     n_train: int = 16
-    t0: int | None = None
-    n_inv_steps: int = 40
-    n_gen_steps: int = 6
-    epochs: int = 5
-    lr: float = 2e-6
-    lr_gamma: float = 1.2
-    batch_size: int = 1
-    mode: str = "efficient"
-    aug_views: int = 4
-    aug_shift: int = 3
-    aug_noise: float = 0.1
-    aug_flip: str = ""
-    seed: int = 0
-    checkpoint_every: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
     resize_policy: str = "center-crop"
     cpus_per_prompt: float = 1.0
     gpus_per_prompt: float = 0.0
@@ -76,20 +69,16 @@ class FinetuneManyJob:
 
 
 def finetune_config(spec: EditSpec, job: FinetuneManyJob, preset: Any) -> FinetuneConfig:
-    """The :class:`FinetuneConfig` of one prompt line: the line's options, else the job's, else the preset's."""
-    lw = getattr(preset, "loss_weights", None)
-    s = spec.resolve(t0=job.t0 or getattr(preset, "t0", None) or 500, clip=getattr(lw, "clip", 3.0) if lw else 3.0,
-                     l1=getattr(lw, "l1", 0.0) if lw else 0.0, id=getattr(lw, "id", 0.0) if lw else 0.0, edge=0.0, edge_scales=1, refine=0,
-                     epochs=job.epochs, lr=job.lr, n_inv=job.n_inv_steps, n_gen=job.n_gen_steps, mode=job.mode,
-                     views=job.aug_views, shift=job.aug_shift, noise=job.aug_noise, flip=job.aug_flip)
-    if s.id:
-        raise ConfigError(f"prompt {spec.name}: the identity loss (id={s.id}) is not supported by finetune-many yet; set id=0")
-    return FinetuneConfig(source=s.source, target=s.target, t0=s.t0, n_inv_steps=s.n_inv, n_gen_steps=s.n_gen,
-                          mode=s.mode, epochs=s.epochs, batch_size=job.batch_size, lr=s.lr, lr_gamma=job.lr_gamma,
-                          w_clip=s.clip, w_l1=s.l1, w_id=s.id, w_edge=s.edge, edge_scales=s.edge_scales, refine_from=s.refine,
-                          refine_l1=s.refine_l1, refine_edge_scales=s.refine_scales, aug_views=s.views, aug_shift=s.shift,
-                          aug_noise=s.noise, aug_flip=s.flip, seed=job.seed,
-                          checkpoint_every=job.checkpoint_every)
+    """The :class:`FinetuneConfig` of one prompt line: the line's options, else the job's, else the
+    preset's, else the declared defaults. A line with ``id`` > 0 needs ``--face-weights``."""
+    try:
+        cfg = resolve_finetune_config(spec.source, spec.target, spec.settings(), job.settings, preset=preset)
+    except ConfigError as e:
+        raise ConfigError(f"prompt {spec.name}: {e}") from None
+    if cfg.w_id > 0 and not job.face_weights:
+        raise ConfigError(f"prompt {spec.name}: the identity loss (id={cfg.w_id:g}) needs --face-weights "
+                          "(InceptionResnetV1 weights); pass them or set id=0")
+    return cfg
 
 
 def _save(result: Any, out_dir: str, fcfg: FinetuneConfig, base: Any, metrics: dict[str, Any],
@@ -131,6 +120,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if device != "cpu":
         clip.to(device)
     fcfg = FinetuneConfig(**config["finetune"])
+    face = load_face(config["face_weights"], device=device) if fcfg.w_id > 0 else None
     keys, x0, latents, origin = work.training_data(base, config["n_train"], fcfg.t0, fcfg.n_inv_steps,
                                                    config["images"], config["latents"], config["policy"])
     x0, latents = x0.to(device), latents.to(device)
@@ -148,7 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
         finetune(base.unet, clip, x0, latents, base.schedule, fcfg, checkpoint_dir=ckpt_dir,
                  on_checkpoint=on_checkpoint, stop_after_batches=int(fail_after))
         raise RuntimeError("injected failure (test hook fail_after_batches)")
-    result = finetune(base.unet, clip, x0, latents, base.schedule, fcfg, checkpoint_dir=ckpt_dir,
+    result = finetune(base.unet, clip, x0, latents, base.schedule, fcfg, face=face, checkpoint_dir=ckpt_dir,
                       on_checkpoint=on_checkpoint)
     quality = quality_score(clip, result.unet, base, x0, latents, fcfg)
     metrics = {"final_loss": result.final_loss, "quality_s_dir": quality, "resumed_from_step": result.resumed_from_step,
@@ -212,6 +202,7 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
     specs = parse_prompt_file(job.prompts)
     job = replace(job, model=work.absolute(job.model), latents=work.absolute(job.latents),
                   images=work.absolute(job.images), clip_weights=work.absolute(job.clip_weights),
+                  face_weights=work.absolute(job.face_weights),
                   out=job.out if "://" in job.out else os.path.abspath(job.out))
     base = work.cached_base(job.model, job.preset)
     if job.latents is None and job.images is None:
@@ -245,7 +236,8 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
             row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"))
             continue
         loop = {"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
-                "clip_weights": job.clip_weights, "finetune": asdict(fcfg), "n_train": job.n_train,
+                "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(fcfg),
+                "n_train": job.n_train,
                 "images": job.images, "latents": job.latents, "policy": job.resize_policy, "out_dir": out_dir,
                 "config_sha256": h, "cpus": job.cpus_per_prompt, "gpus": job.gpus_per_prompt,
                 **((test_hooks or {}).get(spec.name) or {})}

@@ -136,16 +136,14 @@ def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[st
     from .finetune_many import FinetuneManyJob, run_finetune_many
 
     ft, r = spec.finetune, spec.ray
+    settings = {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **ft.settings()}
     job = FinetuneManyJob(prompts=spec.prompts.text() or spec.prompts.file or "", model=spec.model,
                           out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
-                          clip=ft.clip, clip_weights=ft.clip_weights, n_train=ft.n_train, t0=spec.latents.t0,
-                          n_inv_steps=spec.latents.n_inv, n_gen_steps=ft.n_gen, epochs=ft.epochs, lr=ft.lr,
-                          lr_gamma=ft.lr_gamma, batch_size=ft.batch_size, mode=ft.mode, aug_views=ft.aug_views,
-                          aug_shift=ft.aug_shift, aug_noise=ft.aug_noise, aug_flip=ft.aug_flip, seed=ft.seed,
-                          checkpoint_every=ft.checkpoint_every,
-                          resize_policy=spec.input.resize_policy, cpus_per_prompt=r.cpus_per_prompt,
-                          gpus_per_prompt=r.gpus_per_prompt, max_failures=ft.max_failures,
-                          max_concurrent=ft.max_concurrent, address=r.address, num_cpus=r.num_cpus, verbose=verbose)
+                          clip=ft.clip, clip_weights=ft.clip_weights, face_weights=ft.face_weights,
+                          n_train=ft.n_train, settings=settings, resize_policy=spec.input.resize_policy,
+                          cpus_per_prompt=r.cpus_per_prompt, gpus_per_prompt=r.gpus_per_prompt,
+                          max_failures=ft.max_failures, max_concurrent=ft.max_concurrent, address=r.address,
+                          num_cpus=r.num_cpus, verbose=verbose)
     s = run_finetune_many(job, progress=progress)
     return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"], "failed": s["n_failed"],
             "models": {p["name"]: {"status": p["status"], "path": p["model_path"], "final_loss": p["final_loss"],

@@ -9,16 +9,15 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
     neanderthal t0=500     # a preset with overrides
 
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
-derived from the target when absent), ``t0`` (integer in 1..999), ``clip``, ``l1``, ``id``, ``edge``
-(loss weights >= 0; ``edge`` is the edge-structure loss, :func:`dclip_ray.losses.edge_loss`),
-``edge_scales`` (>= 1, the scales that loss compares), the refinement stage ``refine`` (the 0-based
-epoch it starts at; 0 = none), ``refine_l1`` (>= 0) and ``refine_scales`` (>= 1),
-``epochs`` (>= 1), ``lr`` (> 0), ``n_inv`` and ``n_gen`` (DDIM step counts >= 1),
-``mode`` (``efficient`` or ``full``) and the CLIP-view augmentation: ``views`` (>= 0), ``shift``
-(pixels >= 0), ``noise`` (>= 0), ``flip`` (``none``, ``h`` or ``hv``). A shape edit on the toy world,
-for example: ``red circle -> red square t0=550 mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``.
-An option left out is None: the consumer fills it from the job or the model preset (see
-:meth:`EditSpec.resolve`). ``→`` is accepted for ``->``.
+derived from the target when absent) and every per-prompt fine-tuning setting, by its prompt-line key
+(:data:`PROMPT_SETTINGS`, declared with its rule and default in :class:`dclip_ray.config.FinetuneConfig`):
+``t0``, ``n_inv``, ``n_gen``, ``mode``, ``epochs``, ``batch``, ``lr``, ``lr_gamma``, the loss weights
+``clip``, ``l1``, ``id``, ``global``, ``edge`` with ``edge_scales``, the refinement stage ``refine``,
+``refine_l1``, ``refine_scales``, ``clip_form``, the CLIP-view augmentation ``views``, ``shift``,
+``noise``, ``blur``, ``flip`` (none, h, hv) and ``seed``. A shape edit on the toy world, for example:
+``red circle -> red square t0=550 mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``. An
+option left out is None: the consumer fills it from the job, the model preset or the declared default
+(:func:`dclip_ray.config.resolve_finetune_config`). ``→`` is accepted for ``->``.
 
 Every error is a :class:`~dclip_ray.errors.ConfigError` with the message
 ``ORIGIN:LINE:COL: what is wrong; how to fix`` (1-based line and column).
@@ -26,15 +25,15 @@ Every error is a :class:`~dclip_ray.errors.ConfigError` with the message
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import unicodedata
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
+from dclip_ray.config import FinetuneConfig, check_setting, settings_of
 from dclip_ray.errors import ConfigError, InputFileError
 
 from .presets import get_edit_preset, is_edit_preset, suggest_edit_presets
@@ -46,40 +45,21 @@ _OPTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*=")
 _TOKEN_RE = re.compile(r"\S+")
 
 
-class EditSpec(BaseModel):
-    """One edit of a prompt file: fine-tune toward ``target`` away from ``source``.
+PROMPT_SETTINGS = {s.prompt: s for s in settings_of(FinetuneConfig) if s.prompt}
+"""The per-prompt fine-tuning settings by prompt-line key (declared once, in :mod:`dclip_ray.config`)."""
 
-    ``t0`` (integer timestep in 1..999), ``clip``/``l1``/``id`` (loss weights), ``epochs``, ``lr``,
-    ``n_inv``, ``n_gen``, ``mode`` (efficient | full) and the CLIP-view augmentation ``views``,
-    ``shift``, ``noise``, ``flip`` (none | h | hv) are None when the line did not set them (the
-    consumer takes the job's or the model preset's defaults). ``preset`` names the edit preset a bare
-    preset line expanded; ``line`` is the 1-based line of the prompt file (None when built in code).
-    """
 
+class _EditSpecBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     source: str
     target: str
-    t0: int | None = None
-    clip: float | None = None
-    l1: float | None = None
-    id: float | None = None
-    edge: float | None = None
-    edge_scales: int | None = None
-    refine: int | None = None
-    refine_l1: float | None = None
-    refine_scales: int | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    n_inv: int | None = None
-    n_gen: int | None = None
-    mode: str | None = None
-    views: int | None = None
-    shift: int | None = None
-    noise: float | None = None
-    flip: str | None = None
     preset: str | None = None
     line: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The fine-tuning settings this line sets, as ``{FinetuneConfig field: value}``."""
+        return {s.name: getattr(self, key) for key, s in PROMPT_SETTINGS.items() if getattr(self, key) is not None}
 
     def resolve(self, **defaults: Any) -> EditSpec:
         """A copy with every None field among ``defaults``' keys set to the default given.
@@ -93,54 +73,20 @@ class EditSpec(BaseModel):
         return self.model_copy(update=update)
 
 
+EditSpec = create_model(  # one optional field per prompt-line key, typed as declared
+    "EditSpec", __base__=_EditSpecBase, __module__=__name__,
+    **{key: (s.type | None, None) for key, s in PROMPT_SETTINGS.items()},
+)
+EditSpec.__doc__ = """One edit of a prompt file: fine-tune toward ``target`` away from ``source``.
+
+Besides ``name``, ``source``, ``target``, ``preset`` (the edit preset a bare preset line expanded) and
+``line`` (1-based, None when built in code), it has one optional field per prompt-line key of
+:data:`PROMPT_SETTINGS` (``t0``, ``clip``, ``l1``, ``views``, ...), None when the line did not set it
+(the consumer takes the job's, the model preset's or the declared default, see
+:func:`dclip_ray.config.resolve_finetune_config`)."""
+
+
 # ---- option values ------------------------------------------------------------------------------
-
-
-def _int_in(lo: int, hi: int | None) -> Callable[[str], int]:
-    rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-
-    def conv(v: str) -> int:
-        try:
-            x = int(v, 10)
-        except ValueError:
-            raise ValueError(f"expected an integer {rng}") from None
-        if x < lo or (hi is not None and x > hi):
-            raise ValueError(f"expected an integer {rng}")
-        return x
-
-    return conv
-
-
-def _float_min(lo: float, strict: bool) -> Callable[[str], float]:
-    want = f"a number {'>' if strict else '>='} {lo:g}"
-
-    def conv(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise ValueError(f"expected {want}") from None
-        if not math.isfinite(x) or x < lo or (strict and x == lo):
-            raise ValueError(f"expected {want}")
-        return x
-
-    return conv
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def conv(v: str) -> str:
-        if v not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return v
-
-    return conv
-
-
-_flip_choice = _choice("none", "h", "hv")
-
-
-def _flip(v: str) -> str:
-    """``none`` -> "" (no flips, as :class:`dclip_ray.losses.Augment` spells it); ``h``/``hv`` kept."""
-    return "" if _flip_choice(v) == "none" else v
 
 
 def _name(v: str) -> str:
@@ -149,27 +95,12 @@ def _name(v: str) -> str:
     return v
 
 
-OPTIONS: dict[str, Callable[[str], Any]] = {
-    "name": _name,
-    "t0": _int_in(1, 999),
-    "clip": _float_min(0.0, strict=False),
-    "l1": _float_min(0.0, strict=False),
-    "id": _float_min(0.0, strict=False),
-    "edge": _float_min(0.0, strict=False),
-    "edge_scales": _int_in(1, None),
-    "refine": _int_in(0, None),
-    "refine_l1": _float_min(0.0, strict=False),
-    "refine_scales": _int_in(1, None),
-    "epochs": _int_in(1, None),
-    "lr": _float_min(0.0, strict=True),
-    "n_inv": _int_in(1, None),
-    "n_gen": _int_in(1, None),
-    "mode": _choice("efficient", "full"),
-    "views": _int_in(0, None),
-    "shift": _int_in(0, None),
-    "noise": _float_min(0.0, strict=False),
-    "flip": _flip,
-}
+def _setting_parser(key: str) -> Callable[[str], Any]:
+    s = PROMPT_SETTINGS[key]
+    return lambda v: check_setting(s, v)
+
+
+OPTIONS: dict[str, Callable[[str], Any]] = {"name": _name, **{k: _setting_parser(k) for k in PROMPT_SETTINGS}}
 """The ``key=value`` options of a prompt line and their value parsers."""
 
 

@@ -23,8 +23,17 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from dclip_ray.config import FinetuneConfig, SettingInfo, settings_of
 from dclip_ray.errors import ConfigError, InputFileError
 
 __all__ = [
@@ -90,26 +99,43 @@ class LatentsSpec(_Strict):
     recon_psnr: bool = False
 
 
-class FinetuneSpec(_Strict):
-    """Defaults of every prompt line (a line's own ``t0=`` / ``lr=`` ... win), see `dclip-ray finetune-many`."""
+class _FinetuneJobSpec(_Strict):
+    """The fine-tuning job's own fields (not fine-tuning settings)."""
 
     clip: str | None = None
     clip_weights: str | None = None
+    face_weights: str | None = None
     n_train: int = Field(16, ge=1)
-    n_gen: int = Field(6, ge=1)
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(2e-6, gt=0)
-    lr_gamma: float = Field(1.2, gt=0)
-    batch_size: int = Field(1, ge=1)
-    mode: Literal["efficient", "full"] = "efficient"
-    aug_views: int = Field(4, ge=1)
-    aug_shift: int = Field(3, ge=0)
-    aug_noise: float = Field(0.1, ge=0)
-    aug_flip: Literal["", "h", "hv"] = ""
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(0, ge=0)
     max_failures: int = Field(2, ge=0)
     max_concurrent: int | None = Field(None, ge=1)
+
+    def settings(self) -> dict[str, Any]:
+        """The fine-tuning settings given here, as ``{FinetuneConfig field: value}`` (unset ones left out)."""
+        return {s.name: getattr(self, s.spec) for s in SPEC_SETTINGS if getattr(self, s.spec) is not None}
+
+
+def _spec_field(s: SettingInfo) -> tuple[Any, Any]:
+    """A pydantic field for a declared setting: optional (None = not given), same rule as everywhere."""
+    if s.choices is not None:
+        return (Literal[s.choices] | None, None)  # type: ignore[valid-type]
+    rule: dict[str, Any] = {}
+    if s.lo is not None:
+        rule["gt" if s.lo_strict else "ge"] = s.lo
+    if s.hi is not None:
+        rule["le"] = s.hi
+    return (s.type | None, Field(None, description=s.help, **rule))
+
+
+SPEC_SETTINGS = [s for s in settings_of(FinetuneConfig) if s.spec]
+"""The fine-tuning settings of a spec's ``finetune`` section, by spec key (t0 and S_inv come from ``latents``)."""
+
+FinetuneSpec = create_model(
+    "FinetuneSpec", __base__=_FinetuneJobSpec, __module__=__name__,
+    **{s.spec: _spec_field(s) for s in SPEC_SETTINGS},  # type: ignore[misc]
+)
+FinetuneSpec.__doc__ = """Defaults of every prompt line (a line's own ``lr=`` ... wins), see `dclip-ray finetune-many`:
+the job fields above plus every fine-tuning setting by its spec key (``lr``, ``n_gen``, ``aug_views``,
+``clip_weight``, ...; declared in :class:`dclip_ray.config.FinetuneConfig`). A key left out is not given."""
 
 
 class MixSpec(_Strict):
