@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -256,10 +257,28 @@ def load_clip(
         # OpenAI's weights were trained with QuickGELU; open_clip's plain names build GELU silently
         openai_file = weights is not None and "openai" in str(weights).lower()
         quick_gelu = bool(preset_qg) or is_jit or openai_file or model_name.endswith("-quickgelu")
-    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+    with _quiet_no_pretrained():  # our weights load right below: open_clip's 'randomly initialised' is not news
+        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     if weights is not None:
         _load_weights(model, weights, is_jit)
     model = model.float().to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
     log.debug("loaded CLIP %s (preset %s, weights %s, quick_gelu %s)", model_name, preset_name, weights, quick_gelu)
     return ClipModel(model, tokenizer, preset_name or model_name, templates)
+
+
+class _NoPretrainedFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_no_pretrained() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded" warning (logged on the root logger) while it runs."""
+    f = _NoPretrainedFilter()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)

@@ -148,7 +148,8 @@ def _load_diffusers_folder(path: str, src: str) -> UNet2DModel:
     if cls_name != "UNet2DModel":
         raise InputFileError(f"{src}: config.json describes a {cls_name}; expected a UNet2DModel (pixel-space DDPM)")
     try:
-        return UNet2DModel.from_pretrained(folder, subfolder=sub)
+        # low_cpu_mem_usage=False: what diffusers falls back to without accelerate anyway, minus its warning
+        return UNet2DModel.from_pretrained(folder, subfolder=sub, low_cpu_mem_usage=False)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputFileError(f"{src}: cannot load the diffusers UNet ({msg})") from None
