@@ -7,7 +7,6 @@ their reason (never dropped silently).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,63 +14,20 @@ from typing import Any
 
 import torch
 
-from dclip_ray.diffusion import Schedule, schedule_from_config
 from dclip_ray.edit import generate_images, invert_images, latent_optimization
 from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.evaluation.report import save_grid
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
-from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.io.images import ImageError, encode_png, load_image_tensor, output_defect
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.sources import duplicate_reason, iter_records
 from dclip_ray.losses import Augment
 from dclip_ray.mixing import load_mix_spec, mixed_eps_fn, strength_eps_fn
-from dclip_ray.models import (
-    eps_fn_of,
-    get_preset,
-    list_presets,
-    load_clip,
-    load_face,
-    load_schedule_config,
-    load_unet,
-)
-from dclip_ray.report import save_grid
+from dclip_ray.models import eps_fn_of, load_face, load_unet
+from dclip_ray.models.base import load_base, read_card, resolve_clip
 from dclip_ray.urls import redact
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BaseModel:
-    """The original diffusion model, its schedule, resolution and preset (if any)."""
-
-    unet: torch.nn.Module
-    schedule: Schedule
-    schedule_config: dict[str, Any]
-    resolution: int
-    preset: Any
-    sha256: str
-
-
-def load_base(model: str, preset: str | None = None) -> BaseModel:
-    """Load the original UNet (preset name, folder, checkpoint or URL) with its schedule."""
-    unet = load_unet(model, preset)
-    sched_cfg = load_schedule_config(model, preset) or {"num_train_timesteps": 1000, "beta_start": 1e-4,
-                                                          "beta_end": 0.02, "beta_schedule": "linear"}
-    p = None
-    for name in (preset, model):
-        if name and name in list_presets():
-            p = get_preset(name)
-            break
-    return BaseModel(unet, schedule_from_config(sched_cfg), dict(sched_cfg), int(unet.config.sample_size), p,
-                     state_dict_sha256(unet))
-
-
-def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) -> Any:
-    """The CLIP to guide with: ``clip`` (preset or open_clip name) or the model preset's recommendation."""
-    name = clip or (base.preset.recommended_clip if base.preset is not None else None)
-    if not name:
-        raise ConfigError("no CLIP given and the model has no preset: pass --clip NAME --clip-weights PATH")
-    return load_clip(name, weights=clip_weights)
 
 
 @dataclass
@@ -163,17 +119,6 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,
             "config": asdict(cfg)}
-
-
-def read_card(finetuned: str) -> dict[str, Any]:
-    """The ``dclip.json`` of a fine-tuned model folder (empty dict for a plain diffusers folder)."""
-    path = Path(finetuned) / "dclip.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise InputFileError(f"{path}: not valid JSON ({e}); re-save the fine-tuned model") from None
 
 
 @dataclass
