@@ -53,8 +53,8 @@ def flops_per_image_forward(unet: torch.nn.Module, batch: int, size: int = 32) -
 def bare_loop(unet: torch.nn.Module, x0: torch.Tensor, batch: int, steps: int) -> tuple[float, int]:
     """invert + generate ``x0`` [N,3,32,32] in [-1,1] in batches: (seconds, image evaluations)."""
     from dclip_ray.diffusion import generate, invert
-    from dclip_ray.jobs import load_base
     from dclip_ray.models import eps_fn_of
+    from dclip_ray.models.base import load_base
     from dclip_ray.stages.common import CountingEps
 
     sched = load_base(c.TOY_MODEL).schedule

@@ -30,11 +30,11 @@ class HangOnBad(ShardRestyler):
 
     hang_on = "bad"
 
-    def _restyle(self, shard: str, path: str, fingerprint: str) -> Any:
+    def _restyle(self, shard: str, path: str, *args: Any) -> Any:
         if shard == self.hang_on:
             while True:
                 time.sleep(3600)
-        return super()._restyle(shard, path, fingerprint)
+        return super()._restyle(shard, path, *args)
 
 
 class KillMidBatch(ShardRestyler):

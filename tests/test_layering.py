@@ -1,29 +1,51 @@
-"""Layering: the core package never imports Ray (only dclip_ray.pipeline may)."""
+"""Layering: only the Ray wiring (dclip_ray.pipeline) and the CLI may import Ray; everything else, the
+per-shard stages (dclip_ray.stages) included, never does."""
 
 from __future__ import annotations
 
 import pkgutil
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import dclip_ray
 
+RAY_WIRING = ("dclip_ray.pipeline", "dclip_ray.cli")
+IMPORTS_RAY = re.compile(r"^\s*(import ray\b|from ray\b)", re.M)
+
+
+def all_modules() -> dict[str, Path]:
+    """``{module name: source file}`` of every module of the package."""
+    root = Path(dclip_ray.__file__).parent
+    out = {"dclip_ray": root / "__init__.py"}
+    for info in pkgutil.walk_packages(dclip_ray.__path__, "dclip_ray."):
+        rel = Path(*info.name.split(".")[1:])
+        out[info.name] = root / rel / "__init__.py" if info.ispkg else (root / rel).with_suffix(".py")
+    return out
+
 
 def core_modules() -> list[str]:
-    names = ["dclip_ray"]
-    for info in pkgutil.walk_packages(dclip_ray.__path__, "dclip_ray."):
-        if info.name.startswith(("dclip_ray.pipeline", "dclip_ray.cli")):
-            continue
-        names.append(info.name)
-    return names
+    return [m for m in all_modules() if not m.startswith(RAY_WIRING)]
 
 
 def test_importing_the_core_does_not_import_ray():
     modules = core_modules()
     assert "dclip_ray.diffusion" in modules and "dclip_ray.mixing" in modules
+    assert "dclip_ray.stages.restyle" in modules and "dclip_ray.stages.precompute" in modules, "stages are covered"
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + (
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_only_the_ray_wiring_imports_ray_even_lazily():
+    """No ``import ray`` anywhere outside pipeline/ and cli/, not even inside a function: the stages
+    run without Ray (``dclip-ray edit``) and are tested without it."""
+    sources = all_modules()
+    offenders = [m for m in core_modules() if IMPORTS_RAY.search(sources[m].read_text())]
+    assert not offenders, offenders
+    wiring = [m for m in sources if m.startswith("dclip_ray.pipeline.")]
+    assert sum(bool(IMPORTS_RAY.search(sources[m].read_text())) for m in wiring) >= 3, "Ray lives in the wiring"

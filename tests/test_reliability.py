@@ -456,17 +456,19 @@ def test_edit_makes_duplicate_keys_error_rows_and_counts_only_the_files_it_wrote
 def test_edit_never_writes_a_non_finite_or_blank_image(toy_input, tmp_path, capsys, monkeypatch):
     """Issue 17 item 4: a NaN weight gave black outputs with exit 0. A generated image that is NaN or one
     colour becomes an error entry and no file, whatever the cause (here: a patched generator)."""
-    import dclip_ray.jobs as jobs
+    import dclip_ray.stages.restyle as restyle
 
-    real = jobs.generate_images
+    real, calls = restyle.generate, []
 
-    def broken(*args, **kwargs):
+    def broken(*args, **kwargs):  # the first batch generated (shard 00000: keys 0_000000, 0_000001)
         x = real(*args, **kwargs)
-        x[0] = float("nan")  # a diverged model
-        x[1] = -1.0  # a collapsed one: all black
+        if not calls:
+            x[0] = float("nan")  # a diverged model
+            x[1] = -1.0  # a collapsed one: all black
+        calls.append(1)
         return x
 
-    monkeypatch.setattr(jobs, "generate_images", broken)
+    monkeypatch.setattr(restyle, "generate", broken)
     single = tmp_path / "single"
     single.mkdir()
     for name in ("00000.tar", "00001.tar"):
@@ -547,7 +549,7 @@ def test_every_command_stops_on_sigint_and_sigterm_with_one_line_and_exit_3(tmp_
         target = "dclip_ray.stages.restyle_config.build_restyle_config"
         argv = ["restyle", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", "m"]
     else:
-        target = "dclip_ray.jobs.load_base"
+        target = "dclip_ray.stages.edit.cached_base"
         argv = ["edit", "--model", "toy_shapes", "--finetuned", "ft", "--images", "in", "--out", "out"]
     rc, stdout, stderr = interrupted_run(tmp_path, target, argv, getattr(signal, sig))
     assert (rc, stderr.strip(), stdout) == (3, f"error: interrupted ({sig}); re-run the same command to resume", "")

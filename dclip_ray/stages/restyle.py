@@ -14,6 +14,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,7 @@ class _ShardState:
     position: dict[str, int] = field(default_factory=dict)
     dups: dict[str, int] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
+    exclude: Mapping[str, str] = field(default_factory=dict)
     n_cached: int = 0
     n_stale: int = 0
 
@@ -209,11 +211,13 @@ class ShardRestyler:
         """The writer of variant ``v``'s output shard ``shard``."""
         return ShardWriter(v.out, shard)
 
-    def run(self, shard: str, path: str, fingerprint: str | None = None, owner: str | None = None) -> RestyleResult:
+    def run(self, shard: str, path: str, fingerprint: str | None = None, owner: str | None = None,
+            exclude: Mapping[str, str] | None = None) -> RestyleResult:
         """Restyle one input shard (idempotent; skipped when committed from the same input content).
         ``owner`` (a run id) takes the shard's lease first; a shard leased by another live run is left
-        to it. Evaluations count images x network calls; ``n_stale``: cached latents not used because
-        their image has changed."""
+        to it. ``exclude`` (key -> reason): keys that become error rows unedited (e.g. keys that name
+        samples of other shards too). Evaluations count images x network calls; ``n_stale``: cached
+        latents not used because their image has changed."""
         fingerprint = fingerprint or shard_fingerprint(path)
         if self.committed(shard, fingerprint):
             return RestyleResult(shard, skipped=True)
@@ -223,13 +227,13 @@ class ShardRestyler:
                 return RestyleResult(shard, leased=lease_text(held))
             for v in self.cfg.variants:
                 remove_temporaries(v.out, shard)  # left by a writer that died (a full disk, a kill)
-            return self._restyle(shard, path, fingerprint)
+            return self._restyle(shard, path, fingerprint, exclude or {})
 
-    def _restyle(self, shard: str, path: str, fingerprint: str) -> RestyleResult:
+    def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
         start = time.perf_counter()
         inv0, gen0 = self.inv_eps.evals, self._gen_evals()
         cached = self._cached(shard)
-        state = _ShardState(cached.as_dict() if cached is not None else {})
+        state = _ShardState(cached.as_dict() if cached is not None else {}, exclude=exclude)
         writers = [self.new_writer(v, shard) for v in self.cfg.variants]
         try:
             for pending in self._batches(path, writers, state):
@@ -257,9 +261,10 @@ class ShardRestyler:
                     state.dups[d.rec.key] = state.dups.get(d.rec.key, 1) + 1
                     continue
                 state.position[d.rec.key] = len(state.position)
-                if d.error is not None:
+                error = state.exclude.get(d.rec.key, d.error)
+                if error is not None:
                     for w in writers:
-                        w.error(d.rec.key, d.error)
+                        w.error(d.rec.key, error)
                 else:
                     pending.append(d)
             if pending:
