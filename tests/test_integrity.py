@@ -23,9 +23,10 @@ from dclip_ray.cli import main
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.io.images import output_defect
 from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.io.leases import acquire_lease, release_lease
 from dclip_ray.io.locations import check_outputs, overlap
 from dclip_ray.io.manifest import read_manifest
-from dclip_ray.io.shards import acquire_lease, list_temporaries, release_lease
+from dclip_ray.io.shards import list_temporaries
 from dclip_ray.models.cache import cached_base
 from dclip_ray.stages.common import raise_if_leased
 from dclip_ray.stages.inputs import fingerprints, input_shards

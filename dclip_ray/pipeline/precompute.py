@@ -18,7 +18,7 @@ from dclip_ray.models.cache import cached_base
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import raise_if_leased, set_threads
 from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, new_run_id
-from dclip_ray.stages.precompute import precompute_shard
+from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
 
 from .runtime import init_ray
@@ -93,8 +93,7 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     for n, _ in shards:
         marker = store.read_marker(n) if store.is_current(n, prints[n]) else None
         if marker is not None:
-            results.append({"shard": n, "skipped": True, "n_ok": marker.get("n", 0), "errors": marker.get("errors") or {},
-                            "n_error": len(marker.get("errors") or {})})
+            results.append(skipped_result(n, marker).as_dict())
         elif store.is_committed(n):
             log.warning("input shard %s changed since its latents were computed: inverting it again", n)
     if todo:

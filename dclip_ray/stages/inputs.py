@@ -16,7 +16,7 @@ import torch
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor
-from dclip_ray.io.shards import new_owner
+from dclip_ray.io.leases import new_owner
 from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards, shard_fingerprint
 
 
@@ -82,7 +82,7 @@ def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, s
 
 
 def new_run_id() -> str:
-    """A fresh owner naming one run for the leases it takes (:func:`dclip_ray.io.shards.new_owner`)."""
+    """A fresh owner naming one run for the leases it takes (:func:`dclip_ray.io.leases.new_owner`)."""
     return new_owner()
 
 

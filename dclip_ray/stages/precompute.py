@@ -14,7 +14,7 @@ import torch
 from dclip_ray.diffusion import generate, invert
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
-from dclip_ray.io.shards import LeaseKeeper
+from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.base import BaseModel
@@ -25,7 +25,8 @@ from .common import CountingEps, PrecomputeResult, lease_text, psnr
 from .inputs import batched, decode_shard, image_sha256
 
 
-def _skipped(shard: str, marker: dict) -> PrecomputeResult:
+def skipped_result(shard: str, marker: dict) -> PrecomputeResult:
+    """The result of a shard already committed, from its latent marker (``n`` ok keys, ``errors``)."""
     errors = marker.get("errors") or {}
     return PrecomputeResult(shard, skipped=True, n=marker.get("n", 0) + len(errors), n_ok=marker.get("n", 0),
                             n_error=len(errors), errors=errors, truncated=marker.get("truncated"))
@@ -56,7 +57,7 @@ def precompute_shard(
     store = LatentStore(store_root, key)
     fingerprint = fingerprint or shard_fingerprint(path)
     if store.is_current(shard, fingerprint):
-        return _skipped(shard, store.read_marker(shard) or {})
+        return skipped_result(shard, store.read_marker(shard) or {})
     with LeaseKeeper(store.dir, shard, owner) if owner is not None else nullcontext() as held:
         if held is not None:
             return PrecomputeResult(shard, leased=lease_text(held))

@@ -28,8 +28,9 @@ from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import config_sha256
 from dclip_ray.io.images import output_defect, tensor_to_uint8
 from dclip_ray.io.latents import LatentShard
+from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.manifest import ManifestRow
-from dclip_ray.io.shards import LeaseKeeper, ShardWriter, read_marker, remove_temporaries, shard_urls
+from dclip_ray.io.shards import ShardWriter, read_marker, remove_temporaries, shard_urls
 from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
