@@ -246,3 +246,23 @@ def test_finetune_many_refuses_missing_latents_before_starting_ray(world, tmp_pa
                "--out", str(tmp_path / "m"), "--clip", "toy_clip", "--clip-weights", weights])
     assert rc == 1 and "no cached latents for t0=300" in capsys.readouterr().err
     assert not sys.modules["ray"].is_initialized() and not os.path.exists(tmp_path / "m")
+
+
+def test_a_restyle_worker_given_the_model_hashes_does_not_hash_the_models_again(world, tmp_path, monkeypatch):
+    """The driver hashes every model once and passes the digests in the config (issue 18)."""
+    import dclip_ray.models.base as base_mod
+    import dclip_ray.models.cache as cache
+    from dclip_ray.stages.restyle import model_shas
+
+    cfg = build_restyle_config(str(tmp_path / "o"), models=world["fts"][:2], n_inv_steps=N_INV, n_gen_steps=N_GEN)
+    cfg.model_sha256s = model_shas(cfg)
+
+    def no_hashing(*a, **kw):
+        raise AssertionError("a worker hashed a model again")
+
+    for mod in (base_mod, cache):
+        monkeypatch.setattr(mod, "state_dict_sha256", no_hashing)
+    for name in ("_BASES", "_UNETS", "_SHAS"):
+        monkeypatch.setattr(cache, name, {})  # a fresh worker process
+    r = ShardRestyler(cfg)
+    assert r.shas == cfg.model_sha256s and r.base.sha256 == cfg.model_sha256s[0]

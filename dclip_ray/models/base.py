@@ -37,8 +37,10 @@ class BaseModel:
     sha256: str
 
 
-def load_base(model: str, preset: str | None = None) -> BaseModel:
-    """Load the original UNet (preset name, folder, checkpoint or URL) with its schedule."""
+def load_base(model: str, preset: str | None = None, sha256: str | None = None) -> BaseModel:
+    """Load the original UNet (preset name, folder, checkpoint or URL) with its schedule. ``sha256``: the
+    weights' digest when the caller already has it (a restyle driver passes it to its actors), so the
+    weights are not hashed again; None hashes them."""
     unet = load_unet(model, preset)
     sched_cfg = load_schedule_config(model, preset) or dict(DEFAULT_SCHEDULE)
     p = None
@@ -47,7 +49,7 @@ def load_base(model: str, preset: str | None = None) -> BaseModel:
             p = get_preset(name)
             break
     return BaseModel(unet, schedule_from_config(sched_cfg), dict(sched_cfg), int(unet.config.sample_size), p,
-                     state_dict_sha256(unet))
+                     sha256 or state_dict_sha256(unet))
 
 
 def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) -> Any:

@@ -20,13 +20,14 @@ _SHAS: dict[str, str] = {}
 
 
 def cached_base(model: str, preset: str | None = None, device: str = "cpu", trust_checkpoint: bool = False,
-                ) -> BaseModel:
+                sha256: str | None = None) -> BaseModel:
     """:func:`dclip_ray.models.base.load_base`, loaded once per process (Ray workers reuse it across
-    tasks). ``trust_checkpoint`` lets a pickle holding more than tensors load (it can run code)."""
+    tasks). ``trust_checkpoint`` lets a pickle holding more than tensors load (it can run code);
+    ``sha256``: the weights' digest when the caller has it (not hashed again)."""
     key = (model, preset)
     if key not in _BASES:
         with trust_scope(trust_checkpoint):
-            _BASES[key] = load_base(model, preset)
+            _BASES[key] = load_base(model, preset, sha256)
     base = _BASES[key]
     base.unet.to(device)
     return base

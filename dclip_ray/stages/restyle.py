@@ -180,7 +180,8 @@ class ShardRestyler:
 
     def __init__(self, cfg: RestyleConfig):
         self.cfg = cfg
-        self.base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+        known = cfg.model_sha256s[0] if cfg.model_sha256s else None  # the driver hashed the models once
+        self.base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint, sha256=known)
         self.models = [self.base.unet] + [cached_unet(f, cfg.device, cfg.trust_checkpoint) for f in cfg.finetuned]
         self.shas = model_shas(cfg)
         self.hashes = [cfg.variant_hash(v, self.shas) for v in cfg.variants]
