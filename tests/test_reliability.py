@@ -578,3 +578,29 @@ def test_json_commands_print_a_json_object_on_a_usage_error_too(capsys):
     assert main(["edit", "--model", "toy_shapes", "--json"]) == 1  # --images and --out missing
     out = json.loads(capsys.readouterr().out)
     assert out == {"status": "error", "exit_code": 1, "error": "Missing option '--images'."}
+
+
+def test_edit_is_restyle_on_one_machine_committed_shards_resume_and_verify(toy_input, tmp_path, capsys):
+    """Issue 18 item 3: edit writes the restyle shard outputs (tar, manifest, marker last) beside --out; a
+    re-run skips the committed shards and changes nothing; `verify` checks them like a restyle's."""
+    from dclip_ray.stages.edit import state_dir
+
+    single = tmp_path / "single"
+    single.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (single / name).write_bytes((Path(toy_input) / name).read_bytes())
+    out = tmp_path / "out"
+    assert main(toy_edit(out, str(single))) == 0
+    first = json.loads(capsys.readouterr().out)
+    pngs = {p.name: p.read_bytes() for p in out.iterdir()}
+    state = state_dir(str(out))
+    assert first["n_edited"] == 4 and len(pngs) == 4 and first["shards"] == state
+    assert sorted(os.listdir(state)) == sorted(f"0000{i}{ext}" for i in (0, 1)
+                                               for ext in (".parquet", ".tar", "_stats.json"))
+    assert verify(state, str(single)).ok
+    stamps = {f: os.path.getmtime(os.path.join(state, f)) for f in os.listdir(state)}
+    assert main(toy_edit(out, str(single))) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["n_edited"] == 4 and again["errors"] == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == pngs
+    assert {f: os.path.getmtime(os.path.join(state, f)) for f in os.listdir(state)} == stamps, "nothing rewritten"
