@@ -197,8 +197,8 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     written but listed in ``errors``, as are duplicate and bad inputs."""
     if (job.finetuned is None) == (job.mix is None):
         raise ConfigError("edit needs exactly one of --finetuned FT_DIR or --mix MIX.yaml")
-    check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned,
-                                       "--mix": job.mix})
+    check_outputs({"--out": job.out, "--out (its shard outputs)": state_dir(job.out)},
+                  {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned, "--mix": job.mix})
     base = cached_base(job.model, job.preset)
     mix = load_mix_spec(job.mix) if job.mix else None
     folders = list(mix.models) if mix else [str(job.finetuned)]
