@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.io.shards import read_marker, shard_urls
 from dclip_ray.stages.common import RestyleResult, raise_if_leased, set_threads
-from dclip_ray.stages.inputs import fingerprints, input_shards, new_run_id, shard_keys
-from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, variant_committed
+from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards, new_run_id
+from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, shard_committed
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
 
@@ -117,19 +117,6 @@ class GeneratorActor:
         return res
 
 
-def _limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
-    """The shards needed to cover the first ``limit`` input keys (whole shards: the unit of work)."""
-    if limit is None:
-        return shards
-    out, n = [], 0
-    for name, path in shards:
-        if n >= limit:
-            break
-        out.append((name, path))
-        n += len(shard_keys(path)[0])
-    return out
-
-
 def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[str]]:
     """Everything the run checks before work starts: the arguments and locations
     (:func:`~dclip_ray.stages.restyle_config.check_restyle`), the input's shards and their content fingerprints, and what the latent
@@ -139,7 +126,7 @@ def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[
     if job.limit is not None and job.limit < 1:
         raise ConfigError(f"--limit {job.limit} must be >= 1")
     check_restyle(job.config, job.input)
-    shards = _limit_shards(input_shards(job.input), job.limit)
+    shards = limit_shards(input_shards(job.input), job.limit)
     prints = fingerprints(shards)
     warnings = latent_coverage(job.config, shards, prints, job.require_latents)
     return shards, prints, warnings
@@ -161,8 +148,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     shards, prints, warnings = check(job)
     shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    todo = [(n, p) for n, p in shards
-            if not all(variant_committed(v, n, h, prints[n]) for v, h in zip(cfg.variants, hashes, strict=True))]
+    todo = [(n, p) for n, p in shards if not shard_committed(cfg, hashes, n, prints[n])]
     write_declaration(cfg, job.input)
     results: list[dict[str, Any]] = []
     for n, p in shards:

@@ -33,7 +33,7 @@ from dclip_ray.mixing import MixSpec, load_mix_spec
 from dclip_ray.models.base import BaseModel, read_card
 from dclip_ray.models.cache import cached_base
 
-from .inputs import decode_shard, input_shards, iter_shard, shard_keys
+from .inputs import decode_shard, input_shards, iter_shard, limit_shards
 from .restyle import RestyleConfig, ShardRestyler, Variant
 
 log = logging.getLogger(__name__)
@@ -147,19 +147,6 @@ def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
             for k, p in homes.items() if len(p) > 1}
 
 
-def _limit(shards: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
-    """The whole shards needed to cover the first ``limit`` input keys (the shard is the unit of work)."""
-    if limit is None:
-        return shards
-    out, n = [], 0
-    for name, path in shards:
-        if n >= limit:
-            break
-        out.append((name, path))
-        n += len(shard_keys(path)[0])
-    return out
-
-
 def _errors(state: str, shards: list[tuple[str, str]], dups: dict[str, dict[str, str]],
             ) -> tuple[list[str], list[dict[str, str]]]:
     """From the committed manifests: the ok keys in input order and one ``{"key", "shard", "error"}``
@@ -207,7 +194,7 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[_variant(job, mix, state)], t0=t0,
                         n_inv_steps=job.n_inv_steps, n_gen_steps=job.n_gen_steps, preset=job.preset,
                         batch_size=job.batch_size, root=state)
-    shards = _limit(input_shards(job.images), job.limit)
+    shards = limit_shards(input_shards(job.images), job.limit)
     dups = duplicates(shards)
     out.mkdir(parents=True, exist_ok=True)
     restyler = EditRestyler(cfg, out)

@@ -72,6 +72,19 @@ def shard_keys(path: str) -> tuple[list[str], str | None]:
     return keys, None
 
 
+def limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
+    """The whole shards needed to cover the first ``limit`` input keys (the shard is the unit of work)."""
+    if limit is None:
+        return shards
+    out, n = [], 0
+    for name, path in shards:
+        if n >= limit:
+            break
+        out.append((name, path))
+        n += len(shard_keys(path)[0])
+    return out
+
+
 def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, str]:
     """``{shard name: content fingerprint}`` of input shards, read in parallel threads (I/O bound)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -141,6 +141,12 @@ def variant_committed(v: Variant, shard: str, config_hash: str, fingerprint: str
     return True
 
 
+def shard_committed(cfg: RestyleConfig, hashes: list[str], shard: str, fingerprint: str | None = None) -> bool:
+    """True when every variant of ``cfg`` has committed ``shard`` under its config hash (``hashes``, one
+    per variant; see :func:`variant_committed`)."""
+    return all(variant_committed(v, shard, h, fingerprint) for v, h in zip(cfg.variants, hashes, strict=True))
+
+
 def output_meta(rec_json: bytes | None, dclip: dict[str, Any]) -> dict[str, Any]:
     """The ``.json`` member of an output sample: the input's ``.json`` object (a non-object is kept
     under ``original``; invalid JSON is noted) plus the edit's provenance under ``dclip``."""
@@ -195,8 +201,7 @@ class ShardRestyler:
     def committed(self, shard: str, fingerprint: str | None = None) -> bool:
         """True when every variant has a commit marker for ``shard`` with this config's hash (and, when
         given, from this input content)."""
-        return all(variant_committed(v, shard, h, fingerprint)
-                   for v, h in zip(self.cfg.variants, self.hashes, strict=True))
+        return shard_committed(self.cfg, self.hashes, shard, fingerprint)
 
     def _cached(self, shard: str) -> LatentShard | None:
         if self.store is None or not self.store.is_committed(shard):

@@ -24,7 +24,7 @@ from dclip_ray.urls import redact
 from .checks import check_out_folder, check_step_counts, check_steps
 from .inputs import absolute, shard_keys
 from .precompute import find_latent_store
-from .restyle import RestyleConfig, Variant, gamma_of, gen_evals_per_image, model_shas, variant_committed
+from .restyle import RestyleConfig, Variant, gamma_of, gen_evals_per_image, model_shas, shard_committed
 
 
 def _card_t0(finetuned: str) -> int | None:
@@ -201,7 +201,7 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
     for name, path in shards:
         keys, truncated = shard_keys(path)
         fp = (prints or {}).get(name)
-        done = all(variant_committed(v, name, h, fp) for v, h in zip(cfg.variants, hashes, strict=True))
+        done = shard_committed(cfg, hashes, name, fp)
         marker = store.read_marker(name) if store is not None and store.is_committed(name) else None
         if marker is not None and fp is not None and marker.get("source_fingerprint") != fp:
             marker = None  # latents of an older version of this input: not used
