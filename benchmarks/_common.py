@@ -121,10 +121,10 @@ def ray_stop() -> None:
 def restyle(inputs: str, out: str, models: list[str], t0: int, n_inv: int, n_gen: int, batch: int,
             actors: int = 1, cpus_per_actor: float = 0.5, latents: str | None = None) -> tuple[dict[str, Any], float]:
     """One ``run_restyle`` of the toy world (Ray already started). Returns (summary, wall seconds)."""
-    from dclip_ray.pipeline import work
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+    from dclip_ray.stages.restyle_config import build_restyle_config
 
-    cfg = work.build_restyle_config(out, models=models, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
+    cfg = build_restyle_config(out, models=models, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
                                     batch_size=batch, latents=latents)
     start = time.perf_counter()
     summary = run_restyle(RestyleJob(cfg, inputs, actors=actors, cpus_per_actor=cpus_per_actor), progress=False)

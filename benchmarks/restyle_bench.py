@@ -56,19 +56,21 @@ def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: in
     Returns ``{"images", "seconds", "inv_evals", "gen_evals"}`` (evaluations counted per image x call).
     """
     from dclip_ray.diffusion import generate, invert
-    from dclip_ray.jobs import load_base
     from dclip_ray.models import eps_fn_of, load_unet
-    from dclip_ray.pipeline import work
+    from dclip_ray.models.base import load_base
+    from dclip_ray.stages.common import CountingEps
+    from dclip_ray.stages.inputs import decode_shard, input_shards
+    from dclip_ray.stages.restyle import encode_image
 
     base = load_base(c.TOY_MODEL)
-    inv_eps = work.CountingEps(eps_fn_of(base.unet))
-    gen_eps = [work.CountingEps(eps_fn_of(load_unet(m))) for m in models]
+    inv_eps = CountingEps(eps_fn_of(base.unet))
+    gen_eps = [CountingEps(eps_fn_of(load_unet(m))) for m in models]
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
     start = time.perf_counter()
     with torch.no_grad():
-        for _, path in work.input_shards(inputs):
-            for d in work.decode_shard(path, base.resolution):
+        for _, path in input_shards(inputs):
+            for d in decode_shard(path, base.resolution):
                 if n >= limit:
                     break
                 if d.x is None:
@@ -77,7 +79,7 @@ def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: in
                 for mi, eps in enumerate(gen_eps):  # the official code inverts again for every model
                     x_t0 = invert(inv_eps, x0, t0, n_inv, base.schedule)
                     x = generate(eps, x_t0, t0, n_gen, base.schedule)
-                    (out_dir / f"{d.rec.key}_{mi}.png").write_bytes(work.encode_image(x[0], "png"))
+                    (out_dir / f"{d.rec.key}_{mi}.png").write_bytes(encode_image(x[0], "png"))
                 n += 1
     return {"images": n, "seconds": time.perf_counter() - start, "inv_evals": inv_eps.evals,
             "gen_evals": sum(e.evals for e in gen_eps)}
@@ -153,16 +155,18 @@ def _cache(tmp: Path, inputs: str, s: dict[str, Any]) -> tuple[list[dict], dict]
                      "wall_s": round(wall, 3), "inside_s": round(c.inside_seconds(summary), 3)})
     # the same restyler in this process, no Ray, one shard, best of 2 alternating runs: less exposed to the
     # load of other processes than the two Ray jobs above
-    from dclip_ray.pipeline import work
+    from dclip_ray.stages.inputs import input_shards
+    from dclip_ray.stages.restyle import ShardRestyler
+    from dclip_ray.stages.restyle_config import build_restyle_config
 
-    name, path = work.input_shards(inputs)[0]
+    name, path = input_shards(inputs)[0]
     best: dict[str, float] = {}
     with c.threads(1):
         for rep in range(2):
             for kind, latents in (("inverted", None), ("cached", lat)):
-                cfg = work.build_restyle_config(str(tmp / f"cache_local_{kind}_{rep}"), models=models, t0=s["t0"],
+                cfg = build_restyle_config(str(tmp / f"cache_local_{kind}_{rep}"), models=models, t0=s["t0"],
                                                 n_inv_steps=steps, n_gen_steps=steps, batch_size=b, latents=latents)
-                one = work.ShardRestyler(cfg).run(name, path)
+                one = ShardRestyler(cfg).run(name, path)
                 best[kind] = min(best.get(kind, float("inf")), one["seconds"])
                 if rep == 0:
                     rows.append({"latents": f"{kind} (in-process, 1 shard)", "K": k, "batch": b, "images": one["n_ok"],

@@ -53,9 +53,9 @@ def flops_per_image_forward(unet: torch.nn.Module, batch: int, size: int = 32) -
 def bare_loop(unet: torch.nn.Module, x0: torch.Tensor, batch: int, steps: int) -> tuple[float, int]:
     """invert + generate ``x0`` [N,3,32,32] in [-1,1] in batches: (seconds, image evaluations)."""
     from dclip_ray.diffusion import generate, invert
-    from dclip_ray.jobs import load_base
     from dclip_ray.models import eps_fn_of
-    from dclip_ray.pipeline.work import CountingEps
+    from dclip_ray.models.base import load_base
+    from dclip_ray.stages.common import CountingEps
 
     sched = load_base(c.TOY_MODEL).schedule
     eps = CountingEps(eps_fn_of(unet))
@@ -77,7 +77,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     """Achieved UNet FLOP/s (restyle and bare loop) as a share of GEMM FLOP/s at 1 thread."""
     del out_dir
     from dclip_ray.models import load_unet
-    from dclip_ray.pipeline import work
+    from dclip_ray.stages.inputs import decode_shard, input_shards
 
     s = settings(quick)
     unet = load_unet(c.TOY_MODEL).eval()
@@ -86,7 +86,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         tmp = Path(d)
         inputs = c.toy_shards(tmp, s["n_images"], s["n_images"])
         models = c.finetuned_copies(tmp, 1, T0)
-        x0 = torch.stack([dd.x for _, p in work.input_shards(inputs) for dd in work.decode_shard(p, 32)])
+        x0 = torch.stack([dd.x for _, p in input_shards(inputs) for dd in decode_shard(p, 32)])
         with c.threads(1):
             gemm1 = gemm_flops_per_s()
             per_img = {b: flops_per_image_forward(unet, b) for b in s["batches"]}

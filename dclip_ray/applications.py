@@ -29,12 +29,12 @@ import torch
 from dclip_ray.diffusion import EpsFn, Schedule, add_noise, generate
 from dclip_ray.edit import generate_images, invert_images
 from dclip_ray.errors import ConfigError
-from dclip_ray.evaluation.report import RUN_FILE
+from dclip_ray.evaluation.report import RUN_FILE, save_grid
 from dclip_ray.io.images import encode_png
-from dclip_ray.jobs import load_base, read_card, read_images
+from dclip_ray.jobs import read_images
 from dclip_ray.mixing import strength_eps_fn
 from dclip_ray.models import eps_fn_of, load_unet
-from dclip_ray.report import save_grid
+from dclip_ray.models.base import load_base, read_card
 
 log = logging.getLogger(__name__)
 

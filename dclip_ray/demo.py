@@ -17,7 +17,8 @@ from PIL import Image
 
 from dclip_ray.finetune import FinetuneConfig
 from dclip_ray.io.images import load_image_tensor
-from dclip_ray.jobs import EditJob, FinetuneJob, run_edit, run_finetune
+from dclip_ray.jobs import FinetuneJob, run_finetune
+from dclip_ray.stages.edit import EditJob, run_edit
 from dclip_ray.toyworld import judge, sample_dataset
 
 # The best red -> blue settings found on the toy world (tests/test_finetune_toyworld.py): 32/32 held-out

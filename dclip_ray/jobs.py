@@ -1,4 +1,5 @@
-"""Single-machine jobs behind `dclip-ray finetune`, `edit` and `latent-optim` (no Ray).
+"""Single-machine jobs behind `dclip-ray finetune` and `latent-optim` (no Ray; `edit` is restyle on one
+machine: :mod:`dclip_ray.stages.edit`).
 
 Each job loads its models once, reads images from a folder or shards (local or fsspec), and returns a
 JSON-serialisable summary. Images that cannot be decoded are listed in the summary's ``errors`` with
@@ -7,7 +8,6 @@ their reason (never dropped silently).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,63 +15,18 @@ from typing import Any
 
 import torch
 
-from dclip_ray.diffusion import Schedule, schedule_from_config
-from dclip_ray.edit import generate_images, invert_images, latent_optimization
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.edit import invert_images, latent_optimization
+from dclip_ray.errors import InputFileError
+from dclip_ray.evaluation.report import save_grid
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
-from dclip_ray.hashing import state_dict_sha256
-from dclip_ray.io.images import ImageError, encode_png, load_image_tensor, output_defect
-from dclip_ray.io.locations import check_outputs
+from dclip_ray.io.images import ImageError, encode_png, load_image_tensor
 from dclip_ray.io.sources import duplicate_reason, iter_records
 from dclip_ray.losses import Augment
-from dclip_ray.mixing import load_mix_spec, mixed_eps_fn, strength_eps_fn
-from dclip_ray.models import (
-    eps_fn_of,
-    get_preset,
-    list_presets,
-    load_clip,
-    load_face,
-    load_schedule_config,
-    load_unet,
-)
-from dclip_ray.report import save_grid
+from dclip_ray.models import eps_fn_of, load_face
+from dclip_ray.models.base import load_base, resolve_clip
 from dclip_ray.urls import redact
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BaseModel:
-    """The original diffusion model, its schedule, resolution and preset (if any)."""
-
-    unet: torch.nn.Module
-    schedule: Schedule
-    schedule_config: dict[str, Any]
-    resolution: int
-    preset: Any
-    sha256: str
-
-
-def load_base(model: str, preset: str | None = None) -> BaseModel:
-    """Load the original UNet (preset name, folder, checkpoint or URL) with its schedule."""
-    unet = load_unet(model, preset)
-    sched_cfg = load_schedule_config(model, preset) or {"num_train_timesteps": 1000, "beta_start": 1e-4,
-                                                          "beta_end": 0.02, "beta_schedule": "linear"}
-    p = None
-    for name in (preset, model):
-        if name and name in list_presets():
-            p = get_preset(name)
-            break
-    return BaseModel(unet, schedule_from_config(sched_cfg), dict(sched_cfg), int(unet.config.sample_size), p,
-                     state_dict_sha256(unet))
-
-
-def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) -> Any:
-    """The CLIP to guide with: ``clip`` (preset or open_clip name) or the model preset's recommendation."""
-    name = clip or (base.preset.recommended_clip if base.preset is not None else None)
-    if not name:
-        raise ConfigError("no CLIP given and the model has no preset: pass --clip NAME --clip-weights PATH")
-    return load_clip(name, weights=clip_weights)
 
 
 @dataclass
@@ -163,85 +118,6 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,
             "config": asdict(cfg)}
-
-
-def read_card(finetuned: str) -> dict[str, Any]:
-    """The ``dclip.json`` of a fine-tuned model folder (empty dict for a plain diffusers folder)."""
-    path = Path(finetuned) / "dclip.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise InputFileError(f"{path}: not valid JSON ({e}); re-save the fine-tuned model") from None
-
-
-@dataclass
-class EditJob:
-    """Arguments of `dclip-ray edit` (see its --help)."""
-
-    model: str
-    finetuned: str | None
-    images: str
-    out: str
-    preset: str | None = None
-    strength: float = 1.0
-    mix: str | None = None  # a mix YAML (models + gamma, eq. 14) instead of one fine-tuned model
-    t0: int | None = None
-    n_inv_steps: int = 40
-    n_gen_steps: int = 40
-    limit: int | None = None
-    batch_size: int = 16
-    grid: bool = False
-
-
-def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
-    """Invert with the original model, generate with ``strength`` r of the fine-tuned one (or of the
-    gamma-weighted mix of several, eq. 14, when ``job.mix`` is given), write PNGs.
-
-    ``n_edited`` counts the files written; a generated image that is non-finite or one colour
-    (:func:`output_defect`) is not written but listed in ``errors``, as are duplicate and bad inputs."""
-    if (job.finetuned is None) == (job.mix is None):
-        raise ConfigError("edit needs exactly one of --finetuned FT_DIR or --mix MIX.yaml")
-    check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned,
-                                       "--mix": job.mix})
-    base = load_base(job.model, job.preset)
-    mix = load_mix_spec(job.mix) if job.mix else None
-    folders = list(mix.models) if mix else [str(job.finetuned)]
-    cards = [read_card(f) for f in folders]
-    for folder, card in zip(folders, cards, strict=True):
-        if card and card.get("base_model_sha256") not in (None, base.sha256):
-            log.warning("%s was fine-tuned from a different base model than %s", folder, job.model)
-    card_t0 = next((c.get("config", {}).get("t0") for c in cards if c.get("config", {}).get("t0")), None)
-    t0 = job.t0 or int(card_t0 or (base.preset.t0 if base.preset else 0) or 500)
-    fts = [eps_fn_of(load_unet(f)) for f in folders]
-    batch = read_image_batch(job.images, base.resolution, job.limit)
-    keys, x0, errors = batch.keys, batch.x, list(batch.errors)
-    lat = invert_images(eps_fn_of(base.unet), x0, t0, job.n_inv_steps, base.schedule, job.batch_size,
-                        disable=not progress)
-    edited_eps = mixed_eps_fn(fts, mix.schedule(), base.schedule.num_timesteps) if mix else fts[0]
-    eps = strength_eps_fn(eps_fn_of(base.unet), edited_eps, job.strength)
-    edited = generate_images(eps, lat, t0, job.n_gen_steps, base.schedule, job.batch_size, disable=not progress)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_written = 0
-    for key, shard, x in zip(keys, batch.shards, edited, strict=True):
-        defect = output_defect(x)  # a NaN weight or a collapsed model: never written as if it were an edit
-        if defect is not None:
-            errors.append({"key": key, "shard": shard, "error": defect})
-            log.warning("not writing %s: %s", key, defect)
-            continue
-        path = out / f"{key}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_png(x))
-        n_written += 1
-    summary: dict[str, Any] = {"out": str(out), "n_edited": n_written, "t0": t0, "strength": job.strength,
-                               "n_inv_steps": job.n_inv_steps, "n_gen_steps": job.n_gen_steps, "errors": errors}
-    if mix:
-        summary["mix"] = mix.as_dict()
-    if job.grid:
-        summary["grid"] = str(save_grid([x0[:16], edited[:16]], out / "grid.png"))
-    return summary
 
 
 @dataclass

@@ -13,9 +13,12 @@ import pytest  # noqa: E402  (after the environment above, which must be set bef
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """An embedded 2-CPU Ray for one test module (no dashboard), shut down afterwards."""
+    """An embedded 2-CPU Ray for one test module (no dashboard), shut down afterwards. Its workers can
+    import the test helpers of this folder (e.g. :mod:`fault_restylers`)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    path = os.pathsep.join(p for p in (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()

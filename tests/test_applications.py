@@ -16,8 +16,8 @@ from dclip_ray.cli import main
 from dclip_ray.errors import ConfigError
 from dclip_ray.evaluation.metrics import judge_success, psnr
 from dclip_ray.io.images import load_image_tensor
-from dclip_ray.jobs import load_base
 from dclip_ray.models import eps_fn_of
+from dclip_ray.models.base import load_base
 from dclip_ray.toyworld import BACKGROUND, COLOURS, SHAPES, judge, render
 
 COLOURS4 = ["red", "green", "blue", "yellow"]

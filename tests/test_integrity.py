@@ -23,11 +23,23 @@ from dclip_ray.cli import main
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.io.images import output_defect
 from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.io.leases import acquire_lease, release_lease
 from dclip_ray.io.locations import check_outputs, overlap
 from dclip_ray.io.manifest import read_manifest
-from dclip_ray.io.shards import acquire_lease, list_temporaries, release_lease
-from dclip_ray.pipeline import work
-from dclip_ray.pipeline.verify import verify
+from dclip_ray.io.shards import list_temporaries
+from dclip_ray.models.cache import cached_base
+from dclip_ray.stages.common import raise_if_leased
+from dclip_ray.stages.inputs import fingerprints, input_shards
+from dclip_ray.stages.precompute import precompute_shard
+from dclip_ray.stages.restyle import ShardRestyler
+from dclip_ray.stages.restyle_config import (
+    build_restyle_config,
+    check_restyle,
+    latent_coverage,
+    variant_name,
+    write_declaration,
+)
+from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 3, 2
 
@@ -53,13 +65,13 @@ def tree(folder) -> dict[str, bytes]:
 
 
 def restyle_cfg(world, out, **kw):
-    return work.build_restyle_config(str(out), models=[world["fts"][0]], n_inv_steps=N_INV, n_gen_steps=N_GEN,
+    return build_restyle_config(str(out), models=[world["fts"][0]], n_inv_steps=N_INV, n_gen_steps=N_GEN,
                                      batch_size=4, **kw)
 
 
 def restyle_all(cfg, data, owner=None):
-    r = work.ShardRestyler(cfg)
-    return [r.run(n, p, owner=owner) for n, p in work.input_shards(data)]
+    r = ShardRestyler(cfg)
+    return [r.run(n, p, owner=owner) for n, p in input_shards(data)]
 
 
 # ---- 1. an output that would overwrite an input is refused ---------------------------------------------
@@ -145,13 +157,13 @@ def rewrite_images(path: str, seed: int) -> None:
 
 
 def test_rewritten_input_redoes_latents_and_outputs_and_verify_reports_it(world, data, tmp_path):
-    base = work.cached_base(world["base"])
+    base = cached_base(world["base"])
     key = LatentKey(base.sha256, T0, N_INV, 32)
-    shards = dict(work.input_shards(data))
+    shards = dict(input_shards(data))
     lat = str(tmp_path / "lat")
-    first = work.precompute_shard(world["base"], None, "00000", shards["00000"], lat, key)
+    first = precompute_shard(world["base"], None, "00000", shards["00000"], lat, key)
     assert not first["skipped"]
-    assert work.precompute_shard(world["base"], None, "00000", shards["00000"], lat, key)["skipped"]
+    assert precompute_shard(world["base"], None, "00000", shards["00000"], lat, key)["skipped"]
     out = tmp_path / "out"
     cfg = restyle_cfg(world, out, latents=lat)
     assert restyle_all(cfg, data)[0]["n_cached"] == 8
@@ -165,7 +177,7 @@ def test_rewritten_input_redoes_latents_and_outputs_and_verify_reports_it(world,
     assert not res[0]["skipped"] and res[0]["n_stale"] == 8 and res[0]["n_cached"] == 0, "stale latents never used"
     assert res[0]["inv_evals"] == 8 * (N_INV - 1) and res[1]["skipped"]
     assert verify(str(out), data).ok
-    again = work.precompute_shard(world["base"], None, "00000", shards["00000"], lat, key)
+    again = precompute_shard(world["base"], None, "00000", shards["00000"], lat, key)
     assert not again["skipped"] and again["unet_evals"] == 8 * (N_INV - 1), "precompute redoes a changed input"
     assert LatentStore(lat, key).read("00000").keys == old_keys
     res = restyle_all(restyle_cfg(world, tmp_path / "out2", latents=lat), data)
@@ -174,29 +186,29 @@ def test_rewritten_input_redoes_latents_and_outputs_and_verify_reports_it(world,
 
 # ---- 3. a latent store that gives nothing is reported -------------------------------------------------------
 def test_latent_store_miss_names_the_field_and_require_latents_fails(world, data, tmp_path):
-    base = work.cached_base(world["base"])
+    base = cached_base(world["base"])
     lat = str(tmp_path / "lat")
     store = LatentStore(lat, LatentKey(base.sha256, T0, N_INV + 2, 32))
-    shards = work.input_shards(data)
+    shards = input_shards(data)
     for n, p in shards:
-        work.precompute_shard(world["base"], None, n, p, lat, store.key)
-    prints = work.fingerprints(shards)
+        precompute_shard(world["base"], None, n, p, lat, store.key)
+    prints = fingerprints(shards)
     cfg = restyle_cfg(world, tmp_path / "o", latents=lat)
-    work.check_restyle(cfg, data)
-    (warning,) = work.latent_coverage(cfg, shards, prints)
+    check_restyle(cfg, data)
+    (warning,) = latent_coverage(cfg, shards, prints)
     assert "no cached latent matches" in warning and f"n_inv_steps {N_INV + 2} (this run: {N_INV})" in warning
     with pytest.raises(ConfigError, match="n_inv_steps"):
-        work.latent_coverage(cfg, shards, prints, require=True)
+        latent_coverage(cfg, shards, prints, require=True)
     # the digest folder precompute prints is accepted as the store
     good = LatentStore(lat, LatentKey(base.sha256, T0, N_INV, 32))
-    work.precompute_shard(world["base"], None, shards[0][0], shards[0][1], lat, good.key)
+    precompute_shard(world["base"], None, shards[0][0], shards[0][1], lat, good.key)
     cfg = restyle_cfg(world, tmp_path / "o", latents=good.dir)
-    work.check_restyle(cfg, data)
+    check_restyle(cfg, data)
     assert cfg.latents == lat
-    (partial,) = work.latent_coverage(cfg, shards, prints)
+    (partial,) = latent_coverage(cfg, shards, prints)
     assert "1 of 2 input shard(s) have no current latents" in partial
     with pytest.raises(ConfigError, match="run `dclip-ray precompute`"):
-        work.latent_coverage(cfg, shards, prints, require=True)
+        latent_coverage(cfg, shards, prints, require=True)
 
 
 def test_require_latents_without_a_store_is_a_usage_error(world, data, tmp_path, capsys):
@@ -218,9 +230,9 @@ def test_output_defect():
 def test_restyle_commits_no_nan_image(world, data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = restyle_cfg(world, out)
-    r = work.ShardRestyler(cfg)
+    r = ShardRestyler(cfg)
     r.variant_eps[0] = lambda x, t: torch.full_like(x, float("nan"))  # a diverged model
-    res = [r.run(n, p) for n, p in work.input_shards(data)]
+    res = [r.run(n, p) for n, p in input_shards(data)]
     assert [x["n_ok"] for x in res] == [0, 0] and [x["n_error"] for x in res] == [8, 8]
     rows = read_manifest(str(out / "00000.parquet"))
     assert {row.status for row in rows} == {"error"} and all(row.error.startswith("non-finite output") for row in rows)
@@ -232,17 +244,17 @@ def test_restyle_commits_no_nan_image(world, data, tmp_path, monkeypatch):
 # ---- 7. verify sees a deleted variant, a stray shard and leftovers ---------------------------------------------
 def test_verify_flags_a_deleted_variant_a_stray_shard_and_temporaries(world, data, tmp_path):
     out = tmp_path / "out"
-    cfg = work.build_restyle_config(str(out), models=world["fts"][:2], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
-    work.write_declaration(cfg, data)
+    cfg = build_restyle_config(str(out), models=world["fts"][:2], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    write_declaration(cfg, data)
     restyle_all(cfg, data)
     assert verify(str(out), data).ok
-    name = work.variant_name(world["fts"][1])
+    name = variant_name(world["fts"][1])
     shutil.rmtree(out / name)
     problems = verify(str(out), data).problems
     assert problems == [f"{out}/{name}: a declared output folder is missing: every key of this variant is lost; "
                         "re-run restyle to write it"]
     restyle_all(cfg, data)
-    v0 = out / work.variant_name(world["fts"][0])
+    v0 = out / variant_name(world["fts"][0])
     shutil.copy(v0 / "00000.tar", v0 / "00099.tar")
     (v0 / "00001.tar.tmp-4242").write_bytes(b"half")
     problems = verify(str(out), data).problems
@@ -271,7 +283,7 @@ def test_a_shard_leased_by_another_run_is_not_computed_twice(world, data, tmp_pa
     assert not res[1]["leased"] and res[1]["n_ok"] == 8
     assert not os.path.exists(f"{out}/00001.lease"), "a lease is released when the shard is committed"
     with pytest.raises(AbortedError, match="1 shard\\(s\\) left to another run"):
-        work.raise_if_leased({r["shard"]: r["leased"] for r in res if r["leased"]})
+        raise_if_leased({r["shard"]: r["leased"] for r in res if r["leased"]})
     release_lease(out, "00000", "run-a")  # not the holder: nothing happens
     assert os.path.exists(f"{out}/00000.lease")
     lease = json.loads(open(f"{out}/00000.lease").read())

@@ -12,7 +12,14 @@ import webdataset as wds
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes, read_manifest, write_manifest
-from dclip_ray.io.shards import TarShardWriter, list_markers, read_marker, shard_urls, write_marker
+from dclip_ray.io.shards import (
+    ShardWriter,
+    TarShardWriter,
+    list_markers,
+    read_marker,
+    shard_urls,
+    write_marker,
+)
 
 ROWS = [
     ManifestRow("k0", "00000", "ok", sha256="ab" * 32, metrics={"mean_abs_change": 0.25}),
@@ -91,3 +98,24 @@ def test_markers(tmp_path):
     assert list_markers(root) == ["00001"]
     (tmp_path / "out" / "00002_stats.json").write_text("{truncated")
     assert read_marker(shard_urls(root, "00002")["marker"]) is None, "an unreadable marker is not a commit"
+
+
+def test_the_shard_writer_hashes_the_tar_while_writing_it_and_commits_the_marker_last(tmp_path):
+    """One writer: tar, manifest, marker last; the marker's sha256 and size are the uploaded tar's, also
+    after duplicate keys were dropped (the tar is rewritten and hashed again)."""
+    root = str(tmp_path / "out")
+    w = ShardWriter(root, "00000")
+    for k in ("a", "b", "c"):
+        w.write(k, {"png": k.encode() * 100}, ManifestRow(k, "00000", "ok", sha256=hashlib.sha256(k.encode()).hexdigest()))
+    w.error("bad", "undecodable image")
+    w.drop({"b": "duplicate key"})
+    marker = w.commit({"config_sha256": "x"}, order={"a": 0, "b": 1, "bad": 2, "c": 3})
+    w.discard()
+    tar = (tmp_path / "out" / "00000.tar").read_bytes()
+    assert marker["tar_sha256"] == hashlib.sha256(tar).hexdigest() and marker["tar_bytes"] == len(tar)
+    assert (marker["n"], marker["n_ok"], marker["n_error"]) == (4, 2, 2)
+    assert read_marker(shard_urls(root, "00000")["marker"]) == marker
+    rows = read_manifest(shard_urls(root, "00000")["manifest"])
+    assert [(r.key, r.status) for r in rows] == [("a", "ok"), ("b", "error"), ("bad", "error"), ("c", "ok")]
+    with tarfile.open(tmp_path / "out" / "00000.tar") as t:
+        assert [m.name for m in t.getmembers()] == ["a.png", "c.png"]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import pytest
 import ray
 import webdataset as wds
+from fault_restylers import CrashBeforeCommit
 from pipeline_fixtures import BAD_REASONS, make_world
 
 from dclip_ray.cli import main
@@ -95,15 +97,15 @@ def test_limit_and_strength_without_cache(ray_local, world, tmp_path, capsys):
 def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_local, world, tmp_path):
     """An actor killed between writing a shard and its commit marker: Ray Data retries the shard on a new
     actor, which rewrites the same names; every key ends up exactly once."""
-    from dclip_ray.pipeline import work
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
-    from dclip_ray.pipeline.verify import verify
+    from dclip_ray.stages.restyle_config import build_restyle_config
+    from dclip_ray.stages.verify import verify
 
     out, flag = str(tmp_path / "out"), tmp_path / "crashed"
-    cfg = work.build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
-    cfg.crash_once = str(flag)
+    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     inputs = os.path.join(world["data"], "{00000,bad}.tar")
-    s = run_restyle(RestyleJob(cfg, inputs, actors=1), progress=False)
+    s = run_restyle(RestyleJob(cfg, inputs, actors=1, restyler_factory=partial(CrashBeforeCommit, flag=str(flag))),
+                    progress=False)
     assert flag.exists(), "the hook killed a worker"
     assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
     report = verify(out, inputs)

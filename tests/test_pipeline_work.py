@@ -19,8 +19,13 @@ from pipeline_fixtures import BAD_REASONS, make_world, random_clip_weights
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.manifest import ManifestRow, read_manifest, write_manifest
-from dclip_ray.pipeline import work
-from dclip_ray.pipeline.verify import verify
+from dclip_ray.models.cache import cached_base
+from dclip_ray.stages.inputs import input_shards
+from dclip_ray.stages.precompute import precompute_shard
+from dclip_ray.stages.restyle import ShardRestyler
+from dclip_ray.stages.restyle_config import build_restyle_config, restyle_plan
+from dclip_ray.stages.training_data import training_data
+from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 4, 3
 
@@ -36,15 +41,15 @@ def files_state(folder):
 
 
 def restyle_all(cfg, data):
-    r = work.ShardRestyler(cfg)
-    return [r.run(n, p) for n, p in work.input_shards(data)]
+    r = ShardRestyler(cfg)
+    return [r.run(n, p) for n, p in input_shards(data)]
 
 
 def test_precompute_shard_reasons_counts_and_skip(world, tmp_path):
-    base = work.cached_base(world["base"])
+    base = cached_base(world["base"])
     key = LatentKey(base.sha256, T0, N_INV, 32)
-    shards = dict(work.input_shards(world["data"]))
-    s = work.precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path), key, batch_size=4, recon_psnr=True)
+    shards = dict(input_shards(world["data"]))
+    s = precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path), key, batch_size=4, recon_psnr=True)
     assert (s["n"], s["n_ok"], s["n_error"]) == (6, 2, 4)
     for k, reason in BAD_REASONS.items():
         assert reason in s["errors"][k]
@@ -52,18 +57,18 @@ def test_precompute_shard_reasons_counts_and_skip(world, tmp_path):
     stored = LatentStore(str(tmp_path), key).read("bad")
     assert stored.keys == ["ok1", "ok2"] and stored.latents.shape == (2, 3, 32, 32)
     assert stored.recon_psnr.shape == (2,) and stored.source == shards["bad"]
-    cut = work.precompute_shard(world["base"], None, "cut", shards["cut"], str(tmp_path), key)
+    cut = precompute_shard(world["base"], None, "cut", shards["cut"], str(tmp_path), key)
     assert cut["n_ok"] == 1 and "truncated" in cut["errors"]["c2"] and "truncated or corrupt" in cut["truncated"]
-    again = work.precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path), key)
+    again = precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path), key)
     assert again["skipped"] and again["unet_evals"] == 0 and again["n_error"] == 4
     with pytest.raises(ConfigError, match="sha256"):
-        work.precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path / "x"),
+        precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path / "x"),
                               LatentKey("0" * 64, T0, N_INV, 32))
 
 
 def test_three_models_invert_each_image_once_and_every_key_is_there_once(world, tmp_path):
     out = str(tmp_path / "out")
-    cfg = work.build_restyle_config(out, models=world["fts"], t0=None, n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    cfg = build_restyle_config(out, models=world["fts"], t0=None, n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     assert cfg.base == world["base"] and cfg.t0 == T0, "base model and t0 come from the models' cards"
     results = restyle_all(cfg, world["data"])
     n_good = 16 + 2 + 1
@@ -91,23 +96,23 @@ def test_three_models_invert_each_image_once_and_every_key_is_there_once(world, 
 
 
 def test_cached_latents_are_used_and_a_changed_key_never_reuses_them(world, tmp_path):
-    base = work.cached_base(world["base"])
+    base = cached_base(world["base"])
     lat = str(tmp_path / "lat")
     key = LatentKey(base.sha256, T0, N_INV, 32)
-    for n, p in work.input_shards(world["data"]):
-        work.precompute_shard(world["base"], None, n, p, lat, key)
-    cfg = work.build_restyle_config(str(tmp_path / "a"), models=world["fts"][:1], n_inv_steps=N_INV,
+    for n, p in input_shards(world["data"]):
+        precompute_shard(world["base"], None, n, p, lat, key)
+    cfg = build_restyle_config(str(tmp_path / "a"), models=world["fts"][:1], n_inv_steps=N_INV,
                                     n_gen_steps=N_GEN, latents=lat, batch_size=4)
     res = restyle_all(cfg, world["data"])
     assert sum(r["inv_evals"] for r in res) == 0 and sum(r["n_cached"] for r in res) == 19
-    fresh = work.build_restyle_config(str(tmp_path / "b"), models=world["fts"][:1], n_inv_steps=N_INV,
+    fresh = build_restyle_config(str(tmp_path / "b"), models=world["fts"][:1], n_inv_steps=N_INV,
                                       n_gen_steps=N_GEN, batch_size=4)
     restyle_all(fresh, world["data"])
     a = read_manifest(str(tmp_path / "a" / "00000.parquet"))
     b = read_manifest(str(tmp_path / "b" / "00000.parquet"))
     assert [r.sha256 for r in a] == [r.sha256 for r in b], "cached latents give the same edits as inverting"
     for changed in ({"t0": T0 + 50}, {"n_inv_steps": N_INV + 1}):
-        cfg2 = work.build_restyle_config(str(tmp_path / f"c{len(changed)}{list(changed)[0]}"), models=world["fts"][:1],
+        cfg2 = build_restyle_config(str(tmp_path / f"c{len(changed)}{list(changed)[0]}"), models=world["fts"][:1],
                                          **{"n_inv_steps": N_INV, "n_gen_steps": N_GEN, "latents": lat, **changed})
         res2 = restyle_all(cfg2, world["data"])
         assert sum(r["n_cached"] for r in res2) == 0 and sum(r["inv_evals"] for r in res2) > 0, changed
@@ -115,7 +120,7 @@ def test_cached_latents_are_used_and_a_changed_key_never_reuses_them(world, tmp_
 
 def test_interrupted_run_redoes_only_uncommitted_shards_byte_identically(world, tmp_path):
     out = str(tmp_path / "out")
-    cfg = work.build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     restyle_all(cfg, world["data"])
     before = files_state(out)
     # a crash while shard 00001 was being written: its marker is gone and its tar half-written
@@ -136,14 +141,14 @@ def test_interrupted_run_redoes_only_uncommitted_shards_byte_identically(world, 
 def test_a_different_configuration_redoes_committed_shards(world, tmp_path):
     out = str(tmp_path / "out")
     kw = dict(models=world["fts"][:1], n_inv_steps=N_INV, batch_size=4)
-    restyle_all(work.build_restyle_config(out, n_gen_steps=N_GEN, **kw), world["data"])
-    res = restyle_all(work.build_restyle_config(out, n_gen_steps=N_GEN + 1, **kw), world["data"])
+    restyle_all(build_restyle_config(out, n_gen_steps=N_GEN, **kw), world["data"])
+    res = restyle_all(build_restyle_config(out, n_gen_steps=N_GEN + 1, **kw), world["data"])
     assert not any(r["skipped"] for r in res)
 
 
 def test_verify_reports_every_kind_of_discrepancy(world, tmp_path):
     out = str(tmp_path / "out")
-    cfg = work.build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     restyle_all(cfg, world["data"])
     assert verify(out, world["data"]).ok
     rows = read_manifest(f"{out}/00000.parquet")
@@ -159,8 +164,8 @@ def test_verify_reports_every_kind_of_discrepancy(world, tmp_path):
 
 def test_dry_run_plan_counts_images_and_unet_evaluations(world, tmp_path):
     mix = {"models": world["fts"][:2], "gamma": {"type": "constant", "weights": [0.5, 0.5]}}
-    cfg = work.build_restyle_config(str(tmp_path / "m"), mix=mix, n_inv_steps=N_INV, n_gen_steps=N_GEN)
-    p = work.restyle_plan(cfg, work.input_shards(world["data"]))
+    cfg = build_restyle_config(str(tmp_path / "m"), mix=mix, n_inv_steps=N_INV, n_gen_steps=N_GEN)
+    p = restyle_plan(cfg, input_shards(world["data"]))
     n_keys = 16 + 6 + 2
     assert p["images"] == n_keys and not os.path.exists(tmp_path / "m")
     assert p["unet_evals"] == n_keys * (N_INV - 1) + n_keys * N_GEN * 2, "a 50/50 mix runs both models per step"
@@ -171,19 +176,19 @@ def test_dry_run_plan_counts_images_and_unet_evaluations(world, tmp_path):
 def test_restyle_config_errors(world, tmp_path):
     out = str(tmp_path / "o")
     with pytest.raises(ConfigError, match="either --model or --mix"):
-        work.build_restyle_config(out, models=world["fts"], mix={"models": world["fts"], "gamma": {}})
+        build_restyle_config(out, models=world["fts"], mix={"models": world["fts"], "gamma": {}})
     with pytest.raises(ConfigError, match="strength"):
-        work.build_restyle_config(out, models=world["fts"], strength=1.5)
+        build_restyle_config(out, models=world["fts"], strength=1.5)
     with pytest.raises(ConfigError, match="gamma"):
-        work.build_restyle_config(out, mix={"models": world["fts"]})
+        build_restyle_config(out, mix={"models": world["fts"]})
     with pytest.raises(ConfigError, match="2 weights for 3 models"):
-        work.build_restyle_config(out, mix={"models": world["fts"], "gamma": {"type": "constant", "weights": [0.5, 0.5]}})
+        build_restyle_config(out, mix={"models": world["fts"], "gamma": {"type": "constant", "weights": [0.5, 0.5]}})
     with pytest.raises(ConfigError, match="sum to"):
-        work.build_restyle_config(out, mix={"models": world["fts"][:2], "gamma": {"type": "constant", "weights": [0.5, 0.6]}})
+        build_restyle_config(out, mix={"models": world["fts"][:2], "gamma": {"type": "constant", "weights": [0.5, 0.6]}})
     with pytest.raises(ConfigError, match="--model FT_DIR"):
-        work.build_restyle_config(out)
+        build_restyle_config(out)
     with pytest.raises(ConfigError, match="--base"):
-        work.build_restyle_config(out, models=[str(world["root"] / "base")])
+        build_restyle_config(out, models=[str(world["root"] / "base")])
 
 
 def test_cli_dry_run_with_a_mix_file_starts_nothing_and_usage_errors_exit_1(world, tmp_path, capsys):
@@ -210,19 +215,19 @@ def test_cli_dry_run_with_a_mix_file_starts_nothing_and_usage_errors_exit_1(worl
 
 
 def test_training_data_from_cached_latents_or_by_inverting(world, tmp_path):
-    base = work.cached_base(world["base"])
+    base = cached_base(world["base"])
     lat = str(tmp_path / "lat")
-    shards = dict(work.input_shards(world["data"]))
+    shards = dict(input_shards(world["data"]))
     key = LatentKey(base.sha256, T0, N_INV, 32)
-    work.precompute_shard(world["base"], None, "bad", shards["bad"], lat, key)
-    keys, x0, z, origin = work.training_data(base, 5, T0, N_INV, latents_root=lat)
+    precompute_shard(world["base"], None, "bad", shards["bad"], lat, key)
+    keys, x0, z, origin = training_data(base, 5, T0, N_INV, latents_root=lat)
     assert origin == "cache" and keys == ["ok1", "ok2"], "only good images, from the shard the latents name"
     assert torch.equal(z, LatentStore(lat, key).read("bad").latents)
-    keys2, x02, z2, origin2 = work.training_data(base, 3, T0, N_INV, images=shards["bad"])
+    keys2, x02, z2, origin2 = training_data(base, 3, T0, N_INV, images=shards["bad"])
     assert origin2 == "inverted" and keys2 == ["ok1", "ok2"] and torch.equal(x02, x0)
     assert torch.allclose(z2, z, atol=1e-5), "inverting here gives the cached latents"
     with pytest.raises(ConfigError, match="no cached latents for t0=300"):
-        work.training_data(base, 3, 300, N_INV, latents_root=lat)
+        training_data(base, 3, 300, N_INV, latents_root=lat)
 
 
 def test_finetune_many_refuses_missing_latents_before_starting_ray(world, tmp_path, capsys):
@@ -241,3 +246,23 @@ def test_finetune_many_refuses_missing_latents_before_starting_ray(world, tmp_pa
                "--out", str(tmp_path / "m"), "--clip", "toy_clip", "--clip-weights", weights])
     assert rc == 1 and "no cached latents for t0=300" in capsys.readouterr().err
     assert not sys.modules["ray"].is_initialized() and not os.path.exists(tmp_path / "m")
+
+
+def test_a_restyle_worker_given_the_model_hashes_does_not_hash_the_models_again(world, tmp_path, monkeypatch):
+    """The driver hashes every model once and passes the digests in the config (issue 18)."""
+    import dclip_ray.models.base as base_mod
+    import dclip_ray.models.cache as cache
+    from dclip_ray.stages.restyle import model_shas
+
+    cfg = build_restyle_config(str(tmp_path / "o"), models=world["fts"][:2], n_inv_steps=N_INV, n_gen_steps=N_GEN)
+    cfg.model_sha256s = model_shas(cfg)
+
+    def no_hashing(*a, **kw):
+        raise AssertionError("a worker hashed a model again")
+
+    for mod in (base_mod, cache):
+        monkeypatch.setattr(mod, "state_dict_sha256", no_hashing)
+    for name in ("_BASES", "_UNETS", "_SHAS"):
+        monkeypatch.setattr(cache, name, {})  # a fresh worker process
+    r = ShardRestyler(cfg)
+    assert r.shas == cfg.model_sha256s and r.base.sha256 == cfg.model_sha256s[0]

@@ -2,7 +2,7 @@
 
 Each bad input ends as an error row with its reason (the shard goes on) or a one-line error with exit
 code 1 / 2, never a crash or a hang. The shard is restyled by the real unit of work
-(:class:`dclip_ray.pipeline.work.ShardRestyler`) on tiny random UNets with 2 steps: bookkeeping is
+(:class:`dclip_ray.stages.restyle.ShardRestyler`) on tiny random UNets with 2 steps: bookkeeping is
 under test, not the edit. The Ray scenarios (stuck shard, killed actor, lost node) are in
 tests/test_reliability_ray.py.
 """
@@ -27,8 +27,13 @@ from pipeline_fixtures import interrupted_run, tiny_unet_dir
 
 from dclip_ray.cli import main
 from dclip_ray.io.manifest import read_manifest
-from dclip_ray.pipeline import work
-from dclip_ray.pipeline.verify import verify
+from dclip_ray.models.cache import cached_base
+from dclip_ray.stages import inputs as stage_inputs
+from dclip_ray.stages.inputs import decode_shard, input_shards
+from dclip_ray.stages.precompute import precompute_shard
+from dclip_ray.stages.restyle import ShardRestyler
+from dclip_ray.stages.restyle_config import build_restyle_config
+from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 2, 2
 RED = (200, 30, 30)
@@ -73,9 +78,9 @@ def models(tmp_path_factory):
 
 
 def restyle(models, data: str, out: str) -> list[dict]:
-    cfg = work.build_restyle_config(out, models=[models["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
-    r = work.ShardRestyler(cfg)
-    return [r.run(n, p) for n, p in work.input_shards(data)]
+    cfg = build_restyle_config(out, models=[models["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    r = ShardRestyler(cfg)
+    return [r.run(n, p) for n, p in input_shards(data)]
 
 
 def tar_keys(path: str) -> list[str]:
@@ -143,9 +148,9 @@ def test_precompute_gives_the_same_reasons_and_drops_both_samples_of_a_duplicate
     from dclip_ray.io.latents import LatentKey, LatentStore
 
     data, keys = bad_shard
-    base = work.cached_base(models["base"])
+    base = cached_base(models["base"])
     key = LatentKey(base.sha256, T0, N_INV, 32)
-    s = work.precompute_shard(models["base"], None, "bad", f"{data}/bad.tar", str(tmp_path), key, batch_size=4)
+    s = precompute_shard(models["base"], None, "bad", f"{data}/bad.tar", str(tmp_path), key, batch_size=4)
     assert (s["n"], s["n_ok"], s["n_error"]) == (len(keys), 2, len(BAD_MEMBERS))
     assert set(s["errors"]) == set(BAD_MEMBERS) and "duplicate key" in s["errors"]["dup"]
     assert LatentStore(str(tmp_path), key).read("bad").keys == ["ok1", "ok2"]
@@ -170,7 +175,7 @@ def test_unusual_image_modes_decode_to_the_right_rgb_pixels_through_a_shard(tmp_
         img, want = Image.fromarray(np.full((24, 24), 40000, dtype=np.uint16)), (156, 156, 156)  # 40000/65535*255
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     path = write_tar(tmp_path / "m.tar", [("k.png" if fmt == "PNG" else "k.jpg", encode(img, fmt))])
-    [d] = list(work.decode_shard(path, 16, "resize"))
+    [d] = list(decode_shard(path, 16, "resize"))
     assert d.error is None, d.error
     rgb = ((d.x + 1) * 127.5).round().permute(1, 2, 0).numpy()  # [H,W,3] in 0..255
     tol = 4 if fmt == "JPEG" else 1
@@ -214,9 +219,9 @@ def test_reasons_are_deterministic_so_two_clean_runs_write_the_same_manifest_byt
     def boom(*args, **kwargs):
         raise RuntimeError(f"decoder {marker!r} failed")
 
-    monkeypatch.setattr(work, "load_image_tensor", boom)
+    monkeypatch.setattr(stage_inputs, "load_image_tensor", boom)
     path = write_tar(tmp_path / "g.tar", [("k.png", GOOD)])
-    [d] = list(work.decode_shard(path, 16))
+    [d] = list(decode_shard(path, 16))
     assert d.error == "undecodable image: RuntimeError: decoder <object object> failed"
 
 
@@ -317,9 +322,9 @@ def build_members(kinds: list[str]) -> tuple[list[tuple], list[str]]:
 
 @pytest.fixture(scope="module")
 def property_restyler(models):
-    cfg = work.build_restyle_config("/nonexistent", models=[models["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN,
+    cfg = build_restyle_config("/nonexistent", models=[models["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN,
                                     batch_size=3)
-    return work.ShardRestyler(cfg)
+    return ShardRestyler(cfg)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -451,17 +456,19 @@ def test_edit_makes_duplicate_keys_error_rows_and_counts_only_the_files_it_wrote
 def test_edit_never_writes_a_non_finite_or_blank_image(toy_input, tmp_path, capsys, monkeypatch):
     """Issue 17 item 4: a NaN weight gave black outputs with exit 0. A generated image that is NaN or one
     colour becomes an error entry and no file, whatever the cause (here: a patched generator)."""
-    import dclip_ray.jobs as jobs
+    import dclip_ray.stages.restyle as restyle
 
-    real = jobs.generate_images
+    real, calls = restyle.generate, []
 
-    def broken(*args, **kwargs):
+    def broken(*args, **kwargs):  # the first batch generated (shard 00000: keys 0_000000, 0_000001)
         x = real(*args, **kwargs)
-        x[0] = float("nan")  # a diverged model
-        x[1] = -1.0  # a collapsed one: all black
+        if not calls:
+            x[0] = float("nan")  # a diverged model
+            x[1] = -1.0  # a collapsed one: all black
+        calls.append(1)
         return x
 
-    monkeypatch.setattr(jobs, "generate_images", broken)
+    monkeypatch.setattr(restyle, "generate", broken)
     single = tmp_path / "single"
     single.mkdir()
     for name in ("00000.tar", "00001.tar"):
@@ -539,10 +546,10 @@ def test_every_command_stops_on_sigint_and_sigterm_with_one_line_and_exit_3(tmp_
     import signal
 
     if command == "restyle":
-        target = "dclip_ray.pipeline.work.build_restyle_config"
+        target = "dclip_ray.stages.restyle_config.build_restyle_config"
         argv = ["restyle", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", "m"]
     else:
-        target = "dclip_ray.jobs.load_base"
+        target = "dclip_ray.stages.edit.cached_base"
         argv = ["edit", "--model", "toy_shapes", "--finetuned", "ft", "--images", "in", "--out", "out"]
     rc, stdout, stderr = interrupted_run(tmp_path, target, argv, getattr(signal, sig))
     assert (rc, stderr.strip(), stdout) == (3, f"error: interrupted ({sig}); re-run the same command to resume", "")
@@ -571,3 +578,29 @@ def test_json_commands_print_a_json_object_on_a_usage_error_too(capsys):
     assert main(["edit", "--model", "toy_shapes", "--json"]) == 1  # --images and --out missing
     out = json.loads(capsys.readouterr().out)
     assert out == {"status": "error", "exit_code": 1, "error": "Missing option '--images'."}
+
+
+def test_edit_is_restyle_on_one_machine_committed_shards_resume_and_verify(toy_input, tmp_path, capsys):
+    """Issue 18 item 3: edit writes the restyle shard outputs (tar, manifest, marker last) beside --out; a
+    re-run skips the committed shards and changes nothing; `verify` checks them like a restyle's."""
+    from dclip_ray.stages.edit import state_dir
+
+    single = tmp_path / "single"
+    single.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (single / name).write_bytes((Path(toy_input) / name).read_bytes())
+    out = tmp_path / "out"
+    assert main(toy_edit(out, str(single))) == 0
+    first = json.loads(capsys.readouterr().out)
+    pngs = {p.name: p.read_bytes() for p in out.iterdir()}
+    state = state_dir(str(out))
+    assert first["n_edited"] == 4 and len(pngs) == 4 and first["shards"] == state
+    assert sorted(os.listdir(state)) == sorted(f"0000{i}{ext}" for i in (0, 1)
+                                               for ext in (".parquet", ".tar", "_stats.json"))
+    assert verify(state, str(single)).ok
+    stamps = {f: os.path.getmtime(os.path.join(state, f)) for f in os.listdir(state)}
+    assert main(toy_edit(out, str(single))) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["n_edited"] == 4 and again["errors"] == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == pngs
+    assert {f: os.path.getmtime(os.path.join(state, f)) for f in os.listdir(state)} == stamps, "nothing rewritten"

@@ -15,8 +15,10 @@ import pytest
 import torch
 from pipeline_fixtures import make_inputs, tiny_unet_dir
 
-from dclip_ray.pipeline import work
-from dclip_ray.pipeline.verify import verify
+from dclip_ray.stages.inputs import input_shards
+from dclip_ray.stages.restyle import ShardRestyler
+from dclip_ray.stages.restyle_config import build_restyle_config
+from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 4, 4
 
@@ -38,11 +40,11 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(tmp_path):
     ft = tiny_unet_dir(tmp_path / "ft", 1, {"base_model": base, "config": {"t0": T0}})
 
     def config(out):
-        return work.build_restyle_config(out, models=[ft], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+        return build_restyle_config(out, models=[ft], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
 
     clean = str(tmp_path / "clean")
-    for n, p in work.input_shards(data):  # the reference: the same unit of work, no Ray, no fault
-        work.ShardRestyler(config(clean)).run(n, p)
+    for n, p in input_shards(data):  # the reference: the same unit of work, no Ray, no fault
+        ShardRestyler(config(clean)).run(n, p)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
+from fault_restylers import HangOnBad, KillMidBatch
 from pipeline_fixtures import interrupted_run, make_inputs, tiny_unet_dir
 
 from dclip_ray.cli import main
-from dclip_ray.pipeline import work
-from dclip_ray.pipeline.verify import verify
+from dclip_ray.stages.inputs import input_shards
+from dclip_ray.stages.restyle import ShardRestyler
+from dclip_ray.stages.restyle_config import build_restyle_config
+from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 2, 2
 
@@ -51,14 +55,10 @@ def test_sigterm_after_ray_started_exits_3_with_one_line(world, tmp_path):
 
 def test_a_stuck_shard_is_reported_after_the_timeout_and_the_others_finish(ray_local, world, tmp_path, capsys,
                                                                           monkeypatch):
-    build = work.build_restyle_config
+    import dclip_ray.pipeline.restyle as restyle
 
-    def hanging(*a, **kw):  # the test hook travels with the config to the actor
-        cfg = build(*a, **kw)
-        cfg.hang_on = "bad"
-        return cfg
-
-    monkeypatch.setattr(work, "build_restyle_config", hanging)
+    build = build_restyle_config
+    monkeypatch.setattr(restyle, "ShardRestyler", HangOnBad)  # the actors build a restyler that hangs on "bad"
     inputs = os.path.join(world["data"], "{00000,bad}.tar")
     out = str(tmp_path / "out")
     argv = ["restyle", "--input", inputs, "--out", out, "--model", world["ft"], "--n-inv", str(N_INV), "--n-gen",
@@ -71,8 +71,8 @@ def test_a_stuck_shard_is_reported_after_the_timeout_and_the_others_finish(ray_l
     problems = verify(out, inputs).problems
     assert problems == [f"{out}/bad: not committed (no bad_stats.json)"]
     # the shard stayed uncommitted: a re-run (here the same unit of work, without Ray) redoes only it
-    restyler = work.ShardRestyler(build(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN))
-    again = {n: restyler.run(n, p) for n, p in work.input_shards(inputs)}
+    restyler = ShardRestyler(build(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN))
+    again = {n: restyler.run(n, p) for n, p in input_shards(inputs)}
     assert [n for n, r in again.items() if not r["skipped"]] == ["bad"] and again["bad"]["n_error"] == 4
     assert verify(out, inputs).ok
 
@@ -82,15 +82,15 @@ def test_a_restyle_actor_sigkilled_mid_shard_loses_and_duplicates_nothing(ray_lo
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
 
     def config(out):
-        return work.build_restyle_config(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+        return build_restyle_config(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
 
     inputs = world["data"]
     clean = str(tmp_path / "clean")
     run_restyle(RestyleJob(config(clean), inputs, actors=1), progress=False)
     out, flag = str(tmp_path / "out"), tmp_path / "killed"
     cfg = config(out)
-    cfg.kill_mid_batch = str(flag)
-    s = run_restyle(RestyleJob(cfg, inputs, actors=2), progress=False)
+    s = run_restyle(RestyleJob(cfg, inputs, actors=2, restyler_factory=partial(KillMidBatch, flag=str(flag))),
+                    progress=False)
     assert flag.exists(), "an actor was SIGKILLed after its first batch"
     assert s["n_images"] == 19 and s["n_errors"] == 5 and not s["failed"]
     report = verify(out, inputs)

@@ -13,7 +13,9 @@ from diffusers import UNet2DModel
 from pipeline_fixtures import make_inputs, random_clip_weights, tiny_unet_dir
 
 from dclip_ray.io.latents import LatentKey
-from dclip_ray.pipeline import work
+from dclip_ray.models.cache import cached_base
+from dclip_ray.stages.inputs import input_shards
+from dclip_ray.stages.precompute import precompute_shard
 
 T0, N_INV = 200, 4
 
@@ -27,10 +29,10 @@ def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path):
     torch.set_num_threads(1)
     data, _ = make_inputs(tmp_path, n=8, shard_size=8)
     base = tiny_unet_dir(tmp_path / "base", 0)
-    key = LatentKey(work.cached_base(base).sha256, T0, N_INV, 32)
+    key = LatentKey(cached_base(base).sha256, T0, N_INV, 32)
     lat = str(tmp_path / "lat")
-    for n, p in work.input_shards(data):
-        work.precompute_shard(base, None, n, p, lat, key)
+    for n, p in input_shards(data):
+        precompute_shard(base, None, n, p, lat, key)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle -> blue circle name=plain\nred circle -> blue circle name=failing\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=str(tmp_path / "models"), latents=lat,

@@ -26,7 +26,8 @@ from dclip_ray.evaluation import EvalJob, evaluate
 from dclip_ray.evaluation.report import CELL, plot_curves, write_report
 from dclip_ray.finetune import FinetuneConfig, FinetuneResult, finetune, save_finetuned
 from dclip_ray.models import load_clip
-from dclip_ray.pipeline import work
+from dclip_ray.stages.restyle import ShardRestyler
+from dclip_ray.stages.restyle_config import build_restyle_config
 from dclip_ray.toyworld import sample_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +120,8 @@ def test_report_of_a_pipeline_run_folder(tmp_path):
                    UNet2DModel.from_pretrained(base), metrics={"quality_s_dir": 0.42}, extra={"base_model": base})
     (models / "broken").mkdir()
     (models / "broken" / "dclip.json").write_text("{not json")
-    rcfg = work.build_restyle_config(str(run / "restyled"), models=[ft], n_inv_steps=3, n_gen_steps=2, batch_size=4)
-    restyler = work.ShardRestyler(rcfg)
+    rcfg = build_restyle_config(str(run / "restyled"), models=[ft], n_inv_steps=3, n_gen_steps=2, batch_size=4)
+    restyler = ShardRestyler(rcfg)
     for shard in ("00000", "bad"):
         restyler.run(shard, f"{data}/{shard}.tar")
     (run / "workflow.yaml").write_text("name: nightly\ninputs: data/\nprompts:\n  - red circle -> blue circle\n")

@@ -22,8 +22,12 @@ import fsspec  # noqa: E402
 
 from dclip_ray.cli import main  # noqa: E402
 from dclip_ray.io.manifest import read_manifest  # noqa: E402
-from dclip_ray.pipeline import work  # noqa: E402
-from dclip_ray.pipeline.verify import verify  # noqa: E402
+from dclip_ray.models.cache import cached_base  # noqa: E402
+from dclip_ray.stages.inputs import input_shards  # noqa: E402
+from dclip_ray.stages.precompute import precompute_shard  # noqa: E402
+from dclip_ray.stages.restyle import ShardRestyler  # noqa: E402
+from dclip_ray.stages.restyle_config import build_restyle_config  # noqa: E402
+from dclip_ray.stages.verify import verify  # noqa: E402
 
 T0, N_INV, N_GEN = 200, 2, 2
 BUCKET = "dclip"
@@ -84,23 +88,23 @@ def s3(tmp_path_factory):
 
 
 def restyle_all(cfg, url):
-    r = work.ShardRestyler(cfg)
-    return {n: r.run(n, p) for n, p in work.input_shards(url)}
+    r = ShardRestyler(cfg)
+    return {n: r.run(n, p) for n, p in input_shards(url)}
 
 
 def test_precompute_restyle_verify_on_s3_and_half_uploads_are_never_committed(s3):
     from dclip_ray.io.latents import LatentKey
 
     fs = s3["fs"]
-    shards = work.input_shards(s3["input"])
+    shards = input_shards(s3["input"])
     assert [n for n, _ in shards] == ["00000", "00001", "bad", "cut"] and shards[0][1].startswith("s3://")
-    base = work.cached_base(s3["base"])
+    base = cached_base(s3["base"])
     key = LatentKey(base.sha256, T0, N_INV, 32)
     lat = f"s3://{BUCKET}/latents"
     for n, p in shards:
-        work.precompute_shard(s3["base"], None, n, p, lat, key, batch_size=4)
+        precompute_shard(s3["base"], None, n, p, lat, key, batch_size=4)
     out = f"s3://{BUCKET}/out"
-    cfg = work.build_restyle_config(out, models=[s3["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, latents=lat,
+    cfg = build_restyle_config(out, models=[s3["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, latents=lat,
                                     batch_size=4)
     res = restyle_all(cfg, s3["input"])
     assert sum(r["n_ok"] for r in res.values()) == 19 and sum(r["n_error"] for r in res.values()) == 5

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dclip_ray.config import resolve_finetune_config
-from dclip_ray.jobs import EditJob, FinetuneJob, LatentOptimJob, run_edit, run_finetune, run_latent_optim
+from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent_optim
 from dclip_ray.models import get_preset, is_preset, trust_scope
+from dclip_ray.stages.edit import EditJob, run_edit
 
 from .app import app
 from .settings import finetune_options

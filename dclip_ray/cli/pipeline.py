@@ -177,15 +177,15 @@ def restyle(
     """Restyle a dataset with fine-tuned model(s) on Ray Data; every input key ends up exactly once in the
     output shards or as an error row of the manifests."""
     _setup(verbose)
-    from dclip_ray.pipeline import work
     from dclip_ray.pipeline.restyle import RestyleJob, plan, run_restyle
+    from dclip_ray.stages.restyle_config import build_restyle_config
 
     if image_format not in ("png", "jpg"):
         raise ConfigError(f"--format {image_format!r}: expected png or jpg")
-    cfg = work.build_restyle_config(out, models=list(model or []) or None, base=base, strength=strength,
-                                    mix=_read_mix(mix) if mix else None, preset=preset, t0=t0, n_inv_steps=n_inv,
-                                    n_gen_steps=n_gen, latents=latents, resize_policy=resize_policy,
-                                    image_format=image_format, batch_size=batch_size, trust_checkpoint=trust_checkpoint)
+    cfg = build_restyle_config(out, models=list(model or []) or None, base=base, strength=strength,
+                               mix=_read_mix(mix) if mix else None, preset=preset, t0=t0, n_inv_steps=n_inv,
+                               n_gen_steps=n_gen, latents=latents, resize_policy=resize_policy,
+                               image_format=image_format, batch_size=batch_size, trust_checkpoint=trust_checkpoint)
     cpus = os.cpu_count() or 1
     n_actors = actors or max(1, cpus if not gpus_per_actor else 1)
     per_actor = cpus_per_actor if cpus_per_actor is not None else (0.5 if n_actors >= cpus else 1.0)
@@ -239,7 +239,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ) -> None:
     """Check that every input key is exactly once in the output or the error manifest (exit 2 if not)."""
-    from dclip_ray.pipeline.verify import verify as run_verify
+    from dclip_ray.stages.verify import verify as run_verify
 
     r = run_verify(out, input)
     if as_json:

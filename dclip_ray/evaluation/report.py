@@ -12,6 +12,8 @@ folder (4 levels deep; Ray Train's ``_ray_train`` and hidden folders skipped):
 - evaluations (``eval*.json`` from `dclip-ray eval`): the metrics table;
 - configuration: workflow specs (``*.yaml``), run ledgers (``runs.jsonl``) and summaries.
 
+It also draws the before/after PNG grids the single-machine commands write (:func:`save_grid`).
+
 A part that is missing or unreadable shows "not available" with the reason; the report is still written.
 """
 
@@ -27,13 +29,16 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dclip_ray import __version__
 from dclip_ray.errors import InputFileError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -518,3 +523,23 @@ def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any]
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
     return str(path)
+
+
+def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 4) -> Path:
+    """Save image rows as one PNG grid: each row [N,3,H,W] in [-1,1] (e.g. before, reconstruction, after).
+
+    ``scale`` enlarges small images (nearest neighbour) so a 32x32 toy image stays visible.
+    """
+    import torch  # lazily: the HTML report itself needs no torch
+    from torchvision.utils import make_grid, save_image
+
+    if not rows:
+        raise ValueError("save_grid needs at least one row")
+    n = rows[0].shape[0]
+    x = torch.cat([r[:n].detach().float().cpu() for r in rows])
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid((x.clamp(-1, 1) + 1) / 2, nrow=n, padding=2, pad_value=1.0), path)
+    return path

@@ -7,26 +7,28 @@ Per output shard ``NAME`` under an output root (local path or fsspec URL)::
     ROOT/NAME.parquet        the manifest (see :mod:`dclip_ray.io.manifest`)
     ROOT/NAME_stats.json     the commit marker, written LAST (counts, config hash, sha256 of the tar)
 
+:class:`ShardWriter` is the one writer of all three (the tar is hashed while it is written).
+
 A shard without its marker is not done: a re-run rewrites it (all names are deterministic, so a
 retried or repeated write replaces, never duplicates).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import posixpath
-import socket
 import tarfile
 import tempfile
-import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 
 from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.io.manifest import ManifestRow, manifest_bytes
 from dclip_ray.io.sources import split_member
 from dclip_ray.urls import redact
 
@@ -37,17 +39,56 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"sample key {key!r} cannot name a WebDataset member (no dots, no absolute or '..' paths)")
 
 
+class HashingFile:
+    """A write-only file wrapper that hashes (sha256) and counts every byte written through it, so a
+    file's digest is known the moment it is closed, without reading it back."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        """Write ``data`` to the wrapped file and into the digest."""
+        self._sha.update(data)
+        self.size += len(data)
+        return self._raw.write(data)
+
+    def tell(self) -> int:
+        """The wrapped file's position (tarfile asks for it)."""
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        """Flush the wrapped file."""
+        self._raw.flush()
+
+    def close(self) -> None:
+        """Close the wrapped file."""
+        self._raw.close()
+
+    def hexdigest(self) -> str:
+        """sha256 (hex) of the bytes written so far."""
+        return self._sha.hexdigest()
+
+
+def _open_tar(path: str) -> tuple[HashingFile, tarfile.TarFile]:
+    f = HashingFile(open(path, "wb"))  # noqa: SIM115  (closed by the writer)
+    return f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
+
+
 class TarShardWriter:
     """A deterministic WebDataset tar written to a local temporary file (upload with :meth:`upload`).
 
     ``write(key, {ext: bytes})`` adds ``key.ext`` members in sorted extension order; ``mtime``,
-    ownership and mode are fixed so identical samples give identical bytes.
+    ownership and mode are fixed so identical samples give identical bytes. The tar is hashed while it
+    is written: after :meth:`close`, :attr:`sha256` and :attr:`size` describe the file (also after
+    :meth:`drop`).
     """
 
     def __init__(self, tmp_dir: str | None = None):
         fd, self.local_path = tempfile.mkstemp(suffix=".tar", dir=tmp_dir)
-        self._file = os.fdopen(fd, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        os.close(fd)
+        self._file, self._tar = _open_tar(self.local_path)
         self.keys: list[str] = []
         self._closed = False
 
@@ -70,21 +111,37 @@ class TarShardWriter:
             self._file.close()
             self._closed = True
 
+    @property
+    def sha256(self) -> str:
+        """sha256 (hex) of the finished tar file (closes the tar)."""
+        self.close()
+        return self._file.hexdigest()
+
+    @property
+    def size(self) -> int:
+        """Size in bytes of the finished tar file (closes the tar)."""
+        self.close()
+        return self._file.size
+
     def upload(self, url: str) -> None:
         """Close and copy the tar to ``url`` (local path or fsspec URL), replacing any previous file."""
         self.close()
         put_file(self.local_path, url)
 
     def drop(self, keys: set[str]) -> None:
-        """Close the tar and rewrite it without the samples of ``keys`` (members keep their order)."""
+        """Close the tar and rewrite it without the samples of ``keys`` (members keep their order; the
+        digest is that of the rewritten file)."""
         self.close()
         fd, tmp = tempfile.mkstemp(suffix=".tar", dir=os.path.dirname(self.local_path))
-        with os.fdopen(fd, "wb") as f_out, tarfile.open(fileobj=f_out, mode="w", format=tarfile.USTAR_FORMAT) as out, \
-                tarfile.open(self.local_path, "r:") as src:
+        os.close(fd)
+        f_out, out = _open_tar(tmp)
+        with out, tarfile.open(self.local_path, "r:") as src:
             for m in src:
                 if split_member(m.name)[0] not in keys:
                     out.addfile(m, src.extractfile(m))
+        f_out.close()
         os.replace(tmp, self.local_path)
+        self._file = f_out
         self.keys = [k for k in self.keys if k not in keys]
 
     def discard(self) -> None:
@@ -100,13 +157,74 @@ class TarShardWriter:
         self.discard()
 
 
+class ShardWriter:
+    """One output shard ``ROOT/NAME``: its samples (a :class:`TarShardWriter`), a manifest row for every
+    input key, and :meth:`commit`, which uploads the tar, then the manifest, then the marker LAST.
+
+    The marker records the counts and the sha256 and size of the tar, hashed while it was written.
+    """
+
+    def __init__(self, root: str, shard: str, tmp_dir: str | None = None):
+        self.shard = shard
+        self.urls = shard_urls(root, shard)
+        self.tar = TarShardWriter(tmp_dir)
+        self.rows: list[ManifestRow] = []
+
+    def write(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> None:
+        """Add one sample (``members``: extension -> bytes) and its ok manifest ``row``."""
+        self.tar.write(key, members)
+        self.rows.append(row)
+
+    def error(self, key: str, reason: str) -> None:
+        """Add an error row for ``key`` (no sample)."""
+        self.rows.append(ManifestRow(key, self.shard, "error", error=reason))
+
+    def drop(self, keys: Mapping[str, str]) -> None:
+        """Replace everything written for ``keys`` by one error row each (``keys``: key -> reason)."""
+        if not keys:
+            return
+        self.tar.drop(set(keys))
+        self.rows = [r for r in self.rows if r.key not in keys]
+        self.rows += [ManifestRow(k, self.shard, "error", error=why) for k, why in keys.items()]
+
+    def counts(self) -> tuple[int, int]:
+        """``(n_ok, n_error)`` of the rows so far."""
+        n_ok = sum(1 for r in self.rows if r.status == "ok")
+        return n_ok, len(self.rows) - n_ok
+
+    def write_data(self, order: Mapping[str, int] | None = None) -> None:
+        """Upload the tar, then the manifest (rows sorted by ``order[key]`` when given)."""
+        if order is not None:
+            self.rows.sort(key=lambda row: order[row.key])
+        self.tar.upload(self.urls["tar"])
+        put_bytes(manifest_bytes(self.rows), self.urls["manifest"])
+
+    def write_commit_marker(self, marker: Mapping[str, Any]) -> None:
+        """Write the commit marker (the commit: call it after :meth:`write_data`)."""
+        write_marker(self.urls["marker"], marker)
+
+    def commit(self, marker: Mapping[str, Any], order: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Upload the tar and the manifest, then the marker: ``marker`` plus ``shard``, ``n``, ``n_ok``,
+        ``n_error``, ``tar_sha256`` and ``tar_bytes``. Returns the marker written."""
+        self.write_data(order)
+        n_ok, n_error = self.counts()
+        full = {**marker, "shard": self.shard, "n": n_ok + n_error, "n_ok": n_ok, "n_error": n_error,
+                "tar_sha256": self.tar.sha256, "tar_bytes": self.tar.size}
+        self.write_commit_marker(full)
+        return full
+
+    def discard(self) -> None:
+        """Delete the local temporary tar."""
+        self.tar.discard()
+
+
 def put_file(local: str, url: str) -> None:
     """Copy a local file to ``url``; on a local filesystem through a temporary name and a rename."""
     fs, path = fsspec.core.url_to_fs(url)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if _local(fs):
+    if is_local(fs):
         tmp = f"{path}{TMP_MARK}{os.getpid()}"
         fs.put_file(local, tmp)
         os.replace(tmp, path)
@@ -114,7 +232,8 @@ def put_file(local: str, url: str) -> None:
         fs.put_file(local, path)
 
 
-def _local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local filesystem (writes there go through a temporary name and a rename)."""
     return getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem"
 
 
@@ -200,123 +319,3 @@ def remove_temporaries(root: str, shard: str) -> list[str]:
         except FileNotFoundError:
             pass
     return gone
-
-
-# ---- leases: one writer per output shard -------------------------------------------------------------
-
-LEASE_TTL_S = 120.0  # a lease not renewed for this long is dead (the run that held it crashed)
-
-
-def new_owner() -> str:
-    """A fresh lease owner naming this run: ``RUNID:HOST:PID`` of the driver that started it (a worker
-    on the same host can tell when that process is gone, so a crashed run's shards are free at once)."""
-    import uuid
-
-    return f"{uuid.uuid4().hex[:12]}:{socket.gethostname()}:{os.getpid()}"
-
-
-def lease_url(root: str, shard: str) -> str:
-    """URL of the lease of output shard ``shard`` under ``root``."""
-    return f"{root.rstrip('/')}/{shard}.lease"
-
-
-def _read_lease(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def _owner_gone(owner: str) -> bool:
-    """True when ``owner`` (``RUNID:HOST:PID``) names a process of this host that no longer runs."""
-    parts = str(owner).rsplit(":", 2)
-    if len(parts) != 3 or parts[1] != socket.gethostname() or not parts[2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by another user
-        return False
-    return False
-
-
-def _live(held: dict[str, Any] | None, owner: str) -> bool:
-    return (held is not None and held.get("owner") != owner and float(held.get("expires", 0)) > time.time()
-            and not _owner_gone(str(held.get("owner"))))
-
-
-def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -> dict[str, Any] | None:
-    """Take (or renew) the lease of output shard ``shard`` for ``owner`` (:func:`new_owner`). Returns
-    None when taken, or the lease of the live run that holds it (``{"owner", "host", "pid", "expires"}``).
-
-    A lease lives ``ttl`` seconds after it was last taken or renewed (:class:`LeaseKeeper` renews it
-    while a shard is worked on). An expired lease, one whose driver process is gone from this host, or
-    one of the same owner (a retried task of the same run) is taken over. On a local filesystem the
-    lease is created atomically (``O_CREAT | O_EXCL``); on an object store the check and the write are
-    two requests, so two runs starting on one shard in the same instant may both work on it. Either way
-    every write is idempotent (deterministic names, marker last): a lease saves duplicate work, it is
-    not what keeps keys exactly once.
-    """
-    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    mine = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + ttl}
-    data = json.dumps(mine, sort_keys=True).encode()
-    held = _read_lease(fs, path)
-    if _live(held, owner):
-        return held
-    if _local(fs) and held is None:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:  # another run won the race
-            return _read_lease(fs, path) or {"owner": "unknown", "expires": time.time() + ttl}
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return None
-    put_bytes(data, lease_url(root, shard))  # a takeover, a renewal, or an object store
-    return None
-
-
-def release_lease(root: str, shard: str, owner: str) -> None:
-    """Remove the lease of ``shard`` if ``owner`` holds it (another run's lease is left alone)."""
-    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
-    held = _read_lease(fs, path)
-    if held is not None and held.get("owner") == owner:
-        try:
-            fs.rm(path)
-        except FileNotFoundError:
-            pass
-
-
-class LeaseKeeper:
-    """``with LeaseKeeper(root, shard, owner) as held:`` takes the lease (``held`` is None) or names the
-    run holding it; while the block runs a daemon thread renews it every ``ttl / 4`` s, and it is
-    released at the end. A process that dies stops renewing, so its lease expires after ``ttl``."""
-
-    def __init__(self, root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S):
-        import threading
-
-        self.root, self.shard, self.owner, self.ttl = root, shard, owner, ttl
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{shard}")
-        self.held: dict[str, Any] | None = None
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                acquire_lease(self.root, self.shard, self.owner, self.ttl)
-            except Exception:  # noqa: BLE001  (a failed renewal only shortens the lease)
-                pass
-
-    def __enter__(self) -> dict[str, Any] | None:
-        self.held = acquire_lease(self.root, self.shard, self.owner, self.ttl)
-        if self.held is None:
-            self._thread.start()
-        return self.held
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held is None:
-            self._stop.set()
-            self._thread.join()
-            release_lease(self.root, self.shard, self.owner)

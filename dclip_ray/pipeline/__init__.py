@@ -4,8 +4,10 @@
 - :mod:`.precompute`: Ray tasks, one per input shard, caching DDIM latents;
 - :mod:`.finetune_many`: one Ray Train ``TorchTrainer`` per prompt line, several at once;
 - :mod:`.restyle`: Ray Data streaming over shards with an actor pool of generator workers;
-- :mod:`.verify`: exactly-once checks of an output folder against its input (no Ray needed);
-- :mod:`.work`: the per-shard units of work (no Ray), idempotent, commit marker last.
+- :mod:`.submit`: a workflow submitted to a cluster as a Ray Job;
+- :mod:`.workflow_run`: a workflow spec's stages in order.
+
+The per-shard work these modules schedule is Ray-free and lives in :mod:`dclip_ray.stages`.
 
 Importing this package does not import ray; the Ray modules do.
 """

@@ -30,13 +30,18 @@ from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import config_sha256
 from dclip_ray.io.locations import check_outputs
-from dclip_ray.jobs import read_card, resolve_clip
 from dclip_ray.losses import directional_clip_loss
+from dclip_ray.models.base import read_card, resolve_clip
+from dclip_ray.models.cache import cached_base
 from dclip_ray.models.face import load_face
 from dclip_ray.prompts import EditSpec, parse_prompt_file
+from dclip_ray.stages.checks import check_out_folder, check_steps
+from dclip_ray.stages.common import set_threads
+from dclip_ray.stages.inputs import absolute
+from dclip_ray.stages.precompute import find_latent_store
+from dclip_ray.stages.training_data import training_data
 from dclip_ray.urls import redact
 
-from . import work
 from .runtime import init_ray
 
 
@@ -113,15 +118,15 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     started = time.time()
-    work.set_threads(config["cpus"])
+    set_threads(config["cpus"])
     device = "cuda" if config["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    base = work.cached_base(config["model"], config["preset"], device)
+    base = cached_base(config["model"], config["preset"], device)
     clip = resolve_clip(config["clip"], config["clip_weights"], base)
     if device != "cpu":
         clip.to(device)
     fcfg = FinetuneConfig(**config["finetune"])
     face = load_face(config["face_weights"], device=device) if fcfg.w_id > 0 else None
-    keys, x0, latents, origin = work.training_data(base, config["n_train"], fcfg.t0, fcfg.n_inv_steps,
+    keys, x0, latents, origin = training_data(base, config["n_train"], fcfg.t0, fcfg.n_inv_steps,
                                                    config["images"], config["latents"], config["policy"])
     x0, latents = x0.to(device), latents.to(device)
     ckpt_dir = tempfile.mkdtemp(prefix="dclip-ft-")
@@ -200,14 +205,14 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
     ``{"prompts": [{"name", "source", "target", "status", "final_loss", "quality_s_dir", "model_path",
     "seconds", "error"}], "n_ok", "n_failed", "n_skipped"}``."""
     specs = parse_prompt_file(job.prompts)
-    job = replace(job, model=work.absolute(job.model), latents=work.absolute(job.latents),
-                  images=work.absolute(job.images), clip_weights=work.absolute(job.clip_weights),
-                  face_weights=work.absolute(job.face_weights),
+    job = replace(job, model=absolute(job.model), latents=absolute(job.latents),
+                  images=absolute(job.images), clip_weights=absolute(job.clip_weights),
+                  face_weights=absolute(job.face_weights),
                   out=job.out if "://" in job.out else os.path.abspath(job.out))
-    base = work.cached_base(job.model, job.preset)
+    base = cached_base(job.model, job.preset)
     if job.latents is None and job.images is None:
         raise ConfigError("finetune-many needs --latents URL (from `dclip-ray precompute`) or --images URL")
-    work.check_out_folder(job.out)
+    check_out_folder(job.out)
     check_outputs({"--out": job.out}, {"--latents": job.latents, "--images": job.images, "--model": job.model,
                                        "the prompt file": job.prompts})
     resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
@@ -216,10 +221,10 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
     for spec in specs:
         fcfg = finetune_config(spec, job, base.preset)
         try:
-            work.check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
+            check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
         except ConfigError as e:
             raise ConfigError(f"prompt {spec.name}: {e}") from None
-        if job.images is None and work.find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
+        if job.images is None and find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
                                                          base.resolution, job.resize_policy) is None:
             raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "
                               f"{job.latents}; run `dclip-ray precompute --t0 {fcfg.t0} --n-inv {fcfg.n_inv_steps}` or pass --images")

@@ -14,9 +14,13 @@ from tqdm.auto import tqdm
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.locations import check_outputs
+from dclip_ray.models.cache import cached_base
+from dclip_ray.stages.checks import check_out_folder, check_steps
+from dclip_ray.stages.common import raise_if_leased, set_threads
+from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, new_run_id
+from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
 
-from . import work
 from .runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -47,15 +51,15 @@ class PrecomputeJob:
 @ray.remote(max_retries=3)
 def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str, fingerprint: str,
                      owner: str) -> dict[str, Any]:
-    work.set_threads(job.cpus_per_task)
+    set_threads(job.cpus_per_task)
     device = "cuda" if job.gpus_per_task > 0 else "cpu"
-    return work.precompute_shard(job.model, job.preset, shard, path, job.out, key, job.batch_size,
-                                 job.recon_psnr, device, job.trust_checkpoint, fingerprint, owner)
+    return precompute_shard(job.model, job.preset, shard, path, job.out, key, job.batch_size, job.recon_psnr,
+                            device, job.trust_checkpoint, fingerprint, owner).as_dict()
 
 
 def latent_key(job: PrecomputeJob) -> LatentKey:
     """The key of this job's latents (loads the base model once in the driver to hash it)."""
-    base = work.cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
+    base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
     return LatentKey(base.sha256, job.t0, job.n_inv_steps, base.resolution, job.resize_policy, job.dtype)  # type: ignore[arg-type]
 
 
@@ -67,10 +71,10 @@ def check_job(job: PrecomputeJob) -> None:
         raise ConfigError(f"--resize-policy {job.resize_policy!r}: expected center-crop, resize or pad")
     if job.dtype not in ("float32", "float16"):
         raise ConfigError(f"--dtype {job.dtype!r}: expected float32 or float16")
-    work.check_out_folder(job.out)
+    check_out_folder(job.out)
     check_outputs({"--out": job.out}, {"--input": job.input, "--model": job.model})
-    base = work.cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
-    work.check_steps(base.schedule, job.t0, n_inv_steps=job.n_inv_steps, batch_size=job.batch_size)
+    base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
+    check_steps(base.schedule, job.t0, n_inv_steps=job.n_inv_steps, batch_size=job.batch_size)
 
 
 def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
@@ -78,19 +82,18 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
 
     Returns ``{"store", "key", "shards": [per-shard summaries], "n_images", "n_errors", "n_skipped"}``.
     """
-    job = replace(job, model=work.absolute(job.model) or job.model, out=work.absolute(job.out) or job.out)
+    job = replace(job, model=absolute(job.model) or job.model, out=absolute(job.out) or job.out)
     check_job(job)
-    shards = work.input_shards(job.input)
+    shards = input_shards(job.input)
     key = latent_key(job)
     store = LatentStore(job.out, key)
-    prints = work.fingerprints(shards)
+    prints = fingerprints(shards)
     todo = [(n, p) for n, p in shards if not store.is_current(n, prints[n])]
     results = []
     for n, _ in shards:
         marker = store.read_marker(n) if store.is_current(n, prints[n]) else None
         if marker is not None:
-            results.append({"shard": n, "skipped": True, "n_ok": marker.get("n", 0), "errors": marker.get("errors") or {},
-                            "n_error": len(marker.get("errors") or {})})
+            results.append(skipped_result(n, marker).as_dict())
         elif store.is_committed(n):
             log.warning("input shard %s changed since its latents were computed: inverting it again", n)
     if todo:
@@ -98,7 +101,7 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": job.cpus_per_task}
         if job.gpus_per_task:
             opts["num_gpus"] = job.gpus_per_task
-        owner = work.new_run_id()
+        owner = new_run_id()
         pending = [_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner) for n, p in todo]
         with tqdm(total=len(pending), desc="precompute shards", disable=not progress) as bar:
             while pending:
@@ -112,5 +115,5 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
             "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
             "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),
             "leased": leased}
-    work.raise_if_leased(leased)
+    raise_if_leased(leased)
     return summary

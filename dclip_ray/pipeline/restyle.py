@@ -4,7 +4,7 @@ The shard is the unit of work (as in img2dataset): the dataset is the list of un
 shards; each generator actor loads the models once (``__init__``) and, per call, reads and decodes one
 whole shard (bad images become error rows), takes cached latents or inverts once per image, generates
 in batches for every output variant, and writes the output tar, the Parquet manifest and the commit
-marker last (:class:`dclip_ray.pipeline.work.ShardRestyler`). A retried or repeated call rewrites the
+marker last (:class:`dclip_ray.stages.restyle.ShardRestyler`). A retried or repeated call rewrites the
 same names, so a key is never duplicated or lost; a re-run skips committed shards and leaves them
 byte-identical. Memory is bounded by the shards in flight, not by the dataset.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -25,17 +25,23 @@ from tqdm.auto import tqdm
 
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.io.shards import read_marker, shard_urls
+from dclip_ray.stages.common import RestyleResult, raise_if_leased, set_threads
+from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards, new_run_id
+from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, shard_committed
+from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
 
-from . import work
 from .runtime import init_ray
 
 
 @dataclass
 class RestyleJob:
-    """Arguments of `dclip-ray restyle` (see its --help) around a :class:`work.RestyleConfig`."""
+    """Arguments of `dclip-ray restyle` (see its --help) around a :class:`RestyleConfig`.
 
-    config: work.RestyleConfig
+    ``restyler_factory``: a picklable callable ``config -> ShardRestyler`` (e.g. a subclass) each actor
+    builds its restyler with; None: :class:`ShardRestyler`. An extension point (tests inject faults)."""
+
+    config: RestyleConfig
     input: str
     limit: int | None = None
     actors: int = 2
@@ -46,9 +52,10 @@ class RestyleJob:
     verbose: bool = False
     shard_timeout: float | None = None
     require_latents: bool = False
+    restyler_factory: Callable[[RestyleConfig], ShardRestyler] | None = None
 
 
-def _run_with_timeout(fn: Callable[[], dict[str, Any]], timeout: float | None) -> dict[str, Any] | None:
+def _run_with_timeout(fn: Callable[[], RestyleResult], timeout: float | None) -> RestyleResult | None:
     """``fn()`` in a daemon thread; its result, or None when it has not returned after ``timeout`` s
     (the thread is left behind: it dies with the actor). Exceptions propagate."""
     if timeout is None:
@@ -76,65 +83,52 @@ class GeneratorActor:
     has not finished after ``shard_timeout`` seconds is reported as stuck (the call returns, so the job
     goes on with the other shards; the shard stays uncommitted)."""
 
-    def __init__(self, config: work.RestyleConfig, cpus: float, shard_timeout: float | None = None,
-                 owner: str | None = None):
-        work.set_threads(cpus)
-        self.restyler = work.ShardRestyler(config)
+    COLUMNS = (*(f.name for f in fields(RestyleResult)), "node")
+
+    def __init__(self, config: RestyleConfig, cpus: float, shard_timeout: float | None = None,
+                 owner: str | None = None, factory: Callable[[RestyleConfig], ShardRestyler] | None = None):
+        set_threads(cpus)
+        self.restyler = (factory or ShardRestyler)(config)
         self.shard_timeout = shard_timeout
         self.owner = owner
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch``: ``{"shard": [names], "path": [paths], "fingerprint": [...]}`` -> one summary row per shard."""
-        out: dict[str, list[Any]] = {k: [] for k in ("shard", "skipped", "n", "n_ok", "n_error", "inv_evals",
-                                                      "gen_evals", "n_cached", "n_stale", "seconds", "failed",
-                                                      "truncated", "stuck", "leased", "node")}
+        out: dict[str, list[Any]] = {k: [] for k in self.COLUMNS}
         node = ray.get_runtime_context().get_node_id()
         for shard, path, fp in zip(batch["shard"], batch["path"], batch["fingerprint"], strict=True):
-            empty = {"shard": str(shard), "skipped": False, "n": 0, "n_ok": 0, "n_error": 0, "inv_evals": 0,
-                     "gen_evals": 0, "n_cached": 0, "n_stale": 0, "seconds": 0.0, "failed": "", "stuck": "",
-                     "leased": ""}
-            try:
-                res = _run_with_timeout(lambda s=str(shard), p=str(path), f=str(fp): self.restyler.run(s, p, f, self.owner),
-                                        self.shard_timeout)
-                if res is None:
-                    r = {**empty, "seconds": float(self.shard_timeout or 0),
-                         "stuck": f"no result after {self.shard_timeout:g} s (--shard-timeout)"}
-                else:
-                    r = {**res, "failed": "", "stuck": ""}
-            except Exception as e:  # noqa: BLE001  (the shard stays uncommitted; a re-run redoes it)
-                r = {**empty, "failed": redact(f"{type(e).__name__}: {e}")}
+            r = self._one(str(shard), str(path), str(fp)).as_dict()
             r["truncated"] = r.get("truncated") or ""
             r["node"] = node
             for k in out:
                 out[k].append(r[k])
         return {k: np.asarray(v) for k, v in out.items()}
 
-
-def _limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
-    """The shards needed to cover the first ``limit`` input keys (whole shards: the unit of work)."""
-    if limit is None:
-        return shards
-    out, n = [], 0
-    for name, path in shards:
-        if n >= limit:
-            break
-        out.append((name, path))
-        n += len(work.shard_keys(path)[0])
-    return out
+    def _one(self, shard: str, path: str, fingerprint: str) -> RestyleResult:
+        """Restyle one shard; a failure or a timeout is reported in the result (the shard stays
+        uncommitted; a re-run redoes it)."""
+        try:
+            res = _run_with_timeout(lambda: self.restyler.run(shard, path, fingerprint, self.owner), self.shard_timeout)
+        except Exception as e:  # noqa: BLE001  (the shard stays uncommitted; a re-run redoes it)
+            return RestyleResult(shard, failed=redact(f"{type(e).__name__}: {e}"))
+        if res is None:
+            return RestyleResult(shard, seconds=float(self.shard_timeout or 0),
+                                 stuck=f"no result after {self.shard_timeout:g} s (--shard-timeout)")
+        return res
 
 
 def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[str]]:
     """Everything the run checks before work starts: the arguments and locations
-    (:func:`work.check_restyle`), the input's shards and their content fingerprints, and what the latent
+    (:func:`~dclip_ray.stages.restyle_config.check_restyle`), the input's shards and their content fingerprints, and what the latent
     store covers. Returns ``(shards, fingerprints, warnings)``; raises :class:`ConfigError` (exit 1)."""
     if job.shard_timeout is not None and job.shard_timeout <= 0:
         raise ConfigError(f"--shard-timeout {job.shard_timeout} must be > 0 seconds")
     if job.limit is not None and job.limit < 1:
         raise ConfigError(f"--limit {job.limit} must be >= 1")
-    work.check_restyle(job.config, job.input)
-    shards = _limit_shards(work.input_shards(job.input), job.limit)
-    prints = work.fingerprints(shards)
-    warnings = work.latent_coverage(job.config, shards, prints, job.require_latents)
+    check_restyle(job.config, job.input)
+    shards = limit_shards(input_shards(job.input), job.limit)
+    prints = fingerprints(shards)
+    warnings = latent_coverage(job.config, shards, prints, job.require_latents)
     return shards, prints, warnings
 
 
@@ -142,7 +136,7 @@ def plan(job: RestyleJob) -> dict[str, Any]:
     """``--dry-run``: shards, images and UNet evaluations the job would run (nothing is written); runs
     every check the real run does first."""
     shards, prints, warnings = check(job)
-    return {**work.restyle_plan(job.config, shards, prints), "warnings": warnings}
+    return {**restyle_plan(job.config, shards, prints), "warnings": warnings}
 
 
 def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
@@ -152,23 +146,24 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     (exit 3) when a shard failed: re-running redoes exactly the uncommitted shards."""
     cfg = job.config
     shards, prints, warnings = check(job)
-    shas = work.model_shas(cfg)  # also validates every model before Ray starts
+    shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    todo = [(n, p) for n, p in shards
-            if not all(work.variant_committed(v, n, h, prints[n]) for v, h in zip(cfg.variants, hashes, strict=True))]
-    work.write_declaration(cfg, job.input)
+    todo = [(n, p) for n, p in shards if not shard_committed(cfg, hashes, n, prints[n])]
+    write_declaration(cfg, job.input)
     results: list[dict[str, Any]] = []
     for n, p in shards:
         if (n, p) not in todo:
             marker = read_marker(shard_urls(cfg.variants[0].out, n)["marker"]) or {}
-            results.append({"shard": n, "skipped": True, "n_ok": 0, "n_error": marker.get("n_error", 0)})
+            results.append(RestyleResult(n, skipped=True, n_error=marker.get("n_error", 0)).as_dict())
     if todo:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
         cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
+        actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
+        factory = job.restyler_factory or ShardRestyler
         ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(GeneratorActor, batch_size=1,
-                            fn_constructor_args=(cfg, job.cpus_per_actor, job.shard_timeout, work.new_run_id()),
+                            fn_constructor_args=(actor_cfg, job.cpus_per_actor, job.shard_timeout, new_run_id(), factory),
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.actors, len(todo)))),
                             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
         with tqdm(total=len(todo), desc="restyle shards", disable=not progress) as bar:
@@ -192,5 +187,5 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         first = next(iter(failed.items()))
         raise AbortedError(f"{len(failed)} shard(s) failed (e.g. {first[0]}: {first[1]}); re-run the same command "
                            "to redo only the uncommitted shards")
-    work.raise_if_leased(leased)
+    raise_if_leased(leased)
     return summary

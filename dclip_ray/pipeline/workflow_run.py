@@ -184,14 +184,15 @@ def _restyle_resources(spec: WorkflowSpec) -> tuple[int, float]:
 
 
 def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progress: bool) -> dict[str, Any]:
-    from . import work
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
     from .restyle import RestyleJob, run_restyle
 
     out, models, mix, left_out = restyle_plan(spec, ok_models)
     if not models and mix is None:
         return {"status": "skipped (no fine-tuned model)", "left_out": left_out, "processed": 0}
     rs = spec.restyle
-    cfg = work.build_restyle_config(out, models=models, mix=mix, base=spec.model, strength=rs.strength,
+    cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, strength=rs.strength,
                                     preset=spec.preset, n_inv_steps=spec.latents.n_inv, n_gen_steps=rs.n_gen,
                                     latents=spec.latent_store, resize_policy=spec.input.resize_policy,
                                     image_format=rs.format, batch_size=rs.batch_size)
@@ -207,13 +208,13 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
 
 
 def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
-    from .verify import verify
+    from dclip_ray.stages.verify import verify
 
     if spec.restyle.limit is not None:
         return {"status": "skipped (restyle.limit set: not every input shard is restyled)"}
     out, models, mix, _ = restyle_plan(spec, ok_models)
     root = spec.restyled_dir.rstrip("/")
-    from .work import variant_name
+    from dclip_ray.stages.restyle_config import variant_name
 
     folders = [out] if mix is not None or len(models or []) == 1 else [f"{root}/{variant_name(m)}" for m in models or []]
     r = verify(spec.restyled_dir, spec.input_url, folders=folders or None)

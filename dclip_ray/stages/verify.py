@@ -28,7 +28,8 @@ from dclip_ray.io.manifest import read_manifest
 from dclip_ray.io.shards import is_temporary, list_markers, read_marker, shard_urls
 from dclip_ray.io.sources import shard_fingerprint, split_member
 
-from .work import DECLARATION, input_shards, shard_keys
+from .inputs import input_shards, shard_keys
+from .restyle_config import DECLARATION
 
 IMAGE_MEMBERS = ("png", "jpg")
 

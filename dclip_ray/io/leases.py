@@ -1,0 +1,133 @@
+"""Leases: one writer per output shard. A run takes ``ROOT/NAME.lease`` before it writes shard ``NAME``
+and renews it while it works (:class:`LeaseKeeper`); another run leaves a shard with a live lease alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import time
+from typing import Any
+
+import fsspec
+
+from dclip_ray.io.shards import is_local, put_bytes
+
+LEASE_TTL_S = 120.0  # a lease not renewed for this long is dead (the run that held it crashed)
+
+
+def new_owner() -> str:
+    """A fresh lease owner naming this run: ``RUNID:HOST:PID`` of the driver that started it (a worker
+    on the same host can tell when that process is gone, so a crashed run's shards are free at once)."""
+    import uuid
+
+    return f"{uuid.uuid4().hex[:12]}:{socket.gethostname()}:{os.getpid()}"
+
+
+def lease_url(root: str, shard: str) -> str:
+    """URL of the lease of output shard ``shard`` under ``root``."""
+    return f"{root.rstrip('/')}/{shard}.lease"
+
+
+def _read_lease(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _owner_gone(owner: str) -> bool:
+    """True when ``owner`` (``RUNID:HOST:PID``) names a process of this host that no longer runs."""
+    parts = str(owner).rsplit(":", 2)
+    if len(parts) != 3 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return False
+
+
+def _live(held: dict[str, Any] | None, owner: str) -> bool:
+    return (held is not None and held.get("owner") != owner and float(held.get("expires", 0)) > time.time()
+            and not _owner_gone(str(held.get("owner"))))
+
+
+def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -> dict[str, Any] | None:
+    """Take (or renew) the lease of output shard ``shard`` for ``owner`` (:func:`new_owner`). Returns
+    None when taken, or the lease of the live run that holds it (``{"owner", "host", "pid", "expires"}``).
+
+    A lease lives ``ttl`` seconds after it was last taken or renewed (:class:`LeaseKeeper` renews it
+    while a shard is worked on). An expired lease, one whose driver process is gone from this host, or
+    one of the same owner (a retried task of the same run) is taken over. On a local filesystem the
+    lease is created atomically (``O_CREAT | O_EXCL``); on an object store the check and the write are
+    two requests, so two runs starting on one shard in the same instant may both work on it. Either way
+    every write is idempotent (deterministic names, marker last): a lease saves duplicate work, it is
+    not what keeps keys exactly once.
+    """
+    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    mine = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + ttl}
+    data = json.dumps(mine, sort_keys=True).encode()
+    held = _read_lease(fs, path)
+    if _live(held, owner):
+        return held
+    if is_local(fs) and held is None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # another run won the race
+            return _read_lease(fs, path) or {"owner": "unknown", "expires": time.time() + ttl}
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return None
+    put_bytes(data, lease_url(root, shard))  # a takeover, a renewal, or an object store
+    return None
+
+
+def release_lease(root: str, shard: str, owner: str) -> None:
+    """Remove the lease of ``shard`` if ``owner`` holds it (another run's lease is left alone)."""
+    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
+    held = _read_lease(fs, path)
+    if held is not None and held.get("owner") == owner:
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
+class LeaseKeeper:
+    """``with LeaseKeeper(root, shard, owner) as held:`` takes the lease (``held`` is None) or names the
+    run holding it; while the block runs a daemon thread renews it every ``ttl / 4`` s, and it is
+    released at the end. A process that dies stops renewing, so its lease expires after ``ttl``."""
+
+    def __init__(self, root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S):
+        import threading
+
+        self.root, self.shard, self.owner, self.ttl = root, shard, owner, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{shard}")
+        self.held: dict[str, Any] | None = None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                acquire_lease(self.root, self.shard, self.owner, self.ttl)
+            except Exception:  # noqa: BLE001  (a failed renewal only shortens the lease)
+                pass
+
+    def __enter__(self) -> dict[str, Any] | None:
+        self.held = acquire_lease(self.root, self.shard, self.owner, self.ttl)
+        if self.held is None:
+            self._thread.start()
+        return self.held
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held is None:
+            self._stop.set()
+            self._thread.join()
+            release_lease(self.root, self.shard, self.owner)

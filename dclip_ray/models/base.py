@@ -1,0 +1,71 @@
+"""The original diffusion model (a "base") and fine-tuned model cards: loading, CLIP choice.
+
+:func:`load_base` loads a UNet (preset name, diffusers folder, checkpoint or URL) with its noise
+schedule and the sha256 of its weights; :func:`read_card` reads a fine-tuned folder's ``dclip.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dclip_ray.diffusion import Schedule, schedule_from_config
+from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.hashing import state_dict_sha256
+
+from .clip import load_clip
+from .presets import get_preset, list_presets
+from .unet import load_schedule_config, load_unet
+
+DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+"""The schedule of a model that states none (DDPM's linear betas, T = 1000)."""
+
+
+@dataclass
+class BaseModel:
+    """The original diffusion model, its schedule, resolution and preset (if any)."""
+
+    unet: torch.nn.Module
+    schedule: Schedule
+    schedule_config: dict[str, Any]
+    resolution: int
+    preset: Any
+    sha256: str
+
+
+def load_base(model: str, preset: str | None = None, sha256: str | None = None) -> BaseModel:
+    """Load the original UNet (preset name, folder, checkpoint or URL) with its schedule. ``sha256``: the
+    weights' digest when the caller already has it (a restyle driver passes it to its actors), so the
+    weights are not hashed again; None hashes them."""
+    unet = load_unet(model, preset)
+    sched_cfg = load_schedule_config(model, preset) or dict(DEFAULT_SCHEDULE)
+    p = None
+    for name in (preset, model):
+        if name and name in list_presets():
+            p = get_preset(name)
+            break
+    return BaseModel(unet, schedule_from_config(sched_cfg), dict(sched_cfg), int(unet.config.sample_size), p,
+                     sha256 or state_dict_sha256(unet))
+
+
+def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) -> Any:
+    """The CLIP to guide with: ``clip`` (preset or open_clip name) or the model preset's recommendation."""
+    name = clip or (base.preset.recommended_clip if base.preset is not None else None)
+    if not name:
+        raise ConfigError("no CLIP given and the model has no preset: pass --clip NAME --clip-weights PATH")
+    return load_clip(name, weights=clip_weights)
+
+
+def read_card(finetuned: str) -> dict[str, Any]:
+    """The ``dclip.json`` of a fine-tuned model folder (empty dict for a plain diffusers folder)."""
+    path = Path(finetuned) / "dclip.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise InputFileError(f"{path}: not valid JSON ({e}); re-save the fine-tuned model") from None

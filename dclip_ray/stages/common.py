@@ -1,0 +1,108 @@
+"""What the per-shard stages share (no Ray): the per-shard result, counted network calls, PSNR, the
+thread count of a worker, and how a shard leased by another run is reported."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from dclip_ray.diffusion import EpsFn
+from dclip_ray.errors import AbortedError
+
+
+@dataclass
+class ShardResult:
+    """What one stage did with one input shard: ``n`` input keys, ``n_ok`` written, ``n_error`` error
+    rows; ``skipped`` when it was already committed; ``leased`` names the other run that holds the shard
+    (then nothing was done); ``truncated`` the reason when the input tar ends early. Read it as a
+    dataclass or like a mapping (``result["n_ok"]``); :meth:`as_dict` gives plain data (JSON, Ray)."""
+
+    shard: str
+    skipped: bool = False
+    n: int = 0
+    n_ok: int = 0
+    n_error: int = 0
+    seconds: float = 0.0
+    truncated: str | None = None
+    leased: str = ""
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The field ``name``, or ``default`` when there is none."""
+        return getattr(self, name, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+
+@dataclass
+class PrecomputeResult(ShardResult):
+    """:class:`ShardResult` of precompute: ``errors`` (key -> reason), ``unet_evals`` (images x network
+    calls), the mean reconstruction PSNR in dB when it was measured."""
+
+    errors: dict[str, str] = field(default_factory=dict)
+    unet_evals: int = 0
+    mean_recon_psnr: float | None = None
+
+
+@dataclass
+class RestyleResult(ShardResult):
+    """:class:`ShardResult` of restyle: evaluations (images x network calls) of inversion and generation,
+    latents taken from the cache, cached latents not used because their image changed (``n_stale``), and
+    the Ray layer's ``failed`` / ``stuck`` reasons (empty when none)."""
+
+    inv_evals: int = 0
+    gen_evals: int = 0
+    n_cached: int = 0
+    n_stale: int = 0
+    failed: str = ""
+    stuck: str = ""
+
+
+class CountingEps:
+    """An eps function that counts its network calls and image evaluations (calls x batch size)."""
+
+    def __init__(self, fn: EpsFn):
+        self.fn = fn
+        self.calls = 0
+        self.evals = 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t`` [B,C,H,W], ``t`` int64 [B] -> eps [B,C,H,W]."""
+        self.calls += 1
+        self.evals += int(x_t.shape[0])
+        return self.fn(x_t, t)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image between ``x``, ``y``: [B,3,H,W] in [-1,1] (peak-to-peak 2) -> [B]."""
+    mse = ((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) ** 2).flatten(1).mean(1)
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def set_threads(num_cpus: float) -> None:
+    """Match torch's intra-op threads to the CPUs a worker was given (at least 1)."""
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def lease_text(held: dict[str, Any]) -> str:
+    """One line naming the run that holds a lease and until when."""
+    until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
+    return f"being written by run {held.get('owner')} on {held.get('host')} (pid {held.get('pid')}), lease until {until}"
+
+
+def raise_if_leased(leased: dict[str, str]) -> None:
+    """Raise :class:`AbortedError` (exit 3) when shards were left to another run that holds their lease."""
+    if leased:
+        shard, why = next(iter(leased.items()))
+        raise AbortedError(f"{len(leased)} shard(s) left to another run writing the same output (e.g. {shard}: "
+                           f"{why}); the rest is done: re-run the same command after that run ends")

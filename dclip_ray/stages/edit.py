@@ -1,0 +1,215 @@
+"""`dclip-ray edit`: restyle on one machine (no Ray).
+
+The same unit of work as `dclip-ray restyle` (:class:`~dclip_ray.stages.restyle.ShardRestyler`), run
+in-process over the input's shards (a folder of images is one shard): the same decoding, inversion,
+generation, error rows, manifest, commit marker, resume and exactly-once. Layout::
+
+    OUT/{key}.png              one file per edited image (what edit users read), plus OUT/grid.png (--grid)
+    .OUT.edit/ (beside OUT)    the shard outputs restyle writes: {shard}.tar, {shard}.parquet (a row for
+                               every input key) and {shard}_stats.json last; a re-run skips committed
+                               shards (hidden, so OUT holds only the images and the report skips it)
+
+A key that names several samples of the input (two shards with the same keys, or ``a.png`` and
+``a.jpg`` in one folder) is an error row and none of its samples is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.io.images import load_image_tensor
+from dclip_ray.io.locations import check_outputs
+from dclip_ray.io.manifest import read_manifest
+from dclip_ray.io.shards import ShardWriter, shard_urls
+from dclip_ray.io.sources import duplicate_reason
+from dclip_ray.mixing import MixSpec, load_mix_spec
+from dclip_ray.models.base import BaseModel, read_card
+from dclip_ray.models.cache import cached_base
+
+from .inputs import decode_shard, input_shards, iter_shard, limit_shards
+from .restyle import RestyleConfig, ShardRestyler, Variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditJob:
+    """Arguments of `dclip-ray edit` (see its --help)."""
+
+    model: str
+    finetuned: str | None
+    images: str
+    out: str
+    preset: str | None = None
+    strength: float = 1.0
+    mix: str | None = None  # a mix YAML (models + gamma, eq. 14) instead of one fine-tuned model
+    t0: int | None = None
+    n_inv_steps: int = 40
+    n_gen_steps: int = 40
+    limit: int | None = None
+    batch_size: int = 16
+    grid: bool = False
+
+
+def state_dir(out: str) -> str:
+    """Where edit keeps its shard outputs: the hidden folder ``.NAME.edit`` beside ``OUT`` = ``.../NAME``."""
+    p = Path(out).absolute()
+    return str(p.parent / f".{p.name}.edit")
+
+
+class FolderWriter(ShardWriter):
+    """A :class:`ShardWriter` that also writes every ok sample's image as ``FOLDER/{key}.png`` (the file
+    of a key dropped later is removed)."""
+
+    def __init__(self, root: str, shard: str, folder: Path):
+        super().__init__(root, shard)
+        self.folder = folder
+
+    def write(self, key: str, members: Any, row: Any) -> None:
+        """Add the sample to the shard and write its PNG."""
+        super().write(key, members, row)
+        path = self.folder / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(members["png"])
+
+    def drop(self, keys: Any) -> None:
+        """Drop ``keys`` from the shard and their PNGs."""
+        super().drop(keys)
+        for k in keys:
+            (self.folder / f"{k}.png").unlink(missing_ok=True)
+
+
+class EditRestyler(ShardRestyler):
+    """The restyle unit of work writing each edited image into a folder as well (:class:`FolderWriter`)."""
+
+    def __init__(self, cfg: RestyleConfig, folder: Path):
+        super().__init__(cfg)
+        self.folder = folder
+
+    def new_writer(self, v: Variant, shard: str) -> ShardWriter:
+        """A :class:`FolderWriter` into the edit's ``--out``."""
+        return FolderWriter(v.out, shard, self.folder)
+
+
+def _scaled(gamma: dict[str, Any], r: float) -> dict[str, Any]:
+    """A gamma spec over ``[base, m_1..m_M]`` giving ``(1 - r) * eps_base + r * mix``."""
+    def w(ws: list[float]) -> list[float]:
+        return [1.0 - r] + [r * float(x) for x in ws]
+
+    if gamma.get("type") == "constant":
+        return {**gamma, "weights": w(gamma["weights"])}
+    if gamma.get("type") == "piecewise":
+        return {**gamma, "table": {k: w(v) for k, v in gamma["table"].items()}}
+    return {**gamma, "start": {**gamma["start"], "weights": w(gamma["start"]["weights"])},
+            "end": {**gamma["end"], "weights": w(gamma["end"]["weights"])}}
+
+
+def _variant(job: EditJob, mix: MixSpec | None, state: str) -> Variant:
+    r = job.strength
+    if not 0.0 <= r <= 1.0:
+        raise ConfigError(f"strength r={r} must be in [0, 1] (1 = the fine-tuned model alone)")
+    if mix is None:
+        return Variant("edit", state, [0, 1], {"type": "constant", "weights": [1.0 - r, r]},
+                       {"model": job.finetuned, "strength": r})
+    m = len(mix.models)
+    if r == 1.0:
+        return Variant("mix", state, list(range(1, m + 1)), dict(mix.gamma), {"mix": mix.as_dict()})
+    return Variant("mix", state, list(range(m + 1)), _scaled(dict(mix.gamma), r), {"mix": mix.as_dict(), "strength": r})
+
+
+def _t0(job: EditJob, base: BaseModel, folders: list[str]) -> int:
+    """``--t0``, else the cards' t0, else the base preset's, else 500; warns about a base-model mismatch."""
+    cards = [read_card(f) for f in folders]
+    for folder, card in zip(folders, cards, strict=True):
+        if card and card.get("base_model_sha256") not in (None, base.sha256):
+            log.warning("%s was fine-tuned from a different base model than %s", folder, job.model)
+    card_t0 = next((c.get("config", {}).get("t0") for c in cards if c.get("config", {}).get("t0")), None)
+    return job.t0 or int(card_t0 or (base.preset.t0 if base.preset else 0) or 500)
+
+
+def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """Keys naming several samples across ``shards``: ``{key: {"key", "shard", "error"}}``."""
+    homes: dict[str, list[str]] = {}
+    for _, path in shards:
+        try:
+            for rec in iter_shard(path):
+                homes.setdefault(rec.key, []).append(path)
+        except InputFileError:
+            pass  # a truncated shard: its error row comes from the restyle
+    return {k: {"key": k, "shard": ", ".join(dict.fromkeys(p)), "error": duplicate_reason(k, len(p), "the input")}
+            for k, p in homes.items() if len(p) > 1}
+
+
+def _errors(state: str, shards: list[tuple[str, str]], dups: dict[str, dict[str, str]],
+            ) -> tuple[list[str], list[dict[str, str]]]:
+    """From the committed manifests: the ok keys in input order and one ``{"key", "shard", "error"}``
+    entry per failed key (``shard``: the input shard's path)."""
+    ok, errors, seen = [], [], set()
+    for name, path in shards:
+        for row in read_manifest(shard_urls(state, name)["manifest"]):
+            if row.status == "ok":
+                ok.append(row.key)
+            elif row.key not in seen:
+                seen.add(row.key)
+                errors.append(dups.get(row.key) or {"key": row.key, "shard": path, "error": str(row.error)})
+    return ok, errors
+
+
+def _grid(out: Path, shards: list[tuple[str, str]], ok: list[str], size: int) -> str:
+    """``OUT/grid.png``: the first 16 edited images under their inputs."""
+    from dclip_ray.evaluation.report import save_grid
+
+    wanted, before = set(ok[:16]), {}
+    for _, path in shards:
+        for d in decode_shard(path, size):
+            if d.rec.key in wanted and d.x is not None:
+                before.setdefault(d.rec.key, d.x)
+    keys = [k for k in ok[:16] if k in before]
+    after = [load_image_tensor((out / f"{k}.png").read_bytes(), size) for k in keys]
+    return str(save_grid([torch.stack([before[k] for k in keys]), torch.stack(after)], out / "grid.png"))
+
+
+def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
+    """Invert with the original model, generate with ``strength`` r of the fine-tuned one (or of the
+    gamma-weighted mix of several, eq. 14, when ``job.mix`` is given), write ``OUT/{key}.png``.
+
+    ``n_edited`` counts the files written; a generated image that is non-finite or one colour is not
+    written but listed in ``errors``, as are duplicate and bad inputs."""
+    if (job.finetuned is None) == (job.mix is None):
+        raise ConfigError("edit needs exactly one of --finetuned FT_DIR or --mix MIX.yaml")
+    check_outputs({"--out": job.out, "--out (its shard outputs)": state_dir(job.out)},
+                  {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned, "--mix": job.mix})
+    base = cached_base(job.model, job.preset)
+    mix = load_mix_spec(job.mix) if job.mix else None
+    folders = list(mix.models) if mix else [str(job.finetuned)]
+    t0 = _t0(job, base, folders)
+    state, out = state_dir(job.out), Path(job.out)
+    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[_variant(job, mix, state)], t0=t0,
+                        n_inv_steps=job.n_inv_steps, n_gen_steps=job.n_gen_steps, preset=job.preset,
+                        batch_size=job.batch_size, root=state)
+    shards = limit_shards(input_shards(job.images), job.limit)
+    dups = duplicates(shards)
+    out.mkdir(parents=True, exist_ok=True)
+    restyler = EditRestyler(cfg, out)
+    for name, path in tqdm(shards, desc="edit shards", disable=not progress):
+        restyler.run(name, path, exclude={k: d["error"] for k, d in dups.items()})
+    ok, errors = _errors(state, shards, dups)
+    if not ok and all(not e["error"].startswith(("non-finite", "blank")) for e in errors):
+        raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")
+    for e in errors:
+        log.warning("not edited %s: %s", e["key"], e["error"])
+    summary: dict[str, Any] = {"out": str(out), "n_edited": len(ok), "t0": t0, "strength": job.strength,
+                               "n_inv_steps": job.n_inv_steps, "n_gen_steps": job.n_gen_steps, "errors": errors,
+                               "shards": state}
+    if mix:
+        summary["mix"] = mix.as_dict()
+    if job.grid and ok:
+        summary["grid"] = _grid(out, shards, ok, base.resolution)
+    return summary

@@ -1,0 +1,152 @@
+"""Input shards of every stage (no Ray): list them, name them, fingerprint them, stream their records
+decoded to model tensors. Every key comes out exactly once, bad images with their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+
+from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor
+from dclip_ray.io.leases import new_owner
+from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards, shard_fingerprint
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers may run in another working directory); URLs, preset
+    names and None unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(path) if os.path.exists(path) or os.sep in path or path.startswith(".") else path
+
+
+def shard_name(path: str) -> str:
+    """The name of an input shard (``.../00003.tar`` -> ``00003``; a folder -> its base name)."""
+    base = posixpath.basename(path.rstrip("/"))
+    return base[: -len(".tar")] if base.endswith(".tar") else base
+
+
+def input_shards(url: str) -> list[tuple[str, str]]:
+    """``[(shard name, shard path)]`` of an input (folder, tar, brace list or glob; local or fsspec).
+
+    Raises :class:`InputFileError` when nothing is there and :class:`ConfigError` when two shards
+    share a name (their outputs would collide).
+    """
+    fs, paths = list_shards(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        paths = [fs.unstrip_protocol(p) for p in paths]  # full URLs: workers open them with fsspec
+    out, seen = [], {}
+    for p in paths:
+        name = shard_name(p)
+        if name in seen:
+            raise ConfigError(f"input shards {seen[name]} and {p} share the name {name!r}; outputs would collide; rename one")
+        seen[name] = p
+        out.append((name, p))
+    return out
+
+
+def iter_shard(path: str) -> Iterator[ImageRecord]:
+    """The records of one input shard (tar or folder); a truncated tar raises :class:`InputFileError`
+    after yielding an error record for the key it broke in."""
+    fs, local = fsspec.core.url_to_fs(path)
+    return iter_folder(fs, local) if fs.isdir(local) else iter_tar(fs, local)
+
+
+def shard_keys(path: str) -> tuple[list[str], str | None]:
+    """All keys of an input shard in order, and the truncation error (None when the shard is whole)."""
+    keys: list[str] = []
+    try:
+        for rec in iter_shard(path):
+            keys.append(rec.key)
+    except InputFileError as e:
+        return keys, str(e)
+    return keys, None
+
+
+def limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
+    """The whole shards needed to cover the first ``limit`` input keys (the shard is the unit of work)."""
+    if limit is None:
+        return shards
+    out, n = [], 0
+    for name, path in shards:
+        if n >= limit:
+            break
+        out.append((name, path))
+        n += len(shard_keys(path)[0])
+    return out
+
+
+def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, str]:
+    """``{shard name: content fingerprint}`` of input shards, read in parallel threads (I/O bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        prints = list(pool.map(shard_fingerprint, [p for _, p in shards]))
+    return {n: f for (n, _), f in zip(shards, prints, strict=True)}
+
+
+def new_run_id() -> str:
+    """A fresh owner naming one run for the leases it takes (:func:`dclip_ray.io.leases.new_owner`)."""
+    return new_owner()
+
+
+@dataclass
+class Decoded:
+    """A decoded input: ``x`` [3,H,W] in [-1,1] or ``error`` (the reason), plus the record."""
+
+    rec: ImageRecord
+    x: torch.Tensor | None
+    error: str | None
+
+
+def decode_shard(path: str, size: int, policy: str = "center-crop", status: dict[str, Any] | None = None,
+                 ) -> Iterator[Decoded]:
+    """Stream one shard's records decoded to model tensors ``x`` [3,size,size] in [-1,1]; every key
+    comes out exactly once.
+
+    Bad images (undecodable, truncated, zero bytes, too small, non-file members) come out with their
+    reason. A truncated tar ends the stream after an error record for the key it broke in, and sets
+    ``status["truncated"]`` to the reason.
+    """
+    try:
+        for rec in iter_shard(path):
+            if rec.error is not None:
+                yield Decoded(rec, None, rec.error)
+                continue
+            try:
+                yield Decoded(rec, load_image_tensor(rec.image or b"", size, policy), None)  # type: ignore[arg-type]
+            except ImageError as e:
+                yield Decoded(rec, None, str(e))
+            except Exception as e:  # noqa: BLE001  (never let one image fail the shard)
+                yield Decoded(rec, None, clean_reason(f"undecodable image: {type(e).__name__}: {e}"))
+    except InputFileError as e:
+        if status is not None:
+            status["truncated"] = str(e)
+        return
+
+
+def batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``n`` items."""
+    batch: list[Any] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+
+def image_sha256(rec: ImageRecord) -> str:
+    """sha256 of a record's image bytes (what a cached latent is keyed to)."""
+    return hashlib.sha256(rec.image or b"").hexdigest()

@@ -1,0 +1,148 @@
+"""Precompute, one input shard -> latents (no Ray): DDIM-invert every good image with the ORIGINAL model
+and store the latents (:mod:`dclip_ray.io.latents`), committed with a marker; a committed shard from the
+same input content is skipped. :mod:`dclip_ray.pipeline.precompute` schedules it, one Ray task per shard.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from dclip_ray.diffusion import generate, invert
+from dclip_ray.errors import ConfigError
+from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.io.leases import LeaseKeeper
+from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
+from dclip_ray.models import eps_fn_of
+from dclip_ray.models.base import BaseModel
+from dclip_ray.models.cache import cached_base
+from dclip_ray.urls import redact
+
+from .common import CountingEps, PrecomputeResult, lease_text, psnr
+from .inputs import batched, decode_shard, image_sha256
+
+
+def skipped_result(shard: str, marker: dict) -> PrecomputeResult:
+    """The result of a shard already committed, from its latent marker (``n`` ok keys, ``errors``)."""
+    errors = marker.get("errors") or {}
+    return PrecomputeResult(shard, skipped=True, n=marker.get("n", 0) + len(errors), n_ok=marker.get("n", 0),
+                            n_error=len(errors), errors=errors, truncated=marker.get("truncated"))
+
+
+def precompute_shard(
+    model: str,
+    preset: str | None,
+    shard: str,
+    path: str,
+    store_root: str,
+    key: LatentKey,
+    batch_size: int = 16,
+    recon_psnr: bool = False,
+    device: str = "cpu",
+    trust_checkpoint: bool = False,
+    fingerprint: str | None = None,
+    owner: str | None = None,
+) -> PrecomputeResult:
+    """DDIM-invert every good image of one input shard with the ORIGINAL model and store the latents.
+
+    Skips a shard already committed under ``key`` from the same input content (``fingerprint``, see
+    :func:`dclip_ray.io.sources.shard_fingerprint`; computed here when None); a shard whose input was
+    rewritten since is redone. A key naming several samples of the shard is an error (none of its
+    samples is inverted). ``owner`` (a run id) takes the shard's lease first: a shard leased by another
+    live run is left to it (``leased`` names the holder).
+    """
+    store = LatentStore(store_root, key)
+    fingerprint = fingerprint or shard_fingerprint(path)
+    if store.is_current(shard, fingerprint):
+        return skipped_result(shard, store.read_marker(shard) or {})
+    with LeaseKeeper(store.dir, shard, owner) if owner is not None else nullcontext() as held:
+        if held is not None:
+            return PrecomputeResult(shard, leased=lease_text(held))
+        base = cached_base(model, preset, device, trust_checkpoint)
+        _check_key(model, base, key)
+        return _invert_shard(base, shard, path, store, batch_size, recon_psnr, device, fingerprint)
+
+
+def _check_key(model: str, base: BaseModel, key: LatentKey) -> None:
+    if base.sha256 != key.base_sha256:
+        raise ConfigError(f"model {model} has sha256 {base.sha256[:12]}..., the latent key says {key.base_sha256[:12]}...")
+    if base.resolution != key.resolution:
+        raise ConfigError(f"model {model} works at {base.resolution}px, the latent key says {key.resolution}px")
+
+
+@dataclass
+class _Inverted:
+    """The latents of one shard so far: ``latents`` [N,3,H,W] for ``keys``, PSNRs [N] when measured."""
+
+    keys: list[str] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    psnrs: list[torch.Tensor] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    shas: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+
+
+def _invert_all(base: BaseModel, eps: CountingEps, path: str, key: LatentKey, batch_size: int, recon_psnr: bool,
+                device: str, status: dict) -> _Inverted:
+    """Invert the shard's good images in batches; the first sample of each key only."""
+    acc = _Inverted()
+    for batch in batched(iter(decode_shard(path, key.resolution, key.resize_policy, status)), batch_size):
+        good = []
+        for d in batch:
+            acc.seen[d.rec.key] = acc.seen.get(d.rec.key, 0) + 1
+            if acc.seen[d.rec.key] > 1:
+                continue
+            if d.error is not None:
+                acc.errors[d.rec.key] = d.error
+            else:
+                good.append(d)
+        if not good:
+            continue
+        x0 = torch.stack([d.x for d in good]).to(device)
+        with torch.no_grad():
+            x_t0 = invert(eps, x0, key.t0, key.n_inv_steps, base.schedule)
+            if recon_psnr:
+                acc.psnrs.append(psnr(generate(eps, x_t0, key.t0, key.n_inv_steps, base.schedule), x0).cpu())
+        acc.keys.extend(d.rec.key for d in good)
+        acc.shas.update((d.rec.key, image_sha256(d.rec)) for d in good)
+        acc.latents.append(x_t0.cpu())
+    return acc
+
+
+def _invert_shard(base: BaseModel, shard: str, path: str, store: LatentStore, batch_size: int, recon_psnr: bool,
+                  device: str, fingerprint: str) -> PrecomputeResult:
+    key = store.key
+    start = time.perf_counter()
+    eps = CountingEps(eps_fn_of(base.unet))
+    status: dict = {}
+    acc = _invert_all(base, eps, path, key, batch_size, recon_psnr, device, status)
+    keys, errors = acc.keys, acc.errors
+    latents = torch.cat(acc.latents) if acc.latents else torch.zeros(0, 3, key.resolution, key.resolution)
+    recon = torch.cat(acc.psnrs) if acc.psnrs else None
+    dups = {k: n for k, n in acc.seen.items() if n > 1}
+    if dups:  # no sample of a duplicated key is used
+        keep = [i for i, k in enumerate(keys) if k not in dups]
+        keys, latents = [keys[i] for i in keep], latents[keep]
+        recon = recon[keep] if recon is not None else None
+        for k, n in dups.items():
+            errors[k] = duplicate_reason(k, n)
+            acc.shas.pop(k, None)
+    truncated = status.get("truncated")
+    store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated},
+                image_sha256=acc.shas, source_fingerprint=fingerprint)
+    return PrecomputeResult(shard, n=len(keys) + len(errors), n_ok=len(keys), n_error=len(errors), errors=errors,
+                            unet_evals=eps.evals, seconds=round(time.perf_counter() - start, 3), truncated=truncated,
+                            mean_recon_psnr=float(recon.mean()) if recon is not None else None)
+
+
+def find_latent_store(root: str, base_sha256: str, t0: int, n_inv_steps: int, resolution: int,
+                      policy: str = "center-crop") -> LatentStore | None:
+    """The store under ``root`` holding latents for this key in either dtype (float32 first), or None."""
+    for dtype in ("float32", "float16"):
+        store = LatentStore(root, LatentKey(base_sha256, t0, n_inv_steps, resolution, policy, dtype))  # type: ignore[arg-type]
+        if store.committed_shards():
+            return store
+    return None

@@ -1,0 +1,217 @@
+"""Restyle configuration (no Ray): options -> :class:`RestyleConfig`, the checks a restyle runs before any
+work, what the latent store covers, the ``--dry-run`` plan, and the run's declaration (``restyle.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import asdict
+from typing import Any
+
+import fsspec
+
+from dclip_ray.diffusion import generation_pairs
+from dclip_ray.errors import ConfigError
+from dclip_ray.io.latents import LatentKey, key_mismatch, store_root, stored_keys
+from dclip_ray.io.locations import check_outputs
+from dclip_ray.io.shards import put_bytes
+from dclip_ray.mixing import mix_from_data, validate_gamma
+from dclip_ray.models.base import read_card
+from dclip_ray.models.cache import cached_base
+from dclip_ray.urls import redact
+
+from .checks import check_out_folder, check_step_counts, check_steps
+from .inputs import absolute, shard_keys
+from .precompute import find_latent_store
+from .restyle import RestyleConfig, Variant, gamma_of, gen_evals_per_image, model_shas, shard_committed
+
+
+def _card_t0(finetuned: str) -> int | None:
+    card = read_card(finetuned) if "://" not in finetuned else {}
+    t0 = (card.get("config") or {}).get("t0")
+    return int(t0) if t0 else None
+
+
+def _card_base(finetuned: str) -> str | None:
+    card = read_card(finetuned) if "://" not in finetuned else {}
+    return card.get("base_model")
+
+
+def variant_name(path: str) -> str:
+    """Output sub-folder name of a fine-tuned model folder (its base name)."""
+    from dclip_ray.prompts import safe_name
+
+    return safe_name(posixpath.basename(path.rstrip("/")), fallback="model")
+
+
+def build_restyle_config(
+    out: str,
+    models: list[str] | None = None,
+    base: str | None = None,
+    strength: float = 1.0,
+    mix: dict[str, Any] | None = None,
+    preset: str | None = None,
+    t0: int | None = None,
+    **kw: Any,
+) -> RestyleConfig:
+    """Turn the restyle options into a :class:`RestyleConfig`.
+
+    ``models``: fine-tuned folders. One model: output at ``out``; several: one output per model under
+    ``out/{name}`` sharing one inversion per image. ``mix``: ``{"models": [...], "gamma": spec}`` (one
+    output at ``out``, eq. 14). ``strength`` r mixes each fine-tuned model with the base:
+    ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the ``base_model`` in the cards.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"--strength {strength} must be in [0, 1] (1 = the fine-tuned model alone)")
+    variants, finetuned = _variants(out, models, mix, strength)
+    base = base or _card_base(finetuned[0])
+    if not base:
+        raise ConfigError(f"{finetuned[0]} does not name its base model: pass --base MODEL (the original UNet)")
+    t0 = _t0_of(finetuned, t0)
+    check_step_counts(int(t0), int(kw.get("n_inv_steps", 40)), int(kw.get("n_gen_steps", 40)))
+    steps = [t for t, _ in generation_pairs(int(t0), int(kw.get("n_gen_steps", 40)))]
+    for v in variants:
+        validate_gamma(gamma_of(v), len(v.models), steps)  # before any model loads or Ray starts
+    if kw.get("latents"):
+        kw["latents"] = absolute(kw["latents"])
+    for v in variants:
+        v.out = absolute(v.out) or v.out
+    return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
+                         variants=variants, t0=int(t0), preset=preset, root=absolute(out.rstrip("/")) or out, **kw)
+
+
+def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, strength: float,
+              ) -> tuple[list[Variant], list[str]]:
+    """The outputs of a restyle and the fine-tuned models they use (see :func:`build_restyle_config`)."""
+    if mix is not None:
+        if models:
+            raise ConfigError("give either --model or --mix, not both (the mix file lists its models)")
+        spec = mix_from_data(mix, "mix")  # one weight per model, summing to 1 at every step
+        finetuned = list(spec.models)
+        return [Variant("mix", out.rstrip("/"), list(range(1, len(finetuned) + 1)), dict(spec.gamma),
+                        {"mix": spec.as_dict()})], finetuned
+    if not models:
+        raise ConfigError("restyle needs --model FT_DIR (repeatable) or --mix MIX.yaml")
+    finetuned = list(models)
+    names = [variant_name(m) for m in finetuned]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"fine-tuned model folders must have distinct names, got {names}")
+    variants = []
+    for i, (m, name) in enumerate(zip(finetuned, names, strict=True), start=1):
+        target = out.rstrip("/") if len(finetuned) == 1 else f"{out.rstrip('/')}/{name}"
+        gamma = {"type": "constant", "weights": [1.0 - strength, strength]}
+        variants.append(Variant(name, target, [0, i], gamma, {"model": m, "strength": strength}))
+    return variants, finetuned
+
+
+def _t0_of(finetuned: list[str], t0: int | None) -> int:
+    """``t0`` when given, else the one the models' cards agree on, else 500."""
+    t0s = {t for t in (_card_t0(m) for m in finetuned) if t}  # every card is read (a bad one is an error)
+    if t0 is not None:
+        return int(t0)
+    if len(t0s) > 1:
+        raise ConfigError(f"the fine-tuned models were trained at different t0 {sorted(t0s)}; pass --t0")
+    return t0s.pop() if t0s else 500
+
+
+DECLARATION = "restyle.json"
+
+
+def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
+    """Write ``ROOT/restyle.json``: the variants this restyle writes (name, folder relative to ROOT) and
+    its input, so that ``verify`` checks every declared variant (a deleted variant folder is a problem)."""
+    root = (cfg.root or cfg.variants[0].out).rstrip("/")
+    variants = [{"name": v.name, "folder": posixpath.relpath(v.out, root) if "://" not in v.out
+                 else v.out[len(root):].strip("/") or "."} for v in cfg.variants]
+    data = json.dumps({"format": "dclip-ray/restyle-run/1", "input": redact(input_url), "variants": variants},
+                      indent=1, sort_keys=True).encode()
+    url = f"{root}/{DECLARATION}"
+    try:
+        with fsspec.open(url, "rb") as f:
+            if f.read() == data:
+                return  # unchanged: a re-run touches nothing
+    except (FileNotFoundError, OSError):
+        pass
+    put_bytes(data, url)
+
+
+def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
+    """Validate a restyle before any work (the run, ``--dry-run`` and ``run --check`` call it): every
+    output is a folder outside the input, the latent store and the models; the step settings fit the
+    base model. Resolves ``cfg.latents`` when it names one key's digest folder. Raises
+    :class:`ConfigError` (exit 1)."""
+    inputs: dict[str, str | None] = {"--input": input_url, "--latents": cfg.latents, "--base": cfg.base}
+    inputs.update({f"--model {f}": f for f in cfg.finetuned})
+    for v in cfg.variants:
+        check_out_folder(v.out)
+    check_outputs({f"--out ({v.name})" if len(cfg.variants) > 1 else "--out": v.out for v in cfg.variants}, inputs)
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+    check_steps(base.schedule, cfg.t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
+    if cfg.latents:
+        cfg.latents = store_root(cfg.latents)
+
+
+def latent_coverage(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str],
+                    require: bool = False) -> list[str]:
+    """What ``--latents`` gives this restyle: warnings (one line each) when it gives nothing or not
+    every shard, naming the key field that differs. With ``require`` (``--require-latents``) a shard
+    without current latents is a :class:`ConfigError` instead (exit 1, nothing started)."""
+    if not cfg.latents:
+        if require:
+            raise ConfigError("--require-latents needs --latents STORE (the root that `dclip-ray precompute --out` wrote)")
+        return []
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+    key = LatentKey(base.sha256, cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)  # type: ignore[arg-type]
+    store = find_latent_store(cfg.latents, base.sha256, cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
+    if store is None:
+        stored = stored_keys(cfg.latents)
+        if stored:
+            diffs = "; ".join(", ".join(key_mismatch(key, k)) or "dtype only" for k in stored[:3])
+            why = f"it holds latents of another key: {diffs}"
+        else:
+            why = "it holds no committed latents (run `dclip-ray precompute` with this run's settings)"
+        msg = f"--latents {redact(cfg.latents)}: no cached latent matches this run, every image is inverted; {why}"
+        if require:
+            raise ConfigError(msg + "; match --t0/--n-inv/--resize-policy to the store, or drop --require-latents")
+        return [msg]
+    missing = [n for n, _ in shards if not (store.is_committed(n)
+                                            and (store.read_marker(n) or {}).get("source_fingerprint") == prints[n])]
+    if not missing:
+        return []
+    msg = (f"--latents {redact(cfg.latents)}: {len(missing)} of {len(shards)} input shard(s) have no current latents "
+           f"(not precomputed, or the input changed since), e.g. {missing[:3]}; they are inverted here")
+    if require:
+        raise ConfigError(msg.replace("; they are inverted here", "; run `dclip-ray precompute` on this input first"))
+    return [msg]
+
+
+def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str] | None = None,
+                 ) -> dict[str, Any]:
+    """What a restyle would run (``--dry-run``): per shard the keys, whether it is committed, how many
+    latents are cached; totals of images and UNet evaluations (images x network calls, inversion +
+    generation). Loads the models (to hash them) but runs none."""
+    shas = model_shas(cfg)
+    hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
+    base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
+    store = (find_latent_store(cfg.latents, shas[0], cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
+             if cfg.latents else None)
+    per_gen = sum(gen_evals_per_image(v, cfg.t0, cfg.n_gen_steps) for v in cfg.variants)
+    rows, total_imgs, total_evals = [], 0, 0
+    for name, path in shards:
+        keys, truncated = shard_keys(path)
+        fp = (prints or {}).get(name)
+        done = shard_committed(cfg, hashes, name, fp)
+        marker = store.read_marker(name) if store is not None and store.is_committed(name) else None
+        if marker is not None and fp is not None and marker.get("source_fingerprint") != fp:
+            marker = None  # latents of an older version of this input: not used
+        n_cached = len(set(keys) & set((marker or {}).get("keys") or []))
+        evals = 0 if done else (len(keys) - n_cached) * (cfg.n_inv_steps - 1) + len(keys) * per_gen
+        rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": n_cached,
+                     "committed": done, "unet_evals": evals, "truncated": truncated})
+        if not done:
+            total_imgs += len(keys)
+            total_evals += evals
+    return {"shards": rows, "images": total_imgs, "unet_evals": total_evals,
+            "variants": [asdict(v) for v in cfg.variants], "t0": cfg.t0, "n_inv_steps": cfg.n_inv_steps,
+            "n_gen_steps": cfg.n_gen_steps}

@@ -1,0 +1,72 @@
+"""Faults injected into the restyle unit of work by tests, never by production code: subclasses of
+:class:`~dclip_ray.stages.restyle.ShardRestyler` given to a Ray restyle through its extension point
+(``RestyleJob.restyler_factory``, e.g. ``functools.partial(KillMidBatch, flag=PATH)``). Ray workers
+import this module by name (``tests/conftest.py``'s ``ray_local`` puts this folder on their path).
+
+A ``flag`` is a file path: the fault fires once, in the first process that creates the file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from dclip_ray.io.shards import ShardWriter
+from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, Variant
+
+
+def first_time(flag: str) -> bool:
+    """True once per flag file: creates it."""
+    if os.path.exists(flag):
+        return False
+    open(flag, "w").close()
+    return True
+
+
+class HangOnBad(ShardRestyler):
+    """A worker that never returns on the input shard named ``bad``."""
+
+    hang_on = "bad"
+
+    def _restyle(self, shard: str, path: str, *args: Any) -> Any:
+        if shard == self.hang_on:
+            while True:
+                time.sleep(3600)
+        return super()._restyle(shard, path, *args)
+
+
+class KillMidBatch(ShardRestyler):
+    """The first batch generated SIGKILLs its process: the actor dies mid-shard, mid-batch."""
+
+    def __init__(self, cfg: RestyleConfig, flag: str):
+        super().__init__(cfg)
+        self.flag = flag
+
+    def _write(self, *args: Any, **kwargs: Any) -> None:
+        super()._write(*args, **kwargs)
+        if first_time(self.flag):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _DieBeforeMarker(ShardWriter):
+    def __init__(self, root: str, shard: str, flag: str):
+        super().__init__(root, shard)
+        self.flag = flag
+
+    def write_commit_marker(self, marker: Any) -> None:
+        if first_time(self.flag):
+            os._exit(1)  # a worker dying between the data and its commit marker
+        super().write_commit_marker(marker)
+
+
+class CrashBeforeCommit(ShardRestyler):
+    """The first shard written kills its process after the tar and the manifest, before the marker."""
+
+    def __init__(self, cfg: RestyleConfig, flag: str):
+        super().__init__(cfg)
+        self.flag = flag
+
+    def new_writer(self, v: Variant, shard: str) -> ShardWriter:
+        return _DieBeforeMarker(v.out, shard, self.flag)
