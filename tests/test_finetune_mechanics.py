@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DModel
 from pipeline_fixtures import random_clip_weights
 
+from dclip_ray.callbacks import Callback, StopTraining
 from dclip_ray.diffusion import linear_schedule
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
@@ -52,6 +53,18 @@ def cfg(**kw):
     return FinetuneConfig(**base)
 
 
+class StopAfterBatches(Callback):
+    """Ends the run after ``n`` batches (a kill, as far as the checkpoint folder can tell)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def on_batch_end(self, state):
+        self.seen += 1
+        if self.seen >= self.n:
+            raise StopTraining
+
+
 def weights_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -75,7 +88,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_unet, rando
     assert not weights_equal(ref.unet, other.unet)
     # Killed after 3 of 4 batches (mid-epoch 2, last checkpoint after batch 3), then resumed.
     part = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1), checkpoint_dir=tmp_path,
-                    stop_after_batches=3)
+                    callbacks=[StopAfterBatches(3)])
     assert len(part.history) == 9
     resumed = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1), checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 9
