@@ -1,7 +1,9 @@
 """CLIP-guided fine-tuning of a diffusion model from cached DDIM latents (DiffusionCLIP sec. 3.1-3.3).
 
 Framework-free (no Ray): the Ray Train loop in :mod:`dclip_ray.pipeline` calls :func:`finetune` with
-its own checkpoint hook. Two modes (../shared/REFERENCE.md sec. 2):
+its own callbacks (:mod:`dclip_ray.callbacks`). In parts: :class:`TrainState` with :func:`save_state` /
+:func:`load_state`; :func:`efficient_batch` / :func:`full_batch` (one batch); :func:`train_epoch`;
+:func:`finetune` orchestrates. Two modes (../shared/REFERENCE.md sec. 2):
 
 - ``full``: generate from each latent through all ``n_gen_steps`` with gradients on, loss on the final
   image, one optimiser step per batch (memory grows with ``n_gen_steps``; ``grad_checkpointing``
@@ -20,23 +22,23 @@ import copy
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from tqdm.auto import tqdm
 
 from dclip_ray import __version__
+from dclip_ray.callbacks import Callback, CheckpointHook, ProgressBar, StopTraining, TensorBoardLogger, emit
 from dclip_ray.config import FinetuneConfig, Mode
 from dclip_ray.diffusion import Schedule, ddim_step, generation_pairs
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import state_dict_sha256
+from dclip_ray.losses import EditLoss
 
-__all__ = ["STATE_FILE", "FinetuneConfig", "FinetuneResult", "Mode", "finetune", "loss_history", "save_finetuned",
-           "tensorboard_writer"]
+__all__ = ["STATE_FILE", "FinetuneConfig", "FinetuneResult", "Mode", "finetune", "loss_history", "save_finetuned"]
 STATE_FILE = "finetune_state.pt"
 
 
@@ -65,25 +67,173 @@ def _eps_of(unet: torch.nn.Module, checkpointed: bool) -> Callable[[torch.Tensor
     return lambda x, t: torch.utils.checkpoint.checkpoint(eps_fn, x, t, use_reentrant=False)
 
 
-def tensorboard_writer(log_dir: str | Path) -> Any:
-    """A TensorBoard ``SummaryWriter`` on ``log_dir`` (torch's, else tensorboardX's); ConfigError when
-    neither ``tensorboard`` nor ``tensorboardX`` is installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise ConfigError(f"--tensorboard {log_dir}: TensorBoard logging needs the tensorboard package "
-                              "(pip install tensorboard)") from None
-    return SummaryWriter(log_dir=str(log_dir))
+@dataclass
+class TrainState:
+    """Everything a run needs to continue bit for bit: the model under training, its Adam optimiser and
+    lr schedule, the random generator (epoch orders, CLIP-view augmentations) and the position:
+    ``epoch`` (0-based), ``batch_idx`` within it, ``step`` (optimiser steps so far), ``perm`` (the
+    epoch's image order; None until drawn) and ``history`` (one row per optimiser step)."""
+
+    unet: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    epoch: int = 0
+    batch_idx: int = 0
+    step: int = 0
+    perm: list[int] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate."""
+        return float(self.optimiser.param_groups[0]["lr"])
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
+def init_state(base_unet: torch.nn.Module, config: FinetuneConfig) -> TrainState:
+    """A fresh run: a trainable copy of ``base_unet`` (which is not modified), Adam at ``config.lr``
+    with the lr multiplied by ``config.lr_gamma`` after every epoch, the generator seeded by ``config.seed``."""
+    unet = copy.deepcopy(base_unet).train()
+    for p in unet.parameters():
+        p.requires_grad_(True)
+    if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
+    return TrainState(unet, opt, sched, torch.Generator().manual_seed(config.seed))
+
+
+def save_state(path: Path, state: TrainState) -> None:
+    """Write ``state`` to the file ``path`` atomically: a half-written checkpoint is never taken as complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a half-written checkpoint is never taken as complete
+    torch.save({
+        "model": state.unet.state_dict(), "optimizer": state.optimiser.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "generator": state.generator.get_state(),
+        "epoch": state.epoch, "batch_idx": state.batch_idx, "step": state.step, "perm": state.perm,
+        "history": state.history,
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, state: TrainState) -> TrainState:
+    """Restore ``state`` (in place, and returned) from a file written by :func:`save_state`;
+    InputFileError when it cannot be read."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputFileError(f"{path}: unreadable fine-tuning checkpoint ({e}); delete it to restart") from e
+    state.unet.load_state_dict(st["model"])
+    state.optimiser.load_state_dict(st["optimizer"])
+    state.scheduler.load_state_dict(st["scheduler"])
+    state.generator.set_state(st["generator"])
+    state.epoch, state.batch_idx, state.step, state.perm = st["epoch"], st["batch_idx"], st["step"], st["perm"]
+    state.history = list(st["history"])
+    return state
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What stays fixed during a run: the data (``x0``: [N,3,H,W] in [-1,1]; ``latents``: [N,3,H,W],
+    their inversions at ``config.t0``), the loss models, the noise ``schedule``, the generation pairs
+    (t, t_next), the network call ``eps_fn(x, t)`` of the model under training, the autocast context and
+    the checkpoint file (None: no checkpoints)."""
+
+    config: FinetuneConfig
+    clip: Any
+    face: Any
+    x0: torch.Tensor
+    latents: torch.Tensor
+    schedule: Schedule
+    pairs: list[tuple[int, int]]
+    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast: Any
+    state_path: Path | None
+
+    @property
+    def n_batches(self) -> int:
+        """Batches per epoch (the last one may be smaller)."""
+        return -(-self.x0.shape[0] // self.config.batch_size)
+
+
+def _record_step(state: TrainState, t: int, parts: dict[str, float], callbacks: list[Callback]) -> None:
+    state.history.append({"epoch": state.epoch, "step": state.step, "t": t, **parts})
+    state.step += 1
+    emit(callbacks, "on_step_end", state, state.history[-1])
+
+
+def efficient_batch(state: TrainState, setup: TrainSetup, loss_fn: EditLoss, x0: torch.Tensor,
+                    x_t0: torch.Tensor, callbacks: list[Callback]) -> None:
+    """One batch in ``efficient`` mode: at every generation step t -> t_next, the loss on that step's
+    ``x0_pred``, backprop, an optimiser step, then detach x_next (one network call in each graph).
+    ``x0``: [B,3,H,W] in [-1,1], the batch's images; ``x_t0``: [B,3,H,W], their latents at t0."""
+    x = x_t0
+    for t, t_next in setup.pairs:
+        state.optimiser.zero_grad(set_to_none=True)
+        with setup.autocast:
+            x_next, x0_pred, _ = ddim_step(setup.eps_fn, x, t, t_next, setup.schedule)
+            loss, parts = loss_fn(x0_pred.float(), x0, state.generator)
+        loss.backward()
+        state.optimiser.step()
+        x = x_next.detach()
+        _record_step(state, t, parts, callbacks)
+
+
+def full_batch(state: TrainState, setup: TrainSetup, loss_fn: EditLoss, x0: torch.Tensor, x_t0: torch.Tensor,
+               callbacks: list[Callback]) -> None:
+    """One batch in ``full`` mode: generate from ``x_t0`` through every step with gradients on, the loss
+    on the final image, one optimiser step (history ``t`` = -1). Shapes as :func:`efficient_batch`."""
+    state.optimiser.zero_grad(set_to_none=True)
+    x = x_t0
+    with setup.autocast:
+        for t, t_next in setup.pairs:
+            x, _, _ = ddim_step(setup.eps_fn, x, t, t_next, setup.schedule)
+        loss, parts = loss_fn(x.float(), x0, state.generator)
+    loss.backward()
+    state.optimiser.step()
+    _record_step(state, -1, parts, callbacks)
+
+
+def checkpoint(state: TrainState, setup: TrainSetup, callbacks: list[Callback]) -> None:
+    """Save ``state`` to ``setup.state_path`` (if any), then call every ``on_checkpoint(folder, metrics)``
+    with the last step's history row as metrics."""
+    if setup.state_path is None:
+        return
+    save_state(setup.state_path, state)
+    emit(callbacks, "on_checkpoint", setup.state_path.parent, state.history[-1] if state.history else {})
+
+
+def train_epoch(state: TrainState, setup: TrainSetup, callbacks: list[Callback]) -> None:
+    """The rest of epoch ``state.epoch`` from batch ``state.batch_idx``: draw the image order (once per
+    epoch), run each batch, checkpoint every ``checkpoint_every`` batches and at the end, after the lr step."""
+    config = setup.config
+    if state.perm is None:
+        state.perm = torch.randperm(setup.x0.shape[0], generator=state.generator).tolist()
+    loss_fn = config.edit_loss(setup.clip, setup.face, state.epoch)  # cheap; the refinement stage decides per epoch
+    batch = efficient_batch if config.mode == "efficient" else full_batch
+    device = next(state.unet.parameters()).device
+    while state.batch_idx < setup.n_batches:
+        idx = state.perm[state.batch_idx * config.batch_size : (state.batch_idx + 1) * config.batch_size]
+        batch(state, setup, loss_fn, setup.x0[idx].to(device), setup.latents[idx].to(device), callbacks)
+        state.batch_idx += 1
+        every = config.checkpoint_every
+        if every and state.batch_idx % every == 0 and state.batch_idx < setup.n_batches:
+            checkpoint(state, setup, callbacks)
+        emit(callbacks, "on_batch_end", state)
+    state.epoch, state.batch_idx, state.perm = state.epoch + 1, 0, None
+    state.scheduler.step()
+    checkpoint(state, setup, callbacks)
+    emit(callbacks, "on_epoch_end", state)
+
+
+def _setup(state: TrainState, clip: Any, face: Any, x0: torch.Tensor, latents: torch.Tensor, schedule: Schedule,
+           config: FinetuneConfig, checkpoint_dir: str | Path | None) -> TrainSetup:
+    device = next(state.unet.parameters()).device
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=config.bf16 and device.type == "cuda")
+    eps_fn = _eps_of(state.unet, config.grad_checkpointing and config.mode == "full")
+    return TrainSetup(config, clip, face, x0, latents, schedule, generation_pairs(config.t0, config.n_gen_steps),
+                      eps_fn, autocast, Path(checkpoint_dir) / STATE_FILE if checkpoint_dir else None)
 
 
 def finetune(
@@ -96,126 +246,44 @@ def finetune(
     face: Any = None,
     checkpoint_dir: str | Path | None = None,
     on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None,
-    stop_after_batches: int | None = None,
     disable: bool = True,
     tensorboard_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FinetuneResult:
     """Fine-tune a copy of ``base_unet`` so that generation from ``latents`` moves ``source`` -> ``target``.
 
     ``x0``: [N,3,H,W] in [-1,1], the training images; ``latents``: [N,3,H,W], their DDIM inversions at
     ``config.t0`` by the original model. ``base_unet`` is not modified. With ``checkpoint_dir`` the run
-    saves its state there (every ``checkpoint_every`` steps and at each epoch end) and resumes from it
-    when a state exists; ``on_checkpoint(dir, metrics)`` is called after each save.
-    ``stop_after_batches`` ends the run after that many batches in all (to test resumption).
-    ``tensorboard_dir``: also log every step's losses (``loss/<part>``) and the lr there (TensorBoard
-    event files; needs ``tensorboard`` or ``tensorboardX``).
+    saves its state there (every ``checkpoint_every`` batches and at each epoch end) and resumes from it
+    when a state exists. ``callbacks`` (:class:`dclip_ray.callbacks.Callback`) see every step, batch,
+    epoch and checkpoint; one that raises :class:`~dclip_ray.callbacks.StopTraining` ends the run with
+    the partial result. Conveniences: ``on_checkpoint(dir, metrics)`` after each save; ``disable``: no
+    progress bar; ``tensorboard_dir``: log every step's losses (``loss/<part>``) and the lr there.
     """
     if x0.shape != latents.shape or x0.ndim != 4:
         raise ConfigError(f"images {tuple(x0.shape)} and latents {tuple(latents.shape)} must both be [N,3,H,W]")
-    device = next(base_unet.parameters()).device
-    unet = copy.deepcopy(base_unet).train()
-    for p in unet.parameters():
-        p.requires_grad_(True)
-    if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
-        unet.enable_gradient_checkpointing()
     config.edit_loss(clip, face)  # a bad loss setup fails here, before any state is loaded
-    opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
-    gen = torch.Generator().manual_seed(config.seed)
-    n = x0.shape[0]
-    n_batches = (n + config.batch_size - 1) // config.batch_size
-    pairs = generation_pairs(config.t0, config.n_gen_steps)
-    steps_per_batch = len(pairs) if config.mode == "efficient" else 1
-    history: list[dict[str, float]] = []
-    epoch, batch_idx, step, perm = 0, 0, 0, None
-
-    state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir else None
-    if state_path is not None and state_path.exists():
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise InputFileError(f"{state_path}: unreadable fine-tuning checkpoint ({e}); delete it to restart") from e
-        unet.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
-        epoch, batch_idx, step, perm = st["epoch"], st["batch_idx"], st["step"], st["perm"]
-        history = list(st["history"])
-    resumed_from = step
-    tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
-
-    def log_step(h: dict[str, float]) -> None:
-        if tb is not None:
-            for k, v in h.items():
-                if k not in ("epoch", "step", "t"):
-                    tb.add_scalar(f"loss/{k}", float(v), int(h["step"]))
-            tb.add_scalar("lr", opt.param_groups[0]["lr"], int(h["step"]))
-
-    def save(metrics: dict[str, float]) -> None:
-        if state_path is None:
-            return
-        _save_state(state_path, {
-            "model": unet.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), "epoch": epoch, "batch_idx": batch_idx, "step": step,
-            "perm": perm, "history": history,
-        })
-        if on_checkpoint is not None:
-            on_checkpoint(state_path.parent, metrics)
-
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=config.bf16 and device.type == "cuda")
-    eps_fn = _eps_of(unet, config.grad_checkpointing and config.mode == "full")
+    state = init_state(base_unet, config)
+    setup = _setup(state, clip, face, x0, latents, schedule, config, checkpoint_dir)
+    if setup.state_path is not None and setup.state_path.exists():
+        load_state(setup.state_path, state)
+    resumed_from = state.step
+    steps_per_batch = len(setup.pairs) if config.mode == "efficient" else 1
+    cbs: list[Callback] = [ProgressBar(config.epochs * setup.n_batches * steps_per_batch,
+                                       f"finetune {config.target!r}", disable)]
+    cbs += [TensorBoardLogger(tensorboard_dir)] if tensorboard_dir is not None else []
+    cbs += [CheckpointHook(on_checkpoint)] if on_checkpoint is not None else []
+    cbs += list(callbacks)
     start = time.perf_counter()
-    bar = tqdm(total=config.epochs * n_batches * steps_per_batch, initial=step, disable=disable,
-               desc=f"finetune {config.target!r}")
-    while epoch < config.epochs:
-        if perm is None:
-            perm = torch.randperm(n, generator=gen).tolist()
-        loss_fn = config.edit_loss(clip, face, epoch)  # stateless and cheap: the stage decides per epoch
-        while batch_idx < n_batches:
-            if stop_after_batches is not None and epoch * n_batches + batch_idx >= stop_after_batches:
-                bar.close()
-                if tb is not None:
-                    tb.close()
-                return FinetuneResult(unet.eval(), history, time.perf_counter() - start, resumed_from)
-            idx = perm[batch_idx * config.batch_size : (batch_idx + 1) * config.batch_size]
-            xb, xl = x0[idx].to(device), latents[idx].to(device)
-            x = xl
-            if config.mode == "efficient":
-                for t, t_next in pairs:
-                    opt.zero_grad(set_to_none=True)
-                    with autocast:
-                        x_next, x0_pred, _ = ddim_step(eps_fn, x, t, t_next, schedule)
-                        loss, parts = loss_fn(x0_pred.float(), xb, gen)
-                    loss.backward()
-                    opt.step()
-                    x = x_next.detach()
-                    history.append({"epoch": epoch, "step": step, "t": t, **parts})
-                    log_step(history[-1])
-                    step += 1
-                    bar.update(1)
-            else:
-                opt.zero_grad(set_to_none=True)
-                with autocast:
-                    for t, t_next in pairs:
-                        x, _, _ = ddim_step(eps_fn, x, t, t_next, schedule)
-                    loss, parts = loss_fn(x.float(), xb, gen)
-                loss.backward()
-                opt.step()
-                history.append({"epoch": epoch, "step": step, "t": -1, **parts})
-                log_step(history[-1])
-                step += 1
-                bar.update(1)
-            batch_idx += 1
-            if config.checkpoint_every and batch_idx % config.checkpoint_every == 0 and batch_idx < n_batches:
-                save(history[-1])
-        epoch, batch_idx, perm = epoch + 1, 0, None
-        sched.step()
-        save(history[-1] if history else {})
-    bar.close()
-    if tb is not None:
-        tb.close()
-    return FinetuneResult(unet.eval(), history, time.perf_counter() - start, resumed_from)
+    emit(cbs, "on_train_begin", state)
+    try:
+        while state.epoch < config.epochs:
+            train_epoch(state, setup, cbs)
+    except StopTraining:
+        pass
+    finally:
+        emit(cbs, "on_train_end", state)
+    return FinetuneResult(state.unet.eval(), state.history, time.perf_counter() - start, resumed_from)
 
 
 def loss_history(history: list[dict[str, float]], max_points: int = 2000) -> dict[str, list[float]]:

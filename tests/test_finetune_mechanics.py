@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DModel
 from pipeline_fixtures import random_clip_weights
 
+from dclip_ray.callbacks import Callback, StopTraining
 from dclip_ray.diffusion import linear_schedule
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
@@ -52,6 +53,44 @@ def cfg(**kw):
     return FinetuneConfig(**base)
 
 
+class StopAfterBatches(Callback):
+    """Ends the run after ``n`` batches (a kill, as far as the checkpoint folder can tell)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def on_batch_end(self, state):
+        self.seen += 1
+        if self.seen >= self.n:
+            raise StopTraining
+
+
+class Recorder(Callback):
+    """Records every hook call as (hook, step)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, state):
+        self.calls.append(("begin", state.step))
+
+    def on_step_end(self, state, metrics):
+        assert metrics is state.history[-1] and metrics["step"] == state.step - 1
+        self.calls.append(("step", state.step))
+
+    def on_batch_end(self, state):
+        self.calls.append(("batch", state.step))
+
+    def on_epoch_end(self, state):
+        self.calls.append(("epoch", state.step))
+
+    def on_checkpoint(self, path, metrics):
+        self.calls.append(("checkpoint", int(metrics["step"]) + 1))
+
+    def on_train_end(self, state):
+        self.calls.append(("end", state.step))
+
+
 def weights_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -59,12 +98,17 @@ def weights_equal(a, b):
 
 def test_efficient_mode_trains_a_copy_and_records_every_step(tiny_unet, random_clip, data):
     before = state_dict_sha256(tiny_unet)
-    res = finetune(tiny_unet, random_clip, *data, SCHED, cfg())
+    rec = Recorder()
+    res = finetune(tiny_unet, random_clip, *data, SCHED, cfg(), callbacks=[rec])
     assert state_dict_sha256(tiny_unet) == before, "the base model must not change"
     assert len(res.history) == 2 * 2 * 3, "efficient mode: one optimiser step per generation step"
     assert [h["t"] for h in res.history[:3]] == [300, 150, 0]
     assert not weights_equal(res.unet, tiny_unet)
     assert res.final_loss == pytest.approx(sum(h["total"] for h in res.history[6:]) / 6)
+    batch = [("step", 1), ("step", 2), ("step", 3), ("batch", 3)]
+    shift = [[(k, s + d) for k, s in batch] for d in (0, 3, 6, 9)]
+    assert rec.calls == [("begin", 0), *shift[0], *shift[1], ("epoch", 6), *shift[2], *shift[3], ("epoch", 12),
+                         ("end", 12)], "hooks in order; no checkpoints without a checkpoint folder"
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_unet, random_clip, data, tmp_path):
@@ -74,9 +118,13 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tiny_unet, rando
     other = finetune(tiny_unet, random_clip, *data, SCHED, cfg(seed=1))
     assert not weights_equal(ref.unet, other.unet)
     # Killed after 3 of 4 batches (mid-epoch 2, last checkpoint after batch 3), then resumed.
+    rec = Recorder()
     part = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1), checkpoint_dir=tmp_path,
-                    stop_after_batches=3)
+                    callbacks=[rec, StopAfterBatches(3)])
     assert len(part.history) == 9
+    assert [c for c in rec.calls if c[0] in ("checkpoint", "batch", "epoch", "end")] == [
+        ("checkpoint", 3), ("batch", 3), ("batch", 6), ("checkpoint", 6), ("epoch", 6), ("checkpoint", 9),
+        ("batch", 9), ("end", 9)], "a checkpoint after every batch but an epoch's last (saved after its lr step)"
     resumed = finetune(tiny_unet, random_clip, *data, SCHED, cfg(checkpoint_every=1), checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == 9
     assert weights_equal(ref.unet, resumed.unet)
@@ -217,3 +265,16 @@ def test_refinement_stage_switches_the_loss_from_its_epoch(tiny_unet, random_cli
         epochs=2, w_l1=0.0, w_edge=1.0, refine_from=2, refine_l1=1.0)).unet)  # the stage starts after the last epoch
     assert cfg(refine_from=1, refine_l1=2.0).edit_loss(random_clip, epoch=1).w_l1 == 2.0
     assert cfg(refine_from=1, refine_l1=2.0).edit_loss(random_clip, epoch=0).w_l1 == 0.0
+
+
+def test_callbacks_are_built_from_module_factory_strings():
+    """The form in which Ray Train workers receive callbacks (``FinetuneManyJob.callbacks``)."""
+    from dclip_ray.callbacks import ProgressBar, load_callbacks, resolve_factory
+
+    [bar] = load_callbacks(['dclip_ray.callbacks:ProgressBar {"total": 3, "desc": "x", "disable": true}'])
+    assert isinstance(bar, ProgressBar) and (bar.total, bar.desc, bar.disable) == (3, "x", True)
+    for bad, why in [("dclip_ray.callbacks", "expected 'module:factory'"), ("no_such_module:f", "cannot import"),
+                     ("dclip_ray.callbacks:Nope", "cannot import"), ('dclip_ray.callbacks:ProgressBar {"total"', "not JSON"),
+                     ("dclip_ray.callbacks:ProgressBar [3]", "a JSON object")]:
+        with pytest.raises(ConfigError, match=why):
+            resolve_factory(bad)

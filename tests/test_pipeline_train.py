@@ -22,6 +22,7 @@ import torch
 import webdataset as wds
 from diffusers import UNet2DModel
 from pipeline_fixtures import BAD_REASONS, make_inputs, random_clip_weights, tiny_unet_dir
+from train_faults import fail_once_spec, worker_pythonpath
 
 from dclip_ray.cli import main
 from dclip_ray.hashing import state_dict_sha256
@@ -33,10 +34,12 @@ T0, N_INV, N_GEN = 200, 4, 3
 
 @pytest.fixture(scope="module")
 def ray_train():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", worker_pythonpath())  # the Train workers import train_faults
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
+                 log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +128,15 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=models, latents=lat, clip="toy_clip",
                           clip_weights=clip_weights, n_train=4, max_failures=1,
                           settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
-                                        checkpoint_every=1))
-    s = run_finetune_many(job, progress=False, test_hooks={"green": {"fail_after_batches": 5}})
+                                        checkpoint_every=1),
+                          callbacks=[fail_once_spec(5, tmp_path / "failed", "green")])
+    s = run_finetune_many(job, progress=False)
     assert [p["status"] for p in s["prompts"]] == ["ok", "ok", "ok"], s
     # never three at once on 2 CPUs (that two do run at once is asserted by the two-prompt test; here a
     # failed-and-restarted worker under load can leave no overlap, so only the bound is asserted)
     assert overlaps([p["train_window"] for p in s["prompts"]]) <= 2, "2 CPUs: at most two prompts at once"
     green = next(p for p in s["prompts"] if p["name"] == "green")
+    assert (tmp_path / "failed").exists(), "the failure was injected"
     assert green["resumed_from_step"] > 0, "the failed worker resumed from its last checkpoint"
     fts = [p["model_path"] for p in s["prompts"]]
 

@@ -2,7 +2,8 @@
 ends with exactly the weights of an uninterrupted run of the same seed (CPU, deterministic).
 
 Two prompts with the same settings train side by side; one of them has an injected failure after 3
-batches. (The loop-level version, without Ray, is tests/test_finetune_mechanics.py.)
+batches (a callback from tests/train_faults.py, named in ``FinetuneManyJob.callbacks``). (The
+loop-level version, without Ray, is tests/test_finetune_mechanics.py.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from pipeline_fixtures import make_inputs, random_clip_weights, tiny_unet_dir
+from train_faults import fail_once_spec, worker_pythonpath
 
 from dclip_ray.io.latents import LatentKey
 from dclip_ray.models.cache import cached_base
@@ -21,7 +23,7 @@ T0, N_INV = 200, 4
 
 
 @pytest.mark.slow
-def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     import ray
 
     from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
@@ -38,14 +40,17 @@ def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path):
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=str(tmp_path / "models"), latents=lat,
                           clip="toy_clip", clip_weights=random_clip_weights(tmp_path), n_train=4, max_failures=1,
                           settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
-                                        checkpoint_every=1, seed=0))
+                                        checkpoint_every=1, seed=0),
+                          callbacks=[fail_once_spec(3, tmp_path / "failed", "failing")])
+    monkeypatch.setenv("PYTHONPATH", worker_pythonpath())  # the Train workers import train_faults
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)
     try:
-        s = run_finetune_many(job, progress=False, test_hooks={"failing": {"fail_after_batches": 3}})
+        s = run_finetune_many(job, progress=False)
     finally:
         ray.shutdown()
     by_name = {p["name"]: p for p in s["prompts"]}
+    assert (tmp_path / "failed").exists(), "the failure was injected"
     assert [p["status"] for p in s["prompts"]] == ["ok", "ok"], s
     # the failure came after 3 batches x 2 steps (efficient mode: an optimiser step per generation step)
     assert by_name["failing"]["resumed_from_step"] == 3 * 2 and not by_name["plain"]["resumed_from_step"]

@@ -18,6 +18,7 @@ import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -25,6 +26,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
 from dclip_ray.config import resolve_finetune_config
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
@@ -71,6 +73,11 @@ class FinetuneManyJob:
     address: str | None = None
     num_cpus: int | None = None
     verbose: bool = False
+    # Extra fine-tuning callbacks for every prompt, as importable "module:factory" strings optionally
+    # followed by a JSON object of keyword arguments (dclip_ray.callbacks.resolve_factory); each Train
+    # worker builds its own. The module must be importable there (installed, or on the workers' PYTHONPATH);
+    # a callback meant for one prompt can read ray.train.get_context().get_experiment_name() ("{name}-{hash}").
+    callbacks: list[str] = field(default_factory=list)
 
 
 def finetune_config(spec: EditSpec, job: FinetuneManyJob, preset: Any) -> FinetuneConfig:
@@ -112,10 +119,21 @@ def quality_score(clip: Any, unet: torch.nn.Module, base: Any, x0: torch.Tensor,
     return float(1.0 - loss.mean())
 
 
+class ReportCheckpoints(Callback):
+    """Reports every fine-tuning checkpoint folder, with its numeric metrics, to Ray Train (which
+    persists it under the run's storage path and hands it back on a restart)."""
+
+    def on_checkpoint(self, path: Path, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """The Ray Train loop of one prompt (runs in the Train worker)."""
+    """The Ray Train loop of one prompt (runs in the Train worker); ``config["callbacks"]``: extra
+    fine-tuning callbacks as ``"module:factory [json kwargs]"`` strings, built here in the worker."""
     import ray.train
-    from ray.train import Checkpoint
 
     started = time.time()
     set_threads(config["cpus"])
@@ -133,18 +151,8 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(ckpt_dir)
-
-    def on_checkpoint(folder: Any, metrics: dict[str, Any]) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(folder)))
-
-    fail_after = config.get("fail_after_batches")  # test hook: one injected worker failure
-    if fail_after is not None and checkpoint is None:
-        finetune(base.unet, clip, x0, latents, base.schedule, fcfg, checkpoint_dir=ckpt_dir,
-                 on_checkpoint=on_checkpoint, stop_after_batches=int(fail_after))
-        raise RuntimeError("injected failure (test hook fail_after_batches)")
     result = finetune(base.unet, clip, x0, latents, base.schedule, fcfg, face=face, checkpoint_dir=ckpt_dir,
-                      on_checkpoint=on_checkpoint)
+                      callbacks=[ReportCheckpoints(), *load_callbacks(config["callbacks"])])
     quality = quality_score(clip, result.unet, base, x0, latents, fcfg)
     metrics = {"final_loss": result.final_loss, "quality_s_dir": quality, "resumed_from_step": result.resumed_from_step,
                "train_seconds": round(result.seconds, 2)}
@@ -199,8 +207,7 @@ def _existing(out_dir: str, config_hash: str) -> dict[str, Any] | None:
     return card if card.get("config_sha256") == config_hash else None
 
 
-def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: dict[str, Any] | None = None,
-                      ) -> dict[str, Any]:
+def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, Any]:
     """Fine-tune one model per prompt line of ``job.prompts`` on Ray Train; returns the summary
     ``{"prompts": [{"name", "source", "target", "status", "final_loss", "quality_s_dir", "model_path",
     "seconds", "error"}], "n_ok", "n_failed", "n_skipped"}``."""
@@ -216,6 +223,8 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
     check_outputs({"--out": job.out}, {"--latents": job.latents, "--images": job.images, "--model": job.model,
                                        "the prompt file": job.prompts})
     resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
+    for cb in job.callbacks:
+        resolve_factory(cb)  # and on a callback that does not resolve
     rows, launches = [], []
     hashes: dict[str, str] = {}
     for spec in specs:
@@ -245,7 +254,7 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True, test_hooks: d
                 "n_train": job.n_train,
                 "images": job.images, "latents": job.latents, "policy": job.resize_policy, "out_dir": out_dir,
                 "config_sha256": h, "cpus": job.cpus_per_prompt, "gpus": job.gpus_per_prompt,
-                **((test_hooks or {}).get(spec.name) or {})}
+                "callbacks": list(job.callbacks)}
         launches.append((row, loop))
     if launches:
         init_ray(job.address, job.num_cpus, dashboard=True, verbose=job.verbose)

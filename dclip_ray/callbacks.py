@@ -1,0 +1,158 @@
+"""Callbacks of the fine-tuning loop (:func:`dclip_ray.finetune.finetune`): logging, progress, checkpoint
+reporting, early stops, all outside the loop's math.
+
+A callback subclasses :class:`Callback` and overrides the hooks it needs; the loop calls them in list
+order with the live :class:`~dclip_ray.finetune.TrainState` (read it; change it only knowingly):
+
+- ``on_train_begin(state)``: once, after a checkpoint (if any) is loaded;
+- ``on_step_end(state, metrics)``: after every optimiser step, ``metrics`` being the step's history row
+  ``{"epoch", "step", "t", "total", <loss part>...}`` (``state.step`` already counts the step);
+- ``on_batch_end(state)``: after every batch and its checkpoint, if one is due;
+- ``on_epoch_end(state)``: after the epoch's lr step and checkpoint (``state.epoch`` is the next epoch);
+- ``on_checkpoint(path, metrics)``: after each state save into the folder ``path``;
+- ``on_train_end(state)``: once, also when a hook raised (close files and bars here).
+
+A hook ends the run early by raising :class:`StopTraining`: ``finetune`` then returns the partial
+result (its checkpoints stay resumable). Any other exception propagates, as a real fault would.
+
+:func:`load_callbacks` builds callbacks from importable ``"module:factory"`` strings (optionally with
+JSON keyword arguments), the form in which a Ray Train worker receives them from
+``FinetuneManyJob.callbacks``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from dclip_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dclip_ray.finetune import TrainState
+
+
+class StopTraining(Exception):  # noqa: N818  (a signal, not an error)
+    """Raised by a callback hook to end fine-tuning cleanly with the partial result."""
+
+
+class Callback:
+    """Base class of fine-tuning callbacks: every hook does nothing (see the module docstring)."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        """Once, before the first step of this call (``state.step`` > 0 when resumed)."""
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """After every optimiser step; ``metrics`` is the step's history row."""
+
+    def on_batch_end(self, state: TrainState) -> None:
+        """After every batch (and its checkpoint, if one was due)."""
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        """After every epoch's lr step and checkpoint."""
+
+    def on_checkpoint(self, path: Path, metrics: dict[str, float]) -> None:
+        """After each state save into the folder ``path``; ``metrics``: the last step's history row."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """Once at the end, also after an exception or a :class:`StopTraining`."""
+
+
+def emit(callbacks: Iterable[Callback], hook: str, *args: Any) -> None:
+    """Call ``hook`` (e.g. ``"on_step_end"``) of every callback with ``args``, in order."""
+    for cb in callbacks:
+        getattr(cb, hook)(*args)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over optimiser steps (``total`` of them; a resumed run starts at ``state.step``)."""
+
+    def __init__(self, total: int, desc: str, disable: bool = False) -> None:
+        self.total, self.desc, self.disable = total, desc, disable
+        self.bar: Any = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.bar = tqdm(total=self.total, initial=state.step, disable=self.disable, desc=self.desc)
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.bar.update(1)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def tensorboard_writer(log_dir: str | Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``log_dir`` (torch's, else tensorboardX's); ConfigError when
+    neither ``tensorboard`` nor ``tensorboardX`` is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError(f"--tensorboard {log_dir}: TensorBoard logging needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class TensorBoardLogger(Callback):
+    """Logs every step's loss parts as ``loss/<part>`` and the lr as ``lr`` (x-axis: the step) to
+    TensorBoard event files in ``log_dir``; ConfigError at construction without tensorboard(X)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.writer = tensorboard_writer(log_dir)
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        step = int(metrics["step"])
+        for k, v in metrics.items():
+            if k not in ("epoch", "step", "t"):
+                self.writer.add_scalar(f"loss/{k}", float(v), step)
+        self.writer.add_scalar("lr", state.lr, step)
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.writer.close()
+
+
+class CheckpointHook(Callback):
+    """Adapts a plain function ``fn(path, metrics)`` to :meth:`Callback.on_checkpoint`."""
+
+    def __init__(self, fn: Callable[[Path, dict[str, float]], None]) -> None:
+        self.fn = fn
+
+    def on_checkpoint(self, path: Path, metrics: dict[str, float]) -> None:
+        self.fn(path, metrics)
+
+
+def resolve_factory(spec: str) -> tuple[Callable[..., Callback], dict[str, Any]]:
+    """The factory and keyword arguments named by ``spec``: ``"package.module:factory"``, optionally
+    followed by whitespace and a JSON object of keyword arguments, e.g.
+    ``'mypkg.cbs:StopAfter {"batches": 3}'``. ConfigError naming the spec when it does not resolve."""
+    target, _, raw = spec.strip().partition(" ")
+    module, sep, name = target.partition(":")
+    if not (module and sep and name):
+        raise ConfigError(f"callback {spec!r}: expected 'module:factory' with optional JSON keyword arguments")
+    try:
+        kwargs = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        raise ConfigError(f"callback {spec!r}: the keyword arguments are not JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"callback {spec!r}: the keyword arguments must be a JSON object")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"callback {spec!r}: cannot import {target} ({e}); is its module on PYTHONPATH?") from None
+    return factory, kwargs
+
+
+def load_callbacks(specs: Sequence[str]) -> list[Callback]:
+    """Build one callback per ``"module:factory [json kwargs]"`` string (see :func:`resolve_factory`)."""
+    out = []
+    for spec in specs:
+        factory, kwargs = resolve_factory(spec)
+        out.append(factory(**kwargs))
+    return out
