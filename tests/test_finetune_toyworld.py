@@ -140,10 +140,18 @@ def test_the_red_to_blue_bounds_fail_for_the_untrained_model(world):
 
 
 @pytest.mark.slow
-def test_red_to_blue_holds_over_fine_tuning_seeds(world):
+@pytest.mark.parametrize("seed", ROBUSTNESS_SEEDS)
+def test_red_to_blue_holds_at_other_fine_tuning_seeds(world, seed):
+    """One fine-tuning each (~30 s on an idle 2-core machine; a test each, so that a loaded machine stays
+    within the per-test timeout)."""
+    failures = blue_failures(edit_and_judge(world, "blue", seed), min_blue=0.85, min_iou=0.78, max_bg=13.0)
+    assert failures == [], failures
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # reuses the fine-tunings of the test above; run alone it does all four
+def test_red_to_blue_meets_the_acceptance_over_seeds_pooled(world):
     per_seed = {s: edit_and_judge(world, "blue", s) for s in ROBUSTNESS_SEEDS}
-    report = {s: blue_failures(v, min_blue=0.85, min_iou=0.78, max_bg=13.0) for s, v in per_seed.items()}
-    assert all(not f for f in report.values()), report
     pooled = [v for vs in per_seed.values() for v in vs]
     assert blue_failures(pooled, min_blue=0.90, min_iou=0.82, max_bg=7.0) == [], {
         s: blue_failures(v, 1.0, 1.0, 0.0) for s, v in per_seed.items()}  # every value, for the record
