@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-slow test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
+
+# The slow suites only (toy-world edit acceptance at full size, Ray clusters, faults, benchmarks); CI runs
+# `make test` and then this (.ci/run).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q --durations=15
 
 test-all: lint
 	$(BIN)/python -m pytest -q

@@ -113,14 +113,31 @@ def test_utilisation_quick(tmp_path: Path) -> None:
         assert row["unet_evals"] == row["images"] * (2 + 3)  # S_inv = S_gen = 3: 2 + 3 calls per image
 
 
+def test_saved_tensor_meter_counts_what_backward_holds_and_frees_it() -> None:
+    x = torch.randn(8, 64, requires_grad=True)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    with finetune_bench.SavedTensorMeter() as meter:
+        y = lin(x)  # saves x (for the weight's gradient) and the weight (a Parameter: not counted)
+        z = y.exp().exp()  # exp saves its result: two [8, 32] tensors
+        assert meter.live == (8 * 64 + 2 * 8 * 32) * 4
+        z.sum().backward()
+        assert meter.live == 0, "backward released the graph"
+        w = x.exp()
+        w2 = w[:4].exp()  # the view of w is not saved; exp saves its result (a new storage)
+        (w2.sum() + w.sum()).backward()
+    assert meter.peak == (8 * 64 + 2 * 8 * 32) * 4  # the first graph was the largest
+    assert meter.live == 0 and meter.packed >= 5
+
+
 @pytest.mark.slow
 def test_finetune_quick_efficient_mode_uses_less_memory_than_full() -> None:
     rows = finetune_bench.run(quick=True)
     ratio = [r for r in rows if r["mode"] == "efficient/full"]
     assert [r["batch"] for r in ratio] == [1]
     assert all(r["train_s"] > 0 for r in rows if r["mode"] != "efficient/full")
-    full = [r for r in rows if r["mode"] == "full" and r["batch"] == 1 and r["epochs"] == 1]
-    assert full and full[0]["peak_rss_growth_mb"] > 0, rows  # the measurement sees the full-mode graph
-    # efficient keeps one step's graph, full all of them; efficient's growth can round to 0.0 MB when
-    # its graph fits in memory the warm-up already touched
-    assert 0 <= ratio[0]["peak_rss_growth_mb"] < 1.0, rows
+    eff = [r for r in rows if r["mode"] == "efficient" and r["batch"] == 1 and r["n_gen"] == 6]
+    full = [r for r in rows if r["mode"] == "full" and r["batch"] == 1 and r["epochs"] == 1 and r["n_gen"] == 6]
+    # the bytes saved for backward: full mode holds the graph of all 6 generation steps, efficient one
+    assert eff and full and 0 < eff[0]["saved_mb"] < full[0]["saved_mb"] / 2, rows
+    assert 0 < ratio[0]["saved_mb"] < 0.5, rows
+    assert full[0]["peak_rss_growth_mb"] > 0, rows  # no warm-up hides the graph any more (secondary figure)
