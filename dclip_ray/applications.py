@@ -34,7 +34,7 @@ from dclip_ray.io.images import encode_png
 from dclip_ray.jobs import read_images
 from dclip_ray.mixing import strength_eps_fn
 from dclip_ray.models import eps_fn_of, load_unet
-from dclip_ray.models.base import load_base, read_card
+from dclip_ray.models.base import check_base_model, edit_t0, load_base
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,8 @@ def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
     t0_edit = job.t0_edit
     ft_eps = None
     if job.finetuned:
-        card = read_card(job.finetuned)
-        if card and card.get("base_model_sha256") not in (None, base.sha256):
-            log.warning("%s was fine-tuned from a different base model than %s", job.finetuned, job.model)
-        t0_edit = t0_edit or int((card.get("config") or {}).get("t0") or job.t0)
+        check_base_model(base.sha256, job.model, [job.finetuned])
+        t0_edit = t0_edit or edit_t0(None, [job.finetuned], fallback=job.t0)
         ft_eps = strength_eps_fn(eps_fn_of(base.unet), eps_fn_of(load_unet(job.finetuned)), job.strength)
     if not 1 <= job.t0 < base.schedule.num_timesteps:
         raise ConfigError(f"--t0 {job.t0} must be in [1, {base.schedule.num_timesteps - 1}]")

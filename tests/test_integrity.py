@@ -307,3 +307,21 @@ def test_the_lease_of_a_run_whose_driver_is_gone_is_taken_at_once(world, data, t
     assert acquire_lease(out, "00000", "third:elsewhere:1") is not None, "a live run's lease is not"
     res = restyle_all(restyle_cfg(world, out), data, owner=f"alive:{socket.gethostname()}:{os.getpid()}")
     assert res[0]["n_ok"] == 8 and not os.path.exists(f"{out}/00000.lease")
+
+
+# ---- one t0 rule and one base-model check for every command (issue 18 item 1) ------------------------------
+def test_restyle_warns_of_a_model_fine_tuned_from_another_base_and_takes_t0_by_the_one_rule(world, data, tmp_path):
+    from dclip_ray.errors import DclipWarning
+    from dclip_ray.models.base import edit_t0
+
+    other = tmp_path / "other"
+    shutil.copytree(world["fts"][0], other)
+    card = json.loads((other / "dclip.json").read_text())
+    (other / "dclip.json").write_text(json.dumps({**card, "base_model_sha256": "f" * 64}))
+    cfg = build_restyle_config(str(tmp_path / "o"), models=[str(other)], n_inv_steps=N_INV, n_gen_steps=N_GEN)
+    with pytest.warns(DclipWarning, match="fine-tuned from another base model"):
+        check_restyle(cfg, data)
+    assert cfg.t0 == T0 == edit_t0(None, [str(other)]), "the card's t0"
+    assert edit_t0(300, [str(other)]) == 300 and edit_t0(None, []) == 500
+    toy = cached_base("toy_shapes").preset
+    assert toy.t0 and edit_t0(None, [], toy) == toy.t0

@@ -7,6 +7,7 @@ schedule and the sha256 of its weights; :func:`read_card` reads a fine-tuned fol
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from dclip_ray.diffusion import Schedule, schedule_from_config
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.errors import ConfigError, DclipWarning, InputFileError
 from dclip_ray.hashing import state_dict_sha256
 
 from .clip import load_clip
@@ -69,3 +70,28 @@ def read_card(finetuned: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     except ValueError as e:
         raise InputFileError(f"{path}: not valid JSON ({e}); re-save the fine-tuned model") from None
+
+
+def edit_t0(explicit: int | None, folders: list[str], preset: Any = None, fallback: int = 500) -> int:
+    """The return step of an edit with fine-tuned ``folders`` (the one rule of edit, restyle, translate
+    and the workflow): ``explicit`` (``--t0``), else the t0 the models' cards agree on, else the base
+    preset's, else ``fallback``. Models trained at different t0 need ``explicit`` (:class:`ConfigError`)."""
+    t0s = sorted({int(t) for t in ((read_card(f).get("config") or {}).get("t0") for f in folders
+                                   if "://" not in f) if t})
+    if explicit is not None:
+        return int(explicit)
+    if len(t0s) > 1:
+        raise ConfigError(f"the fine-tuned models were trained at different t0 {t0s}; pass --t0")
+    return t0s[0] if t0s else int(getattr(preset, "t0", None) or fallback)
+
+
+def check_base_model(base_sha256: str, base_name: str, folders: list[str]) -> None:
+    """Warn (one :class:`DclipWarning` line) for each fine-tuned folder whose card names another base
+    model's sha256 than ``base_sha256``: its edits would start from latents of a model it never saw."""
+    for f in folders:
+        card = read_card(f) if "://" not in f else {}
+        other = card.get("base_model_sha256")
+        if other not in (None, base_sha256):
+            warnings.warn(f"{f} was fine-tuned from another base model (sha256 {str(other)[:12]}...) than "
+                          f"{base_name} ({base_sha256[:12]}...); pass the base it was trained from", DclipWarning,
+                          stacklevel=2)

@@ -30,7 +30,7 @@ from dclip_ray.io.manifest import read_manifest
 from dclip_ray.io.shards import ShardWriter, shard_urls
 from dclip_ray.io.sources import duplicate_reason
 from dclip_ray.mixing import MixSpec, load_mix_spec
-from dclip_ray.models.base import BaseModel, read_card
+from dclip_ray.models.base import BaseModel, check_base_model, edit_t0
 from dclip_ray.models.cache import cached_base
 
 from .inputs import decode_shard, input_shards, iter_shard, limit_shards
@@ -125,13 +125,9 @@ def _variant(job: EditJob, mix: MixSpec | None, state: str) -> Variant:
 
 
 def _t0(job: EditJob, base: BaseModel, folders: list[str]) -> int:
-    """``--t0``, else the cards' t0, else the base preset's, else 500; warns about a base-model mismatch."""
-    cards = [read_card(f) for f in folders]
-    for folder, card in zip(folders, cards, strict=True):
-        if card and card.get("base_model_sha256") not in (None, base.sha256):
-            log.warning("%s was fine-tuned from a different base model than %s", folder, job.model)
-    card_t0 = next((c.get("config", {}).get("t0") for c in cards if c.get("config", {}).get("t0")), None)
-    return job.t0 or int(card_t0 or (base.preset.t0 if base.preset else 0) or 500)
+    """The edit's t0 by the one rule (:func:`edit_t0`); warns about a base-model mismatch."""
+    check_base_model(base.sha256, job.model, folders)
+    return edit_t0(job.t0, folders, base.preset)
 
 
 def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:

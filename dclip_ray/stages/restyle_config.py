@@ -17,20 +17,15 @@ from dclip_ray.io.latents import LatentKey, key_mismatch, store_root, stored_key
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.shards import put_bytes
 from dclip_ray.mixing import mix_from_data, validate_gamma
-from dclip_ray.models.base import read_card
+from dclip_ray.models.base import check_base_model, edit_t0, read_card
 from dclip_ray.models.cache import cached_base
+from dclip_ray.models.presets import get_preset, list_presets
 from dclip_ray.urls import redact
 
 from .checks import check_out_folder, check_step_counts, check_steps
 from .inputs import absolute, shard_keys
 from .precompute import find_latent_store
 from .restyle import RestyleConfig, Variant, gamma_of, gen_evals_per_image, model_shas, shard_committed
-
-
-def _card_t0(finetuned: str) -> int | None:
-    card = read_card(finetuned) if "://" not in finetuned else {}
-    t0 = (card.get("config") or {}).get("t0")
-    return int(t0) if t0 else None
 
 
 def _card_base(finetuned: str) -> str | None:
@@ -68,7 +63,7 @@ def build_restyle_config(
     base = base or _card_base(finetuned[0])
     if not base:
         raise ConfigError(f"{finetuned[0]} does not name its base model: pass --base MODEL (the original UNet)")
-    t0 = _t0_of(finetuned, t0)
+    t0 = _t0_of(finetuned, t0, base, preset)
     check_step_counts(int(t0), int(kw.get("n_inv_steps", 40)), int(kw.get("n_gen_steps", 40)))
     steps = [t for t, _ in generation_pairs(int(t0), int(kw.get("n_gen_steps", 40)))]
     for v in variants:
@@ -105,14 +100,10 @@ def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, st
     return variants, finetuned
 
 
-def _t0_of(finetuned: list[str], t0: int | None) -> int:
-    """``t0`` when given, else the one the models' cards agree on, else 500."""
-    t0s = {t for t in (_card_t0(m) for m in finetuned) if t}  # every card is read (a bad one is an error)
-    if t0 is not None:
-        return int(t0)
-    if len(t0s) > 1:
-        raise ConfigError(f"the fine-tuned models were trained at different t0 {sorted(t0s)}; pass --t0")
-    return t0s.pop() if t0s else 500
+def _t0_of(finetuned: list[str], t0: int | None, base: str | None, preset: str | None) -> int:
+    """The one t0 rule (:func:`edit_t0`): ``t0``, else the cards', else the base preset's, else 500."""
+    named = next((n for n in (preset, base) if n and n in list_presets()), None)
+    return edit_t0(t0, finetuned, get_preset(named) if named else None)
 
 
 DECLARATION = "restyle.json"
@@ -148,6 +139,7 @@ def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
     check_outputs({f"--out ({v.name})" if len(cfg.variants) > 1 else "--out": v.out for v in cfg.variants}, inputs)
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
     check_steps(base.schedule, cfg.t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
+    check_base_model(base.sha256, cfg.base, cfg.finetuned)
     if cfg.latents:
         cfg.latents = store_root(cfg.latents)
 
