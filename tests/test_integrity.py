@@ -325,3 +325,28 @@ def test_restyle_warns_of_a_model_fine_tuned_from_another_base_and_takes_t0_by_t
     assert edit_t0(300, [str(other)]) == 300 and edit_t0(None, []) == 500
     toy = cached_base("toy_shapes").preset
     assert toy.t0 and edit_t0(None, [], toy) == toy.t0
+
+
+def test_a_second_run_waits_for_the_shards_another_run_is_writing(tmp_path):
+    import threading
+
+    from dclip_ray.stages.common import await_leased
+
+    out = str(tmp_path / "out")
+    done: set[str] = set()
+    assert acquire_lease(out, "a", "other:elsewhere:1") is None and acquire_lease(out, "b", "other:elsewhere:1") is None
+
+    def other_run():  # commits a, then gives up b without committing it
+        time.sleep(0.3)
+        done.add("a")
+        release_lease(out, "a", "other:elsewhere:1")
+        time.sleep(0.3)
+        release_lease(out, "b", "other:elsewhere:1")
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    left = await_leased({"a": "held", "b": "held"}, out, lambda s: s in done, poll=0.05, timeout=30)
+    t.join()
+    assert left == {"b": "held"}, "a was committed by the other run; b was not and is reported"
+    assert await_leased({"c": "held"}, out, lambda s: False, poll=0.05, timeout=30) == {"c": "held"}, \
+        "no live lease: nothing to wait for"

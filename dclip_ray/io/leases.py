@@ -89,6 +89,14 @@ def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -
     return None
 
 
+def live_lease(root: str, shard: str) -> dict[str, Any] | None:
+    """The lease of ``shard`` under ``root`` while a live run holds it (not expired, its driver not
+    gone from this host), else None."""
+    fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
+    held = _read_lease(fs, path)
+    return held if _live(held, owner="") else None
+
+
 def release_lease(root: str, shard: str, owner: str) -> None:
     """Remove the lease of ``shard`` if ``owner`` holds it (another run's lease is left alone)."""
     fs, path = fsspec.core.url_to_fs(lease_url(root, shard))

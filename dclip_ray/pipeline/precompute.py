@@ -16,7 +16,7 @@ from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.models.cache import cached_base
 from dclip_ray.stages.checks import check_out_folder, check_steps
-from dclip_ray.stages.common import raise_if_leased, set_threads
+from dclip_ray.stages.common import await_leased, raise_if_leased, set_threads
 from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, new_run_id
 from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
@@ -109,8 +109,13 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
                 results.extend(ray.get(done))
                 bar.update(len(done))
     results.sort(key=lambda r: r["shard"])
-    errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
+    if leased:  # another run is inverting them: wait for it, as this run would have done the work itself
+        left = await_leased(leased, store.dir, lambda s: store.is_current(s, prints[s]))
+        results = [skipped_result(r["shard"], store.read_marker(r["shard"]) or {}).as_dict()
+                   if r["shard"] in leased and r["shard"] not in left else r for r in results]
+        leased = left
+    errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
     summary = {"store": redact(store.dir), "key": key.fields(), "shards": results,
             "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
             "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.io.shards import read_marker, shard_urls
-from dclip_ray.stages.common import RestyleResult, raise_if_leased, set_threads
+from dclip_ray.stages.common import RestyleResult, await_leased, raise_if_leased, set_threads
 from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards, new_run_id
 from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, shard_committed
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
@@ -174,6 +174,12 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     failed = {r["shard"]: r["failed"] for r in results if r.get("failed")}
     stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
+    if leased:  # another run is writing them: wait for it, as this run would have done the work itself
+        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_committed(cfg, hashes, s, prints[s]))
+        for r in results:
+            if r["shard"] in leased and r["shard"] not in left:
+                r.update(leased="", skipped=True, done_by="another run")
+        leased = left
     summary = {
         "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck, "leased": leased,
         "warnings": warnings, "n_stale_latents": sum(r.get("n_stale", 0) for r in results),

@@ -4,6 +4,7 @@ thread count of a worker, and how a shard leased by another run is reported."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from dclip_ray.diffusion import EpsFn
 from dclip_ray.errors import AbortedError
+from dclip_ray.io.leases import live_lease
 
 
 @dataclass
@@ -98,6 +100,24 @@ def lease_text(held: dict[str, Any]) -> str:
     """One line naming the run that holds a lease and until when."""
     until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
     return f"being written by run {held.get('owner')} on {held.get('host')} (pid {held.get('pid')}), lease until {until}"
+
+
+def await_leased(leased: dict[str, str], root: str, committed: Callable[[str], bool], poll: float = 2.0,
+                 timeout: float = 3600.0) -> dict[str, str]:
+    """Wait for the shards that another live run holds under ``root`` (``{shard: lease text}``) to be
+    committed by it; returns those it did not commit: its lease ended without a commit (it failed or was
+    stopped) or ``timeout`` seconds passed. Two runs started on one output then both end with every
+    shard done once, instead of the second reporting the first one's shards as left over."""
+    pending = dict(leased)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for shard in list(pending):
+            if committed(shard):
+                pending.pop(shard)
+        if not pending or all(live_lease(root, s) is None for s in pending):
+            break
+        time.sleep(poll)
+    return {s: why for s, why in pending.items() if not committed(s)}
 
 
 def raise_if_leased(leased: dict[str, str]) -> None:
