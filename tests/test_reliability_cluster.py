@@ -21,7 +21,7 @@ from pipeline_fixtures import make_inputs, tiny_unet_dir
 
 from dclip_ray.stages.inputs import input_shards
 from dclip_ray.stages.restyle import ShardRestyler
-from dclip_ray.stages.restyle_config import build_restyle_config
+from dclip_ray.stages.restyle_config import build_restyle_config, write_declaration
 from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 4, 4
@@ -49,6 +49,7 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(tmp_path):
     clean = str(tmp_path / "clean")
     for n, p in input_shards(data):  # the reference: the same unit of work, no Ray, no fault
         ShardRestyler(config(clean)).run(n, p)
+    write_declaration(config(clean), data)  # what the restyle driver writes beside the shards
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
