@@ -25,20 +25,21 @@ from typing import Any, Literal
 from dclip_ray.errors import ConfigError
 
 Mode = Literal["efficient", "full"]
-NO_FLIP = ("", "none")
 
 
 def setting(default: Any, help: str, *, cli: str, prompt: str | None = None, spec: str | None = "",
             lo: float | None = None, lo_strict: bool = False, hi: float | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None) -> Any:
     """A dataclass field declared as a user-facing setting.
 
     ``cli``: the option name without dashes' prefix (``"n-gen"`` for ``--n-gen``); ``prompt``: the
     prompt-line key (None: not settable per prompt); ``spec``: the workflow-spec key ("" = the CLI name
-    with ``_``, None = not in the spec's ``finetune`` section); ``lo``/``hi``/``choices``: the value rule.
+    with ``_``, None = not in the spec's ``finetune`` section); ``lo``/``hi``/``choices``: the value rule;
+    ``aliases``: other spellings of a choice (``{"none": ""}``), accepted on every surface.
     """
     meta = {"help": help, "cli": cli, "prompt": prompt, "spec": cli.replace("-", "_") if spec == "" else spec,
-            "lo": lo, "lo_strict": lo_strict, "hi": hi, "choices": choices}
+            "lo": lo, "lo_strict": lo_strict, "hi": hi, "choices": choices,
+            "aliases": dict(aliases or {})}
     return field(default=default, metadata={"setting": meta})
 
 
@@ -58,6 +59,7 @@ class SettingInfo:
     lo_strict: bool
     hi: float | None
     choices: tuple[str, ...] | None
+    aliases: dict[str, str]
 
     @property
     def option(self) -> str:
@@ -67,7 +69,7 @@ class SettingInfo:
     def rule(self) -> str:
         """The value rule in words, e.g. ``an integer 1..999``, ``a number > 0``, ``one of efficient, full``."""
         if self.choices is not None:
-            return "one of " + ", ".join(c for c in self.choices if c)
+            return "one of " + ", ".join([*self.aliases, *(c for c in self.choices if c)])
         if self.type is bool:
             return "true or false"
         kind = "an integer" if self.type is int else "a number"
@@ -102,14 +104,6 @@ def settings_of(cls: type) -> list[SettingInfo]:
     return out
 
 
-def setting_info(cls: type, name: str) -> SettingInfo:
-    """The :class:`SettingInfo` of field ``name`` of ``cls``."""
-    for s in settings_of(cls):
-        if s.name == name:
-            return s
-    raise KeyError(name)
-
-
 def check_setting(s: SettingInfo, value: Any) -> Any:
     """``value`` converted to the setting's type and checked against its rule; raises ``ValueError``
     with ``"expected <rule>"`` (each surface adds where the value came from). None passes for an
@@ -134,6 +128,7 @@ def check_setting(s: SettingInfo, value: Any) -> Any:
                 raise ValueError
         else:
             v = str(value)
+            v = s.aliases.get(v, v)
     except (TypeError, ValueError):
         raise ValueError(f"expected {s.rule()}") from None
     if s.choices is not None and v not in s.choices:
@@ -142,8 +137,6 @@ def check_setting(s: SettingInfo, value: Any) -> Any:
         raise ValueError(f"expected {s.rule()}")
     if s.type in (int, float) and s.hi is not None and v > s.hi:
         raise ValueError(f"expected {s.rule()}")
-    if s.name == "aug_flip" and v in NO_FLIP:
-        v = ""
     return v
 
 
@@ -199,7 +192,7 @@ class FinetuneConfig:
     aug_blur: float = setting(0.0, "Largest Gaussian blur sigma (pixels) of the augmented CLIP views (0 = none).",
                               cli="aug-blur", prompt="blur", lo=0)
     aug_flip: str = setting("", "Random flips of the augmented CLIP views: none, h (left-right), hv (both).",
-                            cli="aug-flip", prompt="flip", choices=("", "none", "h", "hv"))
+                            cli="aug-flip", prompt="flip", choices=("", "h", "hv"), aliases={"none": ""})
     seed: int = setting(0, "Random seed (CPU runs are deterministic).", cli="seed", prompt="seed", lo=0)
     grad_checkpointing: bool = setting(False, "Recompute activations in backward (less memory).",
                                        cli="grad-checkpointing")

@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
+from dclip_ray.io.leases import new_owner
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.models.cache import cached_base
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import await_leased, raise_if_leased, set_threads
-from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, new_run_id
+from dclip_ray.stages.inputs import absolute, fingerprints, input_shards
 from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
 
@@ -101,7 +102,7 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": job.cpus_per_task}
         if job.gpus_per_task:
             opts["num_gpus"] = job.gpus_per_task
-        owner = new_run_id()
+        owner = new_owner()
         pending = [_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner) for n, p in todo]
         with tqdm(total=len(pending), desc="precompute shards", disable=not progress) as bar:
             while pending:

@@ -24,9 +24,10 @@ import ray
 from tqdm.auto import tqdm
 
 from dclip_ray.errors import AbortedError, ConfigError
+from dclip_ray.io.leases import new_owner
 from dclip_ray.io.shards import read_marker, shard_urls
 from dclip_ray.stages.common import RestyleResult, await_leased, raise_if_leased, set_threads
-from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards, new_run_id
+from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards
 from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, shard_committed
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
@@ -163,7 +164,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(GeneratorActor, batch_size=1,
-                            fn_constructor_args=(actor_cfg, job.cpus_per_actor, job.shard_timeout, new_run_id(), factory),
+                            fn_constructor_args=(actor_cfg, job.cpus_per_actor, job.shard_timeout, new_owner(), factory),
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.actors, len(todo)))),
                             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
         with tqdm(total=len(todo), desc="restyle shards", disable=not progress) as bar:

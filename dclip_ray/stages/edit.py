@@ -33,7 +33,8 @@ from dclip_ray.mixing import MixSpec, load_mix_spec
 from dclip_ray.models.base import BaseModel, check_base_model, edit_t0
 from dclip_ray.models.cache import cached_base
 
-from .inputs import decode_shard, input_shards, iter_shard, limit_shards
+from .checks import check_steps
+from .inputs import decode_shard, input_shards, limit_shards, shard_keys
 from .restyle import RestyleConfig, ShardRestyler, Variant
 
 log = logging.getLogger(__name__)
@@ -134,11 +135,8 @@ def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
     """Keys naming several samples across ``shards``: ``{key: {"key", "shard", "error"}}``."""
     homes: dict[str, list[str]] = {}
     for _, path in shards:
-        try:
-            for rec in iter_shard(path):
-                homes.setdefault(rec.key, []).append(path)
-        except InputFileError:
-            pass  # a truncated shard: its error row comes from the restyle
+        for key in shard_keys(path)[0]:  # a truncated shard's keys up to the cut (the restyle reports the cut)
+            homes.setdefault(key, []).append(path)
     return {k: {"key": k, "shard": ", ".join(dict.fromkeys(p)), "error": duplicate_reason(k, len(p), "the input")}
             for k, p in homes.items() if len(p) > 1}
 
@@ -186,16 +184,18 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     mix = load_mix_spec(job.mix) if job.mix else None
     folders = list(mix.models) if mix else [str(job.finetuned)]
     t0 = _t0(job, base, folders)
+    check_steps(base.schedule, t0, job.n_inv_steps, job.n_gen_steps, job.batch_size)  # before any work
     state, out = state_dir(job.out), Path(job.out)
     cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[_variant(job, mix, state)], t0=t0,
                         n_inv_steps=job.n_inv_steps, n_gen_steps=job.n_gen_steps, preset=job.preset,
                         batch_size=job.batch_size, root=state)
     shards = limit_shards(input_shards(job.images), job.limit)
     dups = duplicates(shards)
+    excluded = {k: d["error"] for k, d in dups.items()}
     out.mkdir(parents=True, exist_ok=True)
     restyler = EditRestyler(cfg, out)
     for name, path in tqdm(shards, desc="edit shards", disable=not progress):
-        restyler.run(name, path, exclude={k: d["error"] for k, d in dups.items()})
+        restyler.run(name, path, exclude=excluded)
     ok, errors = _errors(state, shards, dups)
     if not ok and all(not e["error"].startswith(("non-finite", "blank")) for e in errors):
         raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")

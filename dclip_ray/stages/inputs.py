@@ -16,7 +16,6 @@ import torch
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor
-from dclip_ray.io.leases import new_owner
 from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards, shard_fingerprint
 
 
@@ -94,11 +93,6 @@ def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, s
     return {n: f for (n, _), f in zip(shards, prints, strict=True)}
 
 
-def new_run_id() -> str:
-    """A fresh owner naming one run for the leases it takes (:func:`dclip_ray.io.leases.new_owner`)."""
-    return new_owner()
-
-
 @dataclass
 class Decoded:
     """A decoded input: ``x`` [3,H,W] in [-1,1] or ``error`` (the reason), plus the record."""
@@ -144,7 +138,6 @@ def batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
 
 
 def image_sha256(rec: ImageRecord) -> str:

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,11 +204,11 @@ class ShardRestyler:
         return shard_committed(self.cfg, self.hashes, shard, fingerprint)
 
     def _cached(self, shard: str) -> LatentShard | None:
-        if self.store is None or not self.store.is_committed(shard):
+        if self.store is None:
             return None
         try:
             return self.store.read(shard)
-        except InputFileError:  # a damaged or half-written latent file: invert instead
+        except InputFileError:  # not precomputed, or a damaged or half-written latent file: invert instead
             return None
 
     def _gen_evals(self) -> int:
@@ -257,7 +257,7 @@ class ShardRestyler:
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
                              seconds=round(time.perf_counter() - start, 3), truncated=state.status.get("truncated"))
 
-    def _batches(self, path: str, writers: list[ShardWriter], state: _ShardState) -> Any:
+    def _batches(self, path: str, writers: list[ShardWriter], state: _ShardState) -> Iterator[list[Decoded]]:
         """Yield the decodable images of the shard in batches of ``cfg.batch_size``; bad images become
         error rows, a repeated key is counted in ``state.dups`` (none of its samples is used)."""
         stream = decode_shard(path, self.base.resolution, self.cfg.resize_policy, state.status)

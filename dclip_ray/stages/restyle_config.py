@@ -167,8 +167,7 @@ def latent_coverage(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: d
         if require:
             raise ConfigError(msg + "; match --t0/--n-inv/--resize-policy to the store, or drop --require-latents")
         return [msg]
-    missing = [n for n, _ in shards if not (store.is_committed(n)
-                                            and (store.read_marker(n) or {}).get("source_fingerprint") == prints[n])]
+    missing = [n for n, _ in shards if not store.is_current(n, prints[n])]
     if not missing:
         return []
     msg = (f"--latents {redact(cfg.latents)}: {len(missing)} of {len(shards)} input shard(s) have no current latents "
@@ -194,9 +193,8 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
         keys, truncated = shard_keys(path)
         fp = (prints or {}).get(name)
         done = shard_committed(cfg, hashes, name, fp)
-        marker = store.read_marker(name) if store is not None and store.is_committed(name) else None
-        if marker is not None and fp is not None and marker.get("source_fingerprint") != fp:
-            marker = None  # latents of an older version of this input: not used
+        current = store is not None and (store.is_current(name, fp) if fp is not None else store.is_committed(name))
+        marker = store.read_marker(name) if current else None  # latents of an older input are not used
         n_cached = len(set(keys) & set((marker or {}).get("keys") or []))
         evals = 0 if done else (len(keys) - n_cached) * (cfg.n_inv_steps - 1) + len(keys) * per_gen
         rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": n_cached,

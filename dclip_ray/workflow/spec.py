@@ -117,7 +117,7 @@ class _FinetuneJobSpec(_Strict):
 def _spec_field(s: SettingInfo) -> tuple[Any, Any]:
     """A pydantic field for a declared setting: optional (None = not given), same rule as everywhere."""
     if s.choices is not None:
-        return (Literal[s.choices] | None, None)  # type: ignore[valid-type]
+        return (Literal[(*s.choices, *s.aliases)] | None, None)  # type: ignore[valid-type]
     rule: dict[str, Any] = {}
     if s.lo is not None:
         rule["gt" if s.lo_strict else "ge"] = s.lo
