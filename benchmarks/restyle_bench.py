@@ -135,14 +135,16 @@ def _counts(tmp: Path, s: dict[str, Any]) -> tuple[list[dict], dict]:
 
 
 def _cache(tmp: Path, inputs: str, s: dict[str, Any]) -> tuple[list[dict], dict]:
+    from dclip_ray.config import PrecomputeConfig, Resources
     from dclip_ray.pipeline.precompute import PrecomputeJob, run_precompute
 
     k, steps, b = s["cache_k"], s["steps"], max(s["batches"])
     models = c.finetuned_copies(tmp, k, s["t0"])
     lat = str(tmp / "latents")
     t = time.perf_counter()
-    pre = run_precompute(PrecomputeJob(c.TOY_MODEL, inputs, lat, t0=s["t0"], n_inv_steps=steps, batch_size=b,
-                                       cpus_per_task=0.5), progress=False)
+    pre = run_precompute(PrecomputeJob(c.TOY_MODEL, inputs, lat, PrecomputeConfig(t0=s["t0"], n_inv_steps=steps,
+                                                                          batch_size=b),
+                                       Resources(cpus_per_task=0.5)), progress=False)
     pre_wall = time.perf_counter() - t
     rows, res = [], {}
     for name, latents in (("inverted", None), ("cached", lat)):

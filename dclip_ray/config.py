@@ -1,12 +1,20 @@
-"""The single declaration of every fine-tuning setting: :class:`FinetuneConfig`.
+"""The single declaration of every user-facing setting: one frozen config per stage.
 
-Each field is declared once, with its default, its help text, its value rule and the names it has on
-every surface:
+Each field of :class:`FinetuneConfig` (and of the other stage configs below) is declared once, with
+its default, its help text, its value rule and the names it has on every surface:
 
 - the CLI option (``--lr``; `dclip-ray finetune` and `finetune-many` build their options from here,
   see :mod:`dclip_ray.cli.settings`),
 - the prompt-line key (``lr=``; per-prompt settings only, see :mod:`dclip_ray.prompts.parse`),
-- the workflow-spec key (``finetune.lr``, the CLI name with ``_``; :mod:`dclip_ray.workflow.spec`).
+- the workflow-spec field, a dotted path (``finetune.lr``: by default the config's section and the CLI
+  name with ``_``; :mod:`dclip_ray.workflow.spec` builds its sections from these declarations).
+
+The other stages declare theirs the same way: :class:`PrecomputeConfig` (`dclip-ray precompute`, the
+spec's ``latents`` section), :class:`RestyleSettings` (`restyle` and `edit`, the spec's ``restyle``
+section) and :class:`Resources` (what each unit of Ray work takes). A setting that two stages share
+(t0, S_inv, the resize policy, ...) is declared once in :data:`SHARED` and used by both; two settings
+with one spec path (``latents.t0`` is precompute's and fine-tuning's t0) agree on default and rule.
+:data:`NOT_IN_SPEC` names the few settings a workflow spec takes from elsewhere, and why.
 
 A value given on any surface is checked by the same rule (:func:`check_setting`), and a setting given
 nowhere takes the same default (:func:`resolve_finetune_config`), which is also where the one t0 rule
@@ -16,128 +24,41 @@ else the default. The preset also recommends the loss weights ``clip``, ``l1`` a
 
 from __future__ import annotations
 
-import math
-import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.settings import SettingInfo, check_setting, setting, settings_of, validate_settings
+
+__all__ = [
+    "CONFIGS", "NOT_IN_SPEC", "SHARED", "FinetuneConfig", "PrecomputeConfig", "Resources", "RestyleSettings",
+    "SettingInfo", "check_setting", "resolve_finetune_config", "setting", "settings_of", "shared", "spec_settings",
+]
 
 Mode = Literal["efficient", "full"]
 
 
-def setting(default: Any, help: str, *, cli: str, prompt: str | None = None, spec: str | None = "",
-            lo: float | None = None, lo_strict: bool = False, hi: float | None = None,
-            choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None) -> Any:
-    """A dataclass field declared as a user-facing setting.
-
-    ``cli``: the option name without dashes' prefix (``"n-gen"`` for ``--n-gen``); ``prompt``: the
-    prompt-line key (None: not settable per prompt); ``spec``: the workflow-spec key ("" = the CLI name
-    with ``_``, None = not in the spec's ``finetune`` section); ``lo``/``hi``/``choices``: the value rule;
-    ``aliases``: other spellings of a choice (``{"none": ""}``), accepted on every surface.
-    """
-    meta = {"help": help, "cli": cli, "prompt": prompt, "spec": cli.replace("-", "_") if spec == "" else spec,
-            "lo": lo, "lo_strict": lo_strict, "hi": hi, "choices": choices,
-            "aliases": dict(aliases or {})}
-    return field(default=default, metadata={"setting": meta})
+SHARED: dict[str, dict[str, Any]] = {
+    "t0": {"default": 500, "help": "Return step t0.", "cli": "t0", "lo": 1, "hi": 999},
+    "n_inv_steps": {"default": 40, "help": "Inversion steps S_inv.", "cli": "n-inv", "lo": 2},
+    "n_gen_steps": {"default": 40, "help": "Generation steps S_gen.", "cli": "n-gen", "lo": 2},
+    "resize_policy": {"default": "center-crop", "help": "How an image of another size becomes the model's: "
+                      "center-crop, resize or pad.", "cli": "resize-policy", "spec": "input.resize_policy",
+                      "choices": ("center-crop", "resize", "pad")},
+    "batch_size": {"default": 16, "help": "Images per batch.", "cli": "batch-size", "lo": 1},
+}
+"""Settings that several stages share, declared once: ``{config field: setting() arguments}``; a stage
+may give its own default and help text (:func:`shared`), never its own rule or name."""
 
 
-@dataclass(frozen=True)
-class SettingInfo:
-    """One declared setting of a config class (see :func:`setting`)."""
-
-    name: str
-    type: type
-    optional: bool
-    default: Any
-    help: str
-    cli: str
-    prompt: str | None
-    spec: str | None
-    lo: float | None
-    lo_strict: bool
-    hi: float | None
-    choices: tuple[str, ...] | None
-    aliases: dict[str, str]
-
-    @property
-    def option(self) -> str:
-        """The CLI option, e.g. ``--n-gen``."""
-        return f"--{self.cli}"
-
-    def rule(self) -> str:
-        """The value rule in words, e.g. ``an integer 1..999``, ``a number > 0``, ``one of efficient, full``."""
-        if self.choices is not None:
-            return "one of " + ", ".join([*self.aliases, *(c for c in self.choices if c)])
-        if self.type is bool:
-            return "true or false"
-        kind = "an integer" if self.type is int else "a number"
-        if self.lo is not None and self.hi is not None:
-            return f"{kind} {self.lo:g}..{self.hi:g}"
-        if self.lo is not None:
-            return f"{kind} {'>' if self.lo_strict else '>='} {self.lo:g}"
-        return kind
-
-
-def _base_type(tp: Any) -> tuple[type, bool]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is Literal:
-        return str, False
-    if type(None) in args:
-        inner = [a for a in args if a is not type(None)][0]
-        return _base_type(inner)[0], True
-    return tp, False
-
-
-def settings_of(cls: type) -> list[SettingInfo]:
-    """The declared settings of a config dataclass, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in fields(cls):
-        meta = f.metadata.get("setting")
-        if meta is None:
-            continue
-        tp, optional = _base_type(hints[f.name])
-        default = f.default if f.default is not MISSING else None
-        out.append(SettingInfo(f.name, tp, optional, default, **meta))
-    return out
-
-
-def check_setting(s: SettingInfo, value: Any) -> Any:
-    """``value`` converted to the setting's type and checked against its rule; raises ``ValueError``
-    with ``"expected <rule>"`` (each surface adds where the value came from). None passes for an
-    optional setting."""
-    if value is None and s.optional:
-        return None
-    try:
-        if s.type is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                v: Any = value.lower() in ("true", "1", "yes")
-            else:
-                v = bool(value)
-        elif s.type is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            v = int(value, 10) if isinstance(value, str) else int(value)
-        elif s.type is float:
-            v = float(value)
-            if not math.isfinite(v):
-                raise ValueError
-        else:
-            v = str(value)
-            v = s.aliases.get(v, v)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected {s.rule()}") from None
-    if s.choices is not None and v not in s.choices:
-        raise ValueError(f"expected {s.rule()}")
-    if s.type in (int, float) and s.lo is not None and (v < s.lo or (s.lo_strict and v == s.lo)):
-        raise ValueError(f"expected {s.rule()}")
-    if s.type in (int, float) and s.hi is not None and v > s.hi:
-        raise ValueError(f"expected {s.rule()}")
-    return v
+def shared(name: str, **own: Any) -> Any:
+    """The shared setting ``name`` (:data:`SHARED`) as a field of a stage's config; ``own`` may set
+    ``default``, ``help``, ``prompt`` and ``spec``."""
+    if set(own) - {"default", "help", "prompt", "spec"}:
+        raise TypeError(f"shared setting {name}: only default, help, prompt and spec may differ")
+    args = {**SHARED[name], **own}
+    return setting(args.pop("default"), args.pop("help"), **args)
 
 
 @dataclass(frozen=True)
@@ -150,10 +71,12 @@ class FinetuneConfig:
 
     source: str
     target: str
-    t0: int = setting(500, "Return step t0 (the model preset's when not given).", cli="t0", prompt="t0",
-                      spec=None, lo=1, hi=999)
-    n_inv_steps: int = setting(40, "Inversion steps S_inv (must match cached latents).", cli="n-inv",
-                               prompt="n_inv", spec=None, lo=2)
+    SPEC_SECTION: ClassVar[str] = "finetune"
+
+    t0: int = shared("t0", help="Return step t0 (the model preset's when not given).", prompt="t0",
+                     spec="latents.t0")
+    n_inv_steps: int = shared("n_inv_steps", help="Inversion steps S_inv (must match cached latents).",
+                              prompt="n_inv", spec="latents.n_inv")
     n_gen_steps: int = setting(6, "Generation steps S_gen during training.", cli="n-gen", prompt="n_gen", lo=2)
     mode: Mode = setting("efficient", "'efficient' (loss per step) or 'full' (backprop through all steps).",
                          cli="mode", prompt="mode", choices=("efficient", "full"))
@@ -201,12 +124,7 @@ class FinetuneConfig:
                                     cli="checkpoint-every", lo=0)
 
     def __post_init__(self) -> None:
-        for s in settings_of(type(self)):
-            try:
-                value = check_setting(s, getattr(self, s.name))
-            except ValueError as e:
-                raise ConfigError(f"{s.name}={getattr(self, s.name)!r}: {e}") from None
-            object.__setattr__(self, s.name, value)
+        validate_settings(self)
         self.augment()  # validates the augmentation as a whole
 
     def augment(self) -> Any:
@@ -261,3 +179,115 @@ def resolve_finetune_config(source: str, target: str, *layers: Mapping[str, Any]
         if name not in values and _preset_value(preset, name) is not None:
             values[name] = _preset_value(preset, name)
     return FinetuneConfig(source=source, target=target, **values)
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything that determines `dclip-ray precompute`'s latents (the store key and how they are
+    made); the spec's ``latents`` section. Frozen and validated on creation."""
+
+    SPEC_SECTION: ClassVar[str] = "latents"
+
+    t0: int = shared("t0", help="Return step t0 (the fine-tuning and restyle t0 the latents are for).")
+    n_inv_steps: int = shared("n_inv_steps", spec="latents.n_inv")
+    resize_policy: str = shared("resize_policy")
+    dtype: str = setting("float32", "Stored latent dtype.", cli="dtype", choices=("float32", "float16"))
+    batch_size: int = shared("batch_size", help="Images per inversion batch.")
+    recon_psnr: bool = setting(False, "Also regenerate with the base model and store the reconstruction PSNR.",
+                               cli="recon-psnr")
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class RestyleSettings:
+    """The settings of a restyle (`dclip-ray restyle`, `edit`; the spec's ``restyle`` section): steps,
+    strength, image handling. Frozen and validated on creation. ``t0`` None: the models' own t0
+    (:func:`dclip_ray.models.base.edit_t0`); in a workflow it is always the latents' t0."""
+
+    SPEC_SECTION: ClassVar[str] = "restyle"
+
+    t0: int | None = shared("t0", default=None, help="Return step (default: the t0 the models were fine-tuned "
+                            "with).", spec=None)
+    n_inv_steps: int = shared("n_inv_steps", spec="latents.n_inv")
+    n_gen_steps: int = shared("n_gen_steps")
+    strength: float = setting(1.0, "Edit strength r in 0..1: eps = r*finetuned + (1-r)*original.",
+                              cli="strength", lo=0, hi=1)
+    resize_policy: str = shared("resize_policy")
+    image_format: str = setting("png", "Output image format: png (lossless) or jpg (quality 95).", cli="format",
+                                choices=("png", "jpg"))
+    batch_size: int = shared("batch_size", help="Images per generation batch.")
+    limit: int | None = setting(None, "Process only the whole shards holding the first N input keys (the shard is "
+                                "the unit of work; a folder of images is one shard).", cli="limit", lo=1)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each unit of Ray work takes (the spec's ``ray`` section and the per-stage fields named in
+    each setting's spec path). None: chosen from the cluster (see each help text)."""
+
+    SPEC_SECTION: ClassVar[str] = "ray"
+
+    cpus_per_task: float = setting(1.0, "CPUs per precompute shard task.", cli="cpus-per-task", lo=0,
+                                   lo_strict=True)
+    gpus_per_task: float = setting(0.0, "GPUs per precompute shard task (0 on CPU machines).", cli="gpus-per-task",
+                                   lo=0)
+    cpus_per_prompt: float = setting(1.0, "CPUs of each prompt's Train worker.", cli="cpus-per-prompt", lo=0,
+                                     lo_strict=True)
+    gpus_per_prompt: float = setting(0.0, "GPUs of each prompt's Train worker.", cli="gpus-per-prompt", lo=0)
+    max_failures: int = setting(2, "Worker failures tolerated per prompt (resumes from the last checkpoint).",
+                                cli="max-failures", spec="finetune.max_failures", lo=0)
+    max_concurrent: int | None = setting(None, "At most this many prompts at once (default: as resources allow).",
+                                         cli="max-concurrent", spec="finetune.max_concurrent", lo=1)
+    actors: int | None = setting(None, "Restyle generator actors (default: the CPUs, or the GPUs with "
+                                 "--gpus-per-actor).", cli="actors", spec="restyle.actors", lo=1)
+    cpus_per_actor: float | None = setting(None, "CPUs per restyle actor (default 0.5 when the actors take every "
+                                           "CPU: leaves room for reads; else 1).", cli="cpus-per-actor",
+                                           spec="restyle.cpus_per_actor", lo=0, lo_strict=True)
+    gpus_per_actor: float = setting(0.0, "GPUs per restyle actor.", cli="gpus-per-actor",
+                                    spec="restyle.gpus_per_actor", lo=0)
+    shard_timeout: float | None = setting(None, "Report a restyle shard as stuck when it has no result after this "
+                                          "many seconds; the others finish and the exit code is 2 (default: wait "
+                                          "forever).", cli="shard-timeout", spec="restyle.shard_timeout", lo=0,
+                                          lo_strict=True)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+    def restyle_actors(self, cpus: int, gpus: int = 0) -> tuple[int, float]:
+        """(actors, CPUs per actor) on a cluster of ``cpus`` CPUs and ``gpus`` GPUs: the given values, else
+        one actor per CPU (per GPU with ``gpus_per_actor``), each taking 0.5 CPU when they take every CPU
+        so that Ray Data's read tasks are never starved (a pool claiming every CPU hangs)."""
+        actors = self.actors or (max(1, gpus) if self.gpus_per_actor else max(1, cpus))
+        per_actor = self.cpus_per_actor if self.cpus_per_actor is not None else (0.5 if actors >= cpus else 1.0)
+        return actors, per_actor
+
+
+CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, RestyleSettings, Resources)
+"""Every config class whose fields are user-facing settings."""
+
+NOT_IN_SPEC: dict[tuple[str, str], str] = {
+    ("RestyleSettings", "t0"): "a workflow restyles at the t0 its models were fine-tuned with (latents.t0 or "
+                               "a prompt line's t0=)",
+}
+"""Settings with no workflow-spec field of their own: (config class, field) -> where the spec takes it from."""
+
+
+def spec_settings(section: str) -> list[SettingInfo]:
+    """The declared settings that are fields of the workflow spec's ``section``, one per spec path (the
+    first config in :data:`CONFIGS` declaring it; every other declaration of that path must agree on
+    default and rule, checked here so a disagreement fails at import)."""
+    seen: dict[str, SettingInfo] = {}
+    for cls in CONFIGS:
+        for s in settings_of(cls):
+            if s.spec_section != section:
+                continue
+            first = seen.setdefault(s.spec or "", s)
+            same = (first.type, first.lo, first.lo_strict, first.hi, first.choices, first.default)
+            if (s.type, s.lo, s.lo_strict, s.hi, s.choices, s.default) != same:
+                raise TypeError(f"{s.spec} is declared twice with different defaults or rules ({first.name}, {s.name})")
+    return list(seen.values())

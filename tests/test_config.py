@@ -1,6 +1,7 @@
-"""Each fine-tuning setting is declared once (dclip_ray.config.FinetuneConfig) and reaches every surface:
-the `finetune` and `finetune-many` options, the prompt line (per-prompt settings) and the workflow spec,
-with the same default and the same rule (issue 18 item 1). The t0 rule lives in one function."""
+"""Each setting is declared once (dclip_ray.config: FinetuneConfig, PrecomputeConfig, RestyleSettings,
+Resources) and reaches every surface: the options of the commands that take it, the prompt line
+(per-prompt fine-tuning settings) and the workflow spec, with the same default and the same rule
+(issue 18 item 1). The t0 rule lives in one function."""
 
 from __future__ import annotations
 
@@ -10,18 +11,50 @@ import pytest
 import typer
 
 from dclip_ray.cli import app
-from dclip_ray.cli.settings import collect
-from dclip_ray.config import FinetuneConfig, SettingInfo, resolve_finetune_config, settings_of
+from dclip_ray.cli.settings import PREFIX, collect
+from dclip_ray.config import (
+    CONFIGS,
+    NOT_IN_SPEC,
+    SHARED,
+    FinetuneConfig,
+    SettingInfo,
+    resolve_finetune_config,
+    settings_of,
+)
 from dclip_ray.errors import ConfigError
 from dclip_ray.models import get_preset
 from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
 from dclip_ray.prompts import parse_prompt_text
-from dclip_ray.workflow.spec import FinetuneSpec, LatentsSpec
+from dclip_ray.workflow.spec import FinetuneSpec, parse_spec
 
+ALL = [(cls, s) for cls in CONFIGS for s in settings_of(cls)]
+IDS = [f"{cls.__name__}.{s.name}" for cls, s in ALL]
 SETTINGS = settings_of(FinetuneConfig)
-IDS = [s.name for s in SETTINGS]
-COMMANDS = {"finetune": ["--model", "m", "--source", "a", "--target", "b", "--images", "i", "--out", "o"],
-            "finetune-many": ["p.txt", "--model", "m", "--out", "o"]}
+REQUIRED = {"finetune": ["--model", "m", "--source", "a", "--target", "b", "--images", "i", "--out", "o"],
+            "finetune-many": ["p.txt", "--model", "m", "--out", "o"],
+            "precompute": ["--model", "m", "--input", "i", "--out", "o"],
+            "restyle": ["--input", "i", "--out", "o"],
+            "edit": ["--model", "m", "--images", "i", "--out", "o"]}
+MINIMAL_SPEC = {"name": "t", "input": {"toyworld": {"n": 4}}, "model": "toy_shapes", "prompts": ["a -> b name=x"],
+                "outputs": {"root": "/tmp/never-written"}}
+
+
+def commands_taking(cls: type, s: SettingInfo) -> list[tuple[str, str]]:
+    """(command, the keyword it hands the values as) for every command with this setting as an option."""
+    out = []
+    for name, cmd in typer.main.get_command(app).commands.items():
+        for p in cmd.params:
+            if p.name and p.name.startswith(PREFIX) and p.name.endswith(f"__{s.name}") and s.option in p.opts:
+                kw = p.name[len(PREFIX):].split("__")[0]
+                if {x.name for x in settings_of(cls)} >= {q.name.split("__")[-1] for q in cmd.params
+                                                         if q.name.startswith(f"{PREFIX}{kw}__")}:
+                    out.append((name, kw))
+    return out
+
+
+def given(command: str, kw: str, cls: type, extra: list[str]) -> dict:
+    cmd = typer.main.get_command(app).commands[command]
+    return collect(cmd.make_context(command, REQUIRED[command] + extra).params, cls, kw)
 
 
 def good_value(s: SettingInfo):
@@ -29,11 +62,12 @@ def good_value(s: SettingInfo):
     if s.choices is not None:
         return next(c for c in s.choices if c and c != s.default and c != "none")
     if s.type is bool:
-        return True
+        return not s.default
     if s.type is int:
         v = int(s.lo or 0) + 2
         return v if v != s.default else v + 1
-    return (s.default or 0.0) * 2 + 0.5
+    v = (s.default or 0.0) * 2 + 0.5
+    return v if s.hi is None or v <= s.hi else (s.hi + (s.lo or 0)) / 3
 
 
 def bad_value(s: SettingInfo):
@@ -49,68 +83,112 @@ def bad_value(s: SettingInfo):
     return None
 
 
-def cli_settings(command: str, extra: list[str]) -> dict:
-    click_cmd = typer.main.get_command(app).commands[command]
-    ctx = click_cmd.make_context(command, COMMANDS[command] + extra)
-    return collect(ctx.params)
-
-
 def as_text(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def test_every_setting_has_a_cli_name_and_one_declaration():
-    assert [f.name for f in dataclasses.fields(FinetuneConfig)] == ["source", "target"] + IDS, \
-        "every field but the prompt pair is a declared setting"
-    assert len({s.cli for s in SETTINGS}) == len(SETTINGS)
-    assert len({s.prompt for s in SETTINGS if s.prompt}) == len([s for s in SETTINGS if s.prompt])
+def flag(s: SettingInfo, v) -> list[str]:
+    return ([s.option] if v else [f"--no-{s.cli}"]) if s.type is bool else [s.option, as_text(v)]
+
+
+def spec_with(path: str, value) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MINIMAL_SPEC.items()}
+    section, key = path.rsplit(".", 1)
+    raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def from_spec(cls: type, spec) -> dict:
+    """The values of ``cls``'s settings that a parsed workflow spec gives the stage."""
+    if cls is FinetuneConfig:
+        return {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **spec.finetune.settings()}
+    made = {"PrecomputeConfig": spec.precompute_config, "RestyleSettings": spec.restyle_settings,
+            "Resources": spec.resources}[cls.__name__]()
+    return dataclasses.asdict(made)
+
+
+def test_every_field_is_a_declared_setting_with_one_name_per_config():
+    assert [f.name for f in dataclasses.fields(FinetuneConfig)] == ["source", "target"] + [s.name for s in SETTINGS]
+    for cls in CONFIGS:
+        ss = settings_of(cls)
+        if cls is not FinetuneConfig:
+            assert [f.name for f in dataclasses.fields(cls)] == [s.name for s in ss]
+        assert len({s.cli for s in ss}) == len(ss), cls
     per_prompt = {s.name for s in SETTINGS if s.prompt}
     assert {"aug_views", "aug_blur", "w_global", "clip_form", "w_id", "t0", "lr"} <= per_prompt
 
 
-@pytest.mark.parametrize("s", SETTINGS, ids=IDS)
-def test_a_setting_given_nowhere_takes_the_declared_default_on_every_surface(s):
-    assert getattr(resolve_finetune_config("a", "b"), s.name) == s.default
-    for command in COMMANDS:
-        assert s.name not in cli_settings(command, []), "an option not given is not a setting given"
-    line = parse_prompt_text("a -> b")[0]
-    assert getattr(finetune_config(line, FinetuneManyJob(prompts="p", model="m", out="o"), None), s.name) == s.default
-    assert s.name not in FinetuneSpec().settings()
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_a_shared_setting_has_one_name_and_rule_in_every_stage(name):
+    decls = [s for _, s in ALL if s.name == name and s.cli == SHARED[name]["cli"]]
+    assert len(decls) >= 2, f"{name} is shared by at least two stages"
+    assert len({(s.cli, s.type, s.lo, s.lo_strict, s.hi, s.choices) for s in decls}) == 1
 
 
-@pytest.mark.parametrize("s", SETTINGS, ids=IDS)
-def test_a_setting_reaches_the_config_from_every_surface(s):
+@pytest.mark.parametrize(("cls", "s"), ALL, ids=IDS)
+def test_a_setting_given_nowhere_takes_the_declared_default_on_every_surface(cls, s):
+    assert getattr(cls("a", "b") if cls is FinetuneConfig else cls(), s.name) == s.default
+    takers = commands_taking(cls, s)
+    assert takers, f"{s.option} is an option of no command"
+    for command, kw in takers:
+        assert s.name not in given(command, kw, cls, []), "an option not given is not a setting given"
+        assert getattr(cls("a", "b", **given(command, kw, cls, [])) if cls is FinetuneConfig
+                       else cls(**given(command, kw, cls, [])), s.name) == s.default
+    if s.spec is None:
+        assert (cls.__name__, s.name) in NOT_IN_SPEC or (cls is FinetuneConfig and s.name in ("t0", "n_inv_steps"))
+        return
+    spec = parse_spec(MINIMAL_SPEC, here="/tmp")
+    if cls is FinetuneConfig and s.spec_section == "finetune":
+        assert s.name not in spec.finetune.settings()
+        line = parse_prompt_text("a -> b")[0]
+        assert getattr(finetune_config(line, FinetuneManyJob(prompts="p", model="m", out="o"), None), s.name) == s.default
+    else:
+        assert from_spec(cls, spec)[s.name] == s.default
+
+
+@pytest.mark.parametrize(("cls", "s"), ALL, ids=IDS)
+def test_a_setting_reaches_the_stage_from_every_surface(cls, s):
     v = good_value(s)
-    job = FinetuneManyJob(prompts="p", model="m", out="o", face_weights="f.pt")
-    for command in COMMANDS:
-        flag = [s.option] if s.type is bool else [s.option, as_text(v)]
-        got = cli_settings(command, flag)
-        assert getattr(resolve_finetune_config("a", "b", got), s.name) == v, (command, s.option)
+    for command, kw in commands_taking(cls, s):
+        assert given(command, kw, cls, flag(s, v))[s.name] == v, (command, s.option)
     if s.prompt:
+        job = FinetuneManyJob(prompts="p", model="m", out="o", face_weights="f.pt")
         line = parse_prompt_text(f"a -> b {s.prompt}={as_text(v)}")[0]
         assert getattr(finetune_config(line, job, None), s.name) == v
     if s.spec:
-        spec = FinetuneSpec(**{s.spec: v})
-        assert getattr(finetune_config(parse_prompt_text("a -> b")[0],
-                                       dataclasses.replace(job, settings=spec.settings()), None), s.name) == v
-    else:  # t0 and S_inv of a workflow are its latents' (the store must match them)
-        assert s.name in ("t0", "n_inv_steps") and {"t0", "n_inv"} <= set(LatentsSpec.model_fields)
+        spec = parse_spec(spec_with(s.spec, v), here="/tmp")
+        assert from_spec(cls, spec)[s.name] == v, s.spec
 
 
-@pytest.mark.parametrize("s", [s for s in SETTINGS if bad_value(s) is not None], ids=lambda s: s.name)
-def test_a_bad_value_is_refused_by_the_same_rule_everywhere(s):
+@pytest.mark.parametrize(("cls", "s"), [(c, s) for c, s in ALL if bad_value(s) is not None],
+                         ids=lambda x: x.name if isinstance(x, SettingInfo) else x.__name__)
+def test_a_bad_value_is_refused_by_the_same_rule_everywhere(cls, s):
     bad = bad_value(s)
     with pytest.raises(ConfigError, match=s.name):
-        FinetuneConfig("a", "b", **{s.name: bad})
-    for command in COMMANDS:
+        cls("a", "b", **{s.name: bad}) if cls is FinetuneConfig else cls(**{s.name: bad})
+    for command, kw in commands_taking(cls, s):
         with pytest.raises(ConfigError, match=f"{s.option} .*expected {s.rule()}"):
-            cli_settings(command, [s.option, as_text(bad)])
+            given(command, kw, cls, [s.option, as_text(bad)])
     if s.prompt:
         with pytest.raises(ConfigError, match=f"bad value .* for {s.prompt}; expected {s.rule()}"):
             parse_prompt_text(f"a -> b {s.prompt}={as_text(bad)}")
     if s.spec:
-        with pytest.raises(ValueError):
-            FinetuneSpec(**{s.spec: bad})
+        with pytest.raises(ConfigError, match=f"workflow spec .*: {s.spec}: must be"):
+            parse_spec(spec_with(s.spec, bad), here="/tmp")
+
+
+def test_the_spec_sections_are_built_from_the_declarations():
+    """No spec field repeats a setting by hand: each section's setting fields are exactly the declared
+    settings with that spec path (finetune-section settings are optional: None = not given)."""
+    from dclip_ray.workflow import spec as spec_mod
+
+    declared = {s.spec for _, s in ALL if s.spec}
+    for section, model in (("input", spec_mod.InputSpec), ("latents", spec_mod.LatentsSpec),
+                           ("finetune", FinetuneSpec), ("restyle", spec_mod.RestyleSpec), ("ray", spec_mod.RaySpec)):
+        own = {"input": {"url", "toyworld"}, "latents": {"store"}, "ray": {"address", "num_cpus"},
+               "restyle": {"variants", "mix"}, "finetune": {"clip", "clip_weights", "face_weights", "n_train"}}
+        fields = set(model.model_fields) - own[section]
+        assert {f"{section}.{f}" for f in fields} == {p for p in declared if p.startswith(f"{section}.")}, section
 
 
 def test_the_t0_rule_line_then_job_then_preset_then_default():
@@ -131,3 +209,12 @@ def test_finetune_many_takes_the_identity_loss_with_face_weights():
         finetune_config(line, FinetuneManyJob(prompts="p", model="m", out="o"), None)
     cfg = finetune_config(line, FinetuneManyJob(prompts="p", model="m", out="o", face_weights="f.pt"), None)
     assert cfg.w_id == 0.5
+
+
+def test_restyle_actors_follow_the_declared_resources():
+    from dclip_ray.config import Resources
+
+    assert Resources().restyle_actors(4) == (4, 0.5), "one actor per CPU, each half a CPU: reads are never starved"
+    assert Resources(actors=2).restyle_actors(4) == (2, 1.0)
+    assert Resources(gpus_per_actor=1.0).restyle_actors(16, gpus=2) == (2, 1.0)
+    assert Resources(actors=3, cpus_per_actor=2.0).restyle_actors(4) == (3, 2.0)

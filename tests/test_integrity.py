@@ -137,9 +137,9 @@ def test_bad_arguments_fail_before_any_work(world, data, tmp_path, capsys):
     model = world["fts"][0]
     cases = {
         "is a file": ["restyle", "--input", data, "--model", model, "--out", str(a_file)],
-        "--t0 2000 must be in [1, 999]": ["restyle", "--input", data, "--model", model, "--out", str(out), "--t0", "2000"],
-        "--n-gen 1 must be in": ["restyle", "--input", data, "--model", model, "--out", str(out), "--n-gen", "1"],
-        "--t0 0 must be": ["precompute", "--model", world["base"], "--input", data, "--out", str(out), "--t0", "0"],
+        "--t0 2000: expected an integer 1..999": ["restyle", "--input", data, "--model", model, "--out", str(out), "--t0", "2000"],
+        "--n-gen 1: expected an integer >= 2": ["restyle", "--input", data, "--model", model, "--out", str(out), "--n-gen", "1"],
+        "--t0 0: expected an integer 1..999": ["precompute", "--model", world["base"], "--input", data, "--out", str(out), "--t0", "0"],
         "--dtype": ["precompute", "--model", world["base"], "--input", data, "--out", str(out), "--dtype", "int8"],
     }
     for why, argv in cases.items():

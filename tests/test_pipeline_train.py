@@ -25,6 +25,7 @@ from pipeline_fixtures import BAD_REASONS, make_inputs, random_clip_weights, tin
 from train_faults import fail_once_spec, worker_pythonpath
 
 from dclip_ray.cli import main
+from dclip_ray.config import Resources
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.io.manifest import read_manifest
 from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
@@ -126,7 +127,7 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     prompts.write_text("red circle -> blue circle name=blue\nred circle -> green circle name=green\n"
                        "red circle -> red square name=square\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=models, latents=lat, clip="toy_clip",
-                          clip_weights=clip_weights, n_train=4, max_failures=1,
+                          clip_weights=clip_weights, n_train=4, resources=Resources(max_failures=1),
                           settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
                                         checkpoint_every=1),
                           callbacks=[fail_once_spec(5, tmp_path / "failed", "green")])

@@ -10,13 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.config import resolve_finetune_config
+from dclip_ray.config import RestyleSettings, resolve_finetune_config
 from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent_optim
 from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
 from .app import app
-from .settings import finetune_options
+from .settings import config_options, finetune_options
 
 console = Console(stderr=True)
 
@@ -82,6 +82,7 @@ Half-strength edit: add --strength 0.5; more steps: --n-gen 40 (the paper's test
 Two attributes at once (eq. 14): dclip-ray edit --model toy_shapes --mix mix.yaml --images toy/ --out both/\n
 mix.yaml: models: [ft/blue, ft/square]; gamma: {type: constant, weights: [0.5, 0.5]}
 (or type: ramp / piecewise with weights per step range, see docs/DESIGN.md).""")
+@config_options(RestyleSettings, "settings", exclude=("image_format",))
 def edit(
     model: str = typer.Option(..., help="The ORIGINAL base UNet (used for inversion)."),
     finetuned: str = typer.Option(None, help="Fine-tuned model folder (from `dclip-ray finetune`)."),
@@ -89,21 +90,17 @@ def edit(
     out: str = typer.Option(..., help="Output folder for {key}.png (and grid.png)."),
     mix: str = typer.Option(None, help="Instead of --finetuned: a mix YAML (models + gamma(t), eq. 14)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
-    strength: float = typer.Option(1.0, help="Edit strength r in [0, 1]: eps = r*finetuned + (1-r)*original."),
-    t0: int = typer.Option(None, help="Return step (default: the t0 the model was fine-tuned with)."),
-    n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
-    n_gen: int = typer.Option(40, help="Generation steps S_gen."),
-    limit: int = typer.Option(None, help="Edit at most this many images."),
-    batch_size: int = typer.Option(16, help="Images per batch."),
     grid: bool = typer.Option(False, help="Also write a before/after grid.png."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """Edit images with a fine-tuned model: invert with the original, generate with the fine-tuned one."""
+    """Edit images with a fine-tuned model: invert with the original, generate with the fine-tuned one
+    (the restyle unit of work on this machine: same manifests, resume and exactly-once)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
-    job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset, strength=strength, t0=t0,
-                  n_inv_steps=n_inv, n_gen_steps=n_gen, limit=limit, batch_size=batch_size, grid=grid)
+    job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset,
+                  settings=RestyleSettings(**(settings or {})), grid=grid)
     with trust_scope(trust_checkpoint):
         summary = run_edit(job, progress=verbose)
     raise typer.Exit(_emit(summary, as_json, "edit"))

@@ -14,11 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.errors import ConfigError
+from dclip_ray.config import PrecomputeConfig, Resources, RestyleSettings
 from dclip_ray.models.trust import trust_scope
 
 from .app import app
-from .settings import finetune_options
+from .settings import config_options, finetune_options
+
+TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
+              "trusted files only.")
+ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
 
 err = Console(stderr=True)
 
@@ -38,31 +42,26 @@ def _fmt(v: Any) -> str:
 
 @app.command(epilog="""Example (toy world): dclip-ray toyworld make-data --out toy/ --n 256 --shard-size 64\n
   dclip-ray precompute --model toy_shapes --input toy/ --t0 500 --n-inv 40 --out latents/""")
+@config_options(PrecomputeConfig, "settings")
+@config_options(Resources, "resources", only=("cpus_per_task", "gpus_per_task"))
 def precompute(
     model: str = typer.Option(..., help="The ORIGINAL base UNet: preset name, diffusers folder, checkpoint or URL."),
     input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
     out: str = typer.Option(..., help="Latent store root (local folder or fsspec URL)."),
-    t0: int = typer.Option(500, help="Return step t0."),
-    n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
     preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
-    resize_policy: str = typer.Option("center-crop", help="center-crop, resize or pad."),
-    dtype: str = typer.Option("float32", help="Stored latent dtype: float32 or float16."),
-    batch_size: int = typer.Option(16, help="Images per inversion batch."),
-    recon_psnr: bool = typer.Option(False, help="Also regenerate with the base model and store the reconstruction PSNR."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
-    cpus_per_task: float = typer.Option(1.0, help="CPUs per shard task."),
-    gpus_per_task: float = typer.Option(0.0, help="GPUs per shard task (0 on CPU machines)."),
-    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    settings: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> None:
     """Invert every image with the original model once and cache the latents (one Ray task per shard)."""
     _setup(verbose)
     from dclip_ray.pipeline.precompute import PrecomputeJob, run_precompute
 
-    job = PrecomputeJob(model=model, input=input, out=out, t0=t0, n_inv_steps=n_inv, preset=preset,
-                        resize_policy=resize_policy, dtype=dtype, batch_size=batch_size, recon_psnr=recon_psnr,
-                        cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, address=address, verbose=verbose,
+    job = PrecomputeJob(model=model, input=input, out=out, config=PrecomputeConfig(**(settings or {})),
+                        resources=Resources(**(resources or {})), preset=preset, address=address, verbose=verbose,
                         trust_checkpoint=trust_checkpoint)
     with trust_scope(trust_checkpoint):
         s = run_precompute(job, progress=not as_json)
@@ -85,6 +84,7 @@ def precompute(
   printf 'red circle -> blue circle name=blue\\nred circle -> green circle name=green\\n' > prompts.txt\n
   dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 1e-5 --t0 500""")
 @finetune_options()
+@config_options(Resources, "resources", only=("cpus_per_prompt", "gpus_per_prompt", "max_failures", "max_concurrent"))
 def finetune_many(
     prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET key=value ...' or preset per line."),
     model: str = typer.Option(..., help="The base UNet (preset name, folder, checkpoint or URL)."),
@@ -96,15 +96,12 @@ def finetune_many(
     clip_weights: str = typer.Option(None, help="Local CLIP weights file."),
     face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (lines with id > 0)."),
     n_train: int = typer.Option(16, help="Training images per prompt."),
-    cpus_per_prompt: float = typer.Option(1.0, help="CPUs of each prompt's Train worker."),
-    gpus_per_prompt: float = typer.Option(0.0, help="GPUs of each prompt's Train worker."),
-    max_failures: int = typer.Option(2, help="Worker failures tolerated per prompt (resumes from the last checkpoint)."),
-    max_concurrent: int = typer.Option(None, help="At most this many prompts at once (default: as resources allow)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
-    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
     settings: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune one model per prompt line on Ray Train, several at once; resumable. Each fine-tuning option
     is the default of every line; a line's own key=value wins (see the option's 'prompt line' name)."""
@@ -113,8 +110,7 @@ def finetune_many(
 
     job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
                           clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
-                          settings=dict(settings or {}), cpus_per_prompt=cpus_per_prompt,
-                          gpus_per_prompt=gpus_per_prompt, max_failures=max_failures, max_concurrent=max_concurrent,
+                          settings=dict(settings or {}), resources=Resources(**(resources or {})),
                           address=address, verbose=verbose)
     with trust_scope(trust_checkpoint):
         s = run_finetune_many(job, progress=not as_json)
@@ -145,34 +141,26 @@ def _read_mix(path: str) -> dict[str, Any]:
   dclip-ray restyle --input toy/ --model models/blue --model models/green --out restyled/   (one inversion, 2 outputs)\n
   dclip-ray restyle --input toy/ --mix mix.yaml --out mixed/ --dry-run\n
 mix.yaml: models: [models/blue, models/green]; gamma: {type: constant, weights: [0.5, 0.5]}""")
+@config_options(RestyleSettings, "settings")
+@config_options(Resources, "resources", only=("actors", "cpus_per_actor", "gpus_per_actor", "shard_timeout"))
 def restyle(
     input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
     out: str = typer.Option(..., help="Output root (local folder or fsspec URL)."),
     model: list[str] = typer.Option(None, help="Fine-tuned model folder; repeat for several outputs (out/NAME each)."),
-    mix: str = typer.Option(None, help="YAML with 'models: [dirs]' and a 'gamma' spec (one mixed output)."),
-    strength: float = typer.Option(1.0, help="Edit strength r in [0,1]: eps = r*finetuned + (1-r)*original."),
+    mix: str = typer.Option(None, help="YAML with 'models: (dirs)' and a 'gamma' spec (one mixed output)."),
     base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     latents: str = typer.Option(None, help="Latent store root, or the key folder precompute printed (cached inversions "
                                 "are used when their key and the image bytes match; a miss is reported)."),
     require_latents: bool = typer.Option(False, "--require-latents", help="Fail (exit 1, nothing started) unless "
                                          "--latents holds current latents for every shard to restyle."),
-    t0: int = typer.Option(None, help="Return step (default: the t0 the models were fine-tuned with)."),
-    n_inv: int = typer.Option(40, help="Inversion steps S_inv."),
-    n_gen: int = typer.Option(40, help="Generation steps S_gen."),
-    resize_policy: str = typer.Option("center-crop", help="center-crop, resize or pad."),
-    image_format: str = typer.Option("png", "--format", help="Output image format: png or jpg."),
-    batch_size: int = typer.Option(16, help="Images per generation batch."),
-    limit: int = typer.Option(None, help="Process only the shards holding the first N input keys."),
-    actors: int = typer.Option(None, help="Generator actors (default: CPUs, at least 1)."),
-    cpus_per_actor: float = typer.Option(None, help="CPUs per actor (default 0.5 on CPU: leaves room for reads)."),
-    gpus_per_actor: float = typer.Option(0.0, help="GPUs per actor."),
-    shard_timeout: float = typer.Option(None, help="Report a shard as stuck when it has no result after this many seconds; the others finish and the exit code is 2 (default: wait forever)."),
     dry_run: bool = typer.Option(False, help="Print the shards, images and UNet evaluations it would run; write nothing."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
-    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    settings: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> None:
     """Restyle a dataset with fine-tuned model(s) on Ray Data; every input key ends up exactly once in the
     output shards or as an error row of the manifests."""
@@ -180,36 +168,40 @@ def restyle(
     from dclip_ray.pipeline.restyle import RestyleJob, plan, run_restyle
     from dclip_ray.stages.restyle_config import build_restyle_config
 
-    if image_format not in ("png", "jpg"):
-        raise ConfigError(f"--format {image_format!r}: expected png or jpg")
-    cfg = build_restyle_config(out, models=list(model or []) or None, base=base, strength=strength,
-                               mix=_read_mix(mix) if mix else None, preset=preset, t0=t0, n_inv_steps=n_inv,
-                               n_gen_steps=n_gen, latents=latents, resize_policy=resize_policy,
-                               image_format=image_format, batch_size=batch_size, trust_checkpoint=trust_checkpoint)
-    cpus = os.cpu_count() or 1
-    n_actors = actors or max(1, cpus if not gpus_per_actor else 1)
-    per_actor = cpus_per_actor if cpus_per_actor is not None else (0.5 if n_actors >= cpus else 1.0)
-    job = RestyleJob(config=cfg, input=input, limit=limit, actors=n_actors, cpus_per_actor=per_actor,
-                     gpus_per_actor=gpus_per_actor, address=address, verbose=verbose, shard_timeout=shard_timeout,
-                     require_latents=require_latents)
-    if dry_run:
-        with trust_scope(trust_checkpoint):
-            p = plan(job)
-        if as_json:
-            print(json.dumps(p, indent=2, default=str))
-        else:
-            t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations")
-            for c in ("shard", "images", "cached latents", "committed", "UNet evaluations"):
-                t.add_column(c)
-            for r in p["shards"]:
-                t.add_row(r["shard"], str(r["images"]), str(r["cached_latents"]), "yes" if r["committed"] else "no",
-                          str(r["unet_evals"]))
-            Console().print(t)
-        for w in p["warnings"]:
-            err.print(f"[yellow]warning[/] {w}")
-        raise typer.Exit(0)
+    rs, res = RestyleSettings(**(settings or {})), Resources(**(resources or {}))
+    cfg = build_restyle_config(out, models=list(model or []) or None, base=base, mix=_read_mix(mix) if mix else None,
+                               preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint)
+    actors, per_actor = res.restyle_actors(os.cpu_count() or 1)
+    job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
+                     gpus_per_actor=res.gpus_per_actor, address=address, verbose=verbose,
+                     shard_timeout=res.shard_timeout, require_latents=require_latents)
     with trust_scope(trust_checkpoint):
+        if dry_run:
+            _print_plan(plan(job), as_json)
+            raise typer.Exit(0)
         s = run_restyle(job, progress=not as_json)
+    raise typer.Exit(_print_restyle(s, as_json))
+
+
+def _print_plan(p: dict[str, Any], as_json: bool) -> None:
+    """Print a restyle's ``--dry-run`` plan (a table, or JSON) and its warnings."""
+    if as_json:
+        print(json.dumps(p, indent=2, default=str))
+    else:
+        t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations")
+        for c in ("shard", "images", "cached latents", "committed", "UNet evaluations"):
+            t.add_column(c)
+        for r in p["shards"]:
+            t.add_row(r["shard"], str(r["images"]), str(r["cached_latents"]), "yes" if r["committed"] else "no",
+                      str(r["unet_evals"]))
+        Console().print(t)
+    for w in p["warnings"]:
+        err.print(f"[yellow]warning[/] {w}")
+
+
+def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
+    """Print a restyle's summary (a table, or JSON) and its warnings; the exit code (2: per-item errors
+    or stuck shards)."""
     if as_json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -229,7 +221,7 @@ def restyle(
         err.print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
     for shard, why in s["stuck"].items():
         err.print(f"[red]stuck[/] shard {shard}: {why}; it is not committed: re-run the same command to retry it")
-    raise typer.Exit(2 if s["n_errors"] or s["stuck"] else 0)
+    return 2 if s["n_errors"] or s["stuck"] else 0
 
 
 @app.command(epilog="Example: dclip-ray verify restyled/ --input toy/")

@@ -1,10 +1,11 @@
 """CLI options built from the settings declared in :mod:`dclip_ray.config` (never declared here).
 
-``@finetune_options`` adds one ``--option`` per :class:`~dclip_ray.config.FinetuneConfig` setting to a
-typer command and hands the command the values the user gave as ``settings`` (``{field: value}``,
-unset options left out), to be resolved by :func:`dclip_ray.config.resolve_finetune_config`. Every
-option defaults to "not given" so that a prompt line or the model preset can still decide; its help
-text states the declared default.
+``@config_options(Cls, "name")`` adds one ``--option`` per setting of the config class ``Cls`` (all of
+them, or ``only`` those, less ``exclude``) to a typer command and hands the command the values the user
+gave as the keyword argument ``name`` (``{field: value}``, unset options left out), each checked by its
+declared rule. Every option defaults to "not given", so that a prompt line or the model preset can
+still decide, and ``Cls(**given)`` fills in the declared defaults; the help text states them.
+``@finetune_options()`` is the fine-tuning settings as ``settings``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import typer
@@ -29,21 +30,26 @@ def _help(s: SettingInfo) -> str:
     return f"{s.help} (default: {default}; prompt line: {s.prompt}=)" if s.prompt else f"{s.help} (default: {default})"
 
 
-def _parameter(s: SettingInfo) -> inspect.Parameter:
+def _parameter(s: SettingInfo, prefix: str) -> inspect.Parameter:
     if s.type is bool:
         opt = typer.Option(None, f"{s.option}/--no-{s.cli}", help=_help(s), show_default=False)
     else:
         opt = typer.Option(None, s.option, help=_help(s), show_default=False)
-    return inspect.Parameter(PREFIX + s.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
+    return inspect.Parameter(prefix + s.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                              annotation=Optional[s.type])  # noqa: UP045  (typer reads the annotation at run time)
 
 
-def collect(params: dict[str, Any]) -> dict[str, Any]:
-    """The settings among a command's parsed ``params`` (``{field: value}``, unset ones left out), each
-    checked by its declared rule (:class:`ConfigError` naming the option)."""
+def _chosen(cls: type, only: Iterable[str] | None, exclude: Iterable[str]) -> list[SettingInfo]:
+    wanted = None if only is None else set(only)
+    return [s for s in settings_of(cls) if (wanted is None or s.name in wanted) and s.name not in set(exclude)]
+
+
+def collect(params: dict[str, Any], cls: type = FinetuneConfig, name: str = "settings") -> dict[str, Any]:
+    """The settings of ``cls`` among a command's parsed ``params`` (``{field: value}``, unset ones left
+    out), each checked by its declared rule (:class:`ConfigError` naming the option)."""
     out = {}
-    for s in settings_of(FinetuneConfig):
-        value = params.get(PREFIX + s.name)
+    for s in settings_of(cls):
+        value = params.get(f"{PREFIX}{name}__{s.name}")
         if value is None:
             continue
         try:
@@ -53,26 +59,34 @@ def collect(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def finetune_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: the command gets every fine-tuning setting but ``exclude`` as an option and receives
-    them as the keyword argument ``settings``."""
+def config_options(cls: type, name: str, only: Iterable[str] | None = None,
+                   exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the command gets the chosen settings of ``cls`` as options and receives the given ones
+    as the keyword argument ``name`` (a ``{field: value}`` dict). Decorators stack."""
+    prefix = f"{PREFIX}{name}__"
+    chosen = _chosen(cls, only, exclude)
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.name != "settings"]
-        extra = [_parameter(s) for s in settings_of(FinetuneConfig) if s.name not in exclude]
+        own = [p for p in sig.parameters.values() if p.name != name]
+        extra = [_parameter(s, prefix) for s in chosen]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
-            settings = collect(kwargs)
-            for name in [k for k in kwargs if k.startswith(PREFIX)]:
-                kwargs.pop(name)
-            return fn(**kwargs, settings=settings)
+            given = collect(kwargs, cls, name)
+            for k in [k for k in kwargs if k.startswith(prefix)]:
+                kwargs.pop(k)
+            return fn(**kwargs, **{name: given})
 
         hints = typing.get_type_hints(fn)
-        hints.pop("settings", None)
+        hints.pop(name, None)
         command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
         command.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
         return command
 
     return wrap
+
+
+def finetune_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: every fine-tuning setting but ``exclude`` as an option, received as ``settings``."""
+    return config_options(FinetuneConfig, "settings", exclude=exclude)

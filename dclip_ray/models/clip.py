@@ -10,6 +10,7 @@ import os
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -196,6 +197,83 @@ def _load_weights(model: torch.nn.Module, path: str, is_jit: bool) -> None:
         raise InputFileError(f"CLIP weights {path} do not load into this architecture: {msg[:200]}") from None
 
 
+@dataclass
+class _ClipSpec:
+    """What :func:`load_clip`'s name-or-preset resolves to before anything is built."""
+
+    model_name: str  # open_clip model name (OpenAI's own names already mapped)
+    weights: str | None  # weights file (a preset's default filled in), None for random init
+    config_dir: str | None  # folder of custom open_clip architecture JSON files, as given
+    preset_quick_gelu: bool | None = None  # the preset's quick_gelu flag
+    preset_name: str | None = None
+    templates: Sequence[str] | None = None  # the preset's prompt templates
+
+
+def _resolve_clip_spec(
+    name_or_preset: str, weights: str | None, model_config_dir: str | None, random_init: bool
+) -> _ClipSpec:
+    """Resolve a CLIP preset (its architecture, default weights, templates) or a plain open_clip /
+    OpenAI model name; raise when a preset is not a CLIP one or its weights are missing."""
+    model_name, config_dir, preset_qg, preset_name, templates = name_or_preset, model_config_dir, None, None, None
+    if is_preset(name_or_preset):
+        p = get_preset(name_or_preset)
+        if p.kind != "clip":
+            raise ConfigError(f"preset {p.name} is a {p.kind} preset; give a CLIP preset ({', '.join(list_presets('clip'))})")
+        preset_name = p.name
+        model_name = p.architecture["model_name"]
+        config_dir = config_dir or p.architecture.get("config_dir")
+        preset_qg = p.architecture.get("quick_gelu")
+        templates = p.architecture.get("templates")
+        if weights is None and p.weights:
+            weights = p.weights_path()
+            if not os.path.exists(weights):
+                raise InputFileError(f"preset {p.name}: its weights {weights} are not there yet; build them ({p.source.text})")
+        if weights is None and not random_init:
+            raise ConfigError(f"CLIP preset {p.name} needs a weights file: pass --clip-weights PATH ({p.source.text})")
+    model_name = _OPENAI_NAMES.get(model_name, model_name)
+    return _ClipSpec(model_name, weights, config_dir, preset_qg, preset_name, templates)
+
+
+def _check_model_name(model_name: str, config_dir: str | None) -> None:
+    """Register ``config_dir`` (package-relative paths resolved) with open_clip, then raise unless
+    open_clip knows ``model_name``."""
+    import open_clip
+
+    if config_dir:
+        config_dir = resolve_package_path(config_dir)
+        if not os.path.isdir(config_dir):
+            raise InputFileError(f"open_clip model config folder {config_dir} not found")
+        open_clip.add_model_config(config_dir)
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"unknown CLIP model {model_name!r}: give a CLIP preset ({', '.join(list_presets('clip'))}) or an open_clip model name")
+
+
+def _check_weights(model_name: str, weights: str | None, random_init: bool, trust_checkpoint: bool) -> bool:
+    """Raise unless ``weights`` is an existing file (or None with ``random_init``) and, when it is a
+    TorchScript archive, trusted; returns whether it is a TorchScript archive."""
+    if weights is None and not random_init:
+        raise ConfigError(f"CLIP model {model_name} needs a weights file: pass --clip-weights PATH (nothing is downloaded)")
+    if weights is not None and not os.path.isfile(weights):
+        raise InputFileError(f"CLIP weights {weights}: no such file; give a local .pt/.bin/.safetensors file")
+    is_jit = weights is not None and _is_torchscript(weights)
+    if is_jit and not is_trusted(trust_checkpoint):
+        raise InputFileError(
+            f"CLIP weights {weights} are a TorchScript archive, which holds code; re-run with --trust-checkpoint "
+            "only if you trust its source (e.g. OpenAI's released .pt)"
+        )
+    return is_jit
+
+
+def _use_quick_gelu(quick_gelu: bool | None, spec: _ClipSpec, is_jit: bool) -> bool:
+    """``quick_gelu`` when given; else True for a preset that says so, TorchScript (OpenAI)
+    archives, weights paths containing "openai" and ``*-quickgelu`` model names."""
+    if quick_gelu is None:
+        # OpenAI's weights were trained with QuickGELU; open_clip's plain names build GELU silently
+        openai_file = spec.weights is not None and "openai" in str(spec.weights).lower()
+        quick_gelu = bool(spec.preset_quick_gelu) or is_jit or openai_file or spec.model_name.endswith("-quickgelu")
+    return quick_gelu
+
+
 def load_clip(
     name_or_preset: str,
     weights: str | None = None,
@@ -219,52 +297,19 @@ def load_clip(
     """
     import open_clip
 
-    model_name, config_dir, preset_qg, preset_name, templates = name_or_preset, model_config_dir, None, None, None
-    if is_preset(name_or_preset):
-        p = get_preset(name_or_preset)
-        if p.kind != "clip":
-            raise ConfigError(f"preset {p.name} is a {p.kind} preset; give a CLIP preset ({', '.join(list_presets('clip'))})")
-        preset_name = p.name
-        model_name = p.architecture["model_name"]
-        config_dir = config_dir or p.architecture.get("config_dir")
-        preset_qg = p.architecture.get("quick_gelu")
-        templates = p.architecture.get("templates")
-        if weights is None and p.weights:
-            weights = p.weights_path()
-            if not os.path.exists(weights):
-                raise InputFileError(f"preset {p.name}: its weights {weights} are not there yet; build them ({p.source.text})")
-        if weights is None and not random_init:
-            raise ConfigError(f"CLIP preset {p.name} needs a weights file: pass --clip-weights PATH ({p.source.text})")
-    model_name = _OPENAI_NAMES.get(model_name, model_name)
-    if config_dir:
-        config_dir = resolve_package_path(config_dir)
-        if not os.path.isdir(config_dir):
-            raise InputFileError(f"open_clip model config folder {config_dir} not found")
-        open_clip.add_model_config(config_dir)
-    if model_name not in open_clip.list_models():
-        raise ConfigError(f"unknown CLIP model {model_name!r}: give a CLIP preset ({', '.join(list_presets('clip'))}) or an open_clip model name")
-    if weights is None and not random_init:
-        raise ConfigError(f"CLIP model {model_name} needs a weights file: pass --clip-weights PATH (nothing is downloaded)")
-    if weights is not None and not os.path.isfile(weights):
-        raise InputFileError(f"CLIP weights {weights}: no such file; give a local .pt/.bin/.safetensors file")
-    is_jit = weights is not None and _is_torchscript(weights)
-    if is_jit and not is_trusted(trust_checkpoint):
-        raise InputFileError(
-            f"CLIP weights {weights} are a TorchScript archive, which holds code; re-run with --trust-checkpoint "
-            "only if you trust its source (e.g. OpenAI's released .pt)"
-        )
-    if quick_gelu is None:
-        # OpenAI's weights were trained with QuickGELU; open_clip's plain names build GELU silently
-        openai_file = weights is not None and "openai" in str(weights).lower()
-        quick_gelu = bool(preset_qg) or is_jit or openai_file or model_name.endswith("-quickgelu")
+    spec = _resolve_clip_spec(name_or_preset, weights, model_config_dir, random_init)
+    model_name, weights = spec.model_name, spec.weights
+    _check_model_name(model_name, spec.config_dir)
+    is_jit = _check_weights(model_name, weights, random_init, trust_checkpoint)
+    quick_gelu = _use_quick_gelu(quick_gelu, spec, is_jit)
     with _quiet_no_pretrained():  # our weights load right below: open_clip's 'randomly initialised' is not news
         model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     if weights is not None:
         _load_weights(model, weights, is_jit)
     model = model.float().to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
-    log.debug("loaded CLIP %s (preset %s, weights %s, quick_gelu %s)", model_name, preset_name, weights, quick_gelu)
-    return ClipModel(model, tokenizer, preset_name or model_name, templates)
+    log.debug("loaded CLIP %s (preset %s, weights %s, quick_gelu %s)", model_name, spec.preset_name, weights, quick_gelu)
+    return ClipModel(model, tokenizer, spec.preset_name or model_name, spec.templates)
 
 
 class _NoPretrainedFilter(logging.Filter):

@@ -214,6 +214,89 @@ def _adm_attention(prefix: str, rest: str, value: torch.Tensor, head_dim: int, s
     return {f"{prefix}.to_{n}.{param}": p.contiguous() for n, p in zip("qkv", parts, strict=True)}
 
 
+_AdmBlockParts = list[tuple[str, str]]
+"""The parts of one guided-diffusion ``input_blocks`` / ``output_blocks`` entry, in order: each
+("res" or "attn", diffusers prefix of that resnet / attention / resnet up- or downsampler)."""
+
+_ADM_MIDDLE: _AdmBlockParts = [("res", "mid_block.resnets.0"), ("attn", "mid_block.attentions.0"),
+                               ("res", "mid_block.resnets.1")]
+
+# guided-diffusion key prefix -> diffusers key prefix, for the layers outside the blocks
+_ADM_RENAMES = (("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+                ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."))
+
+_ADM_BLOCK_KEY = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)")
+
+
+def _adm_input_blocks(n_levels: int, n_res: int, down_attn: list[bool]) -> dict[int, _AdmBlockParts]:
+    """``input_blocks`` index (from 1; 0 is ``conv_in``) -> its parts: per level ``n_res`` resnets
+    (each with its attention where ``down_attn``), then a resnet downsampler except at the last level."""
+    inputs: dict[int, _AdmBlockParts] = {}
+    k = 1
+    for lvl in range(n_levels):
+        for j in range(n_res):
+            parts = [("res", f"down_blocks.{lvl}.resnets.{j}")]
+            if down_attn[lvl]:
+                parts.append(("attn", f"down_blocks.{lvl}.attentions.{j}"))
+            inputs[k] = parts
+            k += 1
+        if lvl != n_levels - 1:
+            inputs[k] = [("res", f"down_blocks.{lvl}.downsamplers.0")]
+            k += 1
+    return inputs
+
+
+def _adm_output_blocks(n_levels: int, n_res: int, up_attn: list[bool]) -> dict[int, _AdmBlockParts]:
+    """``output_blocks`` index -> its parts: per level ``n_res + 1`` resnets (each with its attention
+    where ``up_attn``), the last one followed by a resnet upsampler except at the last level."""
+    outputs: dict[int, _AdmBlockParts] = {}
+    k = 0
+    for u in range(n_levels):
+        for j in range(n_res + 1):
+            parts = [("res", f"up_blocks.{u}.resnets.{j}")]
+            if up_attn[u]:
+                parts.append(("attn", f"up_blocks.{u}.attentions.{j}"))
+            if j == n_res and u != n_levels - 1:
+                parts.append(("res", f"up_blocks.{u}.upsamplers.0"))
+            outputs[k] = parts
+            k += 1
+    return outputs
+
+
+def _adm_renamed(key: str) -> str | None:
+    """The diffusers key of a layer outside the blocks (time embedding, ``conv_in``, output norm and
+    conv), or None for any other key."""
+    for src, dst in _ADM_RENAMES:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def _adm_block_entries(
+    m: re.Match[str],
+    key: str,
+    value: torch.Tensor,
+    tables: Mapping[str, Mapping[int, _AdmBlockParts]],
+    head_dim: int,
+) -> StateDict:
+    """The diffusers entries of one ``input_blocks`` / ``middle_block`` / ``output_blocks`` tensor
+    (``m``: its :data:`_ADM_BLOCK_KEY` match; ``tables``: input and output block parts by group).
+    ``value`` keeps its shape and dtype except attention tensors (qkv split into ``[C, C_in]``
+    per q/k/v, conv1d kernels squeezed). Raises :class:`KeyError` naming ``key``."""
+    group, a, b, rest = m.groups()
+    try:
+        if group == "middle_block":
+            kind, prefix = _ADM_MIDDLE[int(a)]
+            rest = f"{b}.{rest}" if b is not None else rest
+        else:
+            kind, prefix = tables[group][int(a)][int(b)]
+    except (KeyError, IndexError, TypeError):
+        raise KeyError(key) from None
+    if kind == "res":
+        return _adm_resnet(prefix, rest, value, key)
+    return _adm_attention(prefix, rest, value, head_dim, key)
+
+
 def convert_adm_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> StateDict:
     """guided-diffusion UNet state dict -> ``UNet2DModel`` state dict for ``config``
     (a config from :func:`adm_unet_config`: resblock up/down, scale-shift norm).
@@ -226,59 +309,15 @@ def convert_adm_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappi
     head_dim = int(config["attention_head_dim"] or 10**9)
     down_attn = ["Attn" in t for t in config["down_block_types"]]
     up_attn = ["Attn" in t for t in config["up_block_types"]]
-    # input_blocks index -> (diffusers prefix of the resnet, prefix of the attention or None)
-    inputs: dict[int, list[tuple[str, str]]] = {}
-    k = 1
-    for lvl in range(n_levels):
-        for j in range(n_res):
-            parts = [("res", f"down_blocks.{lvl}.resnets.{j}")]
-            if down_attn[lvl]:
-                parts.append(("attn", f"down_blocks.{lvl}.attentions.{j}"))
-            inputs[k] = parts
-            k += 1
-        if lvl != n_levels - 1:
-            inputs[k] = [("res", f"down_blocks.{lvl}.downsamplers.0")]
-            k += 1
-    outputs: dict[int, list[tuple[str, str]]] = {}
-    k = 0
-    for u in range(n_levels):
-        for j in range(n_res + 1):
-            parts = [("res", f"up_blocks.{u}.resnets.{j}")]
-            if up_attn[u]:
-                parts.append(("attn", f"up_blocks.{u}.attentions.{j}"))
-            if j == n_res and u != n_levels - 1:
-                parts.append(("res", f"up_blocks.{u}.upsamplers.0"))
-            outputs[k] = parts
-            k += 1
-    middle = [("res", "mid_block.resnets.0"), ("attn", "mid_block.attentions.0"), ("res", "mid_block.resnets.1")]
-
+    tables = {"input_blocks": _adm_input_blocks(n_levels, n_res, down_attn),
+              "output_blocks": _adm_output_blocks(n_levels, n_res, up_attn)}
     out: StateDict = {}
     for key, value in state_dict.items():
-        if key.startswith("time_embed.0."):
-            out["time_embedding.linear_1." + key[len("time_embed.0."):]] = value
-        elif key.startswith("time_embed.2."):
-            out["time_embedding.linear_2." + key[len("time_embed.2."):]] = value
-        elif key.startswith("input_blocks.0.0."):
-            out["conv_in." + key[len("input_blocks.0.0."):]] = value
-        elif key.startswith("out.0."):
-            out["conv_norm_out." + key[len("out.0."):]] = value
-        elif key.startswith("out.2."):
-            out["conv_out." + key[len("out.2."):]] = value
-        elif m := re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)", key):
-            group, a, b, rest = m.groups()
-            try:
-                if group == "middle_block":
-                    kind, prefix = middle[int(a)]
-                    rest = f"{b}.{rest}" if b is not None else rest
-                else:
-                    table = inputs if group == "input_blocks" else outputs
-                    kind, prefix = table[int(a)][int(b)]
-            except (KeyError, IndexError, TypeError):
-                raise KeyError(key) from None
-            if kind == "res":
-                out.update(_adm_resnet(prefix, rest, value, key))
-            else:
-                out.update(_adm_attention(prefix, rest, value, head_dim, key))
+        renamed = _adm_renamed(key)
+        if renamed is not None:
+            out[renamed] = value
+        elif m := _ADM_BLOCK_KEY.fullmatch(key):
+            out.update(_adm_block_entries(m, key, value, tables, head_dim))
         else:
             raise KeyError(key)
     return out

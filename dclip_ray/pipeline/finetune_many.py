@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
-from dclip_ray.config import resolve_finetune_config
+from dclip_ray.config import Resources, resolve_finetune_config
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import config_sha256
@@ -66,10 +66,7 @@ class FinetuneManyJob:
     n_train: int = 16
     settings: dict[str, Any] = field(default_factory=dict)
     resize_policy: str = "center-crop"
-    cpus_per_prompt: float = 1.0
-    gpus_per_prompt: float = 0.0
-    max_failures: int = 2
-    max_concurrent: int | None = None
+    resources: Resources = field(default_factory=Resources)  # cpus/gpus_per_prompt, max_failures, max_concurrent
     address: str | None = None
     num_cpus: int | None = None
     verbose: bool = False
@@ -217,6 +214,23 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, 
                   face_weights=absolute(job.face_weights),
                   out=job.out if "://" in job.out else os.path.abspath(job.out))
     base = cached_base(job.model, job.preset)
+    _check_job(job, base)
+    rows, launches = [], []
+    for spec in specs:
+        row, loop = _plan_prompt(spec, job, base)
+        rows.append(row)
+        if loop is not None:
+            launches.append((row, loop))
+    if launches:
+        _train(job, launches, progress)
+    return {"prompts": rows, "n_ok": sum(r["status"] == "ok" for r in rows),
+            "n_failed": sum(r["status"] == "failed" for r in rows),
+            "n_skipped": sum(r["status"].startswith("skipped") for r in rows)}
+
+
+def _check_job(job: FinetuneManyJob, base: Any) -> None:
+    """Everything checkable before Ray starts: an input, the output folder apart from the inputs, the CLIP
+    and the callbacks resolve (:class:`ConfigError`, exit 1)."""
     if job.latents is None and job.images is None:
         raise ConfigError("finetune-many needs --latents URL (from `dclip-ray precompute`) or --images URL")
     check_out_folder(job.out)
@@ -225,64 +239,65 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, 
     resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
     for cb in job.callbacks:
         resolve_factory(cb)  # and on a callback that does not resolve
-    rows, launches = [], []
-    hashes: dict[str, str] = {}
-    for spec in specs:
-        fcfg = finetune_config(spec, job, base.preset)
-        try:
-            check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
-        except ConfigError as e:
-            raise ConfigError(f"prompt {spec.name}: {e}") from None
-        if job.images is None and find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
-                                                         base.resolution, job.resize_policy) is None:
-            raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "
-                              f"{job.latents}; run `dclip-ray precompute --t0 {fcfg.t0} --n-inv {fcfg.n_inv_steps}` or pass --images")
-        out_dir = f"{job.out.rstrip('/')}/{spec.name}"
-        h = config_sha256({"finetune": asdict(fcfg), "base": base.sha256, "n_train": job.n_train,
-                           "images": job.images, "latents": job.latents, "policy": job.resize_policy})
-        hashes[spec.name] = h
-        row = {"name": spec.name, "source": fcfg.source, "target": fcfg.target, "status": "pending",
-               "final_loss": None, "quality_s_dir": None, "model_path": out_dir, "seconds": 0.0, "error": None}
-        rows.append(row)
-        card = _existing(out_dir, h)
-        if card is not None:
-            m = card.get("metrics") or {}
-            row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"))
-            continue
-        loop = {"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
-                "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(fcfg),
-                "n_train": job.n_train,
-                "images": job.images, "latents": job.latents, "policy": job.resize_policy, "out_dir": out_dir,
-                "config_sha256": h, "cpus": job.cpus_per_prompt, "gpus": job.gpus_per_prompt,
-                "callbacks": list(job.callbacks)}
-        launches.append((row, loop))
-    if launches:
-        init_ray(job.address, job.num_cpus, dashboard=True, verbose=job.verbose)
-        storage = _storage_path(job.out)
-        limit = job.max_concurrent or len(launches)
-        queue = list(launches)
-        running: dict[Any, dict[str, Any]] = {}
-        with tqdm(total=len(launches), desc="fine-tune prompts", disable=not progress) as bar:
-            while queue or running:
-                while queue and len(running) < limit:
-                    row, loop = queue.pop(0)
-                    run_name = f"{row['name']}-{hashes[row['name']][:12]}"  # a changed config never resumes an old run
-                    ref = _fit.remote(run_name, loop, storage, job.max_failures, job.cpus_per_prompt,
-                                      job.gpus_per_prompt)
-                    running[ref] = row
-                    row["status"] = "running"
-                done, _ = ray.wait(list(running), num_returns=1)
-                for ref in done:
-                    row = running.pop(ref)
-                    res = ray.get(ref)
-                    card = _existing(row["model_path"], hashes[row["name"]]) if res["status"] == "ok" else None
-                    if res["status"] == "ok" and card is None:
-                        res = {**res, "status": "failed", "error": "training ended but the model card was not written"}
-                    m = (card or {}).get("metrics") or {}
-                    row.update(status=res["status"], error=res.get("error"), seconds=res["seconds"],
-                               final_loss=m.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
-                               resumed_from_step=m.get("resumed_from_step"), train_window=(card or {}).get("train_window"))
-                    bar.update(1)
-    return {"prompts": rows, "n_ok": sum(r["status"] == "ok" for r in rows),
-            "n_failed": sum(r["status"] == "failed" for r in rows),
-            "n_skipped": sum(r["status"].startswith("skipped") for r in rows)}
+
+
+def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One prompt's summary row and its Train loop config (None: a model of this exact config is already
+    there, the row says ``skipped (done)``). Raises :class:`ConfigError` naming the prompt."""
+    fcfg = finetune_config(spec, job, base.preset)
+    try:
+        check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
+    except ConfigError as e:
+        raise ConfigError(f"prompt {spec.name}: {e}") from None
+    if job.images is None and find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
+                                                base.resolution, job.resize_policy) is None:
+        raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "
+                          f"{job.latents}; run `dclip-ray precompute --t0 {fcfg.t0} --n-inv {fcfg.n_inv_steps}` or "
+                          "pass --images")
+    out_dir = f"{job.out.rstrip('/')}/{spec.name}"
+    h = config_sha256({"finetune": asdict(fcfg), "base": base.sha256, "n_train": job.n_train,
+                       "images": job.images, "latents": job.latents, "policy": job.resize_policy})
+    row = {"name": spec.name, "source": fcfg.source, "target": fcfg.target, "status": "pending",
+           "final_loss": None, "quality_s_dir": None, "model_path": out_dir, "seconds": 0.0, "error": None,
+           "config_sha256": h}
+    card = _existing(out_dir, h)
+    if card is not None:
+        m = card.get("metrics") or {}
+        row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"))
+        return row, None
+    loop = {"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
+            "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(fcfg),
+            "n_train": job.n_train, "images": job.images, "latents": job.latents, "policy": job.resize_policy,
+            "out_dir": out_dir, "config_sha256": h, "cpus": job.resources.cpus_per_prompt,
+            "gpus": job.resources.gpus_per_prompt, "callbacks": list(job.callbacks)}
+    return row, loop
+
+
+def _train(job: FinetuneManyJob, launches: list[tuple[dict[str, Any], dict[str, Any]]], progress: bool) -> None:
+    """Run the Train loops, at most ``max_concurrent`` at once, updating each row as its run ends."""
+    init_ray(job.address, job.num_cpus, dashboard=True, verbose=job.verbose)
+    storage = _storage_path(job.out)
+    limit = job.resources.max_concurrent or len(launches)
+    queue = list(launches)
+    running: dict[Any, dict[str, Any]] = {}
+    with tqdm(total=len(launches), desc="fine-tune prompts", disable=not progress) as bar:
+        while queue or running:
+            while queue and len(running) < limit:
+                row, loop = queue.pop(0)
+                run_name = f"{row['name']}-{row['config_sha256'][:12]}"  # a changed config never resumes an old run
+                ref = _fit.remote(run_name, loop, storage, job.resources.max_failures,
+                                  job.resources.cpus_per_prompt, job.resources.gpus_per_prompt)
+                running[ref] = row
+                row["status"] = "running"
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                row = running.pop(ref)
+                res = ray.get(ref)
+                card = _existing(row["model_path"], row["config_sha256"]) if res["status"] == "ok" else None
+                if res["status"] == "ok" and card is None:
+                    res = {**res, "status": "failed", "error": "training ended but the model card was not written"}
+                m = (card or {}).get("metrics") or {}
+                row.update(status=res["status"], error=res.get("error"), seconds=res["seconds"],
+                           final_loss=m.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
+                           resumed_from_step=m.get("resumed_from_step"), train_window=(card or {}).get("train_window"))
+                bar.update(1)

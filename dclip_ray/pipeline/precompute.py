@@ -5,13 +5,13 @@ resize policy, dtype). Committed shards are skipped; a changed key writes to ano
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 from tqdm.auto import tqdm
 
-from dclip_ray.errors import ConfigError
+from dclip_ray.config import PrecomputeConfig, Resources
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import new_owner
 from dclip_ray.io.locations import check_outputs
@@ -29,20 +29,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PrecomputeJob:
-    """Arguments of `dclip-ray precompute` (see its --help)."""
+    """Arguments of `dclip-ray precompute` (see its --help): where, the :class:`PrecomputeConfig` (how),
+    the :class:`Resources` (``cpus_per_task``/``gpus_per_task``) and which Ray."""
 
     model: str
     input: str
     out: str
-    t0: int = 500
-    n_inv_steps: int = 40
+    config: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    resources: Resources = field(default_factory=Resources)
     preset: str | None = None
-    resize_policy: str = "center-crop"
-    dtype: str = "float32"
-    batch_size: int = 16
-    recon_psnr: bool = False
-    cpus_per_task: float = 1.0
-    gpus_per_task: float = 0.0
     address: str | None = None
     num_cpus: int | None = None
     verbose: bool = False
@@ -52,30 +47,28 @@ class PrecomputeJob:
 @ray.remote(max_retries=3)
 def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str, fingerprint: str,
                      owner: str) -> dict[str, Any]:
-    set_threads(job.cpus_per_task)
-    device = "cuda" if job.gpus_per_task > 0 else "cpu"
-    return precompute_shard(job.model, job.preset, shard, path, job.out, key, job.batch_size, job.recon_psnr,
+    set_threads(job.resources.cpus_per_task)
+    device = "cuda" if job.resources.gpus_per_task > 0 else "cpu"
+    return precompute_shard(job.model, job.preset, shard, path, job.out, key, job.config.batch_size,
+                            job.config.recon_psnr,
                             device, job.trust_checkpoint, fingerprint, owner).as_dict()
 
 
 def latent_key(job: PrecomputeJob) -> LatentKey:
     """The key of this job's latents (loads the base model once in the driver to hash it)."""
     base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
-    return LatentKey(base.sha256, job.t0, job.n_inv_steps, base.resolution, job.resize_policy, job.dtype)  # type: ignore[arg-type]
+    c = job.config
+    return LatentKey(base.sha256, c.t0, c.n_inv_steps, base.resolution, c.resize_policy, c.dtype)  # type: ignore[arg-type]
 
 
 def check_job(job: PrecomputeJob) -> None:
     """Validate every argument before work starts (also what ``--dry-run``-style checks run): the store
     is a folder outside the input and the model, the step settings fit the model. Raises
-    :class:`ConfigError` (exit 1)."""
-    if job.resize_policy not in ("center-crop", "resize", "pad"):
-        raise ConfigError(f"--resize-policy {job.resize_policy!r}: expected center-crop, resize or pad")
-    if job.dtype not in ("float32", "float16"):
-        raise ConfigError(f"--dtype {job.dtype!r}: expected float32 or float16")
+    :class:`ConfigError` (exit 1). The settings themselves were checked when the config was made."""
     check_out_folder(job.out)
     check_outputs({"--out": job.out}, {"--input": job.input, "--model": job.model})
     base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
-    check_steps(base.schedule, job.t0, n_inv_steps=job.n_inv_steps, batch_size=job.batch_size)
+    check_steps(base.schedule, job.config.t0, n_inv_steps=job.config.n_inv_steps, batch_size=job.config.batch_size)
 
 
 def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
@@ -99,9 +92,9 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
             log.warning("input shard %s changed since its latents were computed: inverting it again", n)
     if todo:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
-        opts: dict[str, Any] = {"num_cpus": job.cpus_per_task}
-        if job.gpus_per_task:
-            opts["num_gpus"] = job.gpus_per_task
+        opts: dict[str, Any] = {"num_cpus": job.resources.cpus_per_task}
+        if job.resources.gpus_per_task:
+            opts["num_gpus"] = job.resources.gpus_per_task
         owner = new_owner()
         pending = [_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner) for n, p in todo]
         with tqdm(total=len(pending), desc="precompute shards", disable=not progress) as bar:

@@ -121,12 +121,9 @@ def _prompt_names(spec: WorkflowSpec) -> list[str]:
 def _step_precompute(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[str, Any]:
     from .precompute import PrecomputeJob, run_precompute
 
-    lat = spec.latents
-    job = PrecomputeJob(model=spec.model, input=spec.input_url, out=spec.latent_store, t0=lat.t0, n_inv_steps=lat.n_inv,
-                        preset=spec.preset, resize_policy=spec.input.resize_policy, dtype=lat.dtype,
-                        batch_size=lat.batch_size, recon_psnr=lat.recon_psnr, cpus_per_task=spec.ray.cpus_per_task,
-                        gpus_per_task=spec.ray.gpus_per_task, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
-                        verbose=verbose)
+    job = PrecomputeJob(model=spec.model, input=spec.input_url, out=spec.latent_store, config=spec.precompute_config(),
+                        resources=spec.resources(), preset=spec.preset, address=spec.ray.address,
+                        num_cpus=spec.ray.num_cpus, verbose=verbose)
     s = run_precompute(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
             "images": s["n_images"], "errors": s["n_errors"], "store": s["store"]}
@@ -141,9 +138,7 @@ def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[st
                           out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
                           clip=ft.clip, clip_weights=ft.clip_weights, face_weights=ft.face_weights,
                           n_train=ft.n_train, settings=settings, resize_policy=spec.input.resize_policy,
-                          cpus_per_prompt=r.cpus_per_prompt, gpus_per_prompt=r.gpus_per_prompt,
-                          max_failures=ft.max_failures, max_concurrent=ft.max_concurrent, address=r.address,
-                          num_cpus=r.num_cpus, verbose=verbose)
+                          resources=spec.resources(), address=r.address, num_cpus=r.num_cpus, verbose=verbose)
     s = run_finetune_many(job, progress=progress)
     return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"], "failed": s["n_failed"],
             "models": {p["name"]: {"status": p["status"], "path": p["model_path"], "final_loss": p["final_loss"],
@@ -170,17 +165,13 @@ def restyle_plan(spec: WorkflowSpec, ok_models: set[str]) -> tuple[str, list[str
 
 
 def _restyle_resources(spec: WorkflowSpec) -> tuple[int, float]:
-    """(actors, CPUs per actor): the spec's, else from the cluster's CPUs with fractional CPUs so that
-    Ray Data's read tasks are never starved (REFERENCE sec. 5: a pool claiming every CPU hangs)."""
+    """(actors, CPUs per actor): the spec's, else from the cluster's CPUs and GPUs
+    (:meth:`~dclip_ray.config.Resources.restyle_actors`)."""
     import ray
 
-    rs = spec.restyle
     res = ray.cluster_resources() if ray.is_initialized() else {}
     cpus = max(1, int(res.get("CPU", os.cpu_count() or 1)))
-    gpus = int(res.get("GPU", 0))
-    actors = rs.actors or (max(1, gpus) if rs.gpus_per_actor else cpus)
-    per_actor = rs.cpus_per_actor if rs.cpus_per_actor is not None else (0.5 if actors >= cpus else 1.0)
-    return actors, per_actor
+    return spec.resources().restyle_actors(cpus, int(res.get("GPU", 0)))
 
 
 def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progress: bool) -> dict[str, Any]:
@@ -191,15 +182,13 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
     out, models, mix, left_out = restyle_plan(spec, ok_models)
     if not models and mix is None:
         return {"status": "skipped (no fine-tuned model)", "left_out": left_out, "processed": 0}
-    rs = spec.restyle
-    cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, strength=rs.strength,
-                                    preset=spec.preset, n_inv_steps=spec.latents.n_inv, n_gen_steps=rs.n_gen,
-                                    latents=spec.latent_store, resize_policy=spec.input.resize_policy,
-                                    image_format=rs.format, batch_size=rs.batch_size)
+    rs, res = spec.restyle_settings(), spec.resources()
+    cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, preset=spec.preset, settings=rs,
+                               latents=spec.latent_store)
     actors, per_actor = _restyle_resources(spec)
     job = RestyleJob(config=cfg, input=spec.input_url, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
-                     gpus_per_actor=rs.gpus_per_actor, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
-                     verbose=verbose)
+                     gpus_per_actor=res.gpus_per_actor, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
+                     verbose=verbose, shard_timeout=res.shard_timeout)
     s = run_restyle(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
             "images": s["n_images"], "errors": s["n_errors"], "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"],
@@ -254,7 +243,6 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
     ``KeyboardInterrupt``) as ``interrupted`` (exit 3); any other exception as ``crashed`` (exit 3); all
     are re-raised.
     """
-    say = log or (lambda _msg: None)
     t_start = time.time()
     record: dict[str, Any] = {
         "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
@@ -263,52 +251,9 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
         "ray_address": spec.ray.address or os.environ.get("RAY_ADDRESS") or "embedded",
     }
     steps = record["steps"]
-    code = EXIT_OK
-
-    def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        say(f"[{name}] ...")
-        t = time.perf_counter()
-        steps[name] = {"status": "running"}
-        out = fn()
-        out.setdefault("status", "ok")
-        out["seconds"] = round(time.perf_counter() - t, 2)
-        steps[name] = out
-        say(f"[{name}] {out['status']}: " + ", ".join(f"{k}={v}" for k, v in out.items()
-                                                      if isinstance(v, (int, float)) and not isinstance(v, bool)))
-        return out
-
     try:
         preflight(spec)
-        step("input", lambda: {"written_shards": ensure_toyworld_input(spec), "url": spec.input_url})
-        from .runtime import init_ray
-
-        # once, with the dashboard on (Ray Train needs it); every step then uses this Ray
-        init_ray(spec.ray.address, spec.ray.num_cpus, dashboard=True, verbose=verbose)
-        pre = step("precompute", lambda: _step_precompute(spec, verbose, progress))
-        if pre["errors"]:
-            pre["status"] = "finished with per-item errors"
-            code = max(code, EXIT_ITEM_ERRORS)
-        ft = step("finetune", lambda: _step_finetune(spec, verbose, progress))
-        ok_models = {n for n, m in ft["models"].items() if m["status"] == "ok" or m["status"].startswith("skipped")}
-        if ft["failed"]:
-            ft["status"] = f"{ft['failed']} prompt(s) failed; re-run to resume them"
-            code = max(code, EXIT_ABORTED)
-        rs = step("restyle", lambda: _step_restyle(spec, ok_models, verbose, progress))
-        if rs.get("errors"):
-            rs["status"] = "finished with per-item errors"
-            code = max(code, EXIT_ITEM_ERRORS)
-        if rs.get("processed") is None or str(rs.get("status", "")).startswith("skipped"):
-            steps["verify"] = {"status": "skipped (nothing restyled)"}
-        else:
-            v = step("verify", lambda: _step_verify(spec, ok_models))
-            if v.get("ok") is False:
-                v["status"] = f"{v['problems']} problem(s)"
-                code = max(code, EXIT_ITEM_ERRORS)
-        try:
-            step("report", lambda: _step_report(spec))
-        except Exception as e:  # noqa: BLE001  (the outputs are done; the report is recorded as failed)
-            steps["report"] = {"status": f"failed: {type(e).__name__}: {e}"[:500]}
-            code = max(code, EXIT_ITEM_ERRORS)
+        code = _run_steps(spec, _stepper(steps, log or (lambda _msg: None)), steps, verbose, progress)
         record["exit_code"] = code
         record["status"] = STATUS_OF_CODE[code]
     except DclipError as e:
@@ -330,6 +275,65 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
         record["seconds"] = round(time.time() - t_start, 2)
         append_ledger(spec.ledger, record)
     return record
+
+
+Step = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
+
+
+def _stepper(steps: dict[str, Any], say: Callable[[str], None]) -> Step:
+    """``step(name, fn)``: run one step, recording it in ``steps`` ("running" while it runs, then its
+    result with ``status`` and ``seconds``) and saying one line before and after."""
+
+    def step(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        say(f"[{name}] ...")
+        t = time.perf_counter()
+        steps[name] = {"status": "running"}
+        out = fn()
+        out.setdefault("status", "ok")
+        out["seconds"] = round(time.perf_counter() - t, 2)
+        steps[name] = out
+        say(f"[{name}] {out['status']}: " + ", ".join(f"{k}={v}" for k, v in out.items()
+                                                      if isinstance(v, (int, float)) and not isinstance(v, bool)))
+        return out
+
+    return step
+
+
+def _run_steps(spec: WorkflowSpec, step: Step, steps: dict[str, Any], verbose: bool, progress: bool) -> int:
+    """input -> precompute -> finetune -> restyle -> verify -> report; the run's exit code (0, 2 for
+    per-item errors or verify problems, 3 when a prompt failed). A step's exception propagates."""
+    code = EXIT_OK
+    step("input", lambda: {"written_shards": ensure_toyworld_input(spec), "url": spec.input_url})
+    from .runtime import init_ray
+
+    # once, with the dashboard on (Ray Train needs it); every step then uses this Ray
+    init_ray(spec.ray.address, spec.ray.num_cpus, dashboard=True, verbose=verbose)
+    pre = step("precompute", lambda: _step_precompute(spec, verbose, progress))
+    if pre["errors"]:
+        pre["status"] = "finished with per-item errors"
+        code = max(code, EXIT_ITEM_ERRORS)
+    ft = step("finetune", lambda: _step_finetune(spec, verbose, progress))
+    ok_models = {n for n, m in ft["models"].items() if m["status"] == "ok" or m["status"].startswith("skipped")}
+    if ft["failed"]:
+        ft["status"] = f"{ft['failed']} prompt(s) failed; re-run to resume them"
+        code = max(code, EXIT_ABORTED)
+    rs = step("restyle", lambda: _step_restyle(spec, ok_models, verbose, progress))
+    if rs.get("errors"):
+        rs["status"] = "finished with per-item errors"
+        code = max(code, EXIT_ITEM_ERRORS)
+    if rs.get("processed") is None or str(rs.get("status", "")).startswith("skipped"):
+        steps["verify"] = {"status": "skipped (nothing restyled)"}
+    else:
+        v = step("verify", lambda: _step_verify(spec, ok_models))
+        if v.get("ok") is False:
+            v["status"] = f"{v['problems']} problem(s)"
+            code = max(code, EXIT_ITEM_ERRORS)
+    try:
+        step("report", lambda: _step_report(spec))
+    except Exception as e:  # noqa: BLE001  (the outputs are done; the report is recorded as failed)
+        steps["report"] = {"status": f"failed: {type(e).__name__}: {e}"[:500]}
+        code = max(code, EXIT_ITEM_ERRORS)
+    return code
 
 
 def _mark_running(steps: dict[str, Any], error: str) -> None:

@@ -16,13 +16,14 @@ A key that names several samples of the input (two shards with the same keys, or
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from dclip_ray.config import RestyleSettings
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.images import load_image_tensor
 from dclip_ray.io.locations import check_outputs
@@ -42,20 +43,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EditJob:
-    """Arguments of `dclip-ray edit` (see its --help)."""
+    """Arguments of `dclip-ray edit` (see its --help): what to edit with, where, and the
+    :class:`RestyleSettings` (``limit``: at most this many images; the images are written as PNG)."""
 
     model: str
     finetuned: str | None
     images: str
     out: str
     preset: str | None = None
-    strength: float = 1.0
     mix: str | None = None  # a mix YAML (models + gamma, eq. 14) instead of one fine-tuned model
-    t0: int | None = None
-    n_inv_steps: int = 40
-    n_gen_steps: int = 40
-    limit: int | None = None
-    batch_size: int = 16
+    settings: RestyleSettings = field(default_factory=RestyleSettings)
     grid: bool = False
 
 
@@ -113,9 +110,7 @@ def _scaled(gamma: dict[str, Any], r: float) -> dict[str, Any]:
 
 
 def _variant(job: EditJob, mix: MixSpec | None, state: str) -> Variant:
-    r = job.strength
-    if not 0.0 <= r <= 1.0:
-        raise ConfigError(f"strength r={r} must be in [0, 1] (1 = the fine-tuned model alone)")
+    r = job.settings.strength
     if mix is None:
         return Variant("edit", state, [0, 1], {"type": "constant", "weights": [1.0 - r, r]},
                        {"model": job.finetuned, "strength": r})
@@ -128,7 +123,7 @@ def _variant(job: EditJob, mix: MixSpec | None, state: str) -> Variant:
 def _t0(job: EditJob, base: BaseModel, folders: list[str]) -> int:
     """The edit's t0 by the one rule (:func:`edit_t0`); warns about a base-model mismatch."""
     check_base_model(base.sha256, job.model, folders)
-    return edit_t0(job.t0, folders, base.preset)
+    return edit_t0(job.settings.t0, folders, base.preset)
 
 
 def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
@@ -184,12 +179,15 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     mix = load_mix_spec(job.mix) if job.mix else None
     folders = list(mix.models) if mix else [str(job.finetuned)]
     t0 = _t0(job, base, folders)
-    check_steps(base.schedule, t0, job.n_inv_steps, job.n_gen_steps, job.batch_size)  # before any work
+    rs = job.settings
+    if rs.image_format != "png":
+        raise ConfigError(f"edit writes PNG files; format {rs.image_format!r} is for `dclip-ray restyle`")
+    check_steps(base.schedule, t0, rs.n_inv_steps, rs.n_gen_steps, rs.batch_size)  # before any work
     state, out = state_dir(job.out), Path(job.out)
     cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[_variant(job, mix, state)], t0=t0,
-                        n_inv_steps=job.n_inv_steps, n_gen_steps=job.n_gen_steps, preset=job.preset,
-                        batch_size=job.batch_size, root=state)
-    shards = limit_shards(input_shards(job.images), job.limit)
+                        n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps, preset=job.preset,
+                        resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state)
+    shards = limit_shards(input_shards(job.images), rs.limit)
     dups = duplicates(shards)
     excluded = {k: d["error"] for k, d in dups.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -201,8 +199,8 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
         raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")
     for e in errors:
         log.warning("not edited %s: %s", e["key"], e["error"])
-    summary: dict[str, Any] = {"out": str(out), "n_edited": len(ok), "t0": t0, "strength": job.strength,
-                               "n_inv_steps": job.n_inv_steps, "n_gen_steps": job.n_gen_steps, "errors": errors,
+    summary: dict[str, Any] = {"out": str(out), "n_edited": len(ok), "t0": t0, "strength": rs.strength,
+                               "n_inv_steps": rs.n_inv_steps, "n_gen_steps": rs.n_gen_steps, "errors": errors,
                                "shards": state}
     if mix:
         summary["mix"] = mix.as_dict()

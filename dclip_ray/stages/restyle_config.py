@@ -11,6 +11,7 @@ from typing import Any
 
 import fsspec
 
+from dclip_ray.config import RestyleSettings
 from dclip_ray.diffusion import generation_pairs
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, key_mismatch, store_root, stored_keys
@@ -44,36 +45,43 @@ def build_restyle_config(
     out: str,
     models: list[str] | None = None,
     base: str | None = None,
-    strength: float = 1.0,
     mix: dict[str, Any] | None = None,
     preset: str | None = None,
-    t0: int | None = None,
-    **kw: Any,
+    settings: RestyleSettings | None = None,
+    latents: str | None = None,
+    trust_checkpoint: bool = False,
+    **given: Any,
 ) -> RestyleConfig:
     """Turn the restyle options into a :class:`RestyleConfig`.
 
     ``models``: fine-tuned folders. One model: output at ``out``; several: one output per model under
     ``out/{name}`` sharing one inversion per image. ``mix``: ``{"models": [...], "gamma": spec}`` (one
-    output at ``out``, eq. 14). ``strength`` r mixes each fine-tuned model with the base:
-    ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the ``base_model`` in the cards.
+    output at ``out``, eq. 14). ``settings``: the :class:`RestyleSettings` (or give its fields as
+    keywords, e.g. ``n_gen_steps=20``: checked by the same declared rules). Strength r mixes each
+    fine-tuned model with the base: ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the
+    ``base_model`` in the cards; ``t0`` to the models' (:func:`_t0_of`).
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ConfigError(f"--strength {strength} must be in [0, 1] (1 = the fine-tuned model alone)")
-    variants, finetuned = _variants(out, models, mix, strength)
+    if settings is None:
+        settings = RestyleSettings(**given)
+    elif given:
+        raise TypeError(f"give either settings or its fields, not both ({sorted(given)})")
+    rs = settings
+    variants, finetuned = _variants(out, models, mix, rs.strength)
     base = base or _card_base(finetuned[0])
     if not base:
         raise ConfigError(f"{finetuned[0]} does not name its base model: pass --base MODEL (the original UNet)")
-    t0 = _t0_of(finetuned, t0, base, preset)
-    check_step_counts(int(t0), int(kw.get("n_inv_steps", 40)), int(kw.get("n_gen_steps", 40)))
-    steps = [t for t, _ in generation_pairs(int(t0), int(kw.get("n_gen_steps", 40)))]
+    t0 = _t0_of(finetuned, rs.t0, base, preset)
+    check_step_counts(t0, rs.n_inv_steps, rs.n_gen_steps)
+    steps = [t for t, _ in generation_pairs(t0, rs.n_gen_steps)]
     for v in variants:
         validate_gamma(gamma_of(v), len(v.models), steps)  # before any model loads or Ray starts
-    if kw.get("latents"):
-        kw["latents"] = absolute(kw["latents"])
     for v in variants:
         v.out = absolute(v.out) or v.out
     return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
-                         variants=variants, t0=int(t0), preset=preset, root=absolute(out.rstrip("/")) or out, **kw)
+                         variants=variants, t0=t0, n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps,
+                         preset=preset, latents=absolute(latents) if latents else None,
+                         resize_policy=rs.resize_policy, image_format=rs.image_format, batch_size=rs.batch_size,
+                         trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out)
 
 
 def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, strength: float,

@@ -125,6 +125,69 @@ def classify_shape(fill: float, v_offset: float) -> str:
     return best
 
 
+def _background_colour(img: np.ndarray) -> np.ndarray:
+    """float32 ``[3]`` in [0,255]: per-channel median of the 1-pixel border of ``img`` (float32
+    ``[H,W,3]`` in [0,255])."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    return np.median(border, axis=0)
+
+
+def _read_colour(
+    img: np.ndarray, dist: np.ndarray, bg: np.ndarray, rough: np.ndarray, max_colour_distance: float
+) -> tuple[np.ndarray, str, float, float]:
+    """Steps 2-3 on ``img`` (float32 ``[H,W,3]`` in [0,255]) given ``dist`` (float ``[H,W]``, RGB
+    distance to the background ``bg`` ``[3]``) and ``rough`` (bool ``[H,W]``, ``dist`` above the
+    rough threshold, >= ``_MIN_PIXELS`` set). Returns ``(mask, colour, purity, colour_distance)``:
+    bool ``[H,W]`` foreground, palette name or "other", fraction in [0,1], RGB distance."""
+    fg = np.median(img[rough], axis=0)
+    contrast = float(np.linalg.norm(fg - bg))
+    mask = dist >= 0.5 * max(contrast, _ROUGH_THRESHOLD)
+    core = dist >= 0.75 * contrast
+    fg_core = np.median(img[core if core.sum() >= _MIN_PIXELS else mask], axis=0)
+    names = list(COLOURS)
+    palette = np.asarray([COLOURS[c] for c in names], dtype=np.float32)
+    d_palette = np.linalg.norm(fg_core[None] - palette, axis=-1)
+    k = int(d_palette.argmin())
+    cdist = float(d_palette[k])
+    colour = names[k] if cdist <= max_colour_distance else "other"
+    nearest = np.linalg.norm(img[mask][:, None] - palette[None], axis=-1).argmin(-1)
+    purity = float((nearest == k).mean()) if mask.any() else 0.0
+    return mask, colour, purity, cdist
+
+
+def _read_shape(mask: np.ndarray) -> tuple[str, float, float]:
+    """Step 4 on a bool ``[H,W]`` foreground mask: ``(shape, fill_ratio, v_offset)`` of its largest
+    4-connected component ("none" when under ``_MIN_PIXELS``, "blob" when it touches the border)."""
+    component = _largest_component(mask)
+    fill, v_off = shape_features(component)
+    touches_border = bool(component[0].any() or component[-1].any() or component[:, 0].any() or component[:, -1].any())
+    if component.sum() < _MIN_PIXELS:
+        shape = "none"
+    elif touches_border:  # rendered shapes keep a 2-pixel margin: this is noise or a smear
+        shape = "blob"
+    else:
+        shape = classify_shape(fill, v_off)
+    return shape, fill, v_off
+
+
+def _iou(mask: np.ndarray, ref_mask: np.ndarray) -> float:
+    """Intersection over union in [0,1] of two bool ``[H,W]`` masks (1.0 when both are empty)."""
+    union = np.logical_or(mask, ref_mask).sum()
+    return float(np.logical_and(mask, ref_mask).sum() / union) if union else 1.0
+
+
+def _background_error(img: np.ndarray, region: np.ndarray, ref_image: np.ndarray | None) -> float:
+    """Mean absolute error / 255 (in [0,1]) of ``img`` (float32 ``[H,W,3]`` in [0,255]) against
+    ``ref_image`` (uint8 ``[H,W,3]``, default the plain ``BACKGROUND``) over the bool ``[H,W]``
+    ``region``; 0.0 for an empty region."""
+    ref = (
+        np.asarray(ref_image, dtype=np.float32)
+        if ref_image is not None
+        else np.broadcast_to(np.asarray(BACKGROUND, dtype=np.float32), img.shape)
+    )
+    return float(np.abs(img - ref)[region].mean() / 255.0) if region.any() else 0.0
+
+
 def judge(
     image: Any,
     ref_mask: np.ndarray | None = None,
@@ -138,54 +201,26 @@ def judge(
     """
     img = to_uint8_image(image).astype(np.float32)
     h, w, _ = img.shape
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    bg = np.median(border, axis=0)
+    bg = _background_colour(img)
     dist = np.linalg.norm(img - bg, axis=-1)
     rough = dist > _ROUGH_THRESHOLD
     if rough.sum() < _MIN_PIXELS:
         mask = np.zeros((h, w), dtype=bool)
         colour, shape, purity, cdist, fill, v_off = "none", "none", 0.0, 0.0, 0.0, 0.0
     else:
-        fg = np.median(img[rough], axis=0)
-        contrast = float(np.linalg.norm(fg - bg))
-        mask = dist >= 0.5 * max(contrast, _ROUGH_THRESHOLD)
-        core = dist >= 0.75 * contrast
-        fg_core = np.median(img[core if core.sum() >= _MIN_PIXELS else mask], axis=0)
-        names = list(COLOURS)
-        palette = np.asarray([COLOURS[c] for c in names], dtype=np.float32)
-        d_palette = np.linalg.norm(fg_core[None] - palette, axis=-1)
-        k = int(d_palette.argmin())
-        cdist = float(d_palette[k])
-        colour = names[k] if cdist <= max_colour_distance else "other"
-        nearest = np.linalg.norm(img[mask][:, None] - palette[None], axis=-1).argmin(-1)
-        purity = float((nearest == k).mean()) if mask.any() else 0.0
-        component = _largest_component(mask)
-        fill, v_off = shape_features(component)
-        touches_border = bool(component[0].any() or component[-1].any() or component[:, 0].any() or component[:, -1].any())
-        if component.sum() < _MIN_PIXELS:
-            shape = "none"
-        elif touches_border:  # rendered shapes keep a 2-pixel margin: this is noise or a smear
-            shape = "blob"
-        else:
-            shape = classify_shape(fill, v_off)
+        mask, colour, purity, cdist = _read_colour(img, dist, bg, rough, max_colour_distance)
+        shape, fill, v_off = _read_shape(mask)
     iou = None
     if ref_mask is not None:
         ref_mask = np.asarray(ref_mask, dtype=bool)
-        union = np.logical_or(mask, ref_mask).sum()
-        iou = float(np.logical_and(mask, ref_mask).sum() / union) if union else 1.0
+        iou = _iou(mask, ref_mask)
     region = ~(ref_mask if ref_mask is not None else mask)
-    ref = (
-        np.asarray(ref_image, dtype=np.float32)
-        if ref_image is not None
-        else np.broadcast_to(np.asarray(BACKGROUND, dtype=np.float32), img.shape)
-    )
-    bg_error = float(np.abs(img - ref)[region].mean() / 255.0) if region.any() else 0.0
     return JudgeResult(
         colour=colour,
         shape=shape,
         mask=mask,
         iou=iou,
-        bg_error=bg_error,
+        bg_error=_background_error(img, region, ref_image),
         colour_purity=purity,
         colour_distance=cdist,
         fill_ratio=fill,

@@ -92,24 +92,11 @@ def save_unet(model: torch.nn.Module, out: Path, log: dict) -> None:
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
 
 
-def train_ddpm(
-    out: str | Path,
-    cfg: DDPMTrainConfig | None = None,
-    log_fn: Callable[[str], None] = print,
-) -> dict:
-    """Train the toy UNet and save its EMA weights to ``out`` (also every ``save_every`` steps).
-
-    Returns the training log: config, parameter count, loss history, wall time in seconds.
-    """
+def _build_unet(cfg: DDPMTrainConfig) -> tuple[torch.nn.Module, dict]:
+    """The ``UNet2DModel`` to train and its config (without ``_``-keys): loaded from ``cfg.init``,
+    else random from :data:`UNET_CONFIG` (draws from torch's global RNG)."""
     from diffusers import UNet2DModel
 
-    cfg = cfg or DDPMTrainConfig()
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"train-ddpm: steps and batch size must be >= 1 (got {cfg.steps}, {cfg.batch_size})")
-    out = Path(out)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     if cfg.init is not None:
         init_dir = Path(cfg.init)
         if not (init_dir / "config.json").is_file():
@@ -120,36 +107,78 @@ def train_ddpm(
     else:
         unet_cfg = dict(UNET_CONFIG, layers_per_block=cfg.layers_per_block)
         model = UNet2DModel.from_config(unet_cfg)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    return model, unet_cfg
+
+
+def _alpha_bar() -> torch.Tensor:
+    """float32 ``[T]``: cumulative products of ``1 - beta_t`` for :data:`SCHEDULER_CONFIG`, in (0,1]
+    (the betas are summed in float64, then cast)."""
     T = SCHEDULER_CONFIG["num_train_timesteps"]
     betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], T, dtype=torch.float64)
-    alpha_bar = torch.cumprod(1.0 - betas, 0).float()
-    log: dict = {"config": asdict(cfg), "unet_config": unet_cfg, "n_params": n_params, "losses": []}
-    log_fn(f"toy UNet: {n_params} parameters; {cfg.steps} steps at batch {cfg.batch_size}")
-    t_start = time.time()
+    return torch.cumprod(1.0 - betas, 0).float()
+
+
+def _ema_decay(step: int, cfg: DDPMTrainConfig) -> float:
+    """EMA decay at ``step`` (0-based): warmed up ``(1+step)/(10+step)`` only from random init;
+    a continued run (``cfg.init``) starts its average at the loaded weights."""
+    return cfg.ema_decay if cfg.init is not None else min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """In place: ``p_ema <- decay * p_ema + (1 - decay) * p`` over matching parameters."""
+    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+        p_ema.lerp_(p, 1.0 - decay)
+
+
+def _optimise_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    alpha_bar: torch.Tensor,
+    batch_size: int,
+    grad_clip: float,
+) -> float:
+    """One step of the simple loss on a fresh batch: renders ``batch_size`` images (x0 float
+    ``[B,3,H,W]`` in [-1,1]), draws ``t ~ U{0..T-1}`` and eps ``~ N(0,I)`` from torch's RNG, steps
+    the optimiser and LR schedule; returns the batch loss (mean squared eps error)."""
+    images, _, _, _ = random_batch(rng, batch_size)
+    x0 = images_to_tensor(images)
+    t = torch.randint(0, len(alpha_bar), (batch_size,))
+    eps = torch.randn_like(x0)
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # eq. 1
+    loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    rng: np.random.Generator,
+    cfg: DDPMTrainConfig,
+    out: Path,
+    log: dict,
+    log_fn: Callable[[str], None],
+    t_start: float,
+) -> None:
+    """Run ``cfg.steps`` optimiser steps with EMA updates; every 25 steps append
+    ``[step, mean loss]`` to ``log["losses"]`` and report; every ``cfg.save_every`` steps (but the
+    last) save the EMA to ``out/checkpoint-<step>``."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    alpha_bar = _alpha_bar()
     running = 0.0
     for step in range(cfg.steps):
-        images, _, _, _ = random_batch(rng, cfg.batch_size)
-        x0 = images_to_tensor(images)
-        t = torch.randint(0, T, (cfg.batch_size,))
-        eps = torch.randn_like(x0)
-        a = alpha_bar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # eq. 1
-        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        # EMA warmup only from random init: a continued run starts its average at the loaded weights
-        decay = cfg.ema_decay if cfg.init is not None else min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - decay)
-        running += loss.item()
+        loss = _optimise_step(model, opt, sched, rng, alpha_bar, cfg.batch_size, cfg.grad_clip)
+        _ema_update(ema, model, _ema_decay(step, cfg))
+        running += loss
         if (step + 1) % 25 == 0:
             avg = running / 25
             running = 0.0
@@ -160,6 +189,31 @@ def train_ddpm(
             log["steps_done"] = step + 1
             log["wall_time_s"] = round(time.time() - t_start, 1)
             save_unet(ema, out / f"checkpoint-{step + 1}", log)
+
+
+def train_ddpm(
+    out: str | Path,
+    cfg: DDPMTrainConfig | None = None,
+    log_fn: Callable[[str], None] = print,
+) -> dict:
+    """Train the toy UNet and save its EMA weights to ``out`` (also every ``save_every`` steps).
+
+    Returns the training log: config, parameter count, loss history, wall time in seconds.
+    """
+    cfg = cfg or DDPMTrainConfig()
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"train-ddpm: steps and batch size must be >= 1 (got {cfg.steps}, {cfg.batch_size})")
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model, unet_cfg = _build_unet(cfg)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log: dict = {"config": asdict(cfg), "unet_config": unet_cfg, "n_params": n_params, "losses": []}
+    log_fn(f"toy UNet: {n_params} parameters; {cfg.steps} steps at batch {cfg.batch_size}")
+    t_start = time.time()
+    _train_loop(model, ema, rng, cfg, out, log, log_fn, t_start)
     log["steps_done"] = cfg.steps
     log["wall_time_s"] = round(time.time() - t_start, 1)
     save_unet(ema, out, log)

@@ -18,23 +18,26 @@ Minimal spec::
 
 from __future__ import annotations
 
-import difflib
-import os
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     create_model,
     field_validator,
     model_validator,
 )
 
-from dclip_ray.config import FinetuneConfig, SettingInfo, settings_of
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.config import (
+    FinetuneConfig,
+    PrecomputeConfig,
+    Resources,
+    RestyleSettings,
+    SettingInfo,
+    settings_of,
+    spec_settings,
+)
 
 __all__ = [
     "FinetuneSpec", "InputSpec", "LatentsSpec", "MixSpec", "OutputsSpec", "PromptsSpec", "RaySpec", "RestyleSpec",
@@ -46,6 +49,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _spec_field(s: SettingInfo, given_only: bool = False) -> tuple[Any, Any]:
+    """A pydantic field for a declared setting, with the same rule as every other surface; ``given_only``:
+    optional with None = not given (fine-tuning settings, which a prompt line or preset may still set)."""
+    rule: dict[str, Any] = {}
+    if s.lo is not None:
+        rule["gt" if s.lo_strict else "ge"] = s.lo
+    if s.hi is not None:
+        rule["le"] = s.hi
+    tp: Any = Literal[(*s.choices, *s.aliases)] if s.choices is not None else s.type  # type: ignore[valid-type]
+    if given_only or s.optional:
+        tp = tp | None
+    default = None if given_only else s.default
+    return (tp, Field(default, description=s.help, **({} if s.choices is not None else rule)))
+
+
+def _section(name: str, base: type[BaseModel], settings: list[SettingInfo], doc: str,
+             given_only: list[SettingInfo] = ()) -> Any:  # type: ignore[assignment]
+    """The spec section ``name``: ``base``'s own fields plus one field per declared setting."""
+    model = create_model(
+        name, __base__=base, __module__=__name__,
+        **{s.spec_key: _spec_field(s) for s in settings},  # type: ignore[misc]
+        **{s.spec_key: _spec_field(s, given_only=True) for s in given_only},  # type: ignore[misc]
+    )
+    model.__doc__ = doc
+    return model
+
+
+def _of(section: str, cls: type) -> list[SettingInfo]:
+    """The settings of config ``cls`` that are fields of spec ``section``."""
+    return [s for s in settings_of(cls) if s.spec_section == section]
+
+
+def _values(obj: BaseModel, cls: type) -> dict[str, Any]:
+    """``{cls field: value}`` of the settings of ``cls`` that ``obj`` (a spec section) holds."""
+    section = {f: getattr(obj, f) for f in type(obj).model_fields}
+    return {s.name: section[s.spec_key] for s in settings_of(cls) if s.spec_key in section
+            and s.spec_section == getattr(obj, "_SECTION", None)}
+
+
 class ToyworldInput(_Strict):
     """Render the embedded toy world's shapes as the input (written once under ``outputs.root/input``)."""
 
@@ -54,19 +96,22 @@ class ToyworldInput(_Strict):
     seed: int = Field(0, ge=0, description="dataset seed (keys '{seed}_{index:06d}')")
 
 
-class InputSpec(_Strict):
-    """Where the images come from: ``url`` (WebDataset shards, img2dataset output or a folder; local or
-    fsspec URL) or ``toyworld`` (rendered). New shards appearing under ``url`` are processed by the next run."""
-
+class _InputBase(_Strict):
+    _SECTION = "input"
     url: str | None = None
     toyworld: ToyworldInput | None = None
-    resize_policy: Literal["center-crop", "resize", "pad"] = "center-crop"
 
     @model_validator(mode="after")
-    def _one_source(self) -> InputSpec:
+    def _one_source(self) -> _InputBase:
         if (self.url is None) == (self.toyworld is None):
             raise ValueError("give exactly one of input.url (shards) or input.toyworld ({n: 64, shard_size: 32})")
         return self
+
+
+InputSpec = _section("InputSpec", _InputBase, spec_settings("input"), """Where the images come from: ``url``
+(WebDataset shards, img2dataset output or a folder; local or fsspec URL) or ``toyworld`` (rendered), and
+how images of another size are fitted (``resize_policy``). New shards appearing under ``url`` are
+processed by the next run.""")
 
 
 class PromptsSpec(_Strict):
@@ -88,54 +133,39 @@ class PromptsSpec(_Strict):
         return None if self.lines is None else "\n".join(self.lines) + "\n"
 
 
-class LatentsSpec(_Strict):
-    """The latent store written by precompute and read by fine-tuning and restyle."""
-
+class _LatentsBase(_Strict):
+    _SECTION = "latents"
     store: str | None = Field(None, description="default: outputs.root/latents")
-    t0: int = Field(500, ge=1, le=999)
-    n_inv: int = Field(40, ge=1)
-    dtype: Literal["float32", "float16"] = "float32"
-    batch_size: int = Field(16, ge=1)
-    recon_psnr: bool = False
 
 
-class _FinetuneJobSpec(_Strict):
+LatentsSpec = _section("LatentsSpec", _LatentsBase, spec_settings("latents"), """The latent store written by
+precompute and read by fine-tuning and restyle: ``store`` and the :class:`~dclip_ray.config.PrecomputeConfig`
+settings (``t0`` and ``n_inv`` are also every prompt's, unless its line says otherwise).""")
+
+
+class _FinetuneBase(_Strict):
     """The fine-tuning job's own fields (not fine-tuning settings)."""
 
+    _SECTION = "finetune"
     clip: str | None = None
     clip_weights: str | None = None
     face_weights: str | None = None
     n_train: int = Field(16, ge=1)
-    max_failures: int = Field(2, ge=0)
-    max_concurrent: int | None = Field(None, ge=1)
 
     def settings(self) -> dict[str, Any]:
         """The fine-tuning settings given here, as ``{FinetuneConfig field: value}`` (unset ones left out)."""
-        return {s.name: getattr(self, s.spec) for s in SPEC_SETTINGS if getattr(self, s.spec) is not None}
+        return {k: v for k, v in _values(self, FinetuneConfig).items() if v is not None}
 
 
-def _spec_field(s: SettingInfo) -> tuple[Any, Any]:
-    """A pydantic field for a declared setting: optional (None = not given), same rule as everywhere."""
-    if s.choices is not None:
-        return (Literal[(*s.choices, *s.aliases)] | None, None)  # type: ignore[valid-type]
-    rule: dict[str, Any] = {}
-    if s.lo is not None:
-        rule["gt" if s.lo_strict else "ge"] = s.lo
-    if s.hi is not None:
-        rule["le"] = s.hi
-    return (s.type | None, Field(None, description=s.help, **rule))
-
-
-SPEC_SETTINGS = [s for s in settings_of(FinetuneConfig) if s.spec]
-"""The fine-tuning settings of a spec's ``finetune`` section, by spec key (t0 and S_inv come from ``latents``)."""
-
-FinetuneSpec = create_model(
-    "FinetuneSpec", __base__=_FinetuneJobSpec, __module__=__name__,
-    **{s.spec: _spec_field(s) for s in SPEC_SETTINGS},  # type: ignore[misc]
-)
-FinetuneSpec.__doc__ = """Defaults of every prompt line (a line's own ``lr=`` ... wins), see `dclip-ray finetune-many`:
-the job fields above plus every fine-tuning setting by its spec key (``lr``, ``n_gen``, ``aug_views``,
-``clip_weight``, ...; declared in :class:`dclip_ray.config.FinetuneConfig`). A key left out is not given."""
+FinetuneSpec = _section(
+    "FinetuneSpec", _FinetuneBase, _of("finetune", Resources),
+    """Defaults of every prompt line (a line's own ``lr=`` ... wins), see `dclip-ray finetune-many`: the job
+fields, the Train resources (``max_failures``, ``max_concurrent``) and every fine-tuning setting by its
+spec key (``lr``, ``n_gen``, ``aug_views``, ``clip_weight``, ...; declared in
+:class:`dclip_ray.config.FinetuneConfig`). A fine-tuning key left out is not given.""",
+    given_only=_of("finetune", FinetuneConfig))
+SPEC_SETTINGS = _of("finetune", FinetuneConfig)
+"""The fine-tuning settings of a spec's ``finetune`` section (t0 and S_inv come from ``latents``)."""
 
 
 class MixSpec(_Strict):
@@ -145,26 +175,23 @@ class MixSpec(_Strict):
     gamma: dict[str, Any]
 
 
-class RestyleSpec(_Strict):
-    """Restyle the input with the fine-tuned models: ``variants`` (prompt names, one output each;
-    default every prompt) or one ``mix``."""
-
+class _RestyleBase(_Strict):
+    _SECTION = "restyle"
     variants: list[str] | None = Field(None, min_length=1)
     mix: MixSpec | None = None
-    strength: float = Field(1.0, ge=0.0, le=1.0)
-    n_gen: int = Field(40, ge=1)
-    format: Literal["png", "jpg"] = "png"
-    batch_size: int = Field(16, ge=1)
-    limit: int | None = Field(None, ge=1)
-    actors: int | None = Field(None, ge=1)
-    cpus_per_actor: float | None = Field(None, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
-    def _variants_or_mix(self) -> RestyleSpec:
+    def _variants_or_mix(self) -> _RestyleBase:
         if self.variants is not None and self.mix is not None:
             raise ValueError("give either restyle.variants or restyle.mix, not both")
         return self
+
+
+RestyleSpec = _section(
+    "RestyleSpec", _RestyleBase, spec_settings("restyle"),
+    """Restyle the input with the fine-tuned models: ``variants`` (prompt names, one output each; default
+every prompt) or one ``mix``, the :class:`~dclip_ray.config.RestyleSettings` and the actors'
+:class:`~dclip_ray.config.Resources`.""")
 
 
 class OutputsSpec(_Strict):
@@ -178,15 +205,14 @@ class OutputsSpec(_Strict):
     report: bool = True
 
 
-class RaySpec(_Strict):
-    """Which Ray and how much of it each unit of work takes (defaults suit a CPU machine)."""
-
+class _RayBase(_Strict):
+    _SECTION = "ray"
     address: str | None = Field(None, description="default: $RAY_ADDRESS, else an embedded local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray (default: the machine's)")
-    cpus_per_task: float = Field(1.0, gt=0)
-    gpus_per_task: float = Field(0.0, ge=0)
-    cpus_per_prompt: float = Field(1.0, gt=0)
-    gpus_per_prompt: float = Field(0.0, ge=0)
+
+
+RaySpec = _section("RaySpec", _RayBase, spec_settings("ray"), """Which Ray and how much of it each unit of
+work takes (defaults suit a CPU machine; see :class:`~dclip_ray.config.Resources`).""")
 
 
 class WorkflowSpec(_Strict):
@@ -212,6 +238,25 @@ class WorkflowSpec(_Strict):
         if isinstance(v, list):
             return {"lines": v}
         return v
+
+    # -- derived configs ---------------------------------------------------------------------------------
+    def _all(self, cls: type) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in (self.input, self.latents, self.finetune, self.restyle, self.ray):
+            out.update({k: v for k, v in _values(section, cls).items() if k not in out})
+        return out
+
+    def precompute_config(self) -> PrecomputeConfig:
+        """The precompute settings of this spec (``latents`` and ``input.resize_policy``)."""
+        return PrecomputeConfig(**self._all(PrecomputeConfig))
+
+    def restyle_settings(self) -> RestyleSettings:
+        """The restyle settings of this spec (``restyle``, ``latents.n_inv``, ``input.resize_policy``)."""
+        return RestyleSettings(**self._all(RestyleSettings))
+
+    def resources(self) -> Resources:
+        """What each unit of Ray work takes (``ray`` and the resource fields of ``finetune``/``restyle``)."""
+        return Resources(**self._all(Resources))
 
     # -- derived locations -------------------------------------------------------------------------------
     def _under_root(self, sub: str) -> str:
@@ -243,215 +288,4 @@ class WorkflowSpec(_Strict):
         return self.input.url or self._under_root("input")
 
 
-# -- paths -----------------------------------------------------------------------------------------------
-PATH_FIELDS = [("input", "url"), ("prompts", "file"), ("latents", "store"), ("finetune", "clip_weights"),
-               ("outputs", "root"), ("outputs", "models"), ("outputs", "restyled"), ("outputs", "ledger")]
-
-
-def _resolve(value: str, here: str) -> str:
-    if "://" in value or os.path.isabs(value):
-        return value
-    return os.path.normpath(os.path.join(here, os.path.expanduser(value)))
-
-
-def _looks_local(value: str, here: str) -> bool:
-    """A model reference that is a path (not a preset name): has a separator, starts with '.' or exists."""
-    return ("://" not in value and (os.sep in value or "/" in value or value.startswith(".")
-                                    or os.path.exists(os.path.join(here, value))))
-
-
-def _resolve_paths(spec: WorkflowSpec, here: str) -> WorkflowSpec:
-    for section, name in PATH_FIELDS:
-        obj = getattr(spec, section)
-        v = getattr(obj, name)
-        if isinstance(v, str):
-            setattr(obj, name, _resolve(v, here))
-    if _looks_local(spec.model, here):
-        spec.model = _resolve(spec.model, here)
-    return spec
-
-
-# -- errors ----------------------------------------------------------------------------------------------
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = WorkflowSpec
-    for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        ann = field.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                     None)
-    return [n for n in (model.model_fields if model else {}) if n != "source"]
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def _message(err: dict[str, Any]) -> tuple[str, str]:
-    """(dotted field, 'what is wrong and the fix') of one pydantic error."""
-    loc = tuple(err.get("loc", ()))
-    typ, ctx, got = err.get("type", ""), err.get("ctx") or {}, err.get("input")
-    where = _dotted(loc)
-    if typ == "extra_forbidden":
-        allowed = _allowed_fields(loc)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        return where, f"unknown field; {hint}allowed here: {', '.join(allowed)}"
-    if typ == "missing":
-        return where, "required field is missing; add it"
-    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-    if typ in bounds:
-        bound = next(iter(ctx.values())) if ctx else "?"
-        bound = f"{bound:g}" if isinstance(bound, float) else bound
-        return where, f"must be {bounds[typ]} {bound} (got {_short(got)})"
-    if typ == "literal_error":
-        return where, f"must be one of {ctx.get('expected', '?')} (got {_short(got)})"
-    if typ in ("int_parsing", "int_type", "int_from_float"):
-        return where, f"must be an integer (got {_short(got)})"
-    if typ in ("float_parsing", "float_type"):
-        return where, f"must be a number (got {_short(got)})"
-    if typ in ("bool_parsing", "bool_type"):
-        return where, f"must be true or false (got {_short(got)})"
-    if typ in ("string_type",):
-        return where, f"must be a string (got {_short(got)})"
-    if typ in ("list_type",):
-        return where, f"must be a list (got {_short(got)})"
-    if typ in ("model_type", "model_attributes_type", "dict_type"):
-        return where, f"must be a mapping of fields (got {_short(got)})"
-    if typ == "too_short":
-        return where, f"must not be empty (got {_short(got)})"
-    if typ == "string_pattern_mismatch":
-        return where, f"must be letters, digits, '_', '.' or '-' (got {_short(got)})"
-    if typ == "value_error":
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        return where, msg
-    return where, f"{err.get('msg', 'invalid value')} (got {_short(got)})"
-
-
-def _fail(origin: str, where: str, msg: str) -> ConfigError:
-    return ConfigError(f"workflow spec {origin}: {where}: {msg}")
-
-
-# -- loading ---------------------------------------------------------------------------------------------
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None, origin: str = "spec") -> dict[str, Any]:
-    """Apply ``KEY.PATH=VALUE`` overrides (VALUE read as YAML, e.g. ``finetune.epochs=2``) to a raw spec."""
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected FIELD.PATH=VALUE, e.g. --set finetune.epochs=2")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
-        node: Any = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node, dict):
-                raise _fail(origin, key, f"cannot set a field inside {part!r} (not a mapping)")
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            node = nxt
-        if not isinstance(node, dict):
-            raise _fail(origin, key, "cannot set a field inside a non-mapping value")
-        node[parts[-1]] = parsed
-    return raw
-
-
-def parse_spec(raw: Any, origin: str = "spec", here: str | None = None) -> WorkflowSpec:
-    """Validate a raw (YAML-loaded) spec; relative paths resolve against ``here`` (default: the cwd).
-
-    Raises :class:`ConfigError` naming the first bad field as a dotted path and the fix.
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"workflow spec {origin}: expected a mapping with name, input, model, prompts and outputs "
-                          f"(got {type(raw).__name__}); see workflows/toy.yaml")
-    try:
-        spec = WorkflowSpec.model_validate(raw)
-    except ValidationError as e:
-        where, msg = _message(e.errors()[0])
-        raise _fail(origin, where, msg) from None
-    spec = _resolve_paths(spec, os.path.abspath(here or os.getcwd()))
-    _check_prompts(spec, origin)
-    return spec
-
-
-def _check_prompts(spec: WorkflowSpec, origin: str) -> None:
-    """Prompt lines parse; restyle variants and mix models name existing prompts; the gamma spec is valid."""
-    from dclip_ray.mixing import gamma_from_spec, validate_gamma
-    from dclip_ray.prompts import parse
-
-    if spec.prompts.lines is not None:
-        for i, line in enumerate(spec.prompts.lines):
-            if line.strip() and not line.strip().startswith("#"):
-                try:
-                    parse.parse_prompt_text(line + "\n", origin=f"prompts.lines[{i}]")
-                except ConfigError as e:
-                    raise _fail(origin, f"prompts.lines[{i}]", str(e).split(": ", 1)[-1]) from None
-        names = [s.name for s in parse.parse_prompt_text(spec.prompts.text() or "", origin="prompts.lines")]
-    else:
-        file = spec.prompts.file or ""
-        if "://" not in file and not os.path.isfile(file):
-            raise _fail(origin, "prompts.file", f"{file} not found; give a prompts.txt path (relative to the spec's "
-                        "folder) or list the edits under prompts.lines")
-        try:
-            names = [s.name for s in parse.parse_prompt_file(file)]
-        except (ConfigError, InputFileError) as e:
-            raise _fail(origin, "prompts.file", str(e)) from None
-    for field, wanted in (("restyle.variants", spec.restyle.variants),
-                          ("restyle.mix.models", spec.restyle.mix.models if spec.restyle.mix else None)):
-        for i, n in enumerate(wanted or []):
-            if n not in names:
-                raise _fail(origin, f"{field}[{i}]", f"{n!r} is not a prompt name; the prompts are {names} "
-                            "(name=NAME on a prompt line sets it)")
-    if spec.restyle.mix is not None:
-        try:  # weights per model summing to 1 over the generation steps 0..t0 (eq. 14)
-            validate_gamma(gamma_from_spec(spec.restyle.mix.gamma), len(spec.restyle.mix.models),
-                           range(0, spec.latents.t0 + 1, max(1, spec.latents.t0 // 50)))
-        except (ConfigError, ValueError, TypeError, KeyError) as e:
-            raise _fail(origin, "restyle.mix.gamma", str(e)) from None
-
-
-def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) -> WorkflowSpec:
-    """Read and validate the workflow spec at ``path`` (a local YAML file).
-
-    ``overrides``: ``FIELD.PATH=VALUE`` items applied before validation (`--set`). Relative paths
-    (in the file and in overrides) resolve against the spec file's folder. Raises
-    :class:`InputFileError` for a missing or unreadable file and :class:`ConfigError` for a bad spec,
-    each as one line naming the field and the fix.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputFileError(f"workflow spec {path} not found; see workflows/toy.yaml for an example") from None
-    except IsADirectoryError:
-        raise InputFileError(f"workflow spec {path} is a folder; give the .yaml file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"workflow spec {path}: {at}not valid YAML ({problem}); fix the syntax there") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputFileError(f"workflow spec {path} is not readable ({e}); give a UTF-8 YAML file") from None
-    raw = raw if raw is not None else {}
-    if isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides, origin=path)
-    spec = parse_spec(raw, origin=path, here=os.path.dirname(os.path.abspath(path)))
-    spec.source = os.path.abspath(path)
-    return spec
+from .load import apply_overrides, load_spec, parse_spec  # noqa: E402  (re-exported; load imports the models above)

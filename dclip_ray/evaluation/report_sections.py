@@ -1,0 +1,231 @@
+"""The HTML of each part of the report (:mod:`.report`), from what :mod:`.report_discovery` found.
+
+- before/after: :func:`restyle_html` (restyled shards and their manifests), :func:`local_html`
+  (single-machine output folders), :func:`others_html` (the input folders, named only);
+- :func:`metrics_html`: evaluations and the metrics recorded in model cards;
+- :func:`models_html`: fine-tuned models, their loss curves and configuration;
+- :func:`config_html`: workflow specs, run ledgers and summaries at the top of the run folder.
+
+Each returns an HTML fragment; a part with nothing to show says "not available" and why.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .report_discovery import decode, images_of, read_json
+from .report_draw import image_grid, img_tag, plot_curves
+from .report_html import na, pre, rel, table
+
+MAX_IMAGES = 12
+
+
+def _blank() -> Image.Image:
+    return Image.new("RGB", (8, 8), "white")
+
+
+# ---- fine-tuned models -----------------------------------------------------------------------------
+
+
+def _loss_curve_html(root: Path, d: Path, c: dict[str, Any]) -> str:
+    hist = c.get("loss_history") or {}
+    if not hist.get("total"):
+        return na("loss curve: the model card has no loss_history (saved by an older dclip-ray)")
+    series = {"total": hist["total"]}
+    for k in ("clip", "direction", "l1", "id", "global"):
+        if k in hist and any(v for v in hist[k] if v is not None and math.isfinite(v)):
+            series[k] = hist[k]
+    return img_tag(plot_curves(series, hist.get("step"), f"fine-tuning loss per step "
+                                                         f"({len(hist['total'])} points)"),
+                   f"loss curve of {rel(d, root)}")
+
+
+def models_html(root: Path, cards: list[tuple[Path, dict[str, Any]]]) -> str:
+    """The "Fine-tuning" part: a table of the models' prompt pairs, configuration and final metrics, then
+    per model its loss curve and its card (``dclip.json``, loss history left out)."""
+    if not cards:
+        return na("no fine-tuned model (dclip.json) under this folder")
+    rows = []
+    for d, c in cards:
+        m = c.get("metrics") or {}
+        rows.append([rel(d, root), c.get("source"), c.get("target"), (c.get("config") or {}).get("t0"),
+                     (c.get("config") or {}).get("epochs"), c.get("final_loss"), m.get("quality_s_dir"),
+                     c.get("train_seconds")])
+    parts = [table(rows, ["model", "source", "target", "t0", "epochs", "final loss", "S_dir (train)", "seconds"])]
+    for d, c in cards:
+        parts.append(f"<h3>{html.escape(rel(d, root))}: {html.escape(str(c.get('source')))} &rarr; "
+                     f"{html.escape(str(c.get('target')))}</h3>")
+        if "_error" in c:
+            parts.append(na(c["_error"]))
+            continue
+        parts.append(_loss_curve_html(root, d, c))
+        parts.append("<details><summary>configuration (dclip.json)</summary>"
+                     + pre({k: v for k, v in c.items() if k not in ("loss_history", "train_keys")}) + "</details>")
+    return "\n".join(parts)
+
+
+# ---- before / after --------------------------------------------------------------------------------
+
+
+def restyle_html(root: Path, variants: list[tuple[Path, list[dict[str, Any]]]]) -> str:
+    """Per restyled output folder: shard and image counts, a before/after grid of the first committed
+    shard (the "before" read from the input shard named in its marker) and the manifest summary."""
+    parts = []
+    for d, markers in variants:
+        n_ok = sum(int(m.get("n_ok", 0)) for m in markers)
+        n_err = sum(int(m.get("n_error", 0)) for m in markers)
+        parts.append(f"<h3>{html.escape(rel(d, root))}</h3><p>{len(markers)} committed shard(s), {n_ok} images ok, "
+                     f"{n_err} errors</p>")
+        first = markers[0]
+        after = images_of(str(d / f"{first['shard']}.tar"), None, MAX_IMAGES)
+        source = first.get("source")
+        before = images_of(str(source), list(after), MAX_IMAGES) if source and os.path.exists(str(source)) else {}
+        if not after:
+            parts.append(na(f"no readable image in {first['shard']}.tar"))
+            continue
+        keys = list(after)[:MAX_IMAGES]
+        rows = []
+        if before:
+            rows.append(("before", [before.get(k, _blank()) for k in keys]))
+        rows.append(("after", [after[k] for k in keys]))
+        parts.append(img_tag(image_grid(rows), f"before/after {d.name}"))
+        if not before:
+            parts.append(na(f"before images: input shard {source} is not readable from here"))
+        parts.append(_manifest_html(d))
+    return "\n".join(parts)
+
+
+def _manifest_html(d: Path) -> str:
+    from dclip_ray.io.manifest import read_manifest
+
+    errors, metrics = [], {}
+    for p in sorted(d.glob("*.parquet")):
+        try:
+            rows = read_manifest(str(p))
+        except Exception:  # noqa: BLE001
+            continue
+        for r in rows:
+            if r.status == "error":
+                errors.append([r.shard, r.key, r.error])
+            for k, v in (r.metrics or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics.setdefault(k, []).append(float(v))
+    out = ""
+    if metrics:
+        out += table([[k, float(np.mean(v)), float(np.min(v)), float(np.max(v)), len(v)] for k, v in metrics.items()],
+                     ["manifest metric", "mean", "min", "max", "n"])
+    if errors:
+        out += "<details><summary>" + f"{len(errors)} error rows" + "</summary>" + table(
+            errors[:200], ["shard", "key", "error"]) + "</details>"
+    return out
+
+
+def _local_rows(d: Path, summary: dict[str, Any] | None, after: dict[str, Image.Image],
+                keys: list[str]) -> list[tuple[str, list[Image.Image]]]:
+    rows = []
+    src = ((summary or {}).get("config") or {}).get("images")
+    if src:
+        before = images_of(str(src), keys, MAX_IMAGES)
+        if before:
+            rows.append(("input", [before.get(k, _blank()) for k in keys]))
+    if (d / "domain").is_dir():
+        dom = {k: decode((d / "domain" / f"{k}.png").read_bytes()) for k in keys if (d / "domain" / f"{k}.png").exists()}
+        if dom:
+            rows.append(("trained dom.", [dom.get(k) or _blank() for k in keys]))
+    if keys:
+        rows.append(("output", [after[k] for k in keys]))
+    return rows
+
+
+def local_html(root: Path, outputs: list[tuple[Path, dict[str, Any] | None]]) -> str:
+    """Per single-machine output folder (with its ``dclip_run.json`` summary or None): a grid of input,
+    trained-domain and output rows, else the command's own ``grid.png``, else the outputs alone."""
+    parts = []
+    for d, summary in outputs:
+        title = (summary or {}).get("kind", "images")
+        parts.append(f"<h3>{html.escape(rel(d, root))} ({html.escape(str(title))})</h3>")
+        after = {p.stem: img for p in sorted(d.glob("*.png"))[: MAX_IMAGES + 1]
+                 if p.name != "grid.png" and (img := decode(p.read_bytes())) is not None}
+        rows = _local_rows(d, summary, after, list(after)[:MAX_IMAGES])
+        if len(rows) > 1:
+            parts.append(img_tag(image_grid(rows), f"grid {d.name}"))
+        elif (d / "grid.png").is_file() and (g := decode((d / "grid.png").read_bytes())) is not None:
+            parts.append("<p class='muted'>grid.png written by the command (rows: before, after)</p>")
+            parts.append(img_tag(g, f"grid.png of {d.name}"))
+        elif rows:
+            parts.append(img_tag(image_grid(rows), f"outputs {d.name}"))
+            parts.append(na("before images: the folder does not say where its inputs are (evaluate it with "
+                            "`dclip-ray eval --out FOLDER/eval.json` to link them)"))
+        else:
+            parts.append(na("no readable image"))
+        if summary:
+            parts.append("<details><summary>summary</summary>" + pre(summary) + "</details>")
+    return "\n".join(parts)
+
+
+def others_html(root: Path, others: list[Path]) -> str:
+    """One line naming (up to 20 of) the other image folders, which are inputs and not shown; "" if none."""
+    if not others:
+        return ""
+    names = ", ".join(html.escape(rel(d, root)) for d in others[:20])
+    return f"<p class='muted'>other image folders (inputs, not shown): {names}</p>"
+
+
+# ---- metrics and configuration ---------------------------------------------------------------------
+
+
+def _eval_rows(e: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, s in e["summary"].items():
+        if name == "fid_kid" and isinstance(s, dict):
+            rows.extend([[k, v, None, None, None, e.get("n_images")] for k, v in s.items()])
+        elif isinstance(s, dict):
+            rows.append([name, s.get("mean"), s.get("std"), s.get("min"), s.get("max"),
+                         f"{s.get('n')}" + (f" (+{s['n_inf']} inf)" if s.get("n_inf") else "")])
+    return rows
+
+
+def metrics_html(root: Path, evals: list[tuple[Path, dict[str, Any]]], cards: list[tuple[Path, dict[str, Any]]],
+                 ) -> str:
+    """The "Metrics" part: one table per evaluation file (mean/std/min/max/n of each metric) and the
+    numeric metrics recorded in the model cards."""
+    parts = []
+    for p, e in evals:
+        desc = f"{e.get('source')} &rarr; {e.get('target')}" if e.get("target") else ""
+        parts.append(f"<h3>{html.escape(rel(p, root))} <span class='muted'>{e.get('n_images')} pairs "
+                     f"{desc} {html.escape(str(e.get('clip') or ''))}</span></h3>")
+        parts.append(table(_eval_rows(e), ["metric", "mean", "std", "min", "max", "n"]))
+    card_rows = [[rel(d, root), k, v] for d, c in cards for k, v in (c.get("metrics") or {}).items()
+                 if isinstance(v, (int, float))]
+    if card_rows:
+        parts.append("<h3>metrics recorded in model cards</h3>" + table(card_rows, ["model", "metric", "value"]))
+    return "\n".join(parts) or na("no evaluation found (run `dclip-ray eval ... --out RUN_DIR/eval.json`)")
+
+
+def config_html(root: Path, dirs: list[Path], config: Mapping[str, Any] | None = None) -> str:
+    """The "Configuration" part: ``config`` (``{title: text or JSON-able data}``) first, then the
+    workflow specs (``*.yaml``), prompts, ledgers (``*.jsonl``, last 5 entries) and JSON summaries at the
+    top of ``root``."""
+    parts = [f"<h3>{html.escape(str(name))}</h3>" + pre(value) for name, value in (config or {}).items()]
+    top = [p for p in sorted(root.iterdir()) if p.is_file()] if root.is_dir() else []
+    for p in top:
+        if p.suffix in (".yaml", ".yml") or p.name in ("prompts.txt",):
+            parts.append(f"<h3>{html.escape(p.name)}</h3>" + pre(p.read_text(errors="replace")))
+        elif p.name.endswith(".jsonl"):
+            lines = p.read_text(errors="replace").splitlines()
+            parts.append(f"<h3>{html.escape(p.name)} (last {min(5, len(lines))} of {len(lines)} entries)</h3>"
+                         + pre("\n".join(lines[-5:])))
+        elif p.suffix == ".json" and not p.name.startswith("eval"):
+            try:
+                parts.append(f"<h3>{html.escape(p.name)}</h3>" + pre(read_json(p)))
+            except ValueError:
+                parts.append(f"<h3>{html.escape(p.name)}</h3>" + na("not valid JSON"))
+    return "\n".join(parts) or na("no configuration file (workflow spec, prompts, summaries) at the top of the run")
