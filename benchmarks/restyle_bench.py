@@ -60,7 +60,7 @@ def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: in
     from dclip_ray.models.base import load_base
     from dclip_ray.stages.common import CountingEps
     from dclip_ray.stages.inputs import decode_shard, input_shards
-    from dclip_ray.stages.restyle import encode_image
+    from dclip_ray.stages.provenance import encode_image
 
     base = load_base(c.TOY_MODEL)
     inv_eps = CountingEps(eps_fn_of(base.unet))

@@ -33,7 +33,8 @@ from dclip_ray.settings import SettingInfo, check_setting, setting, settings_of,
 
 __all__ = [
     "CONFIGS", "NOT_IN_SPEC", "SHARED", "FinetuneConfig", "PrecomputeConfig", "Resources", "RestyleSettings",
-    "SettingInfo", "check_setting", "resolve_finetune_config", "setting", "settings_of", "shared", "spec_settings",
+    "SettingInfo", "TrainingSets", "check_setting", "resolve_finetune_config", "setting", "settings_of", "shared",
+    "spec_settings",
 ]
 
 Mode = Literal["efficient", "full"]
@@ -80,6 +81,8 @@ class FinetuneConfig:
     n_gen_steps: int = setting(6, "Generation steps S_gen during training.", cli="n-gen", prompt="n_gen", lo=2)
     mode: Mode = setting("efficient", "'efficient' (loss per step) or 'full' (backprop through all steps).",
                          cli="mode", prompt="mode", choices=("efficient", "full"))
+    n_train: int = setting(16, "Training images (finetune-many: the first that match the prompt's source).",
+                           cli="n-train", prompt="n_train", lo=1)
     epochs: int = setting(5, "Epochs over the training images.", cli="epochs", prompt="epochs", lo=1)
     batch_size: int = setting(1, "Images per optimiser step.", cli="batch-size", prompt="batch", lo=1)
     lr: float = setting(2e-6, "Adam learning rate (the paper's default; the toy world uses 5e-5).", cli="lr",
@@ -218,8 +221,31 @@ class RestyleSettings:
     image_format: str = setting("png", "Output image format: png (lossless) or jpg (quality 95).", cli="format",
                                 choices=("png", "jpg"))
     batch_size: int = shared("batch_size", help="Images per generation batch.")
+    route: str = setting("auto", "Which images each model edits: 'source' (only those matching the model's "
+                         "source, by caption or zero-shot CLIP; the others get a 'skipped' manifest row), 'all' "
+                         "(every image), or 'auto': source when the models have two or more different sources "
+                         "(a mixed prompt file), else all.", cli="route", choices=("auto", "source", "all"))
     limit: int | None = setting(None, "Process only the whole shards holding the first N input keys (the shard is "
                                 "the unit of work; a folder of images is one shard).", cli="limit", lo=1)
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+
+@dataclass(frozen=True)
+class TrainingSets:
+    """How `finetune-many` (and a workflow) chooses each prompt's training images from a mixed dataset
+    (:mod:`dclip_ray.stages.selection`); the spec's ``finetune`` section. A prompt line's ``images=``
+    overrides the choice for that line; its ``n_train=`` sets how many."""
+
+    SPEC_SECTION: ClassVar[str] = "finetune"
+
+    select: str = setting("source", "How each prompt's training images are chosen: 'source' (the first images "
+                          "whose caption, else zero-shot CLIP, matches the prompt's source) or 'first' (the "
+                          "first images of the input, whatever they show).", cli="select",
+                          choices=("source", "first"))
+    allow_fewer: bool = setting(False, "Train a prompt on fewer matching images than n_train (a warning) instead "
+                                "of failing (at least one is always needed).", cli="allow-fewer")
 
     def __post_init__(self) -> None:
         validate_settings(self)
@@ -267,7 +293,7 @@ class Resources:
         return actors, per_actor
 
 
-CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, RestyleSettings, Resources)
+CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, TrainingSets, RestyleSettings, Resources)
 """Every config class whose fields are user-facing settings."""
 
 NOT_IN_SPEC: dict[tuple[str, str], str] = {

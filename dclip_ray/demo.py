@@ -44,9 +44,9 @@ def run_demo(out: str | Path, n_train: int = 16, n_eval: int = 16, epochs: int |
     _write_folder(out / "data" / "train", train)
     _write_folder(out / "data" / "held_out", held_out)
     cfg = FinetuneConfig(source="red circle", target="blue circle",
-                         **{**DEMO_TRAIN, **({"epochs": epochs} if epochs else {})})
+                         **{**DEMO_TRAIN, "n_train": n_train, **({"epochs": epochs} if epochs else {})})
     ft = run_finetune(FinetuneJob(model="toy_shapes", images=str(out / "data" / "train"), out=str(out / "models" / "red_to_blue"),
-                                  n_train=n_train, train=cfg), progress=progress)
+                                  train=cfg), progress=progress)
     ed = run_edit(EditJob(model="toy_shapes", finetuned=ft["model_path"], images=str(out / "data" / "held_out"),
                           out=str(out / "edited"), grid=True), progress=progress)
     verdicts = []

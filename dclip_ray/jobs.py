@@ -9,6 +9,7 @@ their reason (never dropped silently).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,23 +99,24 @@ class FinetuneJob:
     clip: str | None = None
     clip_weights: str | None = None
     face_weights: str | None = None
-    n_train: int = 16
     checkpoint_dir: str | None = None
     tensorboard_dir: str | None = None
 
 
 def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
-    """Invert ``n_train`` images with the original model, fine-tune, save to ``job.out``; return a summary."""
+    """Invert ``job.train.n_train`` images with the original model, fine-tune, save to ``job.out``; return a summary."""
     base = load_base(job.model, job.preset)
     clip = resolve_clip(job.clip, job.clip_weights, base)
     face = load_face(job.face_weights) if job.train.w_id > 0 else None
-    keys, x0, errors = read_images(job.images, base.resolution, job.n_train)
+    keys, x0, errors = read_images(job.images, base.resolution, job.train.n_train)
     cfg = job.train
     latents = invert_images(eps_fn_of(base.unet), x0, cfg.t0, cfg.n_inv_steps, base.schedule, disable=not progress)
     result = finetune(base.unet, clip, x0, latents, base.schedule, cfg, face=face,
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
     out = save_finetuned(result, job.out, cfg, base.unet, base.schedule_config,
-                         extra={"train_keys": keys, "base_model": redact(job.model)})
+                         extra={"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
+                                "clip_weights": job.clip_weights if not job.clip_weights or "://" in job.clip_weights
+                                else os.path.abspath(job.clip_weights)})
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,
             "config": asdict(cfg)}

@@ -103,7 +103,7 @@ def from_spec(cls: type, spec) -> dict:
     if cls is FinetuneConfig:
         return {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **spec.finetune.settings()}
     made = {"PrecomputeConfig": spec.precompute_config, "RestyleSettings": spec.restyle_settings,
-            "Resources": spec.resources}[cls.__name__]()
+            "Resources": spec.resources, "TrainingSets": spec.training_sets}[cls.__name__]()
     return dataclasses.asdict(made)
 
 
@@ -186,7 +186,7 @@ def test_the_spec_sections_are_built_from_the_declarations():
     for section, model in (("input", spec_mod.InputSpec), ("latents", spec_mod.LatentsSpec),
                            ("finetune", FinetuneSpec), ("restyle", spec_mod.RestyleSpec), ("ray", spec_mod.RaySpec)):
         own = {"input": {"url", "toyworld"}, "latents": {"store"}, "ray": {"address", "num_cpus"},
-               "restyle": {"variants", "mix"}, "finetune": {"clip", "clip_weights", "face_weights", "n_train"}}
+               "restyle": {"variants", "mix"}, "finetune": {"clip", "clip_weights", "face_weights"}}
         fields = set(model.model_fields) - own[section]
         assert {f"{section}.{f}" for f in fields} == {p for p in declared if p.startswith(f"{section}.")}, section
 

@@ -171,7 +171,7 @@ def test_rewritten_input_redoes_latents_and_outputs_and_verify_reports_it(world,
     old_keys = LatentStore(lat, key).read("00000").keys
 
     rewrite_images(shards["00000"], seed=7)  # same keys, other images
-    assert verify(str(out), data).problems == [f"{out}/00000: the input shard changed after this output was written "
+    assert verify(str(out), data).problems == [f"{out}/ft1/00000: the input shard changed after this output was written "
                                               "(other image bytes); re-run restyle to redo it"]
     res = restyle_all(restyle_cfg(world, out, latents=lat), data)
     assert not res[0]["skipped"] and res[0]["n_stale"] == 8 and res[0]["n_cached"] == 0, "stale latents never used"
@@ -234,9 +234,9 @@ def test_restyle_commits_no_nan_image(world, data, tmp_path, monkeypatch):
     r.variant_eps[0] = lambda x, t: torch.full_like(x, float("nan"))  # a diverged model
     res = [r.run(n, p) for n, p in input_shards(data)]
     assert [x["n_ok"] for x in res] == [0, 0] and [x["n_error"] for x in res] == [8, 8]
-    rows = read_manifest(str(out / "00000.parquet"))
+    rows = read_manifest(str(out / "ft1" / "00000.parquet"))
     assert {row.status for row in rows} == {"error"} and all(row.error.startswith("non-finite output") for row in rows)
-    with tarfile.open(out / "00000.tar") as t:
+    with tarfile.open(out / "ft1" / "00000.tar") as t:
         assert t.getnames() == []
     assert verify(str(out), data).ok, "every key is accounted for (as an error row)"
 
@@ -266,12 +266,12 @@ def test_verify_flags_a_deleted_variant_a_stray_shard_and_temporaries(world, dat
 # ---- 11. leftovers of a crashed write are removed by the re-run ------------------------------------------------
 def test_a_rerun_removes_its_shards_stale_temporaries(world, data, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "00000.tar.tmp-999999").write_bytes(b"left by a full disk")
-    (out / "00000_stats.json.tmp-999998").write_bytes(b"")
-    assert len(list_temporaries(str(out))) == 2
+    (out / "ft1").mkdir(parents=True)
+    (out / "ft1" / "00000.tar.tmp-999999").write_bytes(b"left by a full disk")
+    (out / "ft1" / "00000_stats.json.tmp-999998").write_bytes(b"")
+    assert len(list_temporaries(str(out / "ft1"))) == 2
     restyle_all(restyle_cfg(world, out), data, owner="run-a")
-    assert list_temporaries(str(out)) == [] and verify(str(out), data).ok
+    assert list_temporaries(str(out / "ft1")) == [] and verify(str(out), data).ok
 
 
 # ---- 12. two runs on one output: a leased shard is left to the run that holds it --------------------------------

@@ -127,8 +127,8 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     prompts.write_text("red circle -> blue circle name=blue\nred circle -> green circle name=green\n"
                        "red circle -> red square name=square\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=models, latents=lat, clip="toy_clip",
-                          clip_weights=clip_weights, n_train=4, resources=Resources(max_failures=1),
-                          settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
+                          clip_weights=clip_weights, resources=Resources(max_failures=1),
+                          settings=dict(n_train=4, t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
                                         checkpoint_every=1),
                           callbacks=[fail_once_spec(5, tmp_path / "failed", "green")])
     s = run_finetune_many(job, progress=False)
@@ -163,11 +163,12 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address})
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.isdir(killed) and any(f.endswith("_stats.json") for f in os.listdir(killed))):
+    folder = os.path.join(killed, os.path.basename(fts[0]))  # the model's output folder
+    while time.time() < deadline and not (os.path.isdir(folder) and any(f.endswith("_stats.json") for f in os.listdir(folder))):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed = [f for f in os.listdir(killed) if f.endswith("_stats.json")]
+    committed = [f for f in os.listdir(folder) if f.endswith("_stats.json")]
     assert 1 <= len(committed) < 6, "killed mid-run"
     assert main(["verify", killed, "--input", data]) == 2, "an interrupted run is incomplete"
     rc, r2 = run_json(capsys, cmd[1:])

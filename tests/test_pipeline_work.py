@@ -108,8 +108,8 @@ def test_cached_latents_are_used_and_a_changed_key_never_reuses_them(world, tmp_
     fresh = build_restyle_config(str(tmp_path / "b"), models=world["fts"][:1], n_inv_steps=N_INV,
                                       n_gen_steps=N_GEN, batch_size=4)
     restyle_all(fresh, world["data"])
-    a = read_manifest(str(tmp_path / "a" / "00000.parquet"))
-    b = read_manifest(str(tmp_path / "b" / "00000.parquet"))
+    a = read_manifest(str(tmp_path / "a" / "ft1" / "00000.parquet"))
+    b = read_manifest(str(tmp_path / "b" / "ft1" / "00000.parquet"))
     assert [r.sha256 for r in a] == [r.sha256 for r in b], "cached latents give the same edits as inverting"
     for changed in ({"t0": T0 + 50}, {"n_inv_steps": N_INV + 1}):
         cfg2 = build_restyle_config(str(tmp_path / f"c{len(changed)}{list(changed)[0]}"), models=world["fts"][:1],
@@ -122,15 +122,16 @@ def test_interrupted_run_redoes_only_uncommitted_shards_byte_identically(world, 
     out = str(tmp_path / "out")
     cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     restyle_all(cfg, world["data"])
-    before = files_state(out)
+    folder = f"{out}/ft1"  # one output folder per model, whatever their number
+    before = files_state(folder)
     # a crash while shard 00001 was being written: its marker is gone and its tar half-written
-    os.remove(f"{out}/00001_stats.json")
-    with open(f"{out}/00001.tar", "r+b") as f:
+    os.remove(f"{folder}/00001_stats.json")
+    with open(f"{folder}/00001.tar", "r+b") as f:
         f.truncate(1000)
     assert not verify(out, world["data"]).ok
     res = {r["shard"]: r for r in restyle_all(cfg, world["data"])}
     assert [s for s, r in res.items() if not r["skipped"]] == ["00001"]
-    after = files_state(out)
+    after = files_state(folder)
     for name, (mtime, sha) in before.items():
         assert after[name][1] == sha, f"{name} must be byte-identical"
         if not name.startswith("00001"):
@@ -151,6 +152,7 @@ def test_verify_reports_every_kind_of_discrepancy(world, tmp_path):
     cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     restyle_all(cfg, world["data"])
     assert verify(out, world["data"]).ok
+    out = f"{out}/ft1"  # verify also takes one variant's folder
     rows = read_manifest(f"{out}/00000.parquet")
     write_manifest(rows[1:] + [rows[2]], f"{out}/00000.parquet")  # one key lost, one duplicated
     write_manifest([ManifestRow(r.key, r.shard, r.status, r.error, "0" * 64 if r.key == "ok1" else r.sha256, r.metrics)

@@ -128,19 +128,19 @@ def test_every_bad_member_is_an_error_row_with_its_reason_and_nothing_escapes(mo
     out = tmp_path / "out"
     [s] = restyle(models, data, str(out))
     assert (s["n"], s["n_ok"], s["n_error"]) == (len(keys), 2, len(BAD_MEMBERS))
-    rows = read_manifest(str(out / "bad.parquet"))
+    rows = read_manifest(str(out / "ft" / "bad.parquet"))
     assert [r.key for r in rows] == keys, "one row per input key, in input order, the duplicate once"
     errors = {r.key: r.error for r in rows if r.status == "error"}
     for key, (_, reason) in BAD_MEMBERS.items():
         assert reason in errors[key], (key, errors[key])
-    assert tar_keys(str(out / "bad.tar")) == ["ok1", "ok2"], "only the good keys are in the output tar"
+    assert tar_keys(str(out / "ft" / "bad.tar")) == ["ok1", "ok2"], "only the good keys are in the output tar"
     report = verify(str(out), data)
     assert report.ok, report.problems
-    marker = json.loads((out / "bad_stats.json").read_text())
-    assert marker["tar_bytes"] == os.path.getsize(out / "bad.tar") and marker["n_error"] == len(BAD_MEMBERS)
+    marker = json.loads((out / "ft" / "bad_stats.json").read_text())
+    assert marker["tar_bytes"] == os.path.getsize(out / "ft" / "bad.tar") and marker["n_error"] == len(BAD_MEMBERS)
     # nothing was written outside the output folder (the ../ and absolute names are never paths)
-    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["bad.parquet", "bad.tar",
-                                                                                   "bad_stats.json"]
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["ft"], "one folder per model"
+    assert sorted(os.listdir(out / "ft")) == ["bad.parquet", "bad.tar", "bad_stats.json"]
     assert not os.path.exists("/etc/abs.png") and not (tmp_path.parent / "escape.png").exists()
 
 
@@ -208,11 +208,11 @@ def test_reasons_are_deterministic_so_two_clean_runs_write_the_same_manifest_byt
     data, _ = bad_shard
     for name in ("a", "b"):
         restyle(models, data, str(tmp_path / name))
-    rows = read_manifest(str(tmp_path / "a" / "bad.parquet"))
+    rows = read_manifest(str(tmp_path / "a" / "ft" / "bad.parquet"))
     errors = {r.key: r.error for r in rows if r.status == "error"}
     assert errors["notimage"].startswith("undecodable image: UnidentifiedImageError: cannot identify image file")
     assert not [e for e in errors.values() if "0x" in e], errors
-    assert (tmp_path / "a" / "bad.parquet").read_bytes() == (tmp_path / "b" / "bad.parquet").read_bytes()
+    assert (tmp_path / "a" / "ft" / "bad.parquet").read_bytes() == (tmp_path / "b" / "ft" / "bad.parquet").read_bytes()
     # any exception text that becomes a reason loses its addresses, not only PIL's
     marker = object()
 
@@ -236,7 +236,7 @@ def test_truncated_tar_keeps_the_keys_before_the_cut_and_says_so(models, tmp_pat
     (data / "cut.tar").write_bytes(buf.getvalue()[: 5 * 512 + len(GOOD) // 2])  # inside k2's data
     [s] = restyle(models, str(data), str(tmp_path / "out"))
     assert s["n_ok"] == 2 and s["n_error"] == 1 and "truncated or corrupt" in s["truncated"]
-    rows = read_manifest(str(tmp_path / "out" / "cut.parquet"))
+    rows = read_manifest(str(tmp_path / "out" / "ft" / "cut.parquet"))
     assert [(r.key, r.status) for r in rows] == [("k0", "ok"), ("k1", "ok"), ("k2", "error")]
     assert "truncated" in rows[2].error
     assert verify(str(tmp_path / "out"), str(data)).ok, "verify expects exactly the keys readable before the cut"
@@ -375,11 +375,11 @@ def damaged_copy(restyled, tmp_path):
 
 def test_verify_detects_a_flipped_byte_in_an_output_shard(restyled, tmp_path, capsys):
     data, out = damaged_copy(restyled, tmp_path)
-    with tarfile.open(f"{out}/a.tar") as t:
+    with tarfile.open(f"{out}/ft/a.tar") as t:
         offset = t.getmember("a1.png").offset_data + 40  # a byte inside the image data
-    raw = bytearray(open(f"{out}/a.tar", "rb").read())
+    raw = bytearray(open(f"{out}/ft/a.tar", "rb").read())
     raw[offset] ^= 0x01
-    open(f"{out}/a.tar", "wb").write(bytes(raw))
+    open(f"{out}/ft/a.tar", "wb").write(bytes(raw))
     problems = "\n".join(verify(out, data).problems)
     assert "a: the tar's sha256 differs from its commit marker" in problems
     assert "'a1' image sha256 differs from the manifest" in problems
@@ -390,8 +390,8 @@ def test_verify_detects_a_flipped_byte_in_an_output_shard(restyled, tmp_path, ca
 def test_verify_detects_a_missing_shard_and_a_missing_tar(restyled, tmp_path):
     data, out = damaged_copy(restyled, tmp_path)
     for f in ("b.tar", "b.parquet", "b_stats.json"):
-        os.remove(f"{out}/{f}")
-    os.remove(f"{out}/c.tar")
+        os.remove(f"{out}/ft/{f}")
+    os.remove(f"{out}/ft/c.tar")
     problems = "\n".join(verify(out, data).problems)
     assert "b: not committed" in problems and "c.tar unreadable" in problems
 
@@ -400,16 +400,16 @@ def test_verify_detects_a_manifest_that_disagrees_with_its_tar(restyled, tmp_pat
     from dclip_ray.io.manifest import ManifestRow, write_manifest
 
     data, out = damaged_copy(restyled, tmp_path)
-    rows = read_manifest(f"{out}/a.parquet")
+    rows = read_manifest(f"{out}/ft/a.parquet")
     rows[0] = ManifestRow(rows[0].key, rows[0].shard, "error", error="made up")  # tar still holds a0
-    write_manifest(rows, f"{out}/a.parquet")
+    write_manifest(rows, f"{out}/ft/a.parquet")
     problems = "\n".join(verify(out, data).problems)
     assert "tar holds 'a0', which is not an ok row" in problems and "marker counts" in problems
 
 
 def test_a_marker_whose_tar_was_replaced_is_not_taken_as_committed(models, restyled, tmp_path):
     data, out = damaged_copy(restyled, tmp_path)
-    with open(f"{out}/a.tar", "ab") as f:
+    with open(f"{out}/ft/a.tar", "ab") as f:
         f.write(b"\0" * 512)  # a replaced / half-uploaded tar of another size
     res = {r["shard"]: r for r in restyle(models, data, out)}
     assert not res["a"]["skipped"] and res["b"]["skipped"] and res["c"]["skipped"]

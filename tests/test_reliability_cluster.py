@@ -28,7 +28,13 @@ T0, N_INV, N_GEN = 200, 4, 4
 
 
 def tree(folder):
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+    """Every file under ``folder`` (relative path -> bytes)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(d, f)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return dict(sorted(out.items()))
 
 
 @pytest.mark.slow
@@ -81,10 +87,11 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(tmp_path):
         t = threading.Thread(target=run, daemon=True)
         t.start()
         deadline = time.time() + 240
-        while time.time() < deadline and not (os.path.isdir(out) and any(f.endswith("_stats.json")
-                                                                         for f in os.listdir(out))):
+        folder = os.path.join(out, "ft")  # the model's output folder
+        while time.time() < deadline and not (os.path.isdir(folder) and any(f.endswith("_stats.json")
+                                                                            for f in os.listdir(folder))):
             time.sleep(0.1)
-        committed = [f for f in os.listdir(out) if f.endswith("_stats.json")]
+        committed = [f for f in os.listdir(folder) if f.endswith("_stats.json")]
         # every shard committed so far ran on the worker node: the head's only CPU is held
         assert 1 <= len(committed) < 14, "the node is removed mid-run, after it committed a shard"
         cluster.remove_node(worker)

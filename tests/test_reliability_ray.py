@@ -39,7 +39,13 @@ def world(tmp_path_factory):
 
 
 def tree(folder):
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+    """Every file under ``folder`` (relative path -> bytes)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(d, f)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return dict(sorted(out.items()))
 
 
 def test_sigterm_after_ray_started_exits_3_with_one_line(world, tmp_path):
@@ -69,7 +75,7 @@ def test_a_stuck_shard_is_reported_after_the_timeout_and_the_others_finish(ray_l
     assert list(s["stuck"]) == ["bad"] and "no result after 4 s" in s["stuck"]["bad"]
     assert s["n_images"] == 8 and not s["failed"], "the other shard finished"
     problems = verify(out, inputs).problems
-    assert problems == [f"{out}/bad: not committed (no bad_stats.json)"]
+    assert problems == [f"{out}/ft/bad: not committed (no bad_stats.json)"]
     # the shard stayed uncommitted: a re-run (here the same unit of work, without Ray) redoes only it
     restyler = ShardRestyler(build(out, models=[world["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN))
     again = {n: restyler.run(n, p) for n, p in input_shards(inputs)}

@@ -39,8 +39,8 @@ def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path, mo
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle -> blue circle name=plain\nred circle -> blue circle name=failing\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=str(tmp_path / "models"), latents=lat,
-                          clip="toy_clip", clip_weights=random_clip_weights(tmp_path), n_train=4, resources=Resources(max_failures=1),
-                          settings=dict(t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
+                          clip="toy_clip", clip_weights=random_clip_weights(tmp_path), resources=Resources(max_failures=1),
+                          settings=dict(n_train=4, t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
                                         checkpoint_every=1, seed=0),
                           callbacks=[fail_once_spec(3, tmp_path / "failed", "failing")])
     monkeypatch.setenv("PYTHONPATH", worker_pythonpath())  # the Train workers import train_faults

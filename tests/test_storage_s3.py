@@ -111,19 +111,19 @@ def test_precompute_restyle_verify_on_s3_and_half_uploads_are_never_committed(s3
     assert sum(r["n_cached"] for r in res.values()) == 19 and sum(r["inv_evals"] for r in res.values()) == 0
     report = verify(out, s3["input"])
     assert report.ok, report.problems
-    assert {r.key for r in read_manifest(f"{out}/bad.parquet")} == set(s3["keys"]["bad"])
+    assert {r.key for r in read_manifest(f"{out}/ft/bad.parquet")} == set(s3["keys"]["bad"])
     fs.invalidate_cache()
-    state = {p: fs.info(p)["ETag"] for p in fs.ls(f"{BUCKET}/out")}
+    state = {p: fs.info(p)["ETag"] for p in fs.ls(f"{BUCKET}/out/ft")}
 
     # half uploads: a tar whose marker never arrived, a tar replaced after its marker
-    fs.rm(f"{BUCKET}/out/00001_stats.json")
-    fs.pipe(f"{BUCKET}/out/00000.tar", fs.cat(f"{BUCKET}/out/00000.tar")[:-1024])
+    fs.rm(f"{BUCKET}/out/ft/00001_stats.json")
+    fs.pipe(f"{BUCKET}/out/ft/00000.tar", fs.cat(f"{BUCKET}/out/ft/00000.tar")[:-1024])
     fs.invalidate_cache()
     assert not verify(out, s3["input"]).ok
     again = restyle_all(cfg, s3["input"])
     assert sorted(n for n, r in again.items() if not r["skipped"]) == ["00000", "00001"]
     fs.invalidate_cache()
-    assert {p: fs.info(p)["ETag"] for p in fs.ls(f"{BUCKET}/out")} == state, "redone shards are byte-identical"
+    assert {p: fs.info(p)["ETag"] for p in fs.ls(f"{BUCKET}/out/ft")} == state, "redone shards are byte-identical"
     assert verify(out, s3["input"]).ok
 
 

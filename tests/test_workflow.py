@@ -264,11 +264,11 @@ def test_restyle_layout_never_changes_with_the_number_of_variants(tmp_path):
     assert out == str(tmp_path / "out" / "restyled") and mix is None and left == []
     assert models == [str(tmp_path / "out" / "models" / n) for n in ("blue", "green")]  # -> restyled/{name} each
     out, models, _, left = wr.restyle_plan(spec, {"blue"})
-    assert out == str(tmp_path / "out" / "restyled" / "blue") and left == ["green"]
+    assert out == str(tmp_path / "out" / "restyled") and left == ["green"]  # -> restyled/blue, as with two
     mixed = load_spec(write_spec(tmp_path, merged(restyle={"mix": {"models": ["blue", "green"],
                                                                    "gamma": {"type": "constant", "weights": [0.5, 0.5]}}})))
     out, models, mix, left = wr.restyle_plan(mixed, {"blue", "green"})
-    assert out.endswith("restyled/mix") and models is None and mix["gamma"]["weights"] == [0.5, 0.5]
+    assert out.endswith("restyled") and models is None and mix["gamma"]["weights"] == [0.5, 0.5]  # -> restyled/mix
     assert mix["models"][1] == str(tmp_path / "out" / "models" / "green")
     assert wr.restyle_plan(mixed, {"blue"})[2:] == (None, ["green"])
 

@@ -57,7 +57,6 @@ def finetune(
     clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
     clip_weights: str = typer.Option(None, help="Local CLIP weights file (required for non-bundled CLIPs)."),
     face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (--id > 0)."),
-    n_train: int = typer.Option(16, help="Number of training images."),
     checkpoint_dir: str = typer.Option(None, help="Checkpoint here every epoch and resume from it."),
     tensorboard: str = typer.Option(None, help="Also log every step's losses and the lr to TensorBoard files here."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
@@ -70,7 +69,7 @@ def finetune(
     p = get_preset(preset or model) if is_preset(preset or model) else None
     cfg = resolve_finetune_config(source, target, settings, preset=p)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
-                      clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
+                      clip=clip, clip_weights=clip_weights, face_weights=face_weights,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)
     with trust_scope(trust_checkpoint):
         summary = run_finetune(job, progress=verbose)
@@ -82,7 +81,7 @@ Half-strength edit: add --strength 0.5; more steps: --n-gen 40 (the paper's test
 Two attributes at once (eq. 14): dclip-ray edit --model toy_shapes --mix mix.yaml --images toy/ --out both/\n
 mix.yaml: models: [ft/blue, ft/square]; gamma: {type: constant, weights: [0.5, 0.5]}
 (or type: ramp / piecewise with weights per step range, see docs/DESIGN.md).""")
-@config_options(RestyleSettings, "settings", exclude=("image_format",))
+@config_options(RestyleSettings, "settings", exclude=("image_format", "route"))
 def edit(
     model: str = typer.Option(..., help="The ORIGINAL base UNet (used for inversion)."),
     finetuned: str = typer.Option(None, help="Fine-tuned model folder (from `dclip-ray finetune`)."),

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.config import PrecomputeConfig, Resources, RestyleSettings
+from dclip_ray.config import PrecomputeConfig, Resources, RestyleSettings, TrainingSets
 from dclip_ray.models.trust import trust_scope
 
 from .app import app
@@ -84,6 +84,7 @@ def precompute(
   printf 'red circle -> blue circle name=blue\\nred circle -> green circle name=green\\n' > prompts.txt\n
   dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 1e-5 --t0 500""")
 @finetune_options()
+@config_options(TrainingSets, "selection")
 @config_options(Resources, "resources", only=("cpus_per_prompt", "gpus_per_prompt", "max_failures", "max_concurrent"))
 def finetune_many(
     prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET key=value ...' or preset per line."),
@@ -95,22 +96,25 @@ def finetune_many(
     clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
     clip_weights: str = typer.Option(None, help="Local CLIP weights file."),
     face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (lines with id > 0)."),
-    n_train: int = typer.Option(16, help="Training images per prompt."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
     address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
     settings: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
 ) -> None:
-    """Fine-tune one model per prompt line on Ray Train, several at once; resumable. Each fine-tuning option
-    is the default of every line; a line's own key=value wins (see the option's 'prompt line' name)."""
+    """Fine-tune one model per prompt line on Ray Train, several at once; resumable. Each prompt trains on
+    the first n_train images that match its SOURCE (by caption, else zero-shot CLIP; a line's images=
+    gives its own). Each fine-tuning option is the default of every line; a line's own key=value wins (see
+    the option's 'prompt line' name)."""
     _setup(verbose)
     from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
 
     job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
-                          clip=clip, clip_weights=clip_weights, face_weights=face_weights, n_train=n_train,
-                          settings=dict(settings or {}), resources=Resources(**(resources or {})),
+                          clip=clip, clip_weights=clip_weights, face_weights=face_weights,
+                          settings=dict(settings or {}), training_sets=TrainingSets(**(selection or {})),
+                          resources=Resources(**(resources or {})),
                           address=address, verbose=verbose)
     with trust_scope(trust_checkpoint):
         s = run_finetune_many(job, progress=not as_json)
@@ -118,12 +122,17 @@ def finetune_many(
         print(json.dumps(s, indent=2, default=str))
     else:
         t = Table(title="finetune-many")
-        for c in ("prompt", "status", "final loss", "quality (S_dir)", "model path"):
+        for c in ("prompt", "status", "images (by, confidence)", "final loss", "quality (S_dir)", "model path"):
             t.add_column(c)
         for r in s["prompts"]:
-            t.add_row(f"{r['name']}: {r['source']} -> {r['target']}", r["status"], _fmt(r["final_loss"]),
+            ts = r.get("training_set") or {}
+            chosen = (f"{ts.get('matched', '')} ({', '.join(ts.get('by') or {})}, {_fmt(ts.get('confidence'))})"
+                      if "matched" in ts else ", ".join(ts.get("by") or {}))
+            t.add_row(f"{r['name']}: {r['source']} -> {r['target']}", r["status"], chosen, _fmt(r["final_loss"]),
                       _fmt(r["quality_s_dir"]), r["model_path"])
         Console().print(t)
+    for w in s.get("warnings", []):
+        err.print(f"[yellow]warning[/] {w}")
     for r in s["prompts"]:
         if r.get("error"):
             err.print(f"[red]failed[/] {r['name']}: {r['error']}")
@@ -146,8 +155,12 @@ mix.yaml: models: [models/blue, models/green]; gamma: {type: constant, weights: 
 def restyle(
     input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
     out: str = typer.Option(..., help="Output root (local folder or fsspec URL)."),
-    model: list[str] = typer.Option(None, help="Fine-tuned model folder; repeat for several outputs (out/NAME each)."),
-    mix: str = typer.Option(None, help="YAML with 'models: (dirs)' and a 'gamma' spec (one mixed output)."),
+    model: list[str] = typer.Option(None, help="Fine-tuned model folder; repeat for several (one output each, "
+                                    "out/NAME, whatever their number)."),
+    mix: str = typer.Option(None, help="YAML with 'models: (dirs)' and a 'gamma' spec (one mixed output, out/mix)."),
+    clip: str = typer.Option(None, help="CLIP that routes uncaptioned images with --route source (default: the "
+                             "one the models were fine-tuned with)."),
+    clip_weights: str = typer.Option(None, help="Local weights of --clip."),
     base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     latents: str = typer.Option(None, help="Latent store root, or the key folder precompute printed (cached inversions "
@@ -170,7 +183,8 @@ def restyle(
 
     rs, res = RestyleSettings(**(settings or {})), Resources(**(resources or {}))
     cfg = build_restyle_config(out, models=list(model or []) or None, base=base, mix=_read_mix(mix) if mix else None,
-                               preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint)
+                               preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint,
+                               clip=clip, clip_weights=clip_weights)
     actors, per_actor = res.restyle_actors(os.cpu_count() or 1)
     job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
                      gpus_per_actor=res.gpus_per_actor, address=address, verbose=verbose,
@@ -188,7 +202,8 @@ def _print_plan(p: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(p, indent=2, default=str))
     else:
-        t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations")
+        t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations (t0 "
+                  f"{', '.join(map(str, p['t0s']))}; route {p['route']})")
         for c in ("shard", "images", "cached latents", "committed", "UNet evaluations"):
             t.add_column(c)
         for r in p["shards"]:
@@ -206,11 +221,12 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(s, indent=2, default=str))
     else:
         t = Table(title=f"restyle -> {', '.join(s['outputs'])}")
-        for c in ("shard", "status", "ok", "errors", "inversions", "cached", "seconds"):
+        for c in ("shard", "status", "ok", "errors", "routed away", "inversions", "cached", "seconds"):
             t.add_column(c)
         for r in s["shards"]:
             t.add_row(r["shard"], "skipped (committed)" if r.get("skipped") else "done", _fmt(r.get("n_ok")),
-                      _fmt(r.get("n_error")), _fmt(r.get("inv_evals")), _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
+                      _fmt(r.get("n_error")), _fmt(r.get("n_routed")), _fmt(r.get("inv_evals")),
+                      _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
         Console().print(t)
     for w in s["warnings"]:
         err.print(f"[yellow]warning[/] {w}")

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from dclip_ray.errors import ConfigError
+
 from .app import app
 
 toyworld_app = typer.Typer(
@@ -26,6 +28,11 @@ def make_data_cmd(
                                                 "(red,green,blue,yellow; default all)")] = None,
     shapes: Annotated[str | None, typer.Option("--shapes", help="only these shapes, comma-separated "
                                                "(circle,square,triangle; default all)")] = None,
+    kinds: Annotated[str | None, typer.Option("--kinds", help="exactly these kinds, comma-separated, e.g. "
+                                              "'green triangle,blue square' (interleaved across the shards; "
+                                              "instead of --colours/--shapes)")] = None,
+    captions: Annotated[bool, typer.Option("--captions/--no-captions", help="write the caption (.txt and the "
+                                           ".json's caption); --no-captions makes an uncaptioned dataset")] = True,
 ) -> None:
     """Render N toy images (png + caption txt + json labels + mask.png) into WebDataset shards."""
     from dclip_ray.toyworld.data import write_shards
@@ -33,7 +40,18 @@ def make_data_cmd(
     def names(v: str | None) -> list[str] | None:
         return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
 
-    urls = write_shards(out, n, seed=seed, shard_size=shard_size, colours=names(colours), shapes=names(shapes))
+    if kinds is not None and (colours or shapes):
+        raise ConfigError("give --kinds or --colours/--shapes, not both")
+    pairs = None
+    if kinds is not None:
+        pairs = []
+        for k in names(kinds) or []:
+            parts = k.split()
+            if len(parts) != 2:
+                raise ConfigError(f"--kinds {k!r}: expected 'COLOUR SHAPE', e.g. 'green triangle'")
+            pairs.append((parts[0], parts[1]))
+    urls = write_shards(out, n, seed=seed, shard_size=shard_size, colours=names(colours), shapes=names(shapes),
+                        kinds=pairs, captions=captions)
     typer.echo(f"wrote {n} images in {len(urls)} shard(s) under {out}")
 
 

@@ -1,7 +1,8 @@
 """Parquet manifests: one row for EVERY input key of a shard, edited or not.
 
-Columns: ``key`` (string), ``shard`` (string), ``status`` (``"ok"`` or ``"error"``), ``error`` (the
-reason, null when ok), ``sha256`` (hex of the output image bytes, null on error), ``metrics`` (a
+Columns: ``key`` (string), ``shard`` (string), ``status`` (``"ok"``, ``"error"``, or ``"skipped"``: not
+meant for this output, e.g. routed to another model, and passed over on purpose), ``error`` (the reason
+of an error or a skip, null when ok), ``sha256`` (hex of the output image bytes, null on error), ``metrics`` (a
 JSON object as a string). Written deterministically (same rows -> same bytes), read back with
 validation.
 """
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from dclip_ray.errors import InputFileError
 from dclip_ray.urls import redact
 
-STATUSES = ("ok", "error")
+STATUSES = ("ok", "error", "skipped")
 
 SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -36,7 +37,8 @@ SCHEMA = pa.schema([
 
 @dataclass
 class ManifestRow:
-    """One input key: ``status`` ok (``sha256`` of the output bytes set) or error (``error`` = reason)."""
+    """One input key: ``status`` ok (``sha256`` of the output bytes set), error (``error`` = reason) or
+    skipped (``error`` = why this output passes over it)."""
 
     key: str
     shard: str
@@ -49,11 +51,11 @@ class ManifestRow:
         if self.error is not None:
             self.error = redact(self.error)  # reasons may quote URLs: never store credentials
         if self.status not in STATUSES:
-            raise ValueError(f"manifest status {self.status!r}: expected 'ok' or 'error'")
+            raise ValueError(f"manifest status {self.status!r}: expected one of {', '.join(STATUSES)}")
         if self.status == "ok" and not self.sha256:
             raise ValueError(f"manifest row {self.key}: an ok row needs the sha256 of its output")
-        if self.status == "error" and not self.error:
-            raise ValueError(f"manifest row {self.key}: an error row needs its reason")
+        if self.status in ("error", "skipped") and not self.error:
+            raise ValueError(f"manifest row {self.key}: an {self.status} row needs its reason")
 
 
 def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:

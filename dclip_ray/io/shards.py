@@ -179,6 +179,10 @@ class ShardWriter:
         """Add an error row for ``key`` (no sample)."""
         self.rows.append(ManifestRow(key, self.shard, "error", error=reason))
 
+    def skip(self, key: str, reason: str) -> None:
+        """Add a skipped row for ``key``: this output passes over it on purpose (no sample)."""
+        self.rows.append(ManifestRow(key, self.shard, "skipped", error=reason))
+
     def drop(self, keys: Mapping[str, str]) -> None:
         """Replace everything written for ``keys`` by one error row each (``keys``: key -> reason)."""
         if not keys:
@@ -187,10 +191,11 @@ class ShardWriter:
         self.rows = [r for r in self.rows if r.key not in keys]
         self.rows += [ManifestRow(k, self.shard, "error", error=why) for k, why in keys.items()]
 
-    def counts(self) -> tuple[int, int]:
-        """``(n_ok, n_error)`` of the rows so far."""
+    def counts(self) -> tuple[int, int, int]:
+        """``(n_ok, n_error, n_skipped)`` of the rows so far."""
         n_ok = sum(1 for r in self.rows if r.status == "ok")
-        return n_ok, len(self.rows) - n_ok
+        n_skipped = sum(1 for r in self.rows if r.status == "skipped")
+        return n_ok, len(self.rows) - n_ok - n_skipped, n_skipped
 
     def write_data(self, order: Mapping[str, int] | None = None) -> None:
         """Upload the tar, then the manifest (rows sorted by ``order[key]`` when given)."""
@@ -205,11 +210,11 @@ class ShardWriter:
 
     def commit(self, marker: Mapping[str, Any], order: Mapping[str, int] | None = None) -> dict[str, Any]:
         """Upload the tar and the manifest, then the marker: ``marker`` plus ``shard``, ``n``, ``n_ok``,
-        ``n_error``, ``tar_sha256`` and ``tar_bytes``. Returns the marker written."""
+        ``n_error``, ``n_skipped``, ``tar_sha256`` and ``tar_bytes``. Returns the marker written."""
         self.write_data(order)
-        n_ok, n_error = self.counts()
-        full = {**marker, "shard": self.shard, "n": n_ok + n_error, "n_ok": n_ok, "n_error": n_error,
-                "tar_sha256": self.tar.sha256, "tar_bytes": self.tar.size}
+        n_ok, n_error, n_skipped = self.counts()
+        full = {**marker, "shard": self.shard, "n": n_ok + n_error + n_skipped, "n_ok": n_ok, "n_error": n_error,
+                "n_skipped": n_skipped, "tar_sha256": self.tar.sha256, "tar_bytes": self.tar.size}
         self.write_commit_marker(full)
         return full
 

@@ -69,12 +69,15 @@ class ClipModel:
 
     ``encode_image(x: [B,3,H,W] in [-1,1]) -> [B,D]`` and ``encode_text(list[str]) -> [N,D]`` give
     L2-normalised embeddings; ``text_embedding`` and ``text_direction`` are cached per prompt.
+    ``vocabulary``: texts zero-shot matching scores a source against besides the run's own (a preset's
+    ``vocabulary``; empty for a general CLIP, where a neutral set suffices).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: object, name: str,
-                 templates: Sequence[str] | None = None):
+                 templates: Sequence[str] | None = None, vocabulary: Sequence[str] | None = None):
         self.model = model.eval()
         self.templates = tuple(templates or IMAGENET_TEMPLATES)
+        self.vocabulary = tuple(vocabulary or ())
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -207,6 +210,7 @@ class _ClipSpec:
     preset_quick_gelu: bool | None = None  # the preset's quick_gelu flag
     preset_name: str | None = None
     templates: Sequence[str] | None = None  # the preset's prompt templates
+    vocabulary: Sequence[str] | None = None  # the preset's zero-shot vocabulary
 
 
 def _resolve_clip_spec(
@@ -215,6 +219,7 @@ def _resolve_clip_spec(
     """Resolve a CLIP preset (its architecture, default weights, templates) or a plain open_clip /
     OpenAI model name; raise when a preset is not a CLIP one or its weights are missing."""
     model_name, config_dir, preset_qg, preset_name, templates = name_or_preset, model_config_dir, None, None, None
+    vocabulary = None
     if is_preset(name_or_preset):
         p = get_preset(name_or_preset)
         if p.kind != "clip":
@@ -224,6 +229,7 @@ def _resolve_clip_spec(
         config_dir = config_dir or p.architecture.get("config_dir")
         preset_qg = p.architecture.get("quick_gelu")
         templates = p.architecture.get("templates")
+        vocabulary = p.architecture.get("vocabulary")
         if weights is None and p.weights:
             weights = p.weights_path()
             if not os.path.exists(weights):
@@ -231,7 +237,7 @@ def _resolve_clip_spec(
         if weights is None and not random_init:
             raise ConfigError(f"CLIP preset {p.name} needs a weights file: pass --clip-weights PATH ({p.source.text})")
     model_name = _OPENAI_NAMES.get(model_name, model_name)
-    return _ClipSpec(model_name, weights, config_dir, preset_qg, preset_name, templates)
+    return _ClipSpec(model_name, weights, config_dir, preset_qg, preset_name, templates, vocabulary)
 
 
 def _check_model_name(model_name: str, config_dir: str | None) -> None:
@@ -309,7 +315,7 @@ def load_clip(
     model = model.float().to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
     log.debug("loaded CLIP %s (preset %s, weights %s, quick_gelu %s)", model_name, spec.preset_name, weights, quick_gelu)
-    return ClipModel(model, tokenizer, spec.preset_name or model_name, spec.templates)
+    return ClipModel(model, tokenizer, spec.preset_name or model_name, spec.templates, spec.vocabulary)
 
 
 class _NoPretrainedFilter(logging.Filter):

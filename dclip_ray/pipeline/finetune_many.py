@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
-from dclip_ray.config import Resources, resolve_finetune_config
+from dclip_ray.config import Resources, TrainingSets, resolve_finetune_config
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import config_sha256
@@ -39,8 +39,9 @@ from dclip_ray.models.face import load_face
 from dclip_ray.prompts import EditSpec, parse_prompt_file
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import set_threads
-from dclip_ray.stages.inputs import absolute
+from dclip_ray.stages.inputs import absolute, input_shards
 from dclip_ray.stages.precompute import find_latent_store
+from dclip_ray.stages.selection import SourceMatcher, select_training_sets
 from dclip_ray.stages.training_data import training_data
 from dclip_ray.urls import redact
 
@@ -63,9 +64,9 @@ class FinetuneManyJob:
     clip: str | None = None
     clip_weights: str | None = None
     face_weights: str | None = None
-    n_train: int = 16
     settings: dict[str, Any] = field(default_factory=dict)
     resize_policy: str = "center-crop"
+    training_sets: TrainingSets = field(default_factory=TrainingSets)  # how each prompt's images are chosen
     resources: Resources = field(default_factory=Resources)  # cpus/gpus_per_prompt, max_failures, max_concurrent
     address: str | None = None
     num_cpus: int | None = None
@@ -141,8 +142,8 @@ def train_loop(config: dict[str, Any]) -> None:
         clip.to(device)
     fcfg = FinetuneConfig(**config["finetune"])
     face = load_face(config["face_weights"], device=device) if fcfg.w_id > 0 else None
-    keys, x0, latents, origin = training_data(base, config["n_train"], fcfg.t0, fcfg.n_inv_steps,
-                                                   config["images"], config["latents"], config["policy"])
+    keys, x0, latents, origin = training_data(base, fcfg.n_train, fcfg.t0, fcfg.n_inv_steps, config["images"],
+                                              config["latents"], config["policy"], config.get("keys"))
     x0, latents = x0.to(device), latents.to(device)
     ckpt_dir = tempfile.mkdtemp(prefix="dclip-ft-")
     checkpoint = ray.train.get_checkpoint()
@@ -155,7 +156,9 @@ def train_loop(config: dict[str, Any]) -> None:
                "train_seconds": round(result.seconds, 2)}
     if ray.train.get_context().get_world_rank() == 0:
         _save(result, config["out_dir"], fcfg, base, metrics, {
-            "base_model": redact(config["model"]), "train_keys": keys, "latents": origin, "prompt_name": config["name"],
+            "base_model": redact(config["model"]), "clip": clip.name, "clip_weights": config["clip_weights"],
+            "train_keys": keys, "latents": origin, "prompt_name": config["name"],
+            "training_set": config.get("training_set"),
             "config_sha256": config["config_sha256"], "train_window": [started, time.time()]})
     ray.train.report({k: float(v) for k, v in metrics.items()})
 
@@ -205,19 +208,23 @@ def _existing(out_dir: str, config_hash: str) -> dict[str, Any] | None:
 
 
 def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune one model per prompt line of ``job.prompts`` on Ray Train; returns the summary
-    ``{"prompts": [{"name", "source", "target", "status", "final_loss", "quality_s_dir", "model_path",
-    "seconds", "error"}], "n_ok", "n_failed", "n_skipped"}``."""
+    """Fine-tune one model per prompt line of ``job.prompts`` on Ray Train, each on the images chosen
+    for its source (:func:`choose_training_sets`); returns the summary ``{"prompts": [{"name",
+    "source", "target", "status", "final_loss", "quality_s_dir", "model_path", "seconds", "error",
+    "training_set"}], "n_ok", "n_failed", "n_skipped", "warnings"}``."""
     specs = parse_prompt_file(job.prompts)
     job = replace(job, model=absolute(job.model), latents=absolute(job.latents),
                   images=absolute(job.images), clip_weights=absolute(job.clip_weights),
                   face_weights=absolute(job.face_weights),
                   out=job.out if "://" in job.out else os.path.abspath(job.out))
     base = cached_base(job.model, job.preset)
-    _check_job(job, base)
+    clip = _check_job(job, base)
+    fcfgs = {s.name: _prompt_config(s, job, base) for s in specs}
+    warnings: list[str] = []
+    sets = choose_training_sets(specs, fcfgs, job, base, clip, warnings)
     rows, launches = [], []
     for spec in specs:
-        row, loop = _plan_prompt(spec, job, base)
+        row, loop = _plan_prompt(spec, job, base, fcfgs[spec.name], sets[spec.name])
         rows.append(row)
         if loop is not None:
             launches.append((row, loop))
@@ -225,41 +232,100 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, 
         _train(job, launches, progress)
     return {"prompts": rows, "n_ok": sum(r["status"] == "ok" for r in rows),
             "n_failed": sum(r["status"] == "failed" for r in rows),
-            "n_skipped": sum(r["status"].startswith("skipped") for r in rows)}
+            "n_skipped": sum(r["status"].startswith("skipped") for r in rows), "warnings": warnings}
 
 
-def _check_job(job: FinetuneManyJob, base: Any) -> None:
+def _check_job(job: FinetuneManyJob, base: Any) -> Any:
     """Everything checkable before Ray starts: an input, the output folder apart from the inputs, the CLIP
-    and the callbacks resolve (:class:`ConfigError`, exit 1)."""
+    and the callbacks resolve (:class:`ConfigError`, exit 1). Returns the CLIP."""
     if job.latents is None and job.images is None:
         raise ConfigError("finetune-many needs --latents URL (from `dclip-ray precompute`) or --images URL")
     check_out_folder(job.out)
     check_outputs({"--out": job.out}, {"--latents": job.latents, "--images": job.images, "--model": job.model,
                                        "the prompt file": job.prompts})
-    resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
+    clip = resolve_clip(job.clip, job.clip_weights, base)  # fail fast on a missing CLIP, before Ray starts
     for cb in job.callbacks:
         resolve_factory(cb)  # and on a callback that does not resolve
+    return clip
 
 
-def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """One prompt's summary row and its Train loop config (None: a model of this exact config is already
-    there, the row says ``skipped (done)``). Raises :class:`ConfigError` naming the prompt."""
+def _prompt_config(spec: EditSpec, job: FinetuneManyJob, base: Any) -> FinetuneConfig:
+    """One prompt's :class:`FinetuneConfig`, checked against the base model and the latent store."""
     fcfg = finetune_config(spec, job, base.preset)
     try:
         check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
     except ConfigError as e:
         raise ConfigError(f"prompt {spec.name}: {e}") from None
-    if job.images is None and find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps,
-                                                base.resolution, job.resize_policy) is None:
+    if job.images is None and spec.images is None and _store(job, base, fcfg) is None:
         raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "
                           f"{job.latents}; run `dclip-ray precompute --t0 {fcfg.t0} --n-inv {fcfg.n_inv_steps}` or "
                           "pass --images")
+    return fcfg
+
+
+def _store(job: FinetuneManyJob, base: Any, fcfg: FinetuneConfig) -> Any:
+    return find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps, base.resolution,
+                             job.resize_policy) if job.latents else None
+
+
+def _dataset_shards(job: FinetuneManyJob, base: Any, fcfgs: list[FinetuneConfig]) -> list[str]:
+    """The input shards to choose training images from: ``--images``, else the shards the latent
+    store's latents came from (in shard order)."""
+    if job.images is not None:
+        return [p for _, p in input_shards(job.images)]
+    for fcfg in fcfgs:
+        store = _store(job, base, fcfg)
+        if store is not None:
+            markers = [store.read_marker(n) or {} for n in store.committed_shards()]
+            return [m["source"] for m in markers if m.get("source")]
+    return []
+
+
+def choose_training_sets(specs: list[EditSpec], fcfgs: dict[str, FinetuneConfig], job: FinetuneManyJob, base: Any,
+                         clip: Any, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """Per prompt name: ``{"keys": chosen keys or None (the first n_train), "images": the line's own
+    images or None, "by", ...}`` (:mod:`dclip_ray.stages.selection`). A line with ``images=`` takes its
+    own images; with ``select: first`` every other line takes the first images. Fewer matches than
+    ``n_train`` is a :class:`ConfigError` naming the prompt, unless ``allow_fewer`` (a warning)."""
+    out: dict[str, dict[str, Any]] = {}
+    todo = []
+    for s in specs:
+        if s.images is not None:
+            out[s.name] = {"keys": None, "images": absolute(s.images), "by": {"images=": 1}}
+        elif job.training_sets.select == "first":
+            out[s.name] = {"keys": None, "images": None, "by": {"first": 1}}
+        else:
+            todo.append(s)
+    if not todo:
+        return out
+    matcher = SourceMatcher([fcfgs[s.name].source for s in todo], clip, others=[f.target for f in fcfgs.values()])
+    shards = _dataset_shards(job, base, [fcfgs[s.name] for s in todo])
+    sets = select_training_sets([(s.name, fcfgs[s.name].source, fcfgs[s.name].n_train) for s in todo], shards,
+                                base.resolution, job.resize_policy, matcher)
+    for s in todo:
+        ts = sets[s.name]
+        if len(ts.keys) < ts.wanted:
+            how = ", ".join(f"{k}" for k in ts.by) or "caption or zero-shot CLIP"
+            msg = (f"prompt {s.name}: {len(ts.keys)} of {ts.scanned} images match its source {ts.source!r} "
+                   f"(by {how}); n_train={ts.wanted}")
+            if not ts.keys or not job.training_sets.allow_fewer:
+                raise ConfigError(msg + "; lower n_train=, give the line images=, or pass --allow-fewer")
+            warnings.append(msg + "; training on those (--allow-fewer)")
+        out[s.name] = {"keys": ts.keys, "images": None, **ts.summary()}
+    return out
+
+
+def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: FinetuneConfig, chosen: dict[str, Any],
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One prompt's summary row and its Train loop config (None: a model of this exact config is already
+    there, the row says ``skipped (done)``)."""
     out_dir = f"{job.out.rstrip('/')}/{spec.name}"
-    h = config_sha256({"finetune": asdict(fcfg), "base": base.sha256, "n_train": job.n_train,
-                       "images": job.images, "latents": job.latents, "policy": job.resize_policy})
+    images = chosen["images"] or job.images
+    h = config_sha256({"finetune": asdict(fcfg), "base": base.sha256, "images": images, "latents": job.latents,
+                       "policy": job.resize_policy, "keys": chosen["keys"]})
     row = {"name": spec.name, "source": fcfg.source, "target": fcfg.target, "status": "pending",
            "final_loss": None, "quality_s_dir": None, "model_path": out_dir, "seconds": 0.0, "error": None,
-           "config_sha256": h}
+           "config_sha256": h, "training_set": {k: v for k, v in chosen.items() if k != "keys"}}
     card = _existing(out_dir, h)
     if card is not None:
         m = card.get("metrics") or {}
@@ -267,9 +333,10 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any) -> tuple[dict[
         return row, None
     loop = {"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
             "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(fcfg),
-            "n_train": job.n_train, "images": job.images, "latents": job.latents, "policy": job.resize_policy,
+            "images": images, "latents": job.latents, "policy": job.resize_policy, "keys": chosen["keys"],
             "out_dir": out_dir, "config_sha256": h, "cpus": job.resources.cpus_per_prompt,
-            "gpus": job.resources.gpus_per_prompt, "callbacks": list(job.callbacks)}
+            "gpus": job.resources.gpus_per_prompt, "callbacks": list(job.callbacks),
+            "training_set": row["training_set"]}
     return row, loop
 
 

@@ -176,7 +176,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
     if leased:  # another run is writing them: wait for it, as this run would have done the work itself
-        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_committed(cfg, hashes, s, prints[s]))
+        left = await_leased(leased, cfg.root or cfg.variants[0].out, lambda s: shard_committed(cfg, hashes, s, prints[s]))
         for r in results:
             if r["shard"] in leased and r["shard"] not in left:
                 r.update(leased="", skipped=True, done_by="another run")
@@ -187,6 +187,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         "n_images": sum(r.get("n_ok", 0) for r in results),
         "n_errors": sum(r.get("n_error", 0) for r in results),  # committed shards' error rows included
         "n_skipped": sum(1 for r in results if r.get("skipped")),
+        "n_routed": sum(r.get("n_routed", 0) for r in results), "route": cfg.route, "t0s": cfg.t0s(),
         "inv_evals": sum(r.get("inv_evals", 0) for r in results), "gen_evals": sum(r.get("gen_evals", 0) for r in results),
         "failed": failed,
     }

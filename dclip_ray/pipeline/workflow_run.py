@@ -137,31 +137,32 @@ def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[st
     job = FinetuneManyJob(prompts=spec.prompts.text() or spec.prompts.file or "", model=spec.model,
                           out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
                           clip=ft.clip, clip_weights=ft.clip_weights, face_weights=ft.face_weights,
-                          n_train=ft.n_train, settings=settings, resize_policy=spec.input.resize_policy,
+                          settings=settings, training_sets=spec.training_sets(), resize_policy=spec.input.resize_policy,
                           resources=spec.resources(), address=r.address, num_cpus=r.num_cpus, verbose=verbose)
     s = run_finetune_many(job, progress=progress)
     return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"], "failed": s["n_failed"],
             "models": {p["name"]: {"status": p["status"], "path": p["model_path"], "final_loss": p["final_loss"],
-                                   "quality_s_dir": p["quality_s_dir"], **({"error": p["error"]} if p["error"] else {})}
-                       for p in s["prompts"]}}
+                                   "quality_s_dir": p["quality_s_dir"], "training_set": p.get("training_set"),
+                                   **({"error": p["error"]} if p["error"] else {})}
+                       for p in s["prompts"]}, "warnings": s.get("warnings", [])}
 
 
 def restyle_plan(spec: WorkflowSpec, ok_models: set[str]) -> tuple[str, list[str] | None, dict[str, Any] | None, list[str]]:
-    """(output folder, model folders or None, mix or None, prompt names left out because their model
+    """(output root, model folders or None, mix or None, prompt names left out because their model
     failed). Outputs go to ``restyled/{name}`` per variant and ``restyled/mix`` for a mix, whatever
-    their number, so the layout never changes when a variant is added."""
+    their number (:func:`~dclip_ray.stages.restyle_config.build_restyle_config`), so the layout never
+    changes when a variant is added."""
     rs, root = spec.restyle, spec.restyled_dir.rstrip("/")
     models_root = spec.models_dir.rstrip("/")
     if rs.mix is not None:
         missing = [n for n in rs.mix.models if n not in ok_models]
         if missing:
-            return f"{root}/mix", None, None, missing
+            return root, None, None, missing
         mix = {"models": [f"{models_root}/{n}" for n in rs.mix.models], "gamma": dict(rs.mix.gamma)}
-        return f"{root}/mix", None, mix, []
+        return root, None, mix, []
     names = rs.variants or _prompt_names(spec)
     kept = [n for n in names if n in ok_models]
-    out = f"{root}/{kept[0]}" if len(kept) == 1 else root
-    return out, [f"{models_root}/{n}" for n in kept], None, [n for n in names if n not in ok_models]
+    return root, [f"{models_root}/{n}" for n in kept], None, [n for n in names if n not in ok_models]
 
 
 def _restyle_resources(spec: WorkflowSpec) -> tuple[int, float]:
@@ -184,7 +185,7 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
         return {"status": "skipped (no fine-tuned model)", "left_out": left_out, "processed": 0}
     rs, res = spec.restyle_settings(), spec.resources()
     cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, preset=spec.preset, settings=rs,
-                               latents=spec.latent_store)
+                               latents=spec.latent_store, clip=spec.finetune.clip, clip_weights=spec.finetune.clip_weights)
     actors, per_actor = _restyle_resources(spec)
     job = RestyleJob(config=cfg, input=spec.input_url, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
                      gpus_per_actor=res.gpus_per_actor, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
@@ -201,14 +202,14 @@ def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
 
     if spec.restyle.limit is not None:
         return {"status": "skipped (restyle.limit set: not every input shard is restyled)"}
-    out, models, mix, _ = restyle_plan(spec, ok_models)
-    root = spec.restyled_dir.rstrip("/")
+    root, models, mix, _ = restyle_plan(spec, ok_models)
     from dclip_ray.stages.restyle_config import variant_name
 
-    folders = [out] if mix is not None or len(models or []) == 1 else [f"{root}/{variant_name(m)}" for m in models or []]
+    folders = [f"{root}/mix"] if mix is not None else [f"{root}/{variant_name(m)}" for m in models or []]
     r = verify(spec.restyled_dir, spec.input_url, folders=folders or None)
     return {"ok": r.ok, "outputs": len(r.outputs), "shards": len(r.shards), "keys": sum(s.get("n", 0) for s in r.shards),
-            "error_rows": sum(s.get("n_error", 0) for s in r.shards), "problems": len(r.problems),
+            "error_rows": sum(s.get("n_error", 0) for s in r.shards),
+            "skipped_rows": sum(s.get("n_skipped", 0) for s in r.shards), "problems": len(r.problems),
             "first_problems": r.problems[:5]}
 
 

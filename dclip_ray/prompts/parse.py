@@ -9,7 +9,9 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
     neanderthal t0=500     # a preset with overrides
 
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
-derived from the target when absent) and every per-prompt fine-tuning setting, by its prompt-line key
+derived from the target when absent), ``images`` (this line's own training images, a folder, tar, brace
+list or glob, local or URL: finetune-many then takes its first ``n_train`` instead of choosing by
+source) and every per-prompt fine-tuning setting, by its prompt-line key
 (:data:`PROMPT_SETTINGS`, declared with its rule and default in :class:`dclip_ray.config.FinetuneConfig`):
 ``t0``, ``n_inv``, ``n_gen``, ``mode``, ``epochs``, ``batch``, ``lr``, ``lr_gamma``, the loss weights
 ``clip``, ``l1``, ``id``, ``global``, ``edge`` with ``edge_scales``, the refinement stage ``refine``,
@@ -56,6 +58,7 @@ class _EditSpecBase(BaseModel):
     target: str
     preset: str | None = None
     line: int | None = None
+    images: str | None = None  # this line's own training images (URL or glob): no selection by source
 
     def settings(self) -> dict[str, Any]:
         """The fine-tuning settings this line sets, as ``{FinetuneConfig field: value}``."""
@@ -95,12 +98,19 @@ def _name(v: str) -> str:
     return v
 
 
+def _images(v: str) -> str:
+    if not v.strip():
+        raise ValueError("expected a folder, .tar, brace list or glob of images (local or URL)")
+    return v
+
+
 def _setting_parser(key: str) -> Callable[[str], Any]:
     s = PROMPT_SETTINGS[key]
     return lambda v: check_setting(s, v)
 
 
-OPTIONS: dict[str, Callable[[str], Any]] = {"name": _name, **{k: _setting_parser(k) for k in PROMPT_SETTINGS}}
+OPTIONS: dict[str, Callable[[str], Any]] = {"name": _name, "images": _images,
+                                           **{k: _setting_parser(k) for k in PROMPT_SETTINGS}}
 """The ``key=value`` options of a prompt line and their value parsers."""
 
 

@@ -59,13 +59,15 @@ class PrecomputeResult(ShardResult):
 @dataclass
 class RestyleResult(ShardResult):
     """:class:`ShardResult` of restyle: evaluations (images x network calls) of inversion and generation,
-    latents taken from the cache, cached latents not used because their image changed (``n_stale``), and
+    latents taken from the cache, cached latents not used because their image changed (``n_stale``),
+    (variant, image) pairs a routed restyle passed over (``n_routed``: skipped rows), and
     the Ray layer's ``failed`` / ``stuck`` reasons (empty when none)."""
 
     inv_evals: int = 0
     gen_evals: int = 0
     n_cached: int = 0
     n_stale: int = 0
+    n_routed: int = 0
     failed: str = ""
     stuck: str = ""
 

@@ -37,6 +37,7 @@ from dclip_ray.models.cache import cached_base
 from .checks import check_steps
 from .inputs import decode_shard, input_shards, limit_shards, shard_keys
 from .restyle import RestyleConfig, ShardRestyler, Variant
+from .restyle_config import card_edits
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,14 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     folders = list(mix.models) if mix else [str(job.finetuned)]
     t0 = _t0(job, base, folders)
     rs = job.settings
-    if rs.image_format != "png":
-        raise ConfigError(f"edit writes PNG files; format {rs.image_format!r} is for `dclip-ray restyle`")
+    if rs.image_format != "png" or rs.route == "source":
+        raise ConfigError("edit writes PNG files of every image it is given; --format and --route are for "
+                          "`dclip-ray restyle`")
     check_steps(base.schedule, t0, rs.n_inv_steps, rs.n_gen_steps, rs.batch_size)  # before any work
     state, out = state_dir(job.out), Path(job.out)
-    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[_variant(job, mix, state)], t0=t0,
+    variant = _variant(job, mix, state)
+    variant.edits = [e for f in folders for e in card_edits(f)]
+    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[variant], t0=t0,
                         n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps, preset=job.preset,
                         resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state)
     shards = limit_shards(input_shards(job.images), rs.limit)

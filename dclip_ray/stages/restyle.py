@@ -1,17 +1,19 @@
 """Restyle, one input shard -> edited output shards (no Ray).
 
 :class:`ShardRestyler` loads the base and fine-tuned models once; :meth:`ShardRestyler.run` restyles one
-whole input shard: for each image the cached latent when the store has it, else ONE inversion shared by
-every output variant, then one generation per variant, written by one :class:`~dclip_ray.io.shards.
-ShardWriter` per variant (tar, manifest with a row for every input key, commit marker last).
-:mod:`dclip_ray.pipeline.restyle` runs it in Ray Data actors; ``dclip-ray edit`` runs it in-process.
+whole input shard. Variants (outputs) may differ in t0: per distinct t0, each image gets the cached
+latent when the store has one for that t0, else ONE inversion to that t0 shared by every variant of that
+t0 (inverting once to the largest t0 and reading the smaller ones on the way is not exact: each t0 has
+its own time grid). With routing (``route="source"``) a variant edits only the images that match its
+models' source (:mod:`dclip_ray.stages.selection`); the others get a ``skipped`` manifest row with the
+reason. Each variant is written by one :class:`~dclip_ray.io.shards.ShardWriter` (tar, manifest with a
+row for every input key, commit marker last). :mod:`dclip_ray.pipeline.restyle` runs it in Ray Data
+actors; ``dclip-ray edit`` runs it in-process.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -21,12 +23,11 @@ from typing import Any
 
 import fsspec
 import torch
-from PIL import Image
 
 from dclip_ray.diffusion import generate, generation_pairs, invert
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.errors import InputFileError
 from dclip_ray.hashing import config_sha256
-from dclip_ray.io.images import output_defect, tensor_to_uint8
+from dclip_ray.io.images import output_defect
 from dclip_ray.io.latents import LatentShard
 from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.manifest import ManifestRow
@@ -40,6 +41,8 @@ from dclip_ray.urls import redact
 from .common import CountingEps, RestyleResult, lease_text
 from .inputs import Decoded, batched, decode_shard, image_sha256
 from .precompute import find_latent_store
+from .provenance import encode_image, output_members
+from .selection import SourceMatcher, Verdict
 
 SHARD_FORMAT = "dclip-ray/restyle-shard/1"
 """The ``format`` of a restyle commit marker."""
@@ -48,13 +51,19 @@ SHARD_FORMAT = "dclip-ray/restyle-shard/1"
 @dataclass
 class Variant:
     """One output of a restyle: a combination of the base (index 0) and fine-tuned models (1..M),
-    written under ``out``. ``gamma`` gives the weights over ``models`` (indices) at each step."""
+    written under ``out``. ``gamma`` gives the weights over ``models`` (indices) at each step. ``t0``:
+    its return step (None: the config's); ``edits``: ``[source, target]`` of each of its models (from
+    their cards; captions and provenance); ``sources``: what a routed restyle edits with it (empty:
+    every image)."""
 
     name: str
     out: str
     models: list[int]
     gamma: dict[str, Any]
     description: dict[str, Any] = field(default_factory=dict)
+    t0: int | None = None
+    edits: list[list[str]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,13 +87,29 @@ class RestyleConfig:
     trust_checkpoint: bool = False  # allow pickles holding more than tensors (they can run code)
     root: str = ""  # the --out the variants are under (restyle.json, the run's declaration, is written there)
     model_sha256s: list[str] | None = None
+    route: str = "all"  # "source": each variant edits only the images matching its sources
+    clip: str | None = None  # the CLIP that routes uncaptioned images (zero-shot)
+    clip_weights: str | None = None
+
+    def t0_of(self, v: Variant) -> int:
+        """The return step of variant ``v``."""
+        return int(v.t0 if v.t0 is not None else self.t0)
+
+    def t0s(self) -> list[int]:
+        """The distinct return steps of the variants, ascending (one inversion per image each)."""
+        return sorted({self.t0_of(v) for v in self.variants})
+
+    def routes(self, v: Variant) -> bool:
+        """True when variant ``v`` edits only the images matching its sources."""
+        return self.route == "source" and bool(v.sources)
 
     def variant_hash(self, v: Variant, model_shas: list[str]) -> str:
         """The config hash recorded in a variant's commit markers (a different hash redoes the shard)."""
         return config_sha256({
-            "models": [model_shas[i] for i in v.models], "gamma": v.gamma, "t0": self.t0,
+            "models": [model_shas[i] for i in v.models], "gamma": v.gamma, "t0": self.t0_of(v),
             "n_inv_steps": self.n_inv_steps, "n_gen_steps": self.n_gen_steps, "policy": self.resize_policy,
-            "format": self.image_format,
+            "format": self.image_format, "edits": v.edits,
+            "route": sorted(v.sources) if self.routes(v) else "all",
         })
 
 
@@ -97,19 +122,6 @@ def gen_evals_per_image(v: Variant, t0: int, n_gen_steps: int) -> int:
     """UNet evaluations per image for generating one variant (models of weight 0 are skipped)."""
     g = gamma_of(v)
     return sum(sum(1 for w in g.weights(t) if w != 0.0) for t, _ in generation_pairs(t0, n_gen_steps))
-
-
-def encode_image(x: torch.Tensor, fmt: str) -> bytes:
-    """Tensor [3,H,W] in [-1,1] -> PNG (lossless) or JPEG (quality 95) bytes."""
-    buf = io.BytesIO()
-    img = Image.fromarray(tensor_to_uint8(x))
-    if fmt == "png":
-        img.save(buf, format="PNG", optimize=False)
-    elif fmt in ("jpg", "jpeg"):
-        img.save(buf, format="JPEG", quality=95)
-    else:
-        raise ConfigError(f"output format {fmt!r}: expected 'png' or 'jpg'")
-    return buf.getvalue()
 
 
 def model_shas(cfg: RestyleConfig) -> list[str]:
@@ -147,40 +159,33 @@ def shard_committed(cfg: RestyleConfig, hashes: list[str], shard: str, fingerpri
     return all(variant_committed(v, shard, h, fingerprint) for v, h in zip(cfg.variants, hashes, strict=True))
 
 
-def output_meta(rec_json: bytes | None, dclip: dict[str, Any]) -> dict[str, Any]:
-    """The ``.json`` member of an output sample: the input's ``.json`` object (a non-object is kept
-    under ``original``; invalid JSON is noted) plus the edit's provenance under ``dclip``."""
-    meta: dict[str, Any] = {}
-    if rec_json is not None:
-        try:
-            loaded = json.loads(rec_json)
-            meta = loaded if isinstance(loaded, dict) else {"original": loaded}
-        except ValueError:
-            meta = {"original_json_error": "the input .json was not valid JSON"}
-    meta["dclip"] = dclip
-    return meta
-
-
 @dataclass
 class _ShardState:
-    """Bookkeeping of one shard being restyled: input position of every key, repeated keys, latents."""
+    """Bookkeeping of one shard being restyled: input position of every key, repeated keys, and per t0
+    the cached latent file and its latents."""
 
-    latents: dict[str, torch.Tensor]
+    cached: dict[int, LatentShard | None]
     position: dict[str, int] = field(default_factory=dict)
     dups: dict[str, int] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
     exclude: Mapping[str, str] = field(default_factory=dict)
     n_cached: int = 0
     n_stale: int = 0
+    n_routed: int = 0
+    latents: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.latents = {t0: (c.as_dict() if c is not None else {}) for t0, c in self.cached.items()}
 
 
 class ShardRestyler:
     """Loads the base and fine-tuned models once; :meth:`run` restyles one whole input shard.
 
-    For each image: the cached latent when the store has it (same model hash, t0, steps, size,
-    policy) for exactly these image bytes, else ONE inversion with the base model shared by every
-    variant; then one generation per variant. Per variant it writes ``{shard}.tar``, ``{shard}.parquet``
-    (a row for every input key) and ``{shard}_stats.json`` last. A generated image that is not finite
+    For each image and each distinct t0 of the variants: the cached latent when the store has it (same
+    model hash, t0, steps, size, policy) for exactly these image bytes, else ONE inversion with the base
+    model shared by every variant of that t0; then one generation per variant, of the images routed to
+    it. Per variant it writes ``{shard}.tar``, ``{shard}.parquet`` (a row for every input key: ok,
+    error, or skipped by routing) and ``{shard}_stats.json`` last. A generated image that is not finite
     or is one flat colour is never committed: it becomes an error row.
     """
 
@@ -191,23 +196,35 @@ class ShardRestyler:
         self.models = [self.base.unet] + [cached_unet(f, cfg.device, cfg.trust_checkpoint) for f in cfg.finetuned]
         self.shas = model_shas(cfg)
         self.hashes = [cfg.variant_hash(v, self.shas) for v in cfg.variants]
-        self.store = (find_latent_store(cfg.latents, self.shas[0], cfg.t0, cfg.n_inv_steps, self.base.resolution,
-                                        cfg.resize_policy) if cfg.latents else None)
+        self.stores = {t0: (find_latent_store(cfg.latents, self.shas[0], t0, cfg.n_inv_steps, self.base.resolution,
+                                              cfg.resize_policy) if cfg.latents else None) for t0 in cfg.t0s()}
         self.inv_eps = CountingEps(eps_fn_of(self.base.unet))
         self.model_eps = [CountingEps(eps_fn_of(m)) for m in self.models]
         self.variant_eps = [mixed_eps_fn([self.model_eps[i] for i in v.models], gamma_of(v),
                                          self.base.schedule.num_timesteps) for v in cfg.variants]
+        routed = [s for v in cfg.variants if cfg.routes(v) for s in v.sources]
+        self.matcher = (SourceMatcher(routed, self._load_clip, others=[e[1] for v in cfg.variants for e in v.edits])
+                        if routed else None)
+
+    def _load_clip(self) -> Any:
+        """The routing CLIP, loaded on first need (only uncaptioned images need it; None: none given)."""
+        if self.cfg.clip is None:
+            return None
+        from dclip_ray.models.clip import load_clip
+
+        return load_clip(self.cfg.clip, weights=self.cfg.clip_weights, device=self.cfg.device)
 
     def committed(self, shard: str, fingerprint: str | None = None) -> bool:
         """True when every variant has a commit marker for ``shard`` with this config's hash (and, when
         given, from this input content)."""
         return shard_committed(self.cfg, self.hashes, shard, fingerprint)
 
-    def _cached(self, shard: str) -> LatentShard | None:
-        if self.store is None:
+    def _cached(self, t0: int, shard: str) -> LatentShard | None:
+        store = self.stores.get(t0)
+        if store is None:
             return None
         try:
-            return self.store.read(shard)
+            return store.read(shard)
         except InputFileError:  # not precomputed, or a damaged or half-written latent file: invert instead
             return None
 
@@ -224,11 +241,12 @@ class ShardRestyler:
         ``owner`` (a run id) takes the shard's lease first; a shard leased by another live run is left
         to it. ``exclude`` (key -> reason): keys that become error rows unedited (e.g. keys that name
         samples of other shards too). Evaluations count images x network calls; ``n_stale``: cached
-        latents not used because their image has changed."""
+        latents not used because their image has changed; ``n_routed``: (variant, image) pairs passed
+        over by routing."""
         fingerprint = fingerprint or shard_fingerprint(path)
         if self.committed(shard, fingerprint):
             return RestyleResult(shard, skipped=True)
-        root = self.cfg.variants[0].out
+        root = self.cfg.root or self.cfg.variants[0].out  # one lease per input shard of the whole run
         with LeaseKeeper(root, shard, owner) if owner is not None else nullcontext() as held:
             if held is not None:
                 return RestyleResult(shard, leased=lease_text(held))
@@ -239,12 +257,11 @@ class ShardRestyler:
     def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
         start = time.perf_counter()
         inv0, gen0 = self.inv_eps.evals, self._gen_evals()
-        cached = self._cached(shard)
-        state = _ShardState(cached.as_dict() if cached is not None else {}, exclude=exclude)
+        state = _ShardState({t0: self._cached(t0, shard) for t0 in self.cfg.t0s()}, exclude=exclude)
         writers = [self.new_writer(v, shard) for v in self.cfg.variants]
         try:
             for pending in self._batches(path, writers, state):
-                self._edit_batch(shard, pending, cached, writers, state)
+                self._edit_batch(shard, pending, writers, state)
             for w in writers:
                 w.drop({k: duplicate_reason(k, n) for k, n in state.dups.items()})
             self._commit(path, writers, state, fingerprint)
@@ -255,7 +272,8 @@ class ShardRestyler:
         return RestyleResult(shard, n=len(writers[0].rows), n_ok=min(c[0] for c in counts),
                              n_error=max(c[1] for c in counts), inv_evals=self.inv_eps.evals - inv0,
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
-                             seconds=round(time.perf_counter() - start, 3), truncated=state.status.get("truncated"))
+                             n_routed=state.n_routed, seconds=round(time.perf_counter() - start, 3),
+                             truncated=state.status.get("truncated"))
 
     def _batches(self, path: str, writers: list[ShardWriter], state: _ShardState) -> Iterator[list[Decoded]]:
         """Yield the decodable images of the shard in batches of ``cfg.batch_size``; bad images become
@@ -277,28 +295,61 @@ class ShardRestyler:
             if pending:
                 yield pending
 
-    def _edit_batch(self, shard: str, pending: list[Decoded], cached: LatentShard | None,
-                    writers: list[ShardWriter], state: _ShardState) -> None:
-        """Latents of ``pending`` (all cached and fresh, or inverted once), then every variant generated
-        and written."""
-        cfg = self.cfg
-        x0 = torch.stack([d.x for d in pending]).to(cfg.device)
-        known = [d for d in pending if d.rec.key in state.latents]
+    def _routing(self, pending: list[Decoded], writers: list[ShardWriter], state: _ShardState) -> list[list[int]]:
+        """Per variant, the indices into ``pending`` it edits; the others get a skipped row with the reason."""
+        verdicts = self.matcher.verdicts(pending) if self.matcher is not None else [{} for _ in pending]
+        chosen = []
+        for v, w in zip(self.cfg.variants, writers, strict=True):
+            if not self.cfg.routes(v):
+                chosen.append(list(range(len(pending))))
+                continue
+            mine = []
+            for i, (d, verdict) in enumerate(zip(pending, verdicts, strict=True)):
+                seen = [verdict[s] for s in v.sources if s in verdict]
+                if not seen or any(x.match for x in seen):
+                    mine.append(i)
+                else:
+                    w.skip(d.rec.key, _skip_reason(v, seen[0]))
+                    state.n_routed += 1
+            chosen.append(mine)
+        return chosen
+
+    def _latents(self, t0: int, items: list[Decoded], x0: torch.Tensor, state: _ShardState) -> tuple[torch.Tensor, bool]:
+        """``(x_t0 [B,3,H,W], from the cache)``: every latent cached and fresh for these image bytes, else
+        one inversion of the batch to ``t0``."""
+        cached, lat = state.cached.get(t0), state.latents.get(t0, {})
+        known = [d for d in items if d.rec.key in lat]
         fresh = [d for d in known if cached is not None and cached.is_fresh(d.rec.key, image_sha256(d.rec))]
         state.n_stale += len(known) - len(fresh)
-        use_cache = len(fresh) == len(pending)
-        with torch.no_grad():
-            if use_cache:
-                x_t0 = torch.stack([state.latents[d.rec.key] for d in pending]).to(cfg.device)
-                state.n_cached += len(pending)
-            else:
-                x_t0 = invert(self.inv_eps, x0, cfg.t0, cfg.n_inv_steps, self.base.schedule)
-            for vi, v in enumerate(cfg.variants):
-                x = generate(self.variant_eps[vi], x_t0, cfg.t0, cfg.n_gen_steps, self.base.schedule)
-                self._write(v, shard, pending, x, x0, writers[vi], use_cache)
+        if len(fresh) == len(items):
+            state.n_cached += len(items)
+            return torch.stack([lat[d.rec.key] for d in items]).to(self.cfg.device), True
+        return invert(self.inv_eps, x0, t0, self.cfg.n_inv_steps, self.base.schedule), False
+
+    @torch.no_grad()
+    def _edit_batch(self, shard: str, pending: list[Decoded], writers: list[ShardWriter], state: _ShardState) -> None:
+        """Route the batch, then per t0 the latents of the images some variant of that t0 edits (cached or
+        inverted once), then every variant generated on its images and written."""
+        cfg = self.cfg
+        chosen = self._routing(pending, writers, state)
+        x0_all = torch.stack([d.x for d in pending]).to(cfg.device)
+        for t0 in cfg.t0s():
+            group = [vi for vi, v in enumerate(cfg.variants) if cfg.t0_of(v) == t0]
+            need = sorted({i for vi in group for i in chosen[vi]})
+            if not need:
+                continue
+            x0 = x0_all[need]
+            x_t0, from_cache = self._latents(t0, [pending[i] for i in need], x0, state)
+            for vi in group:
+                idx = [need.index(i) for i in chosen[vi]]
+                if not idx:
+                    continue
+                x = generate(self.variant_eps[vi], x_t0[idx], t0, cfg.n_gen_steps, self.base.schedule)
+                self._write(cfg.variants[vi], shard, [pending[i] for i in chosen[vi]], x, x0[idx], writers[vi],
+                            from_cache, t0)
 
     def _write(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, x0: torch.Tensor,
-               writer: ShardWriter, cached: bool) -> None:
+               writer: ShardWriter, cached: bool, t0: int) -> None:
         """Write one variant's generated batch ``x`` [B,3,H,W] (inputs ``x0`` [B,3,H,W]); a defective
         output becomes an error row."""
         cfg = self.cfg
@@ -310,13 +361,11 @@ class ShardRestyler:
                 writer.error(d.rec.key, defect)
                 continue
             data = encode_image(x[i], cfg.image_format)
-            meta = output_meta(d.rec.extras.get("json"), {
-                "variant": v.name, **v.description, "t0": cfg.t0, "n_inv_steps": cfg.n_inv_steps,
-                "n_gen_steps": cfg.n_gen_steps, "base_model_sha256": self.shas[0], "latent": latent,
-                "source_shard": shard})
-            members = {"json": json.dumps(meta, sort_keys=True, default=str).encode(), ext: data}
-            if "txt" in d.rec.extras:
-                members["txt"] = d.rec.extras["txt"]
+            members = output_members(d.rec.extras, {
+                "variant": v.name, **v.description, "edits": [{"source": a, "target": b} for a, b in v.edits],
+                "t0": t0, "n_inv_steps": cfg.n_inv_steps, "n_gen_steps": cfg.n_gen_steps,
+                "base_model_sha256": self.shas[0], "latent": latent, "source_shard": shard}, v.edits)
+            members[ext] = data
             change = float((x[i].float().clamp(-1, 1) - x0[i].float()).abs().mean())
             metrics: dict[str, Any] = {"latent": latent}
             if math.isfinite(change):
@@ -328,6 +377,11 @@ class ShardRestyler:
             w.commit({"source": redact(path), "config_sha256": h, "variant": v.name,
                       "truncated": state.status.get("truncated"), "source_fingerprint": fingerprint,
                       "format": SHARD_FORMAT}, order=state.position)
+
+
+def _skip_reason(v: Variant, verdict: Verdict) -> str:
+    """The skipped row's reason: which source the image did not match, how it was judged."""
+    return f"routed away from {v.name}: {verdict.reason(v.sources[0])} (--route source)"
 
 
 def _sha256(data: bytes) -> str:

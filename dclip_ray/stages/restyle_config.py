@@ -50,16 +50,21 @@ def build_restyle_config(
     settings: RestyleSettings | None = None,
     latents: str | None = None,
     trust_checkpoint: bool = False,
+    clip: str | None = None,
+    clip_weights: str | None = None,
     **given: Any,
 ) -> RestyleConfig:
     """Turn the restyle options into a :class:`RestyleConfig`.
 
-    ``models``: fine-tuned folders. One model: output at ``out``; several: one output per model under
-    ``out/{name}`` sharing one inversion per image. ``mix``: ``{"models": [...], "gamma": spec}`` (one
-    output at ``out``, eq. 14). ``settings``: the :class:`RestyleSettings` (or give its fields as
-    keywords, e.g. ``n_gen_steps=20``: checked by the same declared rules). Strength r mixes each
-    fine-tuned model with the base: ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the
-    ``base_model`` in the cards; ``t0`` to the models' (:func:`_t0_of`).
+    One output folder per variant, ``out/{name}``, whatever their number: ``models`` (fine-tuned
+    folders) give one variant each, named after the folder, sharing one inversion per image and t0;
+    ``mix`` (``{"models": [...], "gamma": spec}``, eq. 14) gives the one variant ``out/mix``.
+    ``settings``: the :class:`RestyleSettings` (or give its fields as keywords, e.g. ``n_gen_steps=20``:
+    checked by the same declared rules). Strength r mixes each fine-tuned model with the base:
+    ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the ``base_model`` in the cards; each
+    variant's t0 to its models' (:func:`_t0_of`). ``route`` auto becomes ``source`` when the variants
+    have two or more different sources. ``clip``/``clip_weights``: the CLIP that routes uncaptioned
+    images (default: the one the models were trained with, from their cards).
     """
     if settings is None:
         settings = RestyleSettings(**given)
@@ -70,30 +75,42 @@ def build_restyle_config(
     base = base or _card_base(finetuned[0])
     if not base:
         raise ConfigError(f"{finetuned[0]} does not name its base model: pass --base MODEL (the original UNet)")
-    t0 = _t0_of(finetuned, rs.t0, base, preset)
-    check_step_counts(t0, rs.n_inv_steps, rs.n_gen_steps)
-    steps = [t for t, _ in generation_pairs(t0, rs.n_gen_steps)]
     for v in variants:
-        validate_gamma(gamma_of(v), len(v.models), steps)  # before any model loads or Ray starts
-    for v in variants:
+        v.t0 = _t0_of([finetuned[i - 1] for i in v.models if i > 0], rs.t0, base, preset)
+        check_step_counts(v.t0, rs.n_inv_steps, rs.n_gen_steps)
+        validate_gamma(gamma_of(v), len(v.models), [t for t, _ in generation_pairs(v.t0, rs.n_gen_steps)])
         v.out = absolute(v.out) or v.out
+    sources = {tuple(v.sources) for v in variants if v.sources}
+    route = rs.route if rs.route != "auto" else ("source" if len(sources) >= 2 else "all")
+    card = read_card(finetuned[0]) if "://" not in finetuned[0] else {}
     return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
-                         variants=variants, t0=t0, n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps,
-                         preset=preset, latents=absolute(latents) if latents else None,
+                         variants=variants, t0=int(variants[0].t0 or 0), n_inv_steps=rs.n_inv_steps,
+                         n_gen_steps=rs.n_gen_steps, preset=preset, latents=absolute(latents) if latents else None,
                          resize_policy=rs.resize_policy, image_format=rs.image_format, batch_size=rs.batch_size,
-                         trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out)
+                         trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out, route=route,
+                         clip=clip or card.get("clip"), clip_weights=absolute(clip_weights) if clip else
+                         card.get("clip_weights"))
+
+
+def card_edits(folder: str) -> list[list[str]]:
+    """``[[source, target]]`` of a fine-tuned folder's card (empty when it has none)."""
+    card = read_card(folder) if "://" not in folder else {}
+    return [[card["source"], card["target"]]] if card.get("source") and card.get("target") else []
 
 
 def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, strength: float,
               ) -> tuple[list[Variant], list[str]]:
     """The outputs of a restyle and the fine-tuned models they use (see :func:`build_restyle_config`)."""
+    root = out.rstrip("/")
     if mix is not None:
         if models:
             raise ConfigError("give either --model or --mix, not both (the mix file lists its models)")
         spec = mix_from_data(mix, "mix")  # one weight per model, summing to 1 at every step
         finetuned = list(spec.models)
-        return [Variant("mix", out.rstrip("/"), list(range(1, len(finetuned) + 1)), dict(spec.gamma),
-                        {"mix": spec.as_dict()})], finetuned
+        edits = [e for m in finetuned for e in card_edits(m)]
+        return [Variant("mix", f"{root}/mix", list(range(1, len(finetuned) + 1)), dict(spec.gamma),
+                        {"mix": spec.as_dict()}, edits=edits,
+                        sources=list(dict.fromkeys(e[0] for e in edits)))], finetuned
     if not models:
         raise ConfigError("restyle needs --model FT_DIR (repeatable) or --mix MIX.yaml")
     finetuned = list(models)
@@ -102,14 +119,17 @@ def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, st
         raise ConfigError(f"fine-tuned model folders must have distinct names, got {names}")
     variants = []
     for i, (m, name) in enumerate(zip(finetuned, names, strict=True), start=1):
-        target = out.rstrip("/") if len(finetuned) == 1 else f"{out.rstrip('/')}/{name}"
         gamma = {"type": "constant", "weights": [1.0 - strength, strength]}
-        variants.append(Variant(name, target, [0, i], gamma, {"model": m, "strength": strength}))
+        edits = card_edits(m)
+        variants.append(Variant(name, f"{root}/{name}", [0, i], gamma, {"model": m, "model_name": name,
+                                                                       "strength": strength},
+                                edits=edits, sources=[e[0] for e in edits]))
     return variants, finetuned
 
 
 def _t0_of(finetuned: list[str], t0: int | None, base: str | None, preset: str | None) -> int:
-    """The one t0 rule (:func:`edit_t0`): ``t0``, else the cards', else the base preset's, else 500."""
+    """The one t0 rule (:func:`edit_t0`) for one variant's models: ``t0``, else their cards', else the
+    base preset's, else 500."""
     named = next((n for n in (preset, base) if n and n in list_presets()), None)
     return edit_t0(t0, finetuned, get_preset(named) if named else None)
 
@@ -138,15 +158,18 @@ def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
 def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
     """Validate a restyle before any work (the run, ``--dry-run`` and ``run --check`` call it): every
     output is a folder outside the input, the latent store and the models; the step settings fit the
-    base model. Resolves ``cfg.latents`` when it names one key's digest folder. Raises
+    base model at every t0. Resolves ``cfg.latents`` when it names one key's digest folder. Raises
     :class:`ConfigError` (exit 1)."""
     inputs: dict[str, str | None] = {"--input": input_url, "--latents": cfg.latents, "--base": cfg.base}
     inputs.update({f"--model {f}": f for f in cfg.finetuned})
-    for v in cfg.variants:
-        check_out_folder(v.out)
-    check_outputs({f"--out ({v.name})" if len(cfg.variants) > 1 else "--out": v.out for v in cfg.variants}, inputs)
+    for folder in [cfg.root] * bool(cfg.root) + [v.out for v in cfg.variants]:
+        check_out_folder(folder)
+    if cfg.root:
+        check_outputs({"--out": cfg.root}, inputs)
+    check_outputs({f"--out ({v.name})": v.out for v in cfg.variants}, inputs)
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
-    check_steps(base.schedule, cfg.t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
+    for t0 in cfg.t0s():
+        check_steps(base.schedule, t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
     check_base_model(base.sha256, cfg.base, cfg.finetuned)
     if cfg.latents:
         cfg.latents = store_root(cfg.latents)
@@ -154,62 +177,78 @@ def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
 
 def latent_coverage(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str],
                     require: bool = False) -> list[str]:
-    """What ``--latents`` gives this restyle: warnings (one line each) when it gives nothing or not
-    every shard, naming the key field that differs. With ``require`` (``--require-latents``) a shard
-    without current latents is a :class:`ConfigError` instead (exit 1, nothing started)."""
+    """What ``--latents`` gives this restyle, per t0: warnings (one line each) when it gives nothing or
+    not every shard, naming the key field that differs. With ``require`` (``--require-latents``) a
+    shard without current latents is a :class:`ConfigError` instead (exit 1, nothing started)."""
     if not cfg.latents:
         if require:
             raise ConfigError("--require-latents needs --latents STORE (the root that `dclip-ray precompute --out` wrote)")
         return []
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
-    key = LatentKey(base.sha256, cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)  # type: ignore[arg-type]
-    store = find_latent_store(cfg.latents, base.sha256, cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
-    if store is None:
-        stored = stored_keys(cfg.latents)
-        if stored:
-            diffs = "; ".join(", ".join(key_mismatch(key, k)) or "dtype only" for k in stored[:3])
-            why = f"it holds latents of another key: {diffs}"
-        else:
-            why = "it holds no committed latents (run `dclip-ray precompute` with this run's settings)"
-        msg = f"--latents {redact(cfg.latents)}: no cached latent matches this run, every image is inverted; {why}"
-        if require:
-            raise ConfigError(msg + "; match --t0/--n-inv/--resize-policy to the store, or drop --require-latents")
-        return [msg]
-    missing = [n for n, _ in shards if not store.is_current(n, prints[n])]
-    if not missing:
-        return []
-    msg = (f"--latents {redact(cfg.latents)}: {len(missing)} of {len(shards)} input shard(s) have no current latents "
-           f"(not precomputed, or the input changed since), e.g. {missing[:3]}; they are inverted here")
-    if require:
-        raise ConfigError(msg.replace("; they are inverted here", "; run `dclip-ray precompute` on this input first"))
-    return [msg]
+    out = []
+    for t0 in cfg.t0s():
+        at = f" at t0={t0}" if len(cfg.t0s()) > 1 else ""
+        key = LatentKey(base.sha256, t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)  # type: ignore[arg-type]
+        store = find_latent_store(cfg.latents, base.sha256, t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
+        if store is None:
+            stored = stored_keys(cfg.latents)
+            if stored:
+                diffs = "; ".join(", ".join(key_mismatch(key, k)) or "dtype only" for k in stored[:3])
+                why = f"it holds latents of another key: {diffs}"
+            else:
+                why = "it holds no committed latents (run `dclip-ray precompute` with this run's settings)"
+            msg = (f"--latents {redact(cfg.latents)}: no cached latent matches this run{at}, every image is inverted; "
+                   f"{why}")
+            if require:
+                raise ConfigError(msg + "; match --t0/--n-inv/--resize-policy to the store, or drop --require-latents")
+            out.append(msg)
+            continue
+        missing = [n for n, _ in shards if not store.is_current(n, prints[n])]
+        if missing:
+            msg = (f"--latents {redact(cfg.latents)}: {len(missing)} of {len(shards)} input shard(s) have no current "
+                   f"latents{at} (not precomputed, or the input changed since), e.g. {missing[:3]}; they are inverted here")
+            if require:
+                raise ConfigError(msg.replace("; they are inverted here", "; run `dclip-ray precompute` on this input first"))
+            out.append(msg)
+    return out
 
 
 def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str] | None = None,
                  ) -> dict[str, Any]:
     """What a restyle would run (``--dry-run``): per shard the keys, whether it is committed, how many
-    latents are cached; totals of images and UNet evaluations (images x network calls, inversion +
-    generation). Loads the models (to hash them) but runs none."""
+    latents are cached (per t0); totals of images and UNet evaluations (images x network calls: one
+    inversion per image and distinct t0 unless cached, plus each variant's generation). With routing the
+    generation count is an upper bound (every image counted for every variant). Loads the models (to
+    hash them) but runs none."""
     shas = model_shas(cfg)
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
-    store = (find_latent_store(cfg.latents, shas[0], cfg.t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
-             if cfg.latents else None)
-    per_gen = sum(gen_evals_per_image(v, cfg.t0, cfg.n_gen_steps) for v in cfg.variants)
+    stores = {t0: (find_latent_store(cfg.latents, shas[0], t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
+                   if cfg.latents else None) for t0 in cfg.t0s()}
+    per_gen = sum(gen_evals_per_image(v, cfg.t0_of(v), cfg.n_gen_steps) for v in cfg.variants)
     rows, total_imgs, total_evals = [], 0, 0
     for name, path in shards:
         keys, truncated = shard_keys(path)
         fp = (prints or {}).get(name)
         done = shard_committed(cfg, hashes, name, fp)
-        current = store is not None and (store.is_current(name, fp) if fp is not None else store.is_committed(name))
-        marker = store.read_marker(name) if current else None  # latents of an older input are not used
-        n_cached = len(set(keys) & set((marker or {}).get("keys") or []))
-        evals = 0 if done else (len(keys) - n_cached) * (cfg.n_inv_steps - 1) + len(keys) * per_gen
-        rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": n_cached,
-                     "committed": done, "unet_evals": evals, "truncated": truncated})
+        cached = {t0: _n_cached(store, name, fp, keys) for t0, store in stores.items()}
+        inv = sum((len(keys) - n) * (cfg.n_inv_steps - 1) for n in cached.values())
+        evals = 0 if done else inv + len(keys) * per_gen
+        rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": sum(cached.values()),
+                     "cached_latents_per_t0": cached, "committed": done, "unet_evals": evals, "truncated": truncated})
         if not done:
             total_imgs += len(keys)
             total_evals += evals
     return {"shards": rows, "images": total_imgs, "unet_evals": total_evals,
-            "variants": [asdict(v) for v in cfg.variants], "t0": cfg.t0, "n_inv_steps": cfg.n_inv_steps,
-            "n_gen_steps": cfg.n_gen_steps}
+            "variants": [asdict(v) for v in cfg.variants], "t0": cfg.t0, "t0s": cfg.t0s(), "route": cfg.route,
+            "n_inv_steps": cfg.n_inv_steps, "n_gen_steps": cfg.n_gen_steps}
+
+
+def _n_cached(store: Any, name: str, fp: str | None, keys: list[str]) -> int:
+    """How many of a shard's ``keys`` have current latents in ``store`` (latents of an older input are
+    not used)."""
+    if store is None:
+        return 0
+    current = store.is_current(name, fp) if fp is not None else store.is_committed(name)
+    marker = store.read_marker(name) if current else None
+    return len(set(keys) & set((marker or {}).get("keys") or []))

@@ -1,5 +1,6 @@
-"""Fine-tuning data (no Ray): the first ``n_train`` good images and their latents at ``t0``, from the
-latent store when it has them, else inverted here with the original model."""
+"""Fine-tuning data (no Ray): the first ``n_train`` good images (or the chosen ``keys``, see
+:mod:`dclip_ray.stages.selection`) and their latents at ``t0``, from the latent store when it has them,
+else inverted here with the original model."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def training_data(
     images: str | None = None,
     latents_root: str | None = None,
     policy: str = "center-crop",
+    keys: list[str] | None = None,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, str]:
-    """The first ``n_train`` good images and their latents for fine-tuning at ``t0``.
+    """The first ``n_train`` good images (among ``keys`` when given: the images chosen for the prompt)
+    and their latents for fine-tuning at ``t0``.
 
     Cached latents (``latents_root``, matched by the full key) are used when present, with the
     images re-read from the shard each latent came from (or ``images``); otherwise the images of
@@ -33,24 +36,26 @@ def training_data(
     """
     store = find_latent_store(latents_root, base.sha256, t0, n_inv_steps, base.resolution, policy) if latents_root else None
     if store is not None:
-        keys, xs, zs = _from_cache(store, base, n_train, images, policy)
-        if keys:
-            return keys, torch.stack(xs), torch.stack(zs), "cache"
+        got, xs, zs = _from_cache(store, base, n_train, images, policy, keys)
+        if got and (keys is None or images is None or len(got) >= min(n_train, len(keys))):
+            return got, torch.stack(xs), torch.stack(zs), "cache"
     if images is None:
         raise ConfigError(
             f"no cached latents for t0={t0}, n_inv={n_inv_steps} under {latents_root}; run `dclip-ray precompute` "
             "with those settings or pass --images"
         )
-    keys, xs = _first_images(images, base.resolution, n_train, policy)
+    got, xs = _first_images(images, base.resolution, n_train, policy, keys)
     x0 = torch.stack(xs)
     with torch.no_grad():
         lat = invert(eps_fn_of(base.unet), x0, t0, n_inv_steps, base.schedule)
-    return keys, x0, lat, "inverted"
+    return got, x0, lat, "inverted"
 
 
 def _from_cache(store: LatentStore, base: BaseModel, n_train: int, images: str | None, policy: str,
-                ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-    """Up to ``n_train`` (key, image, cached latent) whose latent is fresh for the image read now."""
+                only: list[str] | None = None) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """Up to ``n_train`` (key, image, cached latent) whose latent is fresh for the image read now (keys
+    among ``only`` when given)."""
+    allowed = None if only is None else set(only)
     keys: list[str] = []
     xs: list[torch.Tensor] = []
     zs: list[torch.Tensor] = []
@@ -64,6 +69,8 @@ def _from_cache(store: LatentStore, base: BaseModel, n_train: int, images: str |
         if src is None:
             continue
         for d in decode_shard(src, base.resolution, policy):
+            if allowed is not None and d.rec.key not in allowed:
+                continue
             if d.x is not None and d.rec.key in wanted and cached.is_fresh(d.rec.key, image_sha256(d.rec)):
                 keys.append(d.rec.key)
                 xs.append(d.x)
@@ -73,13 +80,16 @@ def _from_cache(store: LatentStore, base: BaseModel, n_train: int, images: str |
     return keys, xs, zs
 
 
-def _first_images(images: str, size: int, n_train: int, policy: str) -> tuple[list[str], list[torch.Tensor]]:
-    """The first ``n_train`` good images of ``images``; raises :class:`InputFileError` when there is none."""
+def _first_images(images: str, size: int, n_train: int, policy: str, only: list[str] | None = None,
+                  ) -> tuple[list[str], list[torch.Tensor]]:
+    """The first ``n_train`` good images of ``images`` (keys among ``only`` when given); raises
+    :class:`InputFileError` when there is none."""
+    allowed = None if only is None else set(only)
     keys: list[str] = []
     xs: list[torch.Tensor] = []
     for _, path in input_shards(images):
         for d in decode_shard(path, size, policy):
-            if d.x is not None:
+            if d.x is not None and (allowed is None or d.rec.key in allowed):
                 keys.append(d.rec.key)
                 xs.append(d.x)
             if len(keys) >= n_train:

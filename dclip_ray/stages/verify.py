@@ -4,7 +4,8 @@ The output folders are those the restyle declared in ``OUT/restyle.json`` (a dec
 that is gone is a problem), or for older outputs ``OUT`` itself or each sub-folder of ``OUT`` holding
 commit markers. For every input shard and every output folder it checks: the commit marker exists; the
 manifest's keys equal the input shard's keys, each exactly once; the tar holds exactly the ok keys, one
-image each, whose sha256 equals the manifest's; error rows have a reason and no image; the counts and
+image each, whose sha256 equals the manifest's; error rows and skipped rows (keys a routed restyle
+passed over: meant for another model) have a reason and no image; the counts and
 the tar's sha256 and size equal the marker's; the input shard's content is the one the output was made
 from (an input rewritten since is reported); no key appears in two input shards. It also reports files
 that no input shard explains (a stray shard, e.g. a copy duplicating input keys) and temporaries left
@@ -137,6 +138,7 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
         return {"shard": shard, "output": folder, "committed": True}, problems + [f"{where}.tar unreadable: {e}"]
     ok_rows = {r.key: r for r in rows if r.status == "ok"}
     err_rows = [r for r in rows if r.status == "error"]
+    skip_rows = [r for r in rows if r.status == "skipped"]
     for key, blobs in images.items():
         if key not in ok_rows:
             problems.append(f"{where}: tar holds {key!r}, which is not an ok row of the manifest")
@@ -155,11 +157,12 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
     if fingerprint is not None and made_from is not None and made_from != fingerprint:
         problems.append(f"{where}: the input shard changed after this output was written (other image bytes); "
                         "re-run restyle to redo it")
-    if marker.get("n") != len(rows) or marker.get("n_ok") != len(ok_rows) or marker.get("n_error") != len(err_rows):
-        problems.append(f"{where}: marker counts {marker.get('n')}/{marker.get('n_ok')}/{marker.get('n_error')} "
-                        f"differ from the manifest {len(rows)}/{len(ok_rows)}/{len(err_rows)}")
+    marked = (marker.get("n"), marker.get("n_ok"), marker.get("n_error"), marker.get("n_skipped", 0))
+    if marked != (len(rows), len(ok_rows), len(err_rows), len(skip_rows)):
+        problems.append(f"{where}: marker counts n/ok/error/skipped {'/'.join(map(str, marked))} differ from the "
+                        f"manifest {len(rows)}/{len(ok_rows)}/{len(err_rows)}/{len(skip_rows)}")
     return {"shard": shard, "output": folder, "committed": True, "n": len(rows), "n_ok": len(ok_rows),
-            "n_error": len(err_rows), "expected": len(expected)}, problems
+            "n_error": len(err_rows), "n_skipped": len(skip_rows), "expected": len(expected)}, problems
 
 
 def _strays(folder: str, names: set[str], homes: dict[str, list[str]]) -> list[str]:

@@ -36,10 +36,13 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colours: list[str] | None = None,
-                 shapes: list[str] | None = None) -> list[str]:
+                 shapes: list[str] | None = None, kinds: list[tuple[str, str]] | None = None,
+                 captions: bool = True) -> list[str]:
     """Render ``n`` examples from ``seed`` and write them as WebDataset shards under ``out``.
 
-    ``colours`` / ``shapes``: restrict the classes (default: all four colours and three shapes).
+    ``colours`` / ``shapes``: restrict the classes (default: all four colours and three shapes);
+    ``kinds``: exactly these (colour, shape) classes, interleaved across the shards. ``captions``
+    False: no ``.txt`` and no ``caption`` in the ``.json`` (an uncaptioned dataset).
 
     Returns the shard URLs in order. Raises :class:`ConfigError` for ``n < 1`` or ``shard_size < 1``.
     """
@@ -49,7 +52,7 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
         raise ConfigError(f"make-data: --n must be >= 1, got {n}")
     if shard_size < 1:
         raise ConfigError(f"make-data: --shard-size must be >= 1, got {shard_size}")
-    samples = sample_dataset(n, seed, colours=colours, shapes=shapes)
+    samples = sample_dataset(n, seed, colours=colours, shapes=shapes, kinds=kinds)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     urls = []
@@ -70,15 +73,14 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
                         "cy": round(s.params.cy, 4),
                         "r": round(s.params.r, 4),
                     }
-                    writer.write(
-                        {
-                            "__key__": s.key,
-                            "png": _png(s.image),
-                            "txt": s.caption.encode(),
-                            "json": json.dumps(meta, sort_keys=True).encode(),
-                            "mask.png": _png(s.mask.astype(np.uint8) * 255),
-                        }
-                    )
+                    sample = {"__key__": s.key, "png": _png(s.image), "txt": s.caption.encode(),
+                              "json": json.dumps(meta, sort_keys=True).encode(),
+                              "mask.png": _png(s.mask.astype(np.uint8) * 255)}
+                    if not captions:
+                        del sample["txt"]
+                        meta.pop("caption")
+                        sample["json"] = json.dumps(meta, sort_keys=True).encode()
+                    writer.write(sample)
                 writer.close()
             target = f"{root.rstrip('/')}/{name}"
             fs.put_file(local, target)

@@ -136,8 +136,12 @@ def sample_dataset(
     colours: list[str] | tuple[str, ...] | None = None,
     shapes: list[str] | tuple[str, ...] | None = None,
     size: int = SIZE,
+    kinds: list[tuple[str, str]] | None = None,
 ) -> list[Sample]:
     """Render ``n`` examples from ``seed``: balanced colour x shape classes, geometry jittered.
+
+    ``kinds``: exactly these (colour, shape) classes, interleaved in this order (instead of the cross
+    product of ``colours`` and ``shapes``).
 
     Example ``i`` has class ``i mod (#colours * #shapes)`` (colour-major) and geometry drawn from
     ``default_rng([seed, i])``, so a prefix of a larger dataset equals the smaller one. Keys are
@@ -154,6 +158,12 @@ def sample_dataset(
     for s in shapes:
         _check(colours[0], s)
     classes = [(c, s) for c in colours for s in shapes]
+    if kinds is not None:
+        if not kinds:
+            raise ConfigError("sample_dataset: kinds must not be empty")
+        for c, s in kinds:
+            _check(c, s)
+        classes = list(kinds)
     out = []
     for i in range(n):
         colour, shape = classes[i % len(classes)]

@@ -35,6 +35,7 @@ from dclip_ray.config import (
     Resources,
     RestyleSettings,
     SettingInfo,
+    TrainingSets,
     settings_of,
     spec_settings,
 )
@@ -150,7 +151,6 @@ class _FinetuneBase(_Strict):
     clip: str | None = None
     clip_weights: str | None = None
     face_weights: str | None = None
-    n_train: int = Field(16, ge=1)
 
     def settings(self) -> dict[str, Any]:
         """The fine-tuning settings given here, as ``{FinetuneConfig field: value}`` (unset ones left out)."""
@@ -158,9 +158,10 @@ class _FinetuneBase(_Strict):
 
 
 FinetuneSpec = _section(
-    "FinetuneSpec", _FinetuneBase, _of("finetune", Resources),
+    "FinetuneSpec", _FinetuneBase, [*_of("finetune", Resources), *_of("finetune", TrainingSets)],
     """Defaults of every prompt line (a line's own ``lr=`` ... wins), see `dclip-ray finetune-many`: the job
-fields, the Train resources (``max_failures``, ``max_concurrent``) and every fine-tuning setting by its
+fields, the Train resources (``max_failures``, ``max_concurrent``), how training images are chosen
+(``select``, ``allow_fewer``; :class:`dclip_ray.config.TrainingSets`) and every fine-tuning setting by its
 spec key (``lr``, ``n_gen``, ``aug_views``, ``clip_weight``, ...; declared in
 :class:`dclip_ray.config.FinetuneConfig`). A fine-tuning key left out is not given.""",
     given_only=_of("finetune", FinetuneConfig))
@@ -253,6 +254,10 @@ class WorkflowSpec(_Strict):
     def restyle_settings(self) -> RestyleSettings:
         """The restyle settings of this spec (``restyle``, ``latents.n_inv``, ``input.resize_policy``)."""
         return RestyleSettings(**self._all(RestyleSettings))
+
+    def training_sets(self) -> TrainingSets:
+        """How each prompt's training images are chosen (``finetune.select``, ``finetune.allow_fewer``)."""
+        return TrainingSets(**self._all(TrainingSets))
 
     def resources(self) -> Resources:
         """What each unit of Ray work takes (``ray`` and the resource fields of ``finetune``/``restyle``)."""

@@ -1,0 +1,84 @@
+"""What an edited sample says about itself (no Ray): its image bytes, its caption and its ``.json``.
+
+An output sample keeps the input's ``.json`` object and adds:
+
+- ``dclip``: the edit's provenance: the variant (output) name, each model's name, source and target,
+  the strength or the mix (gamma), t0 and the step counts, the base model's sha256, where the latent
+  came from (``cache`` or ``inverted``) and the input shard;
+- ``original_caption``: the input's caption (its ``.txt``, else the ``.json``'s ``caption``), when it
+  had one; ``caption`` (and the ``.txt``) become the edited caption (:func:`edited_caption`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dclip_ray.errors import ConfigError
+from dclip_ray.io.images import tensor_to_uint8
+
+from .selection import caption_of
+
+
+def encode_image(x: torch.Tensor, fmt: str) -> bytes:
+    """Tensor [3,H,W] in [-1,1] -> PNG (lossless) or JPEG (quality 95) bytes."""
+    buf = io.BytesIO()
+    img = Image.fromarray(tensor_to_uint8(x))
+    if fmt == "png":
+        img.save(buf, format="PNG", optimize=False)
+    elif fmt in ("jpg", "jpeg"):
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        raise ConfigError(f"output format {fmt!r}: expected 'png' or 'jpg'")
+    return buf.getvalue()
+
+
+def edited_caption(caption: str | None, edits: Sequence[Sequence[str]]) -> str | None:
+    """The caption of an edited image. For each ``(source, target)`` edit in turn: the source phrase in
+    the caption (case-insensitive) is replaced by the target (``"a red circle"``, red circle -> blue
+    circle: ``"a blue circle"``). When no edit's source phrase is in the caption, a single edit gives its
+    target text and several give the caption unchanged. None when there is nothing to say (no caption and
+    no edit)."""
+    if not edits:
+        return caption
+    if caption is None:
+        return edits[0][1] if len(edits) == 1 else None
+    out, applied = caption, False
+    for source, target in edits:
+        pattern = re.compile(re.escape(source), re.IGNORECASE)
+        if pattern.search(out):
+            out, applied = pattern.sub(target, out, count=1), True
+    if applied:
+        return out
+    return edits[0][1] if len(edits) == 1 else caption
+
+
+def output_members(extras: Mapping[str, bytes], dclip: dict[str, Any], edits: Sequence[Sequence[str]],
+                   ) -> dict[str, bytes]:
+    """The ``json`` and ``txt`` members of an output sample (see the module docstring) from the input
+    sample's members ``extras``."""
+    meta: dict[str, Any] = {}
+    raw = extras.get("json")
+    if raw is not None:
+        try:
+            loaded = json.loads(raw)
+            meta = loaded if isinstance(loaded, dict) else {"original": loaded}
+        except ValueError:
+            meta = {"original_json_error": "the input .json was not valid JSON"}
+    original = caption_of(extras)
+    caption = edited_caption(original, edits)
+    if original is not None:
+        meta["original_caption"] = original
+    if caption is not None and ("caption" in meta or "txt" in extras or original is None):
+        meta["caption"] = caption
+    meta["dclip"] = dclip
+    members = {"json": json.dumps(meta, sort_keys=True, default=str).encode()}
+    if caption is not None:
+        members["txt"] = caption.encode()
+    return members
