@@ -82,8 +82,10 @@ def restyle_html(root: Path, variants: list[tuple[Path, list[dict[str, Any]]]]) 
     for d, markers in variants:
         n_ok = sum(int(m.get("n_ok", 0)) for m in markers)
         n_err = sum(int(m.get("n_error", 0)) for m in markers)
+        n_skip = sum(int(m.get("n_skipped", 0)) for m in markers)
+        routed = f", {n_skip} routed to other models (skipped)" if n_skip else ""
         parts.append(f"<h3>{html.escape(rel(d, root))}</h3><p>{len(markers)} committed shard(s), {n_ok} images ok, "
-                     f"{n_err} errors</p>")
+                     f"{n_err} errors{routed}</p>")
         first = markers[0]
         after = images_of(str(d / f"{first['shard']}.tar"), None, MAX_IMAGES)
         source = first.get("source")
