@@ -105,3 +105,29 @@ def test_finetune_many_refuses_a_source_the_data_does_not_hold(tmp_path, capsys)
     assert rc == 1 and err.count("\n") == 1, err
     assert "prompt none: 0 of 20 images match its source 'yellow triangle'" in err and "images=" in err
     assert not (tmp_path / "models").exists()
+
+
+def test_allow_fewer_trains_on_what_matched_with_a_warning(tmp_path):
+    from dclip_ray.config import TrainingSets
+    from dclip_ray.models.cache import cached_base
+    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, choose_training_sets, finetune_config
+    from dclip_ray.prompts import parse_prompt_text
+
+    write_shards(str(tmp_path / "data"), 24, seed=1, shard_size=12, kinds=[("red", "circle"), ("blue", "square")])
+    specs = parse_prompt_text(f"red circle -> blue circle name=a n_train=20\nblue square -> red square name=b "
+                              f"n_train=4 images={tmp_path / 'data'}\n")
+    base = cached_base("toy_shapes")
+    for allow, raises in ((False, True), (True, False)):
+        job = FinetuneManyJob(prompts="p", model="toy_shapes", out=str(tmp_path / "m"), images=str(tmp_path / "data"),
+                              training_sets=TrainingSets(allow_fewer=allow))
+        fcfgs = {s.name: finetune_config(s, job, base.preset) for s in specs}
+        warnings: list[str] = []
+        if raises:
+            with pytest.raises(Exception, match="prompt a: 12 of 24 images match its source 'red circle'"):
+                choose_training_sets(specs, fcfgs, job, base, None, warnings)
+            continue
+        sets = choose_training_sets(specs, fcfgs, job, base, None, warnings)
+        assert len(sets["a"]["keys"]) == 12 and sets["a"]["by"] == {"caption": 12}
+        assert warnings == ["prompt a: 12 of 24 images match its source 'red circle' (by caption); n_train=20; "
+                            "training on those (--allow-fewer)"]
+        assert sets["b"]["keys"] is None and sets["b"]["images"] == str(tmp_path / "data"), "images= takes its own"
