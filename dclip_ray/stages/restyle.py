@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,6 +205,7 @@ class ShardRestyler:
         routed = [s for v in cfg.variants if cfg.routes(v) for s in v.sources]
         self.matcher = (SourceMatcher(routed, self._load_clip, others=[e[1] for v in cfg.variants for e in v.edits])
                         if routed else None)
+        self.on_batch: Callable[[int], Any] | None = None  # called with the images of each batch done (progress)
 
     def _load_clip(self) -> Any:
         """The routing CLIP, loaded on first need (only uncaptioned images need it; None: none given)."""
@@ -262,6 +263,8 @@ class ShardRestyler:
         try:
             for pending in self._batches(path, writers, state):
                 self._edit_batch(shard, pending, writers, state)
+                if self.on_batch is not None:
+                    self.on_batch(len(pending))
             for w in writers:
                 w.drop({k: duplicate_reason(k, n) for k, n in state.dups.items()})
             self._commit(path, writers, state, fingerprint)
