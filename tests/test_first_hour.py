@@ -102,8 +102,7 @@ def test_run_check_resolves_model_names(tmp_path, capsys):
     assert main(["run", str(spec), "--check"]) == 1
     err = capsys.readouterr().err
     assert "model: 'toy_shape' is no preset and no path; did you mean 'toy_shapes'?" in err and err.count("\n") == 1
-    (tmp_path / "empty").mkdir()  # there, but no shards in it
-    raw.update(model="toy_shapes", input={"url": str(tmp_path / "empty")})
+    raw.update(model="toy_shapes", input={"url": str(tmp_path / "nothing" / "*.tar")})  # a glob that lists nothing
     spec.write_text(yaml.safe_dump(raw))
     assert main(["run", str(spec), "--check"]) == 1
     assert "input.url" in capsys.readouterr().err

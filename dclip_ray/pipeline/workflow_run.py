@@ -91,8 +91,8 @@ def preflight(spec: WorkflowSpec) -> None:
         if os.path.isabs(path) and not any(c in path for c in "*?{[") and not os.path.exists(path):
             raise ConfigError(f"workflow spec {where}: {field}: {path} not found on this machine; fix the path "
                               "(relative paths resolve against the spec's folder)")
-    _check_names(spec, where)
     _check_locations(spec)
+    _check_names(spec, where)
 
 
 def _check_names(spec: WorkflowSpec, where: str) -> None:
@@ -120,15 +120,12 @@ def _check_names(spec: WorkflowSpec, where: str) -> None:
                           f"{', '.join(choices)} (`dclip-ray models list`)")
     if spec.input.url is not None:
         from dclip_ray.errors import InputFileError
-        from dclip_ray.stages.inputs import input_shards, shard_keys
+        from dclip_ray.stages.inputs import input_shards
 
         try:
-            shards = input_shards(spec.input.url)
+            input_shards(spec.input.url)  # a glob or URL that lists nothing, an unreachable bucket
         except (InputFileError, ConfigError) as e:
             raise ConfigError(f"workflow spec {where}: input.url: {e}") from None
-        if not shard_keys(shards[0][1])[0]:
-            raise ConfigError(f"workflow spec {where}: input.url: {shards[0][1]} holds no image; point input.url at "
-                              "WebDataset shards or a folder of images")
 
 
 def _check_locations(spec: WorkflowSpec) -> None:

@@ -109,7 +109,7 @@ class RestyleConfig:
             "models": [model_shas[i] for i in v.models], "gamma": v.gamma, "t0": self.t0_of(v),
             "n_inv_steps": self.n_inv_steps, "n_gen_steps": self.n_gen_steps, "policy": self.resize_policy,
             "format": self.image_format, "edits": v.edits,
-            "route": sorted(v.sources) if self.routes(v) else "all",
+            "route": [sorted(v.sources), self.clip] if self.routes(v) else "all",
         })
 
 
@@ -247,7 +247,7 @@ class ShardRestyler:
         fingerprint = fingerprint or shard_fingerprint(path)
         if self.committed(shard, fingerprint):
             return RestyleResult(shard, skipped=True)
-        root = self.cfg.root or self.cfg.variants[0].out  # one lease per input shard of the whole run
+        root = self.cfg.variants[0].out  # the lease lives beside the first output (two runs of other models never wait)
         with LeaseKeeper(root, shard, owner) if owner is not None else nullcontext() as held:
             if held is not None:
                 return RestyleResult(shard, leased=lease_text(held))
@@ -271,8 +271,8 @@ class ShardRestyler:
         finally:
             for w in writers:
                 w.discard()
-        counts = [w.counts() for w in writers]
-        return RestyleResult(shard, n=len(writers[0].rows), n_ok=min(c[0] for c in counts),
+        counts = [w.counts() for w in writers]  # a routed-away key is done for that variant
+        return RestyleResult(shard, n=len(writers[0].rows), n_ok=min(c[0] + c[2] for c in counts),
                              n_error=max(c[1] for c in counts), inv_evals=self.inv_eps.evals - inv0,
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
                              n_routed=state.n_routed, seconds=round(time.perf_counter() - start, 3),
