@@ -115,7 +115,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
     out = save_finetuned(result, job.out, cfg, base.unet, base.schedule_config,
                          extra={"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
-                                "clip_weights": job.clip_weights if not job.clip_weights or "://" in job.clip_weights
+                                "clip_weights": redact(job.clip_weights) if not job.clip_weights or "://" in job.clip_weights
                                 else os.path.abspath(job.clip_weights)})
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,

@@ -82,8 +82,10 @@ def test_judge_success_rate_on_known_renders():
     assert not any(judge_success(blue, "blue", "square"))
     mixed = torch.cat([blue[:3], red[:1]])
     assert judge_success(mixed, ["blue", "blue", "red", "red"]) == [True, True, False, True]
-    off_palette = blue[:4] * 0.6  # a darker, muddy blue: > 30 RGB units from the palette's blue
-    assert not any(judge_success(off_palette, "blue", "circle"))
+    muddy = blue[:4] * 0.6  # a muddier blue, ~60 RGB units from the palette's: what colour edits produce
+    assert all(judge_success(muddy, "blue", "circle")), "the one judge: toyworld judge calls these blue circles"
+    grey = blue[:4] * 0.2  # > 100 RGB units from every palette colour: 'other'
+    assert not any(judge_success(grey, "blue", "circle"))
 
 
 def test_eval_command_writes_parquet_and_summary(tmp_path, capsys):

@@ -276,9 +276,10 @@ def test_a_rerun_removes_its_shards_stale_temporaries(world, data, tmp_path):
 
 # ---- 12. two runs on one output: a leased shard is left to the run that holds it --------------------------------
 def test_a_shard_leased_by_another_run_is_not_computed_twice(world, data, tmp_path):
-    out = str(tmp_path / "out")
+    root = str(tmp_path / "out")
+    out = f"{root}/ft1"  # the lease lives beside the first output
     assert acquire_lease(out, "00000", "run-b") is None
-    res = restyle_all(restyle_cfg(world, out), data, owner="run-a")
+    res = restyle_all(restyle_cfg(world, root), data, owner="run-a")
     assert res[0]["leased"].startswith("being written by run run-b") and res[0]["gen_evals"] == 0
     assert not res[1]["leased"] and res[1]["n_ok"] == 8
     assert not os.path.exists(f"{out}/00001.lease"), "a lease is released when the shard is committed"
@@ -289,9 +290,9 @@ def test_a_shard_leased_by_another_run_is_not_computed_twice(world, data, tmp_pa
     lease = json.loads(open(f"{out}/00000.lease").read())
     lease["expires"] = time.time() - 1  # its run died: the lease expires
     open(f"{out}/00000.lease", "w").write(json.dumps(lease))
-    res = restyle_all(restyle_cfg(world, out), data, owner="run-a")
+    res = restyle_all(restyle_cfg(world, root), data, owner="run-a")
     assert res[0]["n_ok"] == 8 and res[1]["skipped"]
-    assert verify(out, data).ok
+    assert verify(root, data).ok
 
 
 def test_the_lease_of_a_run_whose_driver_is_gone_is_taken_at_once(world, data, tmp_path):
@@ -299,13 +300,14 @@ def test_the_lease_of_a_run_whose_driver_is_gone_is_taken_at_once(world, data, t
     import subprocess
     import sys
 
-    out = str(tmp_path / "out")
+    root = str(tmp_path / "out")
+    out = f"{root}/ft1"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid names no process now
     assert acquire_lease(out, "00000", f"crashed:{socket.gethostname()}:{dead.pid}") is None
     assert acquire_lease(out, "00000", f"alive:{socket.gethostname()}:{os.getpid()}") is None, "the dead run's lease is free"
     assert acquire_lease(out, "00000", "third:elsewhere:1") is not None, "a live run's lease is not"
-    res = restyle_all(restyle_cfg(world, out), data, owner=f"alive:{socket.gethostname()}:{os.getpid()}")
+    res = restyle_all(restyle_cfg(world, root), data, owner=f"alive:{socket.gethostname()}:{os.getpid()}")
     assert res[0]["n_ok"] == 8 and not os.path.exists(f"{out}/00000.lease")
 
 

@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 from pipeline_fixtures import make_inputs, random_clip_weights, tiny_unet_dir
 from train_faults import fail_once_spec, worker_pythonpath
 
-from dclip_ray.config import Resources
+from dclip_ray.config import Resources, TrainingSets
 from dclip_ray.io.latents import LatentKey
 from dclip_ray.models.cache import cached_base
 from dclip_ray.stages.inputs import input_shards
@@ -40,6 +40,7 @@ def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path, mo
     prompts.write_text("red circle -> blue circle name=plain\nred circle -> blue circle name=failing\n")
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=str(tmp_path / "models"), latents=lat,
                           clip="toy_clip", clip_weights=random_clip_weights(tmp_path), resources=Resources(max_failures=1),
+                          training_sets=TrainingSets(select="first"),  # the test's images are not its source: resume only
                           settings=dict(n_train=4, t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
                                         checkpoint_every=1, seed=0),
                           callbacks=[fail_once_spec(3, tmp_path / "failed", "failing")])

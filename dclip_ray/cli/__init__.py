@@ -27,7 +27,9 @@ from . import pipeline as _pipeline  # noqa: F401
 from . import presets as _presets  # noqa: F401
 from . import toyworld as _toyworld  # noqa: F401
 from . import workflow as _workflow  # noqa: F401
-from .app import app
+from .app import app, keep_epilog_lines
+
+keep_epilog_lines(app)
 
 try:  # newer typer vendors its own copy of click: its exceptions are distinct classes
     from typer._click.exceptions import ClickException as _TyperClickException

@@ -17,7 +17,7 @@ from dclip_ray.evaluation import EvalJob, evaluate
 from dclip_ray.evaluation.report import write_report
 from dclip_ray.models import trust_scope
 
-from .app import app
+from .app import QUIET_HELP, app, progress_wanted
 from .edit import _emit
 
 console = Console(stderr=True)
@@ -26,14 +26,14 @@ console = Console(stderr=True)
 def _translate(kind: str, model: str, images: str, out: str, finetuned: str | None, preset: str | None, t0: int,
                k: int, t0_edit: int | None, strength: float, n_inv: int, n_gen: int, n_domain: int | None, eta: float,
                seed: int, limit: int | None, batch_size: int, grid: bool, as_json: bool, verbose: bool,
-               trust: bool) -> None:
+               trust: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     job = TranslateJob(model=model, images=images, out=out, finetuned=finetuned, preset=preset, t0=t0, k=k,
                        t0_edit=t0_edit, strength=strength, n_inv_steps=n_inv, n_gen_steps=n_gen,
                        n_domain_steps=n_domain, eta=eta, seed=seed, limit=limit, batch_size=batch_size, grid=grid,
                        kind=kind)
     with trust_scope(trust):
-        summary = run_translate(job, progress=verbose)
+        summary = run_translate(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, kind))
 
 
@@ -44,6 +44,7 @@ _FT = "Fine-tuned model folder for the final edit (default: none, the original m
 
 
 @app.command(epilog="""Example (toy world): shapes on an unseen background -> the toy domain -> edited:\n
+  dclip-ray toyworld make-data --out photos/ --n 16 --style photo\n
   dclip-ray translate --model toy_shapes --images photos/ --out translated/ --t0 300 --k 2 --grid\n
   dclip-ray translate --model toy_shapes --finetuned ft/blue --images photos/ --out translated/ --k 2\n
 Real model (paper Fig. 4a, e.g. a dog photo -> a face -> a Pixar face):
@@ -67,16 +68,18 @@ def translate(
     batch_size: int = typer.Option(16, help="Images per batch."),
     grid: bool = typer.Option(False, help="Also write grid.png (input / trained domain / edited rows)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
 ) -> None:
     """Unseen -> unseen translation (paper Fig. 4a): noise to t0, generate into the trained domain (K times),
     then invert and edit with a fine-tuned model."""
     _translate("translate", model, images, out, finetuned, preset, t0, k, t0_edit, strength, n_inv, n_gen, n_domain,
-               eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint)
+               eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet)
 
 
 @app.command("from-strokes", epilog="""Example (toy world): rough colour blobs -> clean shapes -> edited:\n
+  dclip-ray toyworld make-data --out paintings/ --n 16 --style strokes\n
   dclip-ray from-strokes --model toy_shapes --images paintings/ --out gen/ --grid\n
   dclip-ray from-strokes --model toy_shapes --finetuned ft/blue --images paintings/ --out gen/ --k 3\n
 Measured on the toy world (t0 300, k 2): 62 % of 16 stroke paintings become a clean shape of their colour, 12 % of the
@@ -100,13 +103,14 @@ def from_strokes(
     batch_size: int = typer.Option(16, help="Images per batch."),
     grid: bool = typer.Option(False, help="Also write grid.png (strokes / generated / edited rows)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
 ) -> None:
     """Stroke-conditioned generation (paper Fig. 4b): a rough painting -> a clean image of the trained domain,
     optionally edited by a fine-tuned model."""
     _translate("from-strokes", model, images, out, finetuned, preset, t0, k, t0_edit, strength, n_inv, n_gen,
-               n_domain, eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint)
+               n_domain, eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet)
 
 
 def _fmt(v: Any) -> str:

@@ -15,7 +15,7 @@ from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent
 from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
-from .app import app
+from .app import QUIET_HELP, app, progress_wanted
 from .settings import config_options, finetune_options
 
 console = Console(stderr=True)
@@ -60,7 +60,8 @@ def finetune(
     checkpoint_dir: str = typer.Option(None, help="Checkpoint here every epoch and resume from it."),
     tensorboard: str = typer.Option(None, help="Also log every step's losses and the lr to TensorBoard files here."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
     settings: dict[str, Any] | None = None,
 ) -> None:
@@ -72,7 +73,7 @@ def finetune(
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)
     with trust_scope(trust_checkpoint):
-        summary = run_finetune(job, progress=verbose)
+        summary = run_finetune(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, f"fine-tuned {source!r} -> {target!r}"))
 
 
@@ -91,7 +92,8 @@ def edit(
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     grid: bool = typer.Option(False, help="Also write a before/after grid.png."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
     settings: dict[str, Any] | None = None,
 ) -> None:
@@ -101,7 +103,7 @@ def edit(
     job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset,
                   settings=RestyleSettings(**(settings or {})), grid=grid)
     with trust_scope(trust_checkpoint):
-        summary = run_edit(job, progress=verbose)
+        summary = run_edit(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, "edit"))
 
 
@@ -125,7 +127,8 @@ def latent_optim(
     limit: int = typer.Option(8, help="Images to optimise."),
     grid: bool = typer.Option(False, help="Also write grid.png."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show progress bars and warnings."),
+    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
 ) -> None:
     """The paper's baseline (Fig. 9): optimise each image's latent x_t0 with the CLIP loss, model frozen."""
@@ -134,5 +137,5 @@ def latent_optim(
                          clip=clip, clip_weights=clip_weights, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
                          iterations=iterations, lr=lr, w_l1=l1, limit=limit, grid=grid)
     with trust_scope(trust_checkpoint):
-        summary = run_latent_optim(job, progress=verbose)
+        summary = run_latent_optim(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, "latent optimisation"))

@@ -13,13 +13,24 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def list_cmd() -> None:
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON.")] = False) -> None:
     """Show the model presets, with where to get each checkpoint."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     from dclip_ray.models import get_preset, list_presets
 
+    if as_json:
+        rows = []
+        for name in list_presets():
+            p = get_preset(name)
+            rows.append({"name": name, "kind": p.kind, "format": p.format, "resolution": p.resolution, "t0": p.t0,
+                         "recommended_clip": p.recommended_clip, "face_loss": bool(p.face_loss),
+                         "source": p.source.text, "url": p.source.url})
+        print(json.dumps(rows, indent=2))
+        return
     table = Table(title="dclip-ray model presets", show_lines=True)
     for col in ("name", "kind", "format", "res", "t0", "clip", "face", "checkpoint: where to get it"):
         table.add_column(col, overflow="fold")

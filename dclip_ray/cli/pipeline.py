@@ -17,7 +17,7 @@ from rich.table import Table
 from dclip_ray.config import PrecomputeConfig, Resources, RestyleSettings, TrainingSets
 from dclip_ray.models.trust import trust_scope
 
-from .app import app
+from .app import QUIET_HELP, app, progress_wanted
 from .settings import config_options, finetune_options
 
 TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
@@ -53,6 +53,7 @@ def precompute(
     address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
 ) -> None:
@@ -64,7 +65,7 @@ def precompute(
                         resources=Resources(**(resources or {})), preset=preset, address=address, verbose=verbose,
                         trust_checkpoint=trust_checkpoint)
     with trust_scope(trust_checkpoint):
-        s = run_precompute(job, progress=not as_json)
+        s = run_precompute(job, progress=progress_wanted(as_json, quiet))
     if as_json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -100,6 +101,7 @@ def finetune_many(
     address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
@@ -117,7 +119,7 @@ def finetune_many(
                           resources=Resources(**(resources or {})),
                           address=address, verbose=verbose)
     with trust_scope(trust_checkpoint):
-        s = run_finetune_many(job, progress=not as_json)
+        s = run_finetune_many(job, progress=progress_wanted(as_json, quiet))
     if as_json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -172,6 +174,7 @@ def restyle(
     address: str = typer.Option(None, help=ADDRESS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
 ) -> None:
@@ -193,7 +196,7 @@ def restyle(
         if dry_run:
             _print_plan(plan(job), as_json)
             raise typer.Exit(0)
-        s = run_restyle(job, progress=not as_json)
+        s = run_restyle(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_print_restyle(s, as_json))
 
 

@@ -33,6 +33,9 @@ def make_data_cmd(
                                               "instead of --colours/--shapes)")] = None,
     captions: Annotated[bool, typer.Option("--captions/--no-captions", help="write the caption (.txt and the "
                                            ".json's caption); --no-captions makes an uncaptioned dataset")] = True,
+    style: Annotated[str, typer.Option("--style", help="clean (the trained domain), photo (the shapes on an "
+                                       "unseen checkerboard: translate's input) or strokes (rough colour "
+                                       "paintings: from-strokes' input)")] = "clean",
 ) -> None:
     """Render N toy images (png + caption txt + json labels + mask.png) into WebDataset shards."""
     from dclip_ray.toyworld.data import write_shards
@@ -51,7 +54,7 @@ def make_data_cmd(
                 raise ConfigError(f"--kinds {k!r}: expected 'COLOUR SHAPE', e.g. 'green triangle'")
             pairs.append((parts[0], parts[1]))
     urls = write_shards(out, n, seed=seed, shard_size=shard_size, colours=names(colours), shapes=names(shapes),
-                        kinds=pairs, captions=captions)
+                        kinds=pairs, captions=captions, style=style)
     typer.echo(f"wrote {n} images in {len(urls)} shard(s) under {out}")
 
 
@@ -110,8 +113,11 @@ def train_clip_cmd(
 @toyworld_app.command("judge")
 def judge_cmd(
     image: Annotated[str, typer.Argument(help="an image file (any size is read as-is; toy images are 32x32 RGB)")],
+    colour: Annotated[str | None, typer.Option("--colour", help="the expected colour (adds 'success')")] = None,
+    shape: Annotated[str | None, typer.Option("--shape", help="the expected shape (adds 'success')")] = None,
 ) -> None:
-    """Print what the pixel judge reads from one image: colour, shape and features, as JSON."""
+    """Print what the pixel judge reads from one image: colour, shape and features, as JSON; with
+    --colour/--shape also 'success', by the same rule `dclip-ray eval --judge-colour/--judge-shape` uses."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -127,4 +133,5 @@ def judge_cmd(
         "colour": r.colour, "shape": r.shape, "colour_purity": round(r.colour_purity, 4),
         "colour_distance": round(r.colour_distance, 2), "fill_ratio": round(r.fill_ratio, 4),
         "v_offset": round(r.v_offset, 4), "fg_pixels": r.fg_pixels, "bg_error": round(r.bg_error, 5),
+        **({"success": r.success(colour, shape)} if colour or shape else {}),
     }))

@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.console import Console
 
-from .app import app
+from .app import QUIET_HELP, app, progress_wanted
 from .pipeline import _setup
 
 err = Console(stderr=True)
@@ -29,6 +29,7 @@ def run_cmd(
     check: bool = typer.Option(False, "--check", help="Only validate the spec and print it resolved; run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the run record as JSON."),
     verbose: bool = typer.Option(False, help="Show Ray's own logs."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ) -> None:
     """Run a workflow spec: precompute -> finetune-many -> restyle -> verify -> report, skipping committed work."""
     from dclip_ray.workflow import load_spec
@@ -45,7 +46,7 @@ def run_cmd(
     _setup(verbose)
     from dclip_ray.pipeline.workflow_run import run_workflow
 
-    record = run_workflow(s, progress=not as_json, verbose=verbose,
+    record = run_workflow(s, progress=progress_wanted(as_json, quiet), verbose=verbose,
                           log=None if as_json else (lambda m: err.print(m, highlight=False, markup=False)))
     if as_json:
         print(json.dumps(record, indent=2, default=str))

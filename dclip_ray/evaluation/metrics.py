@@ -84,13 +84,12 @@ def judge_success(
     images: torch.Tensor,
     colour: str | Sequence[str] | None = None,
     shape: str | Sequence[str] | None = None,
-    max_colour_distance: float = 30.0,
 ) -> list[bool]:
-    """The toy world's judge (pixels, no network) per image: True when the image shows one clean shape
-    (one of the toy shapes, not a blob) whose colour is within ``max_colour_distance`` (RGB units) of a
-    palette colour, and that colour / shape equal ``colour`` / ``shape`` when given (one value for all
-    images or one per image). ``images``: [B,3,H,W] in [-1,1] or uint8 [B,H,W,3]."""
-    from dclip_ray.toyworld import SHAPES, judge_batch
+    """The toy world's judge (pixels, no network) per image, by its one success rule
+    (:meth:`~dclip_ray.toyworld.judge.JudgeResult.success`: one toy shape in a palette colour, equal to
+    ``colour`` / ``shape`` when given; one value for all images or one per image). ``images``:
+    [B,3,H,W] in [-1,1] or uint8 [B,H,W,3]."""
+    from dclip_ray.toyworld import judge_batch
 
     n = len(images)
 
@@ -102,11 +101,7 @@ def judge_success(
         return list(v)
 
     colours, shapes = per_image(colour), per_image(shape)
-    out = []
-    for r, c, s in zip(judge_batch(images), colours, shapes, strict=True):
-        clean = r.shape in SHAPES and r.colour_distance <= max_colour_distance and r.colour not in ("none", "other")
-        out.append(bool(clean and r.matches(c, s)))
-    return out
+    return [bool(r.success(c, s)) for r, c, s in zip(judge_batch(images), colours, shapes, strict=True)]
 
 
 def load_inception(weights: str | None, feature: int = 2048) -> torch.nn.Module:

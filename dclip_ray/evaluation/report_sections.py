@@ -35,17 +35,26 @@ def _blank() -> Image.Image:
 # ---- fine-tuned models -----------------------------------------------------------------------------
 
 
+def model_label(d: Path, root: Path, card: dict[str, Any]) -> str:
+    """A model's name in the report: its folder relative to the run folder, or, for the run folder
+    itself (a report of one fine-tuned model), the prompt name or the folder's own name (never ".")."""
+    where = rel(d, root)
+    return where if where != "." else str(card.get("prompt_name") or d.resolve().name)
+
+
 def _loss_curve_html(root: Path, d: Path, c: dict[str, Any]) -> str:
     hist = c.get("loss_history") or {}
     if not hist.get("total"):
         return na("loss curve: the model card has no loss_history (saved by an older dclip-ray)")
     series = {"total": hist["total"]}
-    for k in ("clip", "direction", "l1", "id", "global"):
-        if k in hist and any(v for v in hist[k] if v is not None and math.isfinite(v)):
-            series[k] = hist[k]
+    for k, values in hist.items():  # every loss part the card recorded (clip, l1, edge, id, global, ...)
+        if k in ("total", "step", "epoch", "lr") or not isinstance(values, list):
+            continue
+        if any(v for v in values if v is not None and math.isfinite(v)):
+            series[k] = values
     return img_tag(plot_curves(series, hist.get("step"), f"fine-tuning loss per step "
                                                          f"({len(hist['total'])} points)"),
-                   f"loss curve of {rel(d, root)}")
+                   f"loss curve of {model_label(d, root, c)}")
 
 
 def models_html(root: Path, cards: list[tuple[Path, dict[str, Any]]]) -> str:
@@ -56,12 +65,12 @@ def models_html(root: Path, cards: list[tuple[Path, dict[str, Any]]]) -> str:
     rows = []
     for d, c in cards:
         m = c.get("metrics") or {}
-        rows.append([rel(d, root), c.get("source"), c.get("target"), (c.get("config") or {}).get("t0"),
+        rows.append([model_label(d, root, c), c.get("source"), c.get("target"), (c.get("config") or {}).get("t0"),
                      (c.get("config") or {}).get("epochs"), c.get("final_loss"), m.get("quality_s_dir"),
                      c.get("train_seconds")])
     parts = [table(rows, ["model", "source", "target", "t0", "epochs", "final loss", "S_dir (train)", "seconds"])]
     for d, c in cards:
-        parts.append(f"<h3>{html.escape(rel(d, root))}: {html.escape(str(c.get('source')))} &rarr; "
+        parts.append(f"<h3>{html.escape(model_label(d, root, c))}: {html.escape(str(c.get('source')))} &rarr; "
                      f"{html.escape(str(c.get('target')))}</h3>")
         if "_error" in c:
             parts.append(na(c["_error"]))

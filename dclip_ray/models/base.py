@@ -17,6 +17,7 @@ import torch
 from dclip_ray.diffusion import Schedule, schedule_from_config
 from dclip_ray.errors import ConfigError, DclipWarning, InputFileError
 from dclip_ray.hashing import state_dict_sha256
+from dclip_ray.urls import redact
 
 from .clip import load_clip
 from .presets import get_preset, list_presets
@@ -62,22 +63,34 @@ def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) ->
 
 
 def read_card(finetuned: str) -> dict[str, Any]:
-    """The ``dclip.json`` of a fine-tuned model folder (empty dict for a plain diffusers folder)."""
-    path = Path(finetuned) / "dclip.json"
-    if not path.exists():
-        return {}
+    """The ``dclip.json`` of a fine-tuned model folder, local or an fsspec URL (empty dict for a plain
+    diffusers folder)."""
+    if "://" in finetuned and not finetuned.startswith("file://"):
+        import fsspec
+
+        url = f"{finetuned.rstrip('/')}/dclip.json"
+        try:
+            with fsspec.open(url, "rb") as f:
+                text = f.read().decode()
+        except (FileNotFoundError, OSError):
+            return {}
+        where = redact(url)
+    else:
+        path = Path(finetuned.removeprefix("file://")) / "dclip.json"
+        if not path.exists():
+            return {}
+        text, where = path.read_text(), str(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except ValueError as e:
-        raise InputFileError(f"{path}: not valid JSON ({e}); re-save the fine-tuned model") from None
+        raise InputFileError(f"{where}: not valid JSON ({e}); re-save the fine-tuned model") from None
 
 
 def edit_t0(explicit: int | None, folders: list[str], preset: Any = None, fallback: int = 500) -> int:
     """The return step of an edit with fine-tuned ``folders`` (the one rule of edit, restyle, translate
     and the workflow): ``explicit`` (``--t0``), else the t0 the models' cards agree on, else the base
     preset's, else ``fallback``. Models trained at different t0 need ``explicit`` (:class:`ConfigError`)."""
-    t0s = sorted({int(t) for t in ((read_card(f).get("config") or {}).get("t0") for f in folders
-                                   if "://" not in f) if t})
+    t0s = sorted({int(t) for t in ((read_card(f).get("config") or {}).get("t0") for f in folders) if t})
     if explicit is not None:
         return int(explicit)
     if len(t0s) > 1:
@@ -89,7 +102,7 @@ def check_base_model(base_sha256: str, base_name: str, folders: list[str]) -> No
     """Warn (one :class:`DclipWarning` line) for each fine-tuned folder whose card names another base
     model's sha256 than ``base_sha256``: its edits would start from latents of a model it never saw."""
     for f in folders:
-        card = read_card(f) if "://" not in f else {}
+        card = read_card(f)
         other = card.get("base_model_sha256")
         if other not in (None, base_sha256):
             warnings.warn(f"{f} was fine-tuned from another base model (sha256 {str(other)[:12]}...) than "

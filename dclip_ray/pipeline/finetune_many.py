@@ -156,7 +156,8 @@ def train_loop(config: dict[str, Any]) -> None:
                "train_seconds": round(result.seconds, 2)}
     if ray.train.get_context().get_world_rank() == 0:
         _save(result, config["out_dir"], fcfg, base, metrics, {
-            "base_model": redact(config["model"]), "clip": clip.name, "clip_weights": config["clip_weights"],
+            "base_model": redact(config["model"]), "clip": clip.name,
+            "clip_weights": redact(config["clip_weights"]) if config["clip_weights"] else None,
             "train_keys": keys, "latents": origin, "prompt_name": config["name"],
             "training_set": config.get("training_set"),
             "config_sha256": config["config_sha256"], "train_window": [started, time.time()]})

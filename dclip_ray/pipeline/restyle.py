@@ -176,7 +176,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
     if leased:  # another run is writing them: wait for it, as this run would have done the work itself
-        left = await_leased(leased, cfg.root or cfg.variants[0].out, lambda s: shard_committed(cfg, hashes, s, prints[s]))
+        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_committed(cfg, hashes, s, prints[s]))
         for r in results:
             if r["shard"] in leased and r["shard"] not in left:
                 r.update(leased="", skipped=True, done_by="another run")

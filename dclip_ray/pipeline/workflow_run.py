@@ -92,6 +92,40 @@ def preflight(spec: WorkflowSpec) -> None:
             raise ConfigError(f"workflow spec {where}: {field}: {path} not found on this machine; fix the path "
                               "(relative paths resolve against the spec's folder)")
     _check_locations(spec)
+    _check_names(spec, where)
+
+
+def _check_names(spec: WorkflowSpec, where: str) -> None:
+    """The model and CLIP names resolve (a preset, a path, a URL, or an open_clip model name) and the
+    input URL holds shards: existence only, no weights are loaded. Raises :class:`ConfigError`."""
+    import difflib
+
+    from dclip_ray.models.presets import list_presets
+
+    presets = list_presets()
+    named = [("model", spec.model, presets)]
+    if spec.finetune.clip:
+        named.append(("finetune.clip", spec.finetune.clip, list_presets("clip")))
+    for field, value, choices in named:
+        if value in presets or "://" in value or os.sep in value or "/" in value or os.path.exists(value):
+            continue
+        if field == "finetune.clip":
+            import open_clip
+
+            if value in open_clip.list_models():
+                continue
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"workflow spec {where}: {field}: {value!r} is no preset and no path; {hint}the presets are "
+                          f"{', '.join(choices)} (`dclip-ray models list`)")
+    if spec.input.url is not None:
+        from dclip_ray.errors import InputFileError
+        from dclip_ray.stages.inputs import input_shards
+
+        try:
+            input_shards(spec.input.url)  # a glob or URL that lists nothing, an unreachable bucket
+        except (InputFileError, ConfigError) as e:
+            raise ConfigError(f"workflow spec {where}: input.url: {e}") from None
 
 
 def _check_locations(spec: WorkflowSpec) -> None:

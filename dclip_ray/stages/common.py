@@ -60,7 +60,8 @@ class PrecomputeResult(ShardResult):
 class RestyleResult(ShardResult):
     """:class:`ShardResult` of restyle: evaluations (images x network calls) of inversion and generation,
     latents taken from the cache, cached latents not used because their image changed (``n_stale``),
-    (variant, image) pairs a routed restyle passed over (``n_routed``: skipped rows), and
+    (variant, image) pairs a routed restyle passed over (``n_routed``: skipped rows; ``n_ok`` then counts
+    the keys done in every output: written there or routed away), and
     the Ray layer's ``failed`` / ``stuck`` reasons (empty when none)."""
 
     inv_evals: int = 0

@@ -196,8 +196,11 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     excluded = {k: d["error"] for k, d in dups.items()}
     out.mkdir(parents=True, exist_ok=True)
     restyler = EditRestyler(cfg, out)
-    for name, path in tqdm(shards, desc="edit shards", disable=not progress):
-        restyler.run(name, path, exclude=excluded)
+    n_keys = sum(len(shard_keys(p)[0]) for _, p in shards) if progress else 0
+    with tqdm(total=n_keys, desc="edit", unit="img", disable=not progress) as bar:
+        restyler.on_batch = bar.update  # per batch: an edit of one folder is one shard
+        for name, path in shards:
+            restyler.run(name, path, exclude=excluded)
     ok, errors = _errors(state, shards, dups)
     if not ok and all(not e["error"].startswith(("non-finite", "blank")) for e in errors):
         raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")

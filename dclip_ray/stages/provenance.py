@@ -40,23 +40,18 @@ def encode_image(x: torch.Tensor, fmt: str) -> bytes:
 
 
 def edited_caption(caption: str | None, edits: Sequence[Sequence[str]]) -> str | None:
-    """The caption of an edited image. For each ``(source, target)`` edit in turn: the source phrase in
-    the caption (case-insensitive) is replaced by the target (``"a red circle"``, red circle -> blue
-    circle: ``"a blue circle"``). When no edit's source phrase is in the caption, a single edit gives its
-    target text and several give the caption unchanged. None when there is nothing to say (no caption and
-    no edit)."""
-    if not edits:
-        return caption
+    """The caption of an edited image: for each ``(source, target)`` edit in turn, the source phrase in
+    the caption (case-insensitive, whole words) is replaced by the target (``"a red circle"``, red
+    circle -> blue circle: ``"a blue circle"``). A caption that does not name an edit's source keeps
+    its words for that edit (we do not know what to say instead: the edit is recorded in ``dclip``);
+    no caption stays None."""
     if caption is None:
-        return edits[0][1] if len(edits) == 1 else None
-    out, applied = caption, False
+        return None
+    out = caption
     for source, target in edits:
-        pattern = re.compile(re.escape(source), re.IGNORECASE)
-        if pattern.search(out):
-            out, applied = pattern.sub(target, out, count=1), True
-    if applied:
-        return out
-    return edits[0][1] if len(edits) == 1 else caption
+        pattern = re.compile(r"\b" + re.escape(source) + r"\b", re.IGNORECASE)
+        out = pattern.sub(target, out, count=1)
+    return out
 
 
 def output_members(extras: Mapping[str, bytes], dclip: dict[str, Any], edits: Sequence[Sequence[str]],

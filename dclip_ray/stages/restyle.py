@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +109,7 @@ class RestyleConfig:
             "models": [model_shas[i] for i in v.models], "gamma": v.gamma, "t0": self.t0_of(v),
             "n_inv_steps": self.n_inv_steps, "n_gen_steps": self.n_gen_steps, "policy": self.resize_policy,
             "format": self.image_format, "edits": v.edits,
-            "route": sorted(v.sources) if self.routes(v) else "all",
+            "route": [sorted(v.sources), self.clip] if self.routes(v) else "all",
         })
 
 
@@ -205,6 +205,7 @@ class ShardRestyler:
         routed = [s for v in cfg.variants if cfg.routes(v) for s in v.sources]
         self.matcher = (SourceMatcher(routed, self._load_clip, others=[e[1] for v in cfg.variants for e in v.edits])
                         if routed else None)
+        self.on_batch: Callable[[int], Any] | None = None  # called with the images of each batch done (progress)
 
     def _load_clip(self) -> Any:
         """The routing CLIP, loaded on first need (only uncaptioned images need it; None: none given)."""
@@ -246,7 +247,7 @@ class ShardRestyler:
         fingerprint = fingerprint or shard_fingerprint(path)
         if self.committed(shard, fingerprint):
             return RestyleResult(shard, skipped=True)
-        root = self.cfg.root or self.cfg.variants[0].out  # one lease per input shard of the whole run
+        root = self.cfg.variants[0].out  # the lease lives beside the first output (two runs of other models never wait)
         with LeaseKeeper(root, shard, owner) if owner is not None else nullcontext() as held:
             if held is not None:
                 return RestyleResult(shard, leased=lease_text(held))
@@ -262,14 +263,16 @@ class ShardRestyler:
         try:
             for pending in self._batches(path, writers, state):
                 self._edit_batch(shard, pending, writers, state)
+                if self.on_batch is not None:
+                    self.on_batch(len(pending))
             for w in writers:
                 w.drop({k: duplicate_reason(k, n) for k, n in state.dups.items()})
             self._commit(path, writers, state, fingerprint)
         finally:
             for w in writers:
                 w.discard()
-        counts = [w.counts() for w in writers]
-        return RestyleResult(shard, n=len(writers[0].rows), n_ok=min(c[0] for c in counts),
+        counts = [w.counts() for w in writers]  # a routed-away key is done for that variant
+        return RestyleResult(shard, n=len(writers[0].rows), n_ok=min(c[0] + c[2] for c in counts),
                              n_error=max(c[1] for c in counts), inv_evals=self.inv_eps.evals - inv0,
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
                              n_routed=state.n_routed, seconds=round(time.perf_counter() - start, 3),

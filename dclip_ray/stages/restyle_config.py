@@ -30,7 +30,7 @@ from .restyle import RestyleConfig, Variant, gamma_of, gen_evals_per_image, mode
 
 
 def _card_base(finetuned: str) -> str | None:
-    card = read_card(finetuned) if "://" not in finetuned else {}
+    card = read_card(finetuned)
     return card.get("base_model")
 
 
@@ -82,19 +82,23 @@ def build_restyle_config(
         v.out = absolute(v.out) or v.out
     sources = {tuple(v.sources) for v in variants if v.sources}
     route = rs.route if rs.route != "auto" else ("source" if len(sources) >= 2 else "all")
-    card = read_card(finetuned[0]) if "://" not in finetuned[0] else {}
+    blind = [v.name for v in variants if not v.sources]
+    if rs.route == "source" and blind:
+        raise ConfigError(f"--route source: {', '.join(blind)} has no source (no dclip.json with source and target); "
+                          "restyle it with --route all")
+    card = read_card(finetuned[0])
     return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
                          variants=variants, t0=int(variants[0].t0 or 0), n_inv_steps=rs.n_inv_steps,
                          n_gen_steps=rs.n_gen_steps, preset=preset, latents=absolute(latents) if latents else None,
                          resize_policy=rs.resize_policy, image_format=rs.image_format, batch_size=rs.batch_size,
                          trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out, route=route,
-                         clip=clip or card.get("clip"), clip_weights=absolute(clip_weights) if clip else
-                         card.get("clip_weights"))
+                         clip=clip or card.get("clip"),
+                         clip_weights=absolute(clip_weights) if clip_weights else card.get("clip_weights"))
 
 
 def card_edits(folder: str) -> list[list[str]]:
     """``[[source, target]]`` of a fine-tuned folder's card (empty when it has none)."""
-    card = read_card(folder) if "://" not in folder else {}
+    card = read_card(folder)
     return [[card["source"], card["target"]]] if card.get("source") and card.get("target") else []
 
 
@@ -138,21 +142,29 @@ DECLARATION = "restyle.json"
 
 
 def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
-    """Write ``ROOT/restyle.json``: the variants this restyle writes (name, folder relative to ROOT) and
-    its input, so that ``verify`` checks every declared variant (a deleted variant folder is a problem)."""
+    """Write ``ROOT/restyle.json``: the variants written under ROOT (name, folder relative to ROOT) and
+    the input, so that ``verify`` checks every declared variant (a deleted variant folder is a problem).
+    Variants another restyle of the same input declared there stay declared (two runs of other models
+    into one ROOT)."""
     root = (cfg.root or cfg.variants[0].out).rstrip("/")
     variants = [{"name": v.name, "folder": posixpath.relpath(v.out, root) if "://" not in v.out
                  else v.out[len(root):].strip("/") or "."} for v in cfg.variants]
-    data = json.dumps({"format": "dclip-ray/restyle-run/1", "input": redact(input_url), "variants": variants},
-                      indent=1, sort_keys=True).encode()
     url = f"{root}/{DECLARATION}"
+    old: bytes | None = None
     try:
         with fsspec.open(url, "rb") as f:
-            if f.read() == data:
-                return  # unchanged: a re-run touches nothing
-    except (FileNotFoundError, OSError):
+            old = f.read()
+        before = json.loads(old)
+        if before.get("input") == redact(input_url):
+            mine = {v["folder"] for v in variants}
+            variants = sorted([v for v in before.get("variants", []) if v.get("folder") not in mine] + variants,
+                              key=lambda v: v["folder"])
+    except (FileNotFoundError, OSError, ValueError, AttributeError):
         pass
-    put_bytes(data, url)
+    data = json.dumps({"format": "dclip-ray/restyle-run/1", "input": redact(input_url), "variants": variants},
+                      indent=1, sort_keys=True).encode()
+    if data != old:  # unchanged: a re-run touches nothing
+        put_bytes(data, url)
 
 
 def check_restyle(cfg: RestyleConfig, input_url: str) -> None:

@@ -7,13 +7,15 @@ Two judges, per sample:
   (lowercase; articles dropped; a trailing plural ``s`` ignored), so ``circle`` matches
   ``a small red circle`` and ``red circle`` does not match ``a blue circle``. Confidence 1.
 - **clip** (no caption): zero-shot with a CLIP. The image is scored against the source and its
-  competitors: the other sources of the run that are not a word-subset or superset of it (``circle``
+  competitors: the texts that are neither a word-subset nor a word-superset of it among the CLIP's
   ``vocabulary``, the run's own sources and targets, and a neutral set (:data:`NEUTRAL`). The source's
   class is the source text and every text holding all its words (``circle`` -> ``red circle``, ...);
   the image matches when the best-scoring text is in that class; the confidence is the class's total
   softmax probability (CLIP's logit scale). The toy CLIP's preset gives its 12 classes as vocabulary;
   a general CLIP (ViT-B/16) has none: the neutral set and the run's texts are what a source competes
   with, so a run with a single source relies on the neutral set.
+
+A folder of image files has no captions (sidecar ``.txt`` files are not read): it is judged by CLIP.
 
 :func:`select_training_sets` streams the input once, shard by shard, until every prompt has
 ``n_train`` matching images (fine-tuning); :class:`SourceMatcher` is what the restyle's

@@ -37,7 +37,12 @@ def training_data(
     store = find_latent_store(latents_root, base.sha256, t0, n_inv_steps, base.resolution, policy) if latents_root else None
     if store is not None:
         got, xs, zs = _from_cache(store, base, n_train, images, policy, keys)
-        if got and (keys is None or images is None or len(got) >= min(n_train, len(keys))):
+        short = keys is not None and len(got) < min(n_train, len(keys))
+        if short and images is None:
+            raise ConfigError(f"the latent store {latents_root} holds current latents at t0={t0} for {len(got)} of the "
+                              f"{min(n_train, len(keys))} images chosen for this prompt; run `dclip-ray precompute "
+                              f"--t0 {t0}` on the whole input, or pass --images")
+        if got and not short:
             return got, torch.stack(xs), torch.stack(zs), "cache"
     if images is None:
         raise ConfigError(

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import tempfile
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -35,14 +36,33 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _styled(s: Any, style: str) -> Any:
+    """Sample ``s`` re-rendered in ``style`` (see :func:`write_shards`)."""
+    from dataclasses import replace
+
+    from .unseen import paint_strokes, photo
+
+    index = int(s.key.split("_")[1])
+    if style == "photo":
+        image, mask = photo(s.colour, s.shape, seed=1000 * s.seed + index)
+        return replace(s, image=image, mask=mask, caption=f"a {s.colour} {s.shape} on a checkerboard")
+    if style == "strokes":
+        image = paint_strokes(s.colour, seed=1000 * s.seed + index)
+        return replace(s, image=image, mask=np.zeros(image.shape[:2], bool), caption=f"a rough {s.colour} painting")
+    return s
+
+
 def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colours: list[str] | None = None,
                  shapes: list[str] | None = None, kinds: list[tuple[str, str]] | None = None,
-                 captions: bool = True) -> list[str]:
+                 captions: bool = True, style: str = "clean") -> list[str]:
     """Render ``n`` examples from ``seed`` and write them as WebDataset shards under ``out``.
 
     ``colours`` / ``shapes``: restrict the classes (default: all four colours and three shapes);
     ``kinds``: exactly these (colour, shape) classes, interleaved across the shards. ``captions``
-    False: no ``.txt`` and no ``caption`` in the ``.json`` (an uncaptioned dataset).
+    False: no ``.txt`` and no ``caption`` in the ``.json`` (an uncaptioned dataset). ``style``: ``clean``
+    (the trained domain), ``photo`` (the shapes on an unseen checkerboard background) or ``strokes``
+    (rough colour-block paintings of each colour; no shape): the inputs of ``translate`` and
+    ``from-strokes`` (:mod:`dclip_ray.toyworld.unseen`).
 
     Returns the shard URLs in order. Raises :class:`ConfigError` for ``n < 1`` or ``shard_size < 1``.
     """
@@ -52,7 +72,9 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
         raise ConfigError(f"make-data: --n must be >= 1, got {n}")
     if shard_size < 1:
         raise ConfigError(f"make-data: --shard-size must be >= 1, got {shard_size}")
-    samples = sample_dataset(n, seed, colours=colours, shapes=shapes, kinds=kinds)
+    if style not in ("clean", "photo", "strokes"):
+        raise ConfigError(f"make-data: --style {style!r}: expected clean, photo or strokes")
+    samples = [_styled(s, style) for s in sample_dataset(n, seed, colours=colours, shapes=shapes, kinds=kinds)]
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     urls = []

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .render import BACKGROUND, COLOURS
+from .render import BACKGROUND, COLOURS, SHAPES
 
 _ROUGH_THRESHOLD = 40.0
 _MIN_PIXELS = 6
@@ -62,6 +62,14 @@ class JudgeResult:
     def matches(self, colour: str | None = None, shape: str | None = None) -> bool:
         """True when the judged colour and/or shape equal the given ones (None = not checked)."""
         return (colour is None or self.colour == colour) and (shape is None or self.shape == shape)
+
+    def success(self, colour: str | None = None, shape: str | None = None) -> bool:
+        """The one success rule of the toy world (eval, ``toyworld judge``, the tests, the report): the
+        image shows one toy shape (not a blob, not empty) whose colour is named a palette colour (its
+        median within the judge's ``max_colour_distance`` of it, 100 RGB units by default: edited colours
+        sit 50-65 units from the palette, so a stricter rule would fail every good colour edit), and that
+        colour / shape are the given ones (None = not checked)."""
+        return self.shape in SHAPES and self.colour in COLOURS and self.matches(colour, shape)
 
 
 def to_uint8_image(image: Any) -> np.ndarray:
