@@ -132,3 +132,20 @@ def test_the_report_of_a_model_folder_names_the_model_and_draws_every_loss(tmp_p
     page = open(write_report(str(folder))).read()
     assert set(drawn) == {"total", "clip", "l1", "edge"}, "every loss part of the card is a line"
     assert "<h3>blue: red circle" in page and "<h3>.:" not in page
+
+
+def test_native_ray_log_lines_are_dropped_and_everything_else_kept():
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\n"
+            "from dclip_ray.cli.terminal import filter_native_logs\n"
+            "assert filter_native_logs(force=True)\n"
+            "os.write(2, b'[2026-12-02 01:21:55,290 E 25387 25387] core_worker.cc:2465: Actor with class name\\n')\n"
+            "os.write(2, b'native but ours\\n')\n"
+            "print('warning: from python', file=sys.stderr)\n"
+            "time.sleep(0.3)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "core_worker" not in p.stderr
+    assert "native but ours" in p.stderr and "warning: from python" in p.stderr

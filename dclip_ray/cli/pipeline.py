@@ -33,7 +33,10 @@ def _setup(verbose: bool) -> None:
     if not verbose:
         from diffusers.utils import logging as diffusers_logging
 
+        from .terminal import filter_native_logs
+
         diffusers_logging.set_verbosity_error()
+        filter_native_logs()  # Ray's own 'E ... core_worker.cc' lines are not news (on a terminal)
 
 
 def _fmt(v: Any) -> str:

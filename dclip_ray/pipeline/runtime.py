@@ -24,8 +24,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     the job's workers. Ray's own logs stay quiet unless ``verbose``.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not verbose:  # the C++ core worker's own 'E' lines (an actor exiting at shutdown) are not news
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         level = logging.INFO if verbose else logging.ERROR
