@@ -122,16 +122,21 @@ def test_the_readme_toy_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     prompts = next(text for lang, text in blocks if lang == "" and "name=blue" in text and "name=square" in text)
     (tmp_path / "prompts.txt").write_text(prompts)
     ran = []
-    for lang, text in blocks:
-        if lang != "bash":
-            continue
-        for line in commands_in(text):
-            if any(m in line for m in NOT_RUNNABLE) or line.startswith(("dclip-ray run ", "dclip-ray demo")):
+    try:
+        for lang, text in blocks:
+            if lang != "bash":
                 continue
-            capsys.readouterr()
-            rc = main(argv_of(line))
-            err = capsys.readouterr().err
-            assert rc == 0, f"{line}\nexit {rc}: {err[-2000:]}"
-            ran.append(line)
+            for line in commands_in(text):
+                if any(m in line for m in NOT_RUNNABLE) or line.startswith(("dclip-ray run ", "dclip-ray demo")):
+                    continue
+                capsys.readouterr()
+                rc = main(argv_of(line))
+                err = capsys.readouterr().err
+                assert rc == 0, f"{line}\nexit {rc}: {err[-2000:]}"
+                ran.append(line)
+    finally:
+        import ray
+
+        ray.shutdown()  # the pipeline commands started an embedded Ray in this process
     assert len(ran) >= 15, ran
     assert os.path.isdir(tmp_path / "restyled" / "square") and (tmp_path / "edited" / "grid.png").exists()
