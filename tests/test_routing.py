@@ -63,3 +63,23 @@ def test_two_runs_of_other_models_into_one_root_are_both_declared(world, tmp_pat
         write_declaration(build_restyle_config(out, models=[m], n_inv_steps=N_INV), world["data"])
     declared = json.loads((tmp_path / "o" / "restyle.json").read_text())["variants"]
     assert [v["folder"] for v in declared] == ["ft1", "ft2"]
+
+
+def test_a_routing_clip_that_is_not_there_fails_before_any_work(world, tmp_path):
+    from pipeline_fixtures import tiny_unet_dir
+
+    from dclip_ray.errors import InputFileError
+    from dclip_ray.stages.restyle_config import check_restyle
+
+    card = {"base_model": world["base"], "config": {"t0": T0}, "clip": "toy_clip", "clip_weights": "/nonexistent.pt"}
+    models = [tiny_unet_dir(tmp_path / name, i, {**card, "source": src, "target": "blue circle"})
+              for i, (name, src) in enumerate((("a", "red circle"), ("b", "green square")), start=1)]
+    cfg = build_restyle_config(str(tmp_path / "o"), models=models, n_inv_steps=N_INV)
+    assert cfg.route == "source" and cfg.clip == "toy_clip"
+    with pytest.raises(InputFileError, match="the CLIP that routes uncaptioned images .*--clip toy_clip.*no such file"):
+        check_restyle(cfg, world["data"])
+    ok = build_restyle_config(str(tmp_path / "o"), models=models, n_inv_steps=N_INV, clip="toy_clip",
+                              clip_weights=None)
+    assert ok.clip_weights == "/nonexistent.pt", "the card's weights unless --clip-weights is given"
+    fixed = build_restyle_config(str(tmp_path / "o"), models=models, n_inv_steps=N_INV, route="all")
+    check_restyle(fixed, world["data"])  # not routed: the CLIP is never loaded, so it is not checked

@@ -95,7 +95,7 @@ def restyle_html(root: Path, variants: list[tuple[Path, list[dict[str, Any]]]]) 
         routed = f", {n_skip} routed to other models (skipped)" if n_skip else ""
         parts.append(f"<h3>{html.escape(rel(d, root))}</h3><p>{len(markers)} committed shard(s), {n_ok} images ok, "
                      f"{n_err} errors{routed}</p>")
-        first = markers[0]
+        first = next((m for m in markers if m.get("n_ok")), markers[0])  # a shard routed away whole has no image
         after = images_of(str(d / f"{first['shard']}.tar"), None, MAX_IMAGES)
         source = first.get("source")
         before = images_of(str(source), list(after), MAX_IMAGES) if source and os.path.exists(str(source)) else {}

@@ -270,6 +270,13 @@ def _check_weights(model_name: str, weights: str | None, random_init: bool, trus
     return is_jit
 
 
+def check_clip(name_or_preset: str, weights: str | None = None, trust_checkpoint: bool = False) -> None:
+    """Raise (one line) unless :func:`load_clip` would find this CLIP and its weights file; loads nothing
+    (what a command checks before Ray starts, for a CLIP that only its workers load)."""
+    spec = _resolve_clip_spec(name_or_preset, weights, None, False)
+    _check_weights(spec.model_name, spec.weights, False, trust_checkpoint)
+
+
 def _use_quick_gelu(quick_gelu: bool | None, spec: _ClipSpec, is_jit: bool) -> bool:
     """``quick_gelu`` when given; else True for a preset that says so, TorchScript (OpenAI)
     archives, weights paths containing "openai" and ``*-quickgelu`` model names."""

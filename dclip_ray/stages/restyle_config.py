@@ -13,7 +13,7 @@ import fsspec
 
 from dclip_ray.config import RestyleSettings
 from dclip_ray.diffusion import generation_pairs
-from dclip_ray.errors import ConfigError
+from dclip_ray.errors import ConfigError, DclipError
 from dclip_ray.io.latents import LatentKey, key_mismatch, store_root, stored_keys
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.shards import put_bytes
@@ -183,6 +183,13 @@ def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
     for t0 in cfg.t0s():
         check_steps(base.schedule, t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
     check_base_model(base.sha256, cfg.base, cfg.finetuned)
+    if cfg.clip and any(cfg.routes(v) for v in cfg.variants):  # the actors load it: check it here, before Ray
+        from dclip_ray.models.clip import check_clip
+
+        try:
+            check_clip(cfg.clip, cfg.clip_weights, cfg.trust_checkpoint)
+        except DclipError as e:
+            raise type(e)(f"the CLIP that routes uncaptioned images (--clip {cfg.clip}): {e}") from None
     if cfg.latents:
         cfg.latents = store_root(cfg.latents)
 
