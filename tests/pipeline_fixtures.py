@@ -25,6 +25,16 @@ SCHED = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_star
 BAD_REASONS = {"zero": "zero-byte", "trunc": "truncated image", "link": "not a regular file", "noimg": "no image member"}
 
 
+def tree(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes), sorted: compares two output trees byte for byte."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(d, f)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return dict(sorted(out.items()))
+
+
 def random_clip_weights(folder: Path) -> str:
     """The toy CLIP architecture with random weights (seed 0), saved as safetensors; returns the path."""
     name, config_folder, _ = toy_clip_paths()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from pipeline_fixtures import make_inputs, tiny_unet_dir
+from pipeline_fixtures import make_inputs, tiny_unet_dir, tree
 
 from dclip_ray.stages.inputs import input_shards
 from dclip_ray.stages.restyle import ShardRestyler
@@ -25,16 +25,6 @@ from dclip_ray.stages.restyle_config import build_restyle_config, write_declarat
 from dclip_ray.stages.verify import verify
 
 T0, N_INV, N_GEN = 200, 4, 4
-
-
-def tree(folder):
-    """Every file under ``folder`` (relative path -> bytes)."""
-    out = {}
-    for d, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(d, f)
-            out[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return dict(sorted(out.items()))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from functools import partial
 import pytest
 import torch
 from fault_restylers import HangOnBad, KillMidBatch
-from pipeline_fixtures import interrupted_run, make_inputs, tiny_unet_dir
+from pipeline_fixtures import interrupted_run, make_inputs, tiny_unet_dir, tree
 
 from dclip_ray.cli import main
 from dclip_ray.stages.inputs import input_shards
@@ -36,16 +36,6 @@ def world(tmp_path_factory):
     base = tiny_unet_dir(root / "base", 0)
     ft = tiny_unet_dir(root / "ft", 1, {"base_model": base, "config": {"t0": T0}})
     return {"data": data, "keys": keys, "ft": ft}
-
-
-def tree(folder):
-    """Every file under ``folder`` (relative path -> bytes)."""
-    out = {}
-    for d, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(d, f)
-            out[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return dict(sorted(out.items()))
 
 
 def test_sigterm_after_ray_started_exits_3_with_one_line(world, tmp_path):

@@ -70,7 +70,7 @@ def output_members(extras: Mapping[str, bytes], dclip: dict[str, Any], edits: Se
     caption = edited_caption(original, edits)
     if original is not None:
         meta["original_caption"] = original
-    if caption is not None and ("caption" in meta or "txt" in extras or original is None):
+    if caption is not None:  # only when the input had one (edited_caption invents none)
         meta["caption"] = caption
     meta["dclip"] = dclip
     members = {"json": json.dumps(meta, sort_keys=True, default=str).encode()}
