@@ -70,3 +70,18 @@ class CrashBeforeCommit(ShardRestyler):
 
     def new_writer(self, v: Variant, shard: str) -> ShardWriter:
         return _DieBeforeMarker(v.out, shard, self.flag)
+
+
+class DieAfterCommit(ShardRestyler):
+    """The first shard committed kills its process before its result row is returned: the row is lost
+    after the commit, as when a node dies between the two (Ray retries the row on another actor)."""
+
+    def __init__(self, cfg: RestyleConfig, flag: str):
+        super().__init__(cfg)
+        self.flag = flag
+
+    def _restyle(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._restyle(*args, **kwargs)
+        if first_time(self.flag):
+            os._exit(1)
+        return result

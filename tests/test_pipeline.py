@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import ray
 import webdataset as wds
-from fault_restylers import CrashBeforeCommit
+from fault_restylers import CrashBeforeCommit, DieAfterCommit
 from pipeline_fixtures import BAD_REASONS, make_world
 
 from dclip_ray.cli import main
@@ -111,3 +111,21 @@ def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_loca
     report = verify(out, inputs)
     assert report.ok, report.problems
     assert sum(x["n"] for x in report.shards) == 8 + 6
+
+
+def test_a_row_lost_after_its_commit_still_counts_the_shards_images(ray_local, world, tmp_path):
+    """An actor dying after a shard's commit and before its row returns (a node lost at that moment):
+    the retried row finds the shard committed, and the summary still counts its images and errors."""
+    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+    from dclip_ray.stages.restyle_config import build_restyle_config
+    from dclip_ray.stages.verify import verify
+
+    out, flag = str(tmp_path / "out"), tmp_path / "died"
+    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    inputs = os.path.join(world["data"], "{00000,bad}.tar")
+    s = run_restyle(RestyleJob(cfg, inputs, actors=1, restyler_factory=partial(DieAfterCommit, flag=str(flag))),
+                    progress=False)
+    assert flag.exists(), "the hook killed a worker after a commit"
+    assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
+    assert [r["shard"] for r in s["shards"] if r.get("done_by")], "the retried row says who committed it"
+    assert verify(out, inputs).ok

@@ -140,6 +140,26 @@ def plan(job: RestyleJob) -> dict[str, Any]:
     return {**restyle_plan(job.config, shards, prints), "warnings": warnings}
 
 
+def _marked(cfg: RestyleConfig, shard: str) -> tuple[int, int]:
+    """``(n_ok, n_error)`` of a committed shard from its markers: keys done in every output (written
+    there or routed away) and the most error rows of any output; ``(0, 0)`` without markers."""
+    marks = [read_marker(shard_urls(v.out, shard)["marker"]) or {} for v in cfg.variants]
+    return (min(m.get("n_ok", 0) + m.get("n_skipped", 0) for m in marks),
+            max(m.get("n_error", 0) for m in marks))
+
+
+def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]], todo: set[str]) -> None:
+    """A shard that was uncommitted when the run started but found committed when its turn came was
+    committed during the run: by this run when a node was lost after its commit and before its row came
+    back (Ray retries the row), or by another run that held its lease. Its images count as done in this
+    run's summary, read from its markers (``done_by`` says so), so ``n_images`` does not depend on when
+    a node was lost."""
+    for r in results:
+        if r["shard"] in todo and r.get("skipped") and not r.get("n_ok"):
+            r["n_ok"], r["n_error"] = _marked(cfg, r["shard"])
+            r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
+
+
 def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     """Restyle every uncommitted input shard. Returns ``{"outputs", "shards", "n_images", "n_errors",
     "inv_evals", "gen_evals", "failed", "stuck"}``; ``stuck`` names the shards that gave no result within
@@ -154,8 +174,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for n, p in shards:
         if (n, p) not in todo:
-            marker = read_marker(shard_urls(cfg.variants[0].out, n)["marker"]) or {}
-            results.append(RestyleResult(n, skipped=True, n_error=marker.get("n_error", 0)).as_dict())
+            results.append(RestyleResult(n, skipped=True, n_error=_marked(cfg, n)[1]).as_dict())
     if todo:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
         cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
@@ -181,6 +200,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
             if r["shard"] in leased and r["shard"] not in left:
                 r.update(leased="", skipped=True, done_by="another run")
         leased = left
+    _count_commits_of_this_run(cfg, results, {n for n, _ in todo})
     summary = {
         "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck, "leased": leased,
         "warnings": warnings, "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
