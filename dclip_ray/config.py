@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.recipes import get_recipe, recipe_names
 from dclip_ray.settings import SettingInfo, check_setting, setting, settings_of, validate_settings
 
 __all__ = [
@@ -73,6 +74,10 @@ class FinetuneConfig:
     source: str
     target: str
     SPEC_SECTION: ClassVar[str] = "finetune"
+
+    recipe: str | None = setting(None, "Fine-tuning recipe (`dclip-ray recipes list`): its settings where none is "
+                                 "given (default: the edit preset's, else the model preset's).", cli="recipe",
+                                 prompt="recipe", choices=recipe_names())
 
     t0: int = shared("t0", help="Return step t0 (the model preset's when not given).", prompt="t0",
                      spec="latents.t0")
@@ -160,27 +165,54 @@ def _preset_value(preset: Any, name: str) -> Any:
     return getattr(getattr(preset, "loss_weights", None), attr, None)
 
 
+def recipe_settings(name: str) -> dict[str, Any]:
+    """The recipe ``name``'s settings as ``{FinetuneConfig field: value}``, each checked by its declared
+    rule (:class:`ConfigError` naming the recipe and the key otherwise)."""
+    by_key = {s.prompt: s for s in settings_of(FinetuneConfig) if s.prompt}
+    out = {}
+    for key, value in get_recipe(name).settings.items():
+        if key not in by_key or key == "recipe":
+            raise ConfigError(f"recipe {name!r}: unknown setting {key!r}; use prompt-line keys ({', '.join(by_key)})")
+        try:
+            out[by_key[key].name] = check_setting(by_key[key], value)
+        except ValueError as e:
+            raise ConfigError(f"recipe {name!r}: {key}={value!r}: {e}") from None
+    return out
+
+
+def _fill(values: dict[str, Any], more: Mapping[str, Any]) -> None:
+    for name, value in more.items():
+        if value is not None and name not in values:
+            values[name] = value
+
+
 def resolve_finetune_config(source: str, target: str, *layers: Mapping[str, Any] | None,
-                            preset: Any = None) -> FinetuneConfig:
+                            preset: Any = None, edit_preset: Any = None) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of one edit from its sources, most specific first.
 
     ``layers``: ``{field name: value}`` mappings (a prompt line's options, then the job's CLI or spec
-    values); a missing or None value falls through to the next layer, then to the model preset's
-    recommendation (t0 and the clip/l1/id weights), then to the declared default. This is the one t0
-    rule of every command. Raises :class:`ConfigError` naming the setting on a bad value or an
-    unknown name.
+    values); a missing or None value falls through to the next source. The order, the one rule of every
+    command: the layers; the recipe they name (``recipe``); the edit preset's t0 (``edit_preset``, a
+    bare preset line's :class:`~dclip_ray.prompts.presets.EditPreset`); the edit preset's recipe; the
+    model preset's recipe (``preset``); the model preset's t0 and loss weights; the declared default.
+    The recipe used is recorded in the config's ``recipe``. Raises :class:`ConfigError` naming the
+    setting on a bad value or an unknown name.
     """
     known = {s.name for s in settings_of(FinetuneConfig)}
     values: dict[str, Any] = {}
     for layer in layers:
-        for name, value in (layer or {}).items():
-            if name not in known:
-                raise ConfigError(f"unknown fine-tuning setting {name!r}; use one of {', '.join(sorted(known))}")
-            if value is not None and name not in values:
-                values[name] = value
-    for name in PRESET_RECOMMENDS:
-        if name not in values and _preset_value(preset, name) is not None:
-            values[name] = _preset_value(preset, name)
+        unknown = set(layer or {}) - known
+        if unknown:
+            raise ConfigError(f"unknown fine-tuning setting {sorted(unknown)[0]!r}; use one of {', '.join(sorted(known))}")
+        _fill(values, layer or {})
+    if values.get("recipe"):
+        _fill(values, recipe_settings(values["recipe"]))
+    _fill(values, {"t0": getattr(edit_preset, "t0", None)})
+    for origin in (edit_preset, preset):
+        if not values.get("recipe") and getattr(origin, "recipe", None):
+            values["recipe"] = origin.recipe
+            _fill(values, recipe_settings(origin.recipe))
+    _fill(values, {name: _preset_value(preset, name) for name in PRESET_RECOMMENDS})
     return FinetuneConfig(source=source, target=target, **values)
 
 

@@ -58,8 +58,9 @@ def test_official_pairs_and_weights():
     assert get_edit_preset("pixar").target == "3D render in the style of Pixar"
     t = get_edit_preset("toy_circle_to_square")
     assert (t.source, t.target) == ("red circle", "red square")
-    for p in list_edit_presets():
-        assert (p.clip, p.l1, p.id) == (3.0, 1.0, 0.0), p.name  # README recipe; our id weight 0
+    for p in list_edit_presets():  # the README recipe (our id weight 0) for real models; the toy's own
+        assert p.recipe == ("paper" if p.domain != "toy" else ("colour" if p.target.split()[1] == p.source.split()[1]
+                                                                else "shape")), p.name
         assert (p.official_id is not None) == (p.domain == "face"), p.name
 
 
@@ -93,12 +94,12 @@ def test_parse_good_lines():
     assert (a.source, a.target, a.t0, a.l1, a.id, a.clip, a.preset) == ("face", "angry face", 500, 1.0, 0.0, None, None)
     s = specs[1]
     assert (s.source, s.target, s.t0, s.clip, s.l1, s.id) == ("photo", "sketch", None, None, None, None)
-    px = specs[2]  # bare preset: pair, recommended t0 and weights
+    px = specs[2]  # bare preset: its pair; its t0 and recipe are applied when the config is resolved
     assert (px.source, px.target, px.t0, px.clip, px.l1, px.id, px.preset) == (
-        "Human", "3D render in the style of Pixar", 601, 3.0, 1.0, 0.0, "pixar")
+        "Human", "3D render in the style of Pixar", None, None, None, None, "pixar")
     n = specs[3]  # preset with overrides
     assert (n.source, n.target, n.preset) == ("Human", "Neanderthal", "neanderthal")
-    assert (n.t0, n.l1, n.clip, n.epochs, n.lr, n.n_inv, n.n_gen) == (500, 0.0, 3.0, 3, 8e-6, 40, 6)
+    assert (n.t0, n.l1, n.clip, n.epochs, n.lr, n.n_inv, n.n_gen) == (500, 0.0, None, 3, 8e-6, 40, 6)
     z = specs[4]  # unicode arrow, several words
     assert (z.source, z.target, z.clip) == ("person", "Mark Zuckerberg", 2.5)
 
@@ -165,7 +166,7 @@ def test_crlf_and_bom():
         ("face -> angry name=Angry!", "1:20", "bad value 'Angry!' for name"),
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
-        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, images, t0, n_inv, n_gen, mode, n_train, epochs, batch, lr, lr_gamma, clip, l1, "
+        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, images, recipe, t0, n_inv, n_gen, mode, n_train, epochs, batch, lr, lr_gamma, clip, l1, "
          "id, global, edge, edge_scales, refine, refine_l1, refine_scales, clip_form, views, shift, noise, blur, flip, seed"),
         ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
         ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),
@@ -258,9 +259,10 @@ def test_cli_presets_show(capsys):
     assert main(["presets", "show", "male", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert (d["name"], d["t0"], d["domain"], d["t0_from"]) == ("male", 401, "face", "checkpoint")
+    assert d["recipe"] == "paper" and (d["settings"]["t0"], d["settings"]["lr"], d["settings"]["l1"]) == (401, 8e-6, 1.0)
     assert main(["presets", "show", "grey_hair"]) == 0
     out = capsys.readouterr().out
-    assert "target:  person with grey hair" in out and "fixed" in out
+    assert "target:  person with grey hair" in out and "fixed" in out and "recipe:  paper" in out
 
 
 def test_cli_presets_errors(capsys):

@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
+from dclip_ray.settings import settings_of
+
 from .app import app
 
 presets_app = typer.Typer(
-    help="Edit presets: named CLIP prompt pairs (source -> target) with their recommended t0 and loss weights.",
+    help="Edit presets: named CLIP prompt pairs (source -> target) with their recommended t0 and recipe.",
     no_args_is_help=True,
 )
 app.add_typer(presets_app, name="presets")
@@ -44,10 +46,10 @@ def list_cmd(
     table.add_column("domain", no_wrap=True)
     table.add_column("source", overflow="fold")
     table.add_column("target", overflow="fold")
-    for col in ("t0", "clip", "l1", "id"):
-        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("t0", justify="right", no_wrap=True)
+    table.add_column("recipe", no_wrap=True)
     for p in presets:
-        table.add_row(p.name, p.domain, p.source, p.target, str(p.t0), f"{p.clip:g}", f"{p.l1:g}", f"{p.id:g}")
+        table.add_row(p.name, p.domain, p.source, p.target, str(p.t0), p.recipe)
     console = Console(width=160)
     console.print(table)
     console.print(f"{len(presets)} presets; `dclip-ray presets show NAME` for the notes and sources.")
@@ -58,28 +60,89 @@ def show_cmd(
     name: Annotated[str, typer.Argument(help="preset name, e.g. pixar (see `dclip-ray presets list`)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
 ) -> None:
-    """Show one edit preset in full: prompt pair, recommended t0 and loss weights, base model, notes.
+    """Show one edit preset in full: prompt pair, base model, notes, and every fine-tuning setting a
+    prompt line naming it trains with (its t0 and recipe, the base model preset's, the defaults).
 
     Example:
-      dclip-ray presets show grey_hair
+      dclip-ray presets show toy_circle_to_square
     """
+    from dclip_ray.config import resolve_finetune_config
+    from dclip_ray.models import get_preset, is_preset
     from dclip_ray.prompts import get_edit_preset
 
     p = get_edit_preset(name)
+    base = get_preset(p.model) if p.model and is_preset(p.model) else None
+    cfg = resolve_finetune_config(p.source, p.target, preset=base, edit_preset=p)
+    resolved = {s.prompt: getattr(cfg, s.name) for s in settings_of(type(cfg)) if s.prompt}
     if as_json:
-        typer.echo(json.dumps(p.model_dump(), indent=2))
+        typer.echo(json.dumps({**p.model_dump(), "settings": resolved}, indent=2))
         return
     t0_from = {"checkpoint": "released checkpoint", "readme": "official README default", "ours": "this project"}[p.t0_from]
-    official_id = "" if p.official_id is None else f" (official ArcFace weight: {p.official_id:g}, informational)"
+    official_id = "" if p.official_id is None else f" (official ArcFace ID weight: {p.official_id:g}, informational)"
     lines = [
         f"name:    {p.name}",
-        f"domain:  {p.domain} (base model preset: {p.model})",
+        f"domain:  {p.domain} (base model preset: {p.model or 'none: pass --model'})",
         f"source:  {p.source}",
         f"target:  {p.target}",
         f"t0:      {p.t0} (from: {t0_from})",
-        f"weights: clip {p.clip:g}, l1 {p.l1:g}, id {p.id:g}{official_id}",
+        f"recipe:  {p.recipe}{official_id}",
         f"origin:  {p.origin}",
     ]
     if p.notes:
         lines.append(f"notes:   {p.notes}")
+    lines.append("settings (a prompt line naming this preset; a key=value on the line beats them):")
+    lines.append("  " + " ".join(f"{k}={_value(v)}" for k, v in resolved.items()))
     typer.echo("\n".join(lines))
+
+
+def _value(v: object) -> str:
+    if v is None:
+        return "none"
+    return f"{v:g}" if isinstance(v, float) else str(v) or "none"
+
+
+recipes_app = typer.Typer(help="Fine-tuning recipes: named settings for a kind of edit (colour, shape, paper).",
+                          no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False) -> None:
+    """Show the recipes: name, what each is for and its settings (prompt-line keys).
+
+    Example:
+      dclip-ray recipes list
+    """
+    from dclip_ray.recipes import list_recipes
+
+    recipes = list_recipes()
+    if as_json:
+        typer.echo(json.dumps([{"name": r.name, "help": r.help, "tuned_on": r.tuned_on, "settings": r.settings}
+                               for r in recipes], indent=2))
+        return
+    for r in recipes:
+        typer.echo(f"{r.name}: " + " ".join(f"{k}={_value(v)}" for k, v in r.settings.items()))
+    typer.echo("`dclip-ray recipes show NAME` says what one is for; use it with --recipe NAME or recipe=NAME.")
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="recipe name, e.g. colour (see `dclip-ray recipes list`)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
+) -> None:
+    """Show one recipe: what it is for, where its values come from, and its settings.
+
+    Example:
+      dclip-ray recipes show shape
+    """
+    from dclip_ray.config import recipe_settings
+    from dclip_ray.recipes import get_recipe
+
+    r = get_recipe(name)
+    recipe_settings(name)  # checked by the declared rules
+    if as_json:
+        typer.echo(json.dumps({"name": r.name, "help": r.help, "tuned_on": r.tuned_on, "settings": r.settings},
+                              indent=2))
+        return
+    typer.echo("\n".join([f"name:     {r.name}", f"for:      {r.help}", f"tuned on: {r.tuned_on}",
+                          "settings: " + " ".join(f"{k}={_value(v)}" for k, v in r.settings.items())]))

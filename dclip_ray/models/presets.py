@@ -1,7 +1,8 @@
 """Model presets as data: one YAML file per preset under ``dclip_ray/models/presets/``.
 
 A preset names an architecture (a UNet in one of the checkpoint formats, or an open_clip CLIP),
-its noise schedule, resolution, default return step t0 and loss weights, the recommended CLIP,
+its noise schedule, resolution, default return step t0, loss weights and fine-tuning recipe (for an
+edit that names none), the recommended CLIP,
 whether the face-identity loss applies, and where a user gets the checkpoint. ``weights`` may be
 a packaged resource, written ``package:<path relative to the dclip_ray package>``.
 """
@@ -75,6 +76,7 @@ class Preset(BaseModel):
     resolution: int | None = None
     t0: int | None = None
     loss_weights: LossWeights | None = None
+    recipe: str | None = None
     recommended_clip: str | None = None
     face_loss: bool = False
     face_crop: str | None = None

@@ -36,7 +36,7 @@ from dclip_ray.losses import directional_clip_loss
 from dclip_ray.models.base import read_card, resolve_clip
 from dclip_ray.models.cache import cached_base
 from dclip_ray.models.face import load_face
-from dclip_ray.prompts import EditSpec, parse_prompt_file
+from dclip_ray.prompts import EditSpec, get_edit_preset, parse_prompt_file
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import set_threads
 from dclip_ray.stages.inputs import absolute, input_shards
@@ -80,9 +80,12 @@ class FinetuneManyJob:
 
 def finetune_config(spec: EditSpec, job: FinetuneManyJob, preset: Any) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of one prompt line: the line's options, else the job's, else the
-    preset's, else the declared defaults. A line with ``id`` > 0 needs ``--face-weights``."""
+    recipe and presets' (:func:`~dclip_ray.config.resolve_finetune_config`), else the declared defaults.
+    A line with ``id`` > 0 needs ``--face-weights``."""
     try:
-        cfg = resolve_finetune_config(spec.source, spec.target, spec.settings(), job.settings, preset=preset)
+        edit_preset = get_edit_preset(spec.preset) if spec.preset else None
+        cfg = resolve_finetune_config(spec.source, spec.target, spec.settings(), job.settings, preset=preset,
+                                      edit_preset=edit_preset)
     except ConfigError as e:
         raise ConfigError(f"prompt {spec.name}: {e}") from None
     if cfg.w_id > 0 and not job.face_weights:

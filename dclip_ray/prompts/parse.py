@@ -5,7 +5,7 @@ Format (one edit per line; ``#`` starts a comment anywhere on a line; blank line
     # SOURCE -> TARGET  [key=value ...]
     face -> angry face  t0=500 l1=1.0 id=0.0 name=angry
     photo -> sketch
-    pixar                  # a bare preset name: its pair, t0 and loss weights
+    pixar                  # a bare preset name: its pair, t0 and recipe
     neanderthal t0=500     # a preset with overrides
 
 Options (all optional, at the end of the line): ``name`` (lowercase letters, digits, ``_``, ``-``;
@@ -239,9 +239,8 @@ def _parse_line(ln: _Line) -> tuple[EditSpec, int] | None:
         )
     p = get_edit_preset(head)
     values, cols = _parse_options(ln, tokens[1:])
-    fields = {"t0": p.t0, "clip": p.clip, "l1": p.l1, "id": p.id, **values}
-    name = fields.pop("name", None) or p.name
-    spec = EditSpec(name=name, source=p.source, target=p.target, preset=p.name, line=ln.lineno, **fields)
+    name = values.pop("name", None) or p.name
+    spec = EditSpec(name=name, source=p.source, target=p.target, preset=p.name, line=ln.lineno, **values)
     return spec, cols.get("name", 1)
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.recipes import recipe_names
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
@@ -27,8 +28,8 @@ DOMAINS: tuple[str, ...] = ("face", "dog", "church", "bedroom", "imagenet", "toy
 class EditPreset(BaseModel):
     """One edit preset: fine-tune toward ``target`` away from ``source``.
 
-    ``t0`` is the recommended return step (integer timestep in [1, 999]); ``clip``, ``l1`` and ``id``
-    are this project's loss weights (``id`` is 0 unless a face model is given: see the YAML header);
+    ``t0`` is the recommended return step (integer timestep in [1, 999]); ``recipe`` names the
+    fine-tuning recipe it trains with (:mod:`dclip_ray.recipes`; its loss weights, learning rate, ...);
     ``official_id`` is the official code's ID-loss weight (ArcFace; informational, None when the
     edit has no face). ``model`` is the base-model preset the edit was made for.
     """
@@ -40,9 +41,7 @@ class EditPreset(BaseModel):
     target: str = Field(min_length=1)
     t0: int = Field(ge=1, le=999)
     t0_from: Literal["checkpoint", "readme", "ours"]
-    clip: float = Field(ge=0)
-    l1: float = Field(ge=0)
-    id: float = Field(ge=0)
+    recipe: str
     official_id: float | None = None
     origin: Literal["official", "checkpoint", "ours"]
     model: str
@@ -69,6 +68,9 @@ def _load() -> dict[str, EditPreset]:
             raise ConfigError(
                 f"{PRESETS_FILE}: preset #{i + 1} ({entry.get('name')!r}) field {where}: {first['msg']}; fix the table"
             ) from e
+        if preset.recipe not in recipe_names():
+            raise ConfigError(f"{PRESETS_FILE}: preset {preset.name!r} names recipe {preset.recipe!r}, which "
+                              f"recipes.yaml lacks ({', '.join(recipe_names())}); fix the table")
         if preset.name in out:
             raise ConfigError(f"{PRESETS_FILE}: preset name {preset.name!r} appears twice; rename one")
         out[preset.name] = preset
