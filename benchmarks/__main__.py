@@ -22,12 +22,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import finetune_bench, flops_bench, memory_bench, restyle_bench, utilisation_bench
+from . import finetune_bench, flops_bench, memory_bench, recipes_bench, restyle_bench, utilisation_bench
 
 SUITES: dict[str, Callable[..., Any]] = {
     "finetune": finetune_bench.run,
     "flops": flops_bench.run,
     "memory": memory_bench.run,
+    "recipes": recipes_bench.run,
     "restyle": restyle_bench.run,
     "utilisation": utilisation_bench.run,
 }

@@ -101,6 +101,7 @@ class FinetuneJob:
     face_weights: str | None = None
     checkpoint_dir: str | None = None
     tensorboard_dir: str | None = None
+    card: dict[str, Any] | None = None  # more for the model card (e.g. the search that chose the settings)
 
 
 def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     out = save_finetuned(result, job.out, cfg, base.unet, base.schedule_config,
                          extra={"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
                                 "clip_weights": redact(job.clip_weights) if not job.clip_weights or "://" in job.clip_weights
-                                else os.path.abspath(job.clip_weights)})
+                                else os.path.abspath(job.clip_weights), **(job.card or {})})
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,
             "config": asdict(cfg)}

@@ -27,25 +27,41 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
     else:
         table = Table(title=title, show_header=False)
         for k, v in summary.items():
-            if k in ("config", "errors"):
+            if k in ("config", "errors", "search"):
                 continue
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row("errors", str(len(summary.get("errors", []))))
         Console().print(table)
+        if summary.get("search"):
+            _print_search(summary["search"])
     for err in summary.get("errors", []):
         console.print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
     return 2 if summary.get("errors") else 0
 
 
+def _print_search(found: dict[str, Any]) -> None:
+    cols = [*found["knobs"], "score", "direction", "structure", "background"]
+    table = Table(title=f"search: {len(found['trials'])} trials (first: the recipe; *: chosen)")
+    for c in ["", *cols]:
+        table.add_column(c, justify="right")
+    for r in found["trials"]:
+        mark = "*" if all(r[k] == found["chosen"][k] for k in found["knobs"]) else ""
+        table.add_row(mark, *(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    Console().print(table)
+
+
 @app.command(epilog="""Example (the toy world, CPU, about a minute):\n
   dclip-ray toyworld make-data --out toy/ --n 16 --colours red --shapes circle\n
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue\n
+Settings not given come from a recipe (`dclip-ray recipes list`): --recipe NAME, else the model preset's
+(toy_shapes: colour; the real models: paper). A shape edit names its recipe:
+  --target "red square" --recipe shape\n
+A setting given beats the recipe's: --recipe shape --lr 5e-5. Search around the recipe with Ray Tune,
+scored without a judge on images not trained on (the chosen trial goes into dclip.json):
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue
-  --lr 5e-5 --l1 0.5 --edge 8 --aug-views 8 --aug-shift 4 --aug-noise 0.2
-  --refine-from 2 --refine-l1 1.5 --refine-edge-scales 3\n
-A shape edit (circle -> square) needs flipped CLIP views and full mode: --target "red square" --mode full
-  --t0 550 --n-gen 10 --lr 1e-4 --clip-weight 5 --l1 2 --aug-views 8 --aug-shift 4 --aug-noise 0.1 --aug-flip hv\n
+  --n-train 8 --search --search-trials 8 --search-images 8\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
---source face --target "angry face" --images faces/ --out ft/angry --t0 500 --l1 1.0""")
+--source face --target "angry face" --images faces/ --out ft/angry --t0 500""")
 @finetune_options()
 def finetune(
     model: str = typer.Option(..., help="Base UNet: preset name (toy_shapes), diffusers folder, .ckpt/.pt or URL."),
@@ -63,6 +79,13 @@ def finetune(
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune, ranked by a judge-free score on images not trained on; train with the best (recorded in the model card)."),
+    search_trials: int = typer.Option(8, help="--search: trials (the recipe's own settings are the first)."),
+    search_images: int = typer.Option(8, help="--search: images after the first --n-train that the score is measured on."),
+    score_clip: str = typer.Option(None, help="--search: a CLIP the loss does not use, for the score (default: the loss's)."),
+    score_clip_weights: str = typer.Option(None, help="--search: local weights of --score-clip."),
+    cpus_per_trial: float = typer.Option(1.0, help="--search: CPUs each trial holds (trials run in parallel as CPUs allow)."),
+    address: str = typer.Option(None, help="--search: Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
@@ -73,7 +96,16 @@ def finetune(
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)
     with trust_scope(trust_checkpoint):
-        summary = run_finetune(job, progress=progress_wanted(as_json, quiet))
+        if search:
+            from dclip_ray.pipeline.search import SearchJob, search_and_finetune
+
+            sjob = SearchJob(model=model, trials=search_trials, score_images=search_images,
+                             cpus_per_trial=cpus_per_trial, seed=cfg.seed, preset=preset, clip=clip,
+                             clip_weights=clip_weights, score_clip=score_clip,
+                             score_clip_weights=score_clip_weights, address=address, verbose=verbose)
+            summary = search_and_finetune(job, sjob, progress=progress_wanted(as_json, quiet))
+        else:
+            summary = run_finetune(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, f"fine-tuned {source!r} -> {target!r}"))
 
 

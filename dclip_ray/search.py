@@ -1,0 +1,140 @@
+"""Recipe search without a pixel judge: the knobs a search varies around a recipe, and the score it
+ranks trials by (Ray-free; the Ray Tune wiring is :mod:`dclip_ray.pipeline.search`).
+
+The score must work on real data, where no judge exists, so it uses only the images and a CLIP:
+
+- ``direction``: the mean directional CLIP similarity ``S_dir`` of the edits (before -> after against
+  source -> target) on images the trial did not train on, measured with the CLIP given (the loss's
+  unless ``--score-clip`` names another; the loss saw augmented views of the training images, not
+  these images);
+- ``structure``: the mean SSIM of the luminance of before and after (the layout kept);
+- ``background``: the mean absolute change, in [0, 1], of the outer frame of the image (1/8 of its
+  side on each edge), where an object-centred image has its background.
+
+``score = direction - w_structure * (1 - structure) - w_background * background``. How well it ranks
+trials as the toy judge does is measured by the ``recipes`` benchmark (Spearman over trials).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from dclip_ray.config import FinetuneConfig
+
+KNOBS: tuple[str, ...] = ("t0", "lr", "w_l1", "w_edge")
+"""The settings a search varies (FinetuneConfig fields): return step, learning rate, L1 and edge weights."""
+
+
+def knob_values(cfg: FinetuneConfig) -> dict[str, list[Any]]:
+    """The values tried per knob around ``cfg`` (the recipe's point in the middle): t0 -50/0/+50, lr and
+    the L1 weight x0.5/x1/x2 (L1 0: 0, 0.5, 1), the edge weight x0.5/x1/x2 when the recipe uses it
+    (an edit without it, a shape change, keeps it off)."""
+    def scaled(v: float, zero: list[float]) -> list[float]:
+        return [v * 0.5, v, v * 2.0] if v > 0 else zero
+    return {"t0": sorted({max(1, cfg.t0 - 50), cfg.t0, min(999, cfg.t0 + 50)}),
+            "lr": scaled(cfg.lr, [cfg.lr]),
+            "w_l1": scaled(cfg.w_l1, [0.0, 0.5, 1.0]),
+            "w_edge": scaled(cfg.w_edge, [0.0])}
+
+
+def trial_points(cfg: FinetuneConfig, n_trials: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n_trials`` distinct knob settings: the recipe's own point first, then a seeded random draw from
+    the grid of :func:`knob_values` (all of it when it is smaller)."""
+    values = knob_values(cfg)
+    own = {k: getattr(cfg, k) for k in KNOBS}
+    grid = [dict(zip(KNOBS, combo, strict=True)) for combo in itertools.product(*(values[k] for k in KNOBS))]
+    rest = [p for p in grid if p != own]
+    random.Random(seed).shuffle(rest)
+    return [own, *rest][:max(1, n_trials)]
+
+
+def with_knobs(cfg: FinetuneConfig, point: dict[str, Any]) -> FinetuneConfig:
+    """``cfg`` with the knob values of ``point`` (validated by the declared rules)."""
+    return replace(cfg, **{k: point[k] for k in KNOBS if k in point})
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """Weights of the structure and background terms of :func:`edit_score`."""
+
+    structure: float = 0.5
+    background: float = 4.0
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x.clamp(-1, 1) + 1) / 2 * w).sum(1, keepdim=True)
+
+
+def frame_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Mean absolute change [B] in [0, 1] of the outer frame (width max(1, side // 8)) of images [B,3,H,W]
+    in [-1, 1]."""
+    h, w = before.shape[-2:]
+    m = torch.ones(h, w, dtype=torch.bool)
+    b = max(1, min(h, w) // 8)
+    m[b:h - b, b:w - b] = False
+    d = ((after.clamp(-1, 1) - before.clamp(-1, 1)).abs() / 2).mean(1)
+    return d[:, m].mean(1)
+
+
+@torch.no_grad()
+def edit_score(clip: Any, before: torch.Tensor, after: torch.Tensor, source: str, target: str,
+               weights: ScoreWeights = ScoreWeights()) -> dict[str, float]:
+    """The judge-free score of edits ``before`` -> ``after`` ([B,3,H,W] in [-1,1]) of ``source`` ->
+    ``target``: ``{"score", "direction", "structure", "background"}`` (see the module docstring)."""
+    from dclip_ray.evaluation.metrics import directional_similarity, ssim
+
+    direction = float(directional_similarity(clip, before, after, source, target).mean())
+    structure = float(ssim(_luma(before), _luma(after), data_range=1.0).mean())
+    background = float(frame_change(before, after).mean())
+    score = direction - weights.structure * (1 - structure) - weights.background * background
+    return {"score": score, "direction": direction, "structure": structure, "background": background}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equal-length lists (average ranks for ties; nan when constant)."""
+    def ranks(v: list[float]) -> torch.Tensor:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(r)
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def run_trial(unet: torch.nn.Module, clip: Any, x_train: torch.Tensor, x_score: torch.Tensor, schedule: Any,
+              cfg: FinetuneConfig, point: dict[str, Any], score_clip: Any = None,
+              weights: ScoreWeights = ScoreWeights(), n_gen_steps: int = 40,
+              ) -> tuple[dict[str, Any], Any, torch.Tensor]:
+    """One trial: fine-tune a copy of ``unet`` with ``cfg`` at ``point``'s knobs on ``x_train`` (inverted
+    at the trial's t0) and score its edits of ``x_score`` ([N,3,H,W] in [-1,1], not trained on) with
+    ``score_clip`` (default ``clip``), generated in ``n_gen_steps`` as a restyle would. Returns ``(row, FinetuneResult, edits)``; ``row`` holds the knobs,
+    the score parts, the final loss and the seconds."""
+    from dclip_ray.edit import generate_images, invert_images
+    from dclip_ray.finetune import finetune
+    from dclip_ray.models import eps_fn_of
+
+    c = with_knobs(cfg, point)
+    eps0 = eps_fn_of(unet)
+    lat_train = invert_images(eps0, x_train, c.t0, c.n_inv_steps, schedule)
+    lat_score = invert_images(eps0, x_score, c.t0, c.n_inv_steps, schedule)
+    res = finetune(unet, clip, x_train, lat_train, schedule, c)
+    edits = generate_images(eps_fn_of(res.unet), lat_score, c.t0, n_gen_steps, schedule)
+    parts = edit_score(score_clip or clip, x_score, edits, c.source, c.target, weights)
+    row = {**{k: getattr(c, k) for k in KNOBS}, **parts, "final_loss": res.final_loss,
+           "seconds": round(res.seconds, 2)}
+    return row, res, edits
