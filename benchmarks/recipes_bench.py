@@ -46,7 +46,8 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     miss = meets_goals(r)
     return {"pair": r["pair"], "recipe": r["recipe"], "seed": r["seed"], "success": round(r["success"], 3),
             "iou": round(r["iou"], 3), "background_255": round(r["background"], 2),
-            "goals": "met" if not miss else "; ".join(miss), "seconds": r["seconds"]}
+            "goals": "met" if not miss else "; ".join(miss), "seconds": r["seconds"],
+            "judge_read": ", ".join(f"{k} {v}" for k, v in list(r["reads"].items())[:3])}
 
 
 def _search_rows(proto: ToyProtocol, pairs: list[EditPair], n_trials: int) -> tuple[list[dict], dict[str, float]]:
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", choices=("tuning", "evaluation"), default="tuning")
     ap.add_argument("--kind", choices=("colour", "shape"), default=None)
     ap.add_argument("--pairs", type=int, default=None, help="the first N pairs of the set (per kind)")
+    ap.add_argument("--names", nargs="+", default=None, help="only these pairs (e.g. red_circle-to-blue_circle)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set-value", action="append", default=[], help="FIELD=VALUE of FinetuneConfig")
     ap.add_argument("--out", default=None)
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [p for p in (TUNING if a.set == "tuning" else EVALUATION) if a.kind in (None, p.kind)]
     if a.pairs:
         pairs = sample(pairs, {k: a.pairs for k in ("colour", "shape")})
+    if a.names:
+        pairs = [p for p in pairs if p.name in a.names]
     over = {k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v
             for k, v in (x.split("=", 1) for x in a.set_value)}
     proto = ToyProtocol()

@@ -59,8 +59,12 @@ def test_official_pairs_and_weights():
     t = get_edit_preset("toy_circle_to_square")
     assert (t.source, t.target) == ("red circle", "red square")
     for p in list_edit_presets():  # the README recipe (our id weight 0) for real models; the toy's own
-        assert p.recipe == ("paper" if p.domain != "toy" else ("colour" if p.target.split()[1] == p.source.split()[1]
-                                                                else "shape")), p.name
+        if p.domain != "toy":
+            assert p.recipe == "paper", p.name
+        elif p.target.split()[1] == p.source.split()[1]:
+            assert p.recipe == "colour", p.name
+        else:  # a triangle has an up and a down: no up-down flips of the CLIP views
+            assert p.recipe == ("shape-upright" if "triangle" in p.source + p.target else "shape"), p.name
         assert (p.official_id is not None) == (p.domain == "face"), p.name
 
 

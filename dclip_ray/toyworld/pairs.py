@@ -1,7 +1,8 @@
 """The toy world's edit pairs and the held-out protocol the recipes are judged by (issue 20).
 
 Every colour change on every shape (4 x 3 colours x 3 shapes = 36 pairs, recipe ``colour``) and every
-shape change in every colour (3 x 2 shapes x 4 colours = 24 pairs, recipe ``shape``) are split ONCE,
+shape change in every colour (3 x 2 shapes x 4 colours = 24 pairs, recipe ``shape``, or
+``shape-upright`` to or from a triangle: :attr:`EditPair.recipe`) are split ONCE,
 before any tuning, into a tuning set and an evaluation set: a seeded shuffle (:data:`SPLIT_SEED`) of
 each kind, half and half, with the two pairs tuned before the split existed (red -> blue circle, red
 circle -> red square) forced into the tuning set. Settings are tuned on :data:`TUNING` only; the
@@ -17,6 +18,7 @@ background error is over the pixels outside both the source and the judged mask.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +33,7 @@ SPLIT_SEED = 20261202
 @dataclass(frozen=True)
 class EditPair:
     """One toy edit: ``source`` -> ``target`` texts ("red circle" -> "blue circle"), its ``kind``
-    ("colour" or "shape", which is also its recipe) and the changed attribute's values."""
+    ("colour" or "shape") and the changed attribute's values."""
 
     colour: str
     shape: str
@@ -53,6 +55,15 @@ class EditPair:
     @property
     def target_shape(self) -> str:
         return self.shape if self.kind == "colour" else self.to
+
+    @property
+    def recipe(self) -> str:
+        """The recipe a user picks for it (dclip_ray/recipes.yaml): ``colour`` for a colour change;
+        ``shape-upright`` for a shape change to or from a triangle (it has an up and a down), else
+        ``shape``."""
+        if self.kind == "colour":
+            return "colour"
+        return "shape-upright" if "triangle" in (self.shape, self.to) else "shape"
 
     @property
     def name(self) -> str:
@@ -97,23 +108,26 @@ def pair_by_name(name: str) -> EditPair:
 @dataclass(frozen=True)
 class PairResult:
     """The judged edits of one pair: success rate in [0, 1], mean IoU against the source masks, mean
-    background error in /255 units, and how many images."""
+    background error in /255 units, how many images, and what the judge read (``"blue circle": 30``)."""
 
     success: float
     iou: float
     background: float
     n: int
+    reads: dict[str, int]
 
 
 def judge_edit(pair: EditPair, edits: np.ndarray, masks: np.ndarray) -> PairResult:
     """Judge ``edits`` (float [N,3,H,W] in [-1,1] or uint8 [N,H,W,3]) of ``pair``'s source images whose
     masks are ``masks`` (bool [N,H,W])."""
-    ok, ious, bgs = [], [], []
+    ok, ious, bgs, reads = [], [], [], Counter()
     for image, mask in zip(edits, masks, strict=True):
         v = judge(image, ref_mask=mask)
+        reads[f"{v.colour} {v.shape}"] += 1
         ok.append(v.success(pair.target_colour, pair.target_shape))
         ious.append(v.iou or 0.0)
         region = ~(mask | v.mask)
         diff = np.abs(to_uint8_image(image).astype(np.float32) - np.asarray(BACKGROUND, np.float32))
         bgs.append(float(diff[region].mean()) / 255 if region.any() else 0.0)
-    return PairResult(float(np.mean(ok)), float(np.mean(ious)), float(np.mean(bgs)) * 255, len(ok))
+    return PairResult(float(np.mean(ok)), float(np.mean(ious)), float(np.mean(bgs)) * 255, len(ok),
+                      dict(reads.most_common()))

@@ -54,7 +54,7 @@ class ToyProtocol:
         return x_train, lat_train, lat_eval, np.stack([s.mask for s in held])
 
     def run(self, pair: EditPair, seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Fine-tune ``pair`` with its recipe (``pair.kind``) and ``overrides`` (FinetuneConfig fields) at
+        """Fine-tune ``pair`` with its recipe (:attr:`~dclip_ray.toyworld.pairs.EditPair.recipe`) and ``overrides`` (FinetuneConfig fields) at
         fine-tuning ``seed``; returns the :class:`~dclip_ray.toyworld.pairs.PairResult` fields, the pair,
         seed, recipe, overrides and seconds."""
         from dclip_ray.edit import generate_images
@@ -63,7 +63,7 @@ class ToyProtocol:
 
         start = time.perf_counter()
         cfg = resolve_finetune_config(pair.source, pair.target, {**(overrides or {}), "seed": seed},
-                                      {"recipe": pair.kind, "n_train": self.n_train}, preset=self.preset)
+                                      {"recipe": pair.recipe, "n_train": self.n_train}, preset=self.preset)
         x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0)
         res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
         edits = generate_images(eps_fn_of(res.unet), lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
@@ -109,7 +109,7 @@ def search_trials(proto: ToyProtocol, pair: EditPair, n_trials: int, seed: int =
     from dclip_ray.search import run_trial, trial_points
 
     cfg = resolve_finetune_config(pair.source, pair.target, {"seed": seed},
-                                  {"recipe": pair.kind, "n_train": proto.n_train}, preset=proto.preset)
+                                  {"recipe": pair.recipe, "n_train": proto.n_train}, preset=proto.preset)
     x_score = _images(sample_dataset(n_score, SCORE_SEED, colours=[pair.colour], shapes=[pair.shape]))
     rows = []
     for point in trial_points(cfg, n_trials, seed):
