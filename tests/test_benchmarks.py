@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import _common, finetune_bench, flops_bench, memory_bench, restyle_bench, utilisation_bench
+from benchmarks import (
+    _common,
+    finetune_bench,
+    flops_bench,
+    memory_bench,
+    recipes_bench,
+    restyle_bench,
+    utilisation_bench,
+)
 from benchmarks.__main__ import main
 
 
@@ -141,3 +149,14 @@ def test_finetune_quick_efficient_mode_uses_less_memory_than_full() -> None:
     assert eff and full and 0 < eff[0]["saved_mb"] < full[0]["saved_mb"] / 2, rows
     assert 0 < ratio[0]["saved_mb"] < 0.5, rows
     assert full[0]["peak_rss_growth_mb"] > 0, rows  # no warm-up hides the graph any more (secondary figure)
+
+
+@pytest.mark.slow
+def test_recipes_quick(tmp_path: Path) -> None:
+    """The held-out protocol at smoke size: one colour and one shape evaluation pair, 1 epoch, 8 images."""
+    res = recipes_bench.run(tmp_path, quick=True)
+    rows = res["tables"]["held-out pairs (evaluation set)"]
+    assert [r["recipe"] for r in rows] == ["colour", "shape-upright"] and all(r["seed"] == 0 for r in rows)
+    assert all(0 <= r["success"] <= 1 and r["goals"] for r in rows)
+    assert res["ratios"]["pairs"] == 2 and 0 <= res["ratios"]["pairs_meeting_goals_on_every_seed"] <= 2
+
