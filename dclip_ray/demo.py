@@ -15,18 +15,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dclip_ray.finetune import FinetuneConfig
+from dclip_ray.config import resolve_finetune_config
 from dclip_ray.io.images import load_image_tensor
 from dclip_ray.jobs import FinetuneJob, run_finetune
 from dclip_ray.stages.edit import EditJob, run_edit
 from dclip_ray.toyworld import judge, sample_dataset
 
-# The best red -> blue settings found on the toy world (tests/test_finetune_toyworld.py): 32/32 held-out
-# circles judged "blue circle", mean mask IoU 0.874, background error 5.1/255 at seed 0. The edge-structure
-# loss (w_edge) keeps the disc's outline where L1 alone shrinks it (IoU 0.58); the refinement stage
-# (edges at 3 scales and L1 1.5 from epoch 2) sets it in place (0.77 without it).
-DEMO_TRAIN = {"t0": 500, "n_gen_steps": 6, "epochs": 5, "lr": 5e-5, "w_l1": 0.5, "w_edge": 8.0, "aug_views": 8,
-              "aug_shift": 4, "aug_noise": 0.2, "seed": 0, "refine_from": 2, "refine_l1": 1.5, "refine_edge_scales": 3}
+# The toy world's colour recipe (dclip_ray/recipes.yaml; tests/test_finetune_toyworld.py measures it on
+# red -> blue: 31/32 held-out circles judged "blue circle", mean mask IoU 0.86, background 4.4/255 at
+# seed 0). Its edge-structure loss keeps the disc's outline where L1 alone shrinks it (IoU 0.58); the
+# refinement stage (edges at 3 scales and L1 1.5 from epoch 2) sets it in place (0.77 without it).
+DEMO_TRAIN = {"recipe": "colour", "epochs": 5, "seed": 0}
 
 
 def _write_folder(folder: Path, samples: list) -> None:
@@ -43,8 +42,8 @@ def run_demo(out: str | Path, n_train: int = 16, n_eval: int = 16, epochs: int |
     held_out = sample_dataset(n_eval, seed=202, colours=["red"], shapes=["circle"])
     _write_folder(out / "data" / "train", train)
     _write_folder(out / "data" / "held_out", held_out)
-    cfg = FinetuneConfig(source="red circle", target="blue circle",
-                         **{**DEMO_TRAIN, "n_train": n_train, **({"epochs": epochs} if epochs else {})})
+    cfg = resolve_finetune_config("red circle", "blue circle",
+                                  {**DEMO_TRAIN, "n_train": n_train, **({"epochs": epochs} if epochs else {})})
     ft = run_finetune(FinetuneJob(model="toy_shapes", images=str(out / "data" / "train"), out=str(out / "models" / "red_to_blue"),
                                   train=cfg), progress=progress)
     ed = run_edit(EditJob(model="toy_shapes", finetuned=ft["model_path"], images=str(out / "data" / "held_out"),
