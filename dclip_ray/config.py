@@ -180,6 +180,17 @@ def recipe_settings(name: str) -> dict[str, Any]:
     return out
 
 
+def preset_recipe(preset: Any, source: str, target: str) -> str | None:
+    """The recipe a model preset gives an edit that names none: the recipe of the first word of its
+    ``recipe_when_changed`` that is in the source or the target but not in both ("red circle" -> "red
+    square" changes circle and square), else its ``recipe`` (None without a preset)."""
+    changed = set(source.lower().split()) ^ set(target.lower().split())
+    for word, recipe in (getattr(preset, "recipe_when_changed", None) or {}).items():
+        if word.lower() in changed:
+            return recipe
+    return getattr(preset, "recipe", None)
+
+
 def _fill(values: dict[str, Any], more: Mapping[str, Any]) -> None:
     for name, value in more.items():
         if value is not None and name not in values:
@@ -194,7 +205,8 @@ def resolve_finetune_config(source: str, target: str, *layers: Mapping[str, Any]
     values); a missing or None value falls through to the next source. The order, the one rule of every
     command: the layers; the recipe they name (``recipe``); the edit preset's t0 (``edit_preset``, a
     bare preset line's :class:`~dclip_ray.prompts.presets.EditPreset`); the edit preset's recipe; the
-    model preset's recipe (``preset``); the model preset's t0 and loss weights; the declared default.
+    model preset's recipe for this edit (``preset``, :func:`preset_recipe`); the model preset's t0 and
+    loss weights; the declared default.
     The recipe used is recorded in the config's ``recipe``. Raises :class:`ConfigError` naming the
     setting on a bad value or an unknown name.
     """
@@ -208,10 +220,10 @@ def resolve_finetune_config(source: str, target: str, *layers: Mapping[str, Any]
     if values.get("recipe"):
         _fill(values, recipe_settings(values["recipe"]))
     _fill(values, {"t0": getattr(edit_preset, "t0", None)})
-    for origin in (edit_preset, preset):
-        if not values.get("recipe") and getattr(origin, "recipe", None):
-            values["recipe"] = origin.recipe
-            _fill(values, recipe_settings(origin.recipe))
+    for recipe in (getattr(edit_preset, "recipe", None), preset_recipe(preset, source, target)):
+        if not values.get("recipe") and recipe:
+            values["recipe"] = recipe
+            _fill(values, recipe_settings(recipe))
     _fill(values, {name: _preset_value(preset, name) for name in PRESET_RECOMMENDS})
     return FinetuneConfig(source=source, target=target, **values)
 

@@ -80,7 +80,7 @@ def test_prompt_lines_bare_presets_and_the_job_reach_the_config():
     c = finetune_config(blue, plain, TOY)
     assert (c.recipe, c.lr, c.w_edge) == ("colour", 2e-5, fields_of("colour")["w_edge"])
     assert finetune_config(g, plain, TOY).recipe == "shape"
-    assert finetune_config(tri, plain, TOY).recipe == "colour", "a line naming nothing: the model preset's"
+    assert finetune_config(tri, plain, TOY).recipe == "shape-upright", "a line naming nothing: the model preset's"
     assert finetune_config(tri, job, TOY).recipe == "shape", "the job's recipe (CLI or spec)"
     assert finetune_config(blue, job, TOY).recipe == "shape", "the job's recipe beats the preset's"
 
@@ -122,3 +122,19 @@ def test_recipes_and_presets_show_print_the_resolved_settings(capsys):
     assert d["settings"]["flip"] == "hv" and d["settings"]["views"] == 8
     assert main(["recipes", "show", "nope"]) == 1
     assert "unknown recipe 'nope'; use one of paper, colour, shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, target, recipe", [
+    ("red circle", "blue circle", "colour"), ("green square", "yellow square", "colour"),
+    ("blue circle", "blue square", "shape"), ("red square", "red circle", "shape"),
+    ("red circle", "red triangle", "shape-upright"), ("yellow triangle", "yellow square", "shape-upright"),
+    ("red circle", "blue square", "shape"),
+])
+def test_the_toy_model_gives_a_shape_change_the_shape_recipe(source, target, recipe):
+    """An edit naming no recipe: the toy model preset's recipe_when_changed picks it from the changed words,
+    so a line with the old explicit shape settings and no recipe is not mixed with the colour recipe."""
+    assert resolve_finetune_config(source, target, preset=TOY).recipe == recipe
+    old_style = {"t0": 550, "mode": "full", "n_gen_steps": 10, "lr": 1e-4, "w_clip": 5, "w_l1": 2, "aug_views": 8,
+                 "aug_shift": 4, "aug_noise": 0.1, "aug_flip": "hv"}
+    c = resolve_finetune_config("blue circle", "blue square", old_style, preset=TOY)
+    assert (c.w_edge, c.refine_from, c.aug_flip) == (0.0, 0, "hv"), "no colour-recipe edge loss in a shape edit"

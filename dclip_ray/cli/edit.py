@@ -54,8 +54,8 @@ def _print_search(found: dict[str, Any]) -> None:
   dclip-ray toyworld make-data --out toy/ --n 16 --colours red --shapes circle\n
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue\n
 Settings not given come from a recipe (`dclip-ray recipes list`): --recipe NAME, else the model preset's
-(toy_shapes: colour; the real models: paper). A shape edit names its recipe:
-  --target "red square" --recipe shape\n
+(the real models: paper; toy_shapes: colour, or shape / shape-upright when the edit changes the shape,
+e.g. --target "red square"; name one to choose: --recipe shape).\n
 A setting given beats the recipe's: --recipe shape --lr 5e-5. Search around the recipe with Ray Tune,
 scored without a judge on images not trained on (the chosen trial goes into dclip.json):
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue

@@ -77,6 +77,7 @@ class Preset(BaseModel):
     t0: int | None = None
     loss_weights: LossWeights | None = None
     recipe: str | None = None
+    recipe_when_changed: dict[str, str] = Field(default_factory=dict)
     recommended_clip: str | None = None
     face_loss: bool = False
     face_crop: str | None = None
