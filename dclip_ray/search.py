@@ -97,23 +97,13 @@ def edit_score(clip: Any, before: torch.Tensor, after: torch.Tensor, source: str
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation of two equal-length lists (average ranks for ties; nan when constant)."""
-    def ranks(v: list[float]) -> torch.Tensor:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return torch.tensor(r)
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+    """Spearman rank correlation of two equal-length lists (torchmetrics; ties get average ranks), nan
+    when either list is constant (no ranking to compare)."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return float(spearman_corrcoef(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
 
 
 def run_trial(unet: torch.nn.Module, clip: Any, x_train: torch.Tensor, x_score: torch.Tensor, schedule: Any,

@@ -94,18 +94,25 @@ def test_limit_and_strength_without_cache(ray_local, world, tmp_path, capsys):
     assert main(["verify", out, "--input", world["data"]]) == 2, "the other shards are missing"
 
 
+def restyle_with_fault(world, tmp_path, fault):
+    """Restyle shards 00000 and bad with one model on one actor whose restyler is ``fault`` (a class of
+    fault_restylers taking a flag file); returns ``(summary, out, inputs, flag)``."""
+    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
+    out, flag = str(tmp_path / "out"), tmp_path / "fault-fired"
+    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
+    inputs = os.path.join(world["data"], "{00000,bad}.tar")
+    s = run_restyle(RestyleJob(cfg, inputs, actors=1, restyler_factory=partial(fault, flag=str(flag))), progress=False)
+    return s, out, inputs, flag
+
+
 def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_local, world, tmp_path):
     """An actor killed between writing a shard and its commit marker: Ray Data retries the shard on a new
     actor, which rewrites the same names; every key ends up exactly once."""
-    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
-    from dclip_ray.stages.restyle_config import build_restyle_config
     from dclip_ray.stages.verify import verify
 
-    out, flag = str(tmp_path / "out"), tmp_path / "crashed"
-    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
-    inputs = os.path.join(world["data"], "{00000,bad}.tar")
-    s = run_restyle(RestyleJob(cfg, inputs, actors=1, restyler_factory=partial(CrashBeforeCommit, flag=str(flag))),
-                    progress=False)
+    s, out, inputs, flag = restyle_with_fault(world, tmp_path, CrashBeforeCommit)
     assert flag.exists(), "the hook killed a worker"
     assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
     report = verify(out, inputs)
@@ -116,15 +123,9 @@ def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_loca
 def test_a_row_lost_after_its_commit_still_counts_the_shards_images(ray_local, world, tmp_path):
     """An actor dying after a shard's commit and before its row returns (a node lost at that moment):
     the retried row finds the shard committed, and the summary still counts its images and errors."""
-    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
-    from dclip_ray.stages.restyle_config import build_restyle_config
     from dclip_ray.stages.verify import verify
 
-    out, flag = str(tmp_path / "out"), tmp_path / "died"
-    cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
-    inputs = os.path.join(world["data"], "{00000,bad}.tar")
-    s = run_restyle(RestyleJob(cfg, inputs, actors=1, restyler_factory=partial(DieAfterCommit, flag=str(flag))),
-                    progress=False)
+    s, out, inputs, flag = restyle_with_fault(world, tmp_path, DieAfterCommit)
     assert flag.exists(), "the hook killed a worker after a commit"
     assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
     assert [r["shard"] for r in s["shards"] if r.get("done_by")], "the retried row says who committed it"

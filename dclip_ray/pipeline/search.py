@@ -61,10 +61,11 @@ class SearchJob:
 
 def _trial(config: dict[str, Any], job: SearchJob, cfg: FinetuneConfig, x_train: torch.Tensor,
            x_score: torch.Tensor) -> None:
-    from dclip_ray.models.base import load_base, resolve_clip
+    from dclip_ray.models.base import resolve_clip
+    from dclip_ray.models.cache import cached_base
 
     torch.set_num_threads(max(1, int(job.cpus_per_trial)))
-    base = load_base(job.model, job.preset)
+    base = cached_base(job.model, job.preset)  # once per worker process, whatever the number of trials
     clip = resolve_clip(job.clip, job.clip_weights, base)
     score_clip = resolve_clip(job.score_clip, job.score_clip_weights, base) if job.score_clip else None
     row, _, _ = run_trial(base.unet, clip, x_train, x_score, base.schedule, cfg, config["point"], score_clip,

@@ -58,12 +58,13 @@ class EditPair:
 
     @property
     def recipe(self) -> str:
-        """The recipe a user picks for it (dclip_ray/recipes.yaml): ``colour`` for a colour change;
-        ``shape-upright`` for a shape change to or from a triangle (it has an up and a down), else
-        ``shape``."""
-        if self.kind == "colour":
-            return "colour"
-        return "shape-upright" if "triangle" in (self.shape, self.to) else "shape"
+        """The recipe the toy model preset gives this edit when it names none
+        (:func:`dclip_ray.config.preset_recipe`): ``colour`` for a colour change; ``shape-upright`` for a
+        shape change to or from a triangle (it has an up and a down), else ``shape``."""
+        from dclip_ray.config import preset_recipe
+        from dclip_ray.models.presets import get_preset
+
+        return str(preset_recipe(get_preset("toy_shapes"), self.source, self.target))
 
     @property
     def name(self) -> str:
