@@ -124,6 +124,10 @@ class FinetuneConfig:
                               cli="aug-blur", prompt="blur", lo=0)
     aug_flip: str = setting("", "Random flips of the augmented CLIP views: none, h (left-right), hv (both).",
                             cli="aug-flip", prompt="flip", choices=("", "h", "hv"), aliases={"none": ""})
+    adapter: Literal["full", "lora"] = setting("full", "What is trained: 'full' (every weight of a UNet copy) or "
+                                              "'lora' (low-rank adapters; saved as a small adapter on the base).",
+                                              cli="adapter", prompt="adapter", choices=("full", "lora"))
+    lora_rank: int = setting(8, "LoRA rank (--adapter lora).", cli="rank", prompt="rank", lo=1)
     seed: int = setting(0, "Random seed (CPU runs are deterministic).", cli="seed", prompt="seed", lo=0)
     grad_checkpointing: bool = setting(False, "Recompute activations in backward (less memory).",
                                        cli="grad-checkpointing")

@@ -31,6 +31,7 @@ import torch
 import torch.utils.checkpoint
 
 from dclip_ray import __version__
+from dclip_ray.adapters import add_lora, save_adapter
 from dclip_ray.callbacks import Callback, CheckpointHook, ProgressBar, StopTraining, TensorBoardLogger, emit
 from dclip_ray.config import FinetuneConfig, Mode
 from dclip_ray.diffusion import Schedule, ddim_step, generation_pairs
@@ -96,9 +97,11 @@ def init_state(base_unet: torch.nn.Module, config: FinetuneConfig) -> TrainState
     unet = copy.deepcopy(base_unet).train()
     for p in unet.parameters():
         p.requires_grad_(True)
+    if config.adapter == "lora":  # only the adapters train (dclip_ray.adapters)
+        add_lora(unet, config.lora_rank)
     if config.grad_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
-    opt = torch.optim.Adam(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.lr_gamma)
     return TrainState(unet, opt, sched, torch.Generator().manual_seed(config.seed))
 
@@ -314,11 +317,14 @@ def save_finetuned(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result.unet.save_pretrained(out, safe_serialization=True)
+    if config.adapter == "lora":
+        save_adapter(result.unet, out)  # the base stays where it is: the card names it and its sha256
+    else:
+        result.unet.save_pretrained(out, safe_serialization=True)
     if schedule_config is not None:
         (out / "scheduler_config.json").write_text(json.dumps(schedule_config, indent=2))
     card = {
-        "format": "dclip-ray/finetuned-unet/1",
+        "format": "dclip-ray/lora-adapter/1" if config.adapter == "lora" else "dclip-ray/finetuned-unet/1",
         "source": config.source,
         "target": config.target,
         "config": asdict(config),

@@ -65,3 +65,37 @@ def test_save_load_and_merge_give_the_trained_output(base, tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(InputFileError, match="cannot read the adapter"):
         apply_adapter(base, tmp_path / "b")
+
+
+def test_lora_finetuning_trains_saves_a_small_adapter_and_loads_on_its_base(base, tmp_path):
+    """`--adapter lora` end to end at tiny size: only the adapter trains; the folder holds the adapter
+    (a few % of the UNet) and the card; load_unet puts it on the card's base, as restyle/edit load it."""
+    import os
+
+    from dclip_ray.config import resolve_finetune_config
+    from dclip_ray.diffusion import schedule_from_config
+    from dclip_ray.edit import invert_images
+    from dclip_ray.finetune import finetune, save_finetuned
+    from dclip_ray.models import eps_fn_of, load_clip, load_schedule_config
+    from dclip_ray.toyworld import sample_dataset
+
+    samples = sample_dataset(2, seed=101, colours=["red"], shapes=["circle"])
+    import numpy as np
+
+    x0 = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    sched = schedule_from_config(load_schedule_config("toy_shapes"))
+    cfg = resolve_finetune_config("red circle", "blue circle", {"recipe": "colour", "adapter": "lora", "lora_rank": 4,
+                                                                "epochs": 1, "n_gen_steps": 2, "refine_from": 0})
+    lat = invert_images(eps_fn_of(base), x0, cfg.t0, 8, sched)
+    res = finetune(base, load_clip("toy_clip"), x0, lat, sched, cfg)
+    frozen = {n: p for n, p in res.unet.named_parameters() if "lora_" not in n}
+    base_params = dict(base.named_parameters())
+    assert all(torch.equal(p, base_params[n.replace(".base_layer", "")]) for n, p in frozen.items()), "the base is frozen"
+    out = save_finetuned(res, tmp_path / "ft", cfg, base, extra={"base_model": "toy_shapes"})
+    files = {f: os.path.getsize(out / f) for f in os.listdir(out)}
+    assert "adapter_model.safetensors" in files and "diffusion_pytorch_model.safetensors" not in files
+    full = sum(p.numel() * 4 for p in base.parameters())
+    assert files["adapter_model.safetensors"] < 0.2 * full
+    loaded = load_unet(str(out))
+    assert torch.allclose(_out(loaded), _out(res.unet), atol=1e-4), "the saved adapter is the trained one"
+    assert not torch.allclose(_out(loaded), _out(base), atol=1e-4)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dclip_ray.adapters import apply_adapter, is_adapter
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.models.trust import is_trusted
 
@@ -194,6 +195,16 @@ def _resolve_preset_src(src: str) -> tuple[str, Preset]:
     return path, p
 
 
+def _load_adapter_folder(local: str, src: str, trust_checkpoint: bool) -> UNet2DModel:
+    """A LoRA folder (``finetune --adapter lora``): its card's base model with the adapter merged in."""
+    try:
+        base_src = json.loads((Path(local) / "dclip.json").read_text())["base_model"]
+    except (OSError, ValueError, KeyError):
+        raise InputFileError(f"{src}: an adapter folder without a dclip.json naming its base model; re-run "
+                             "finetune --adapter lora") from None
+    return apply_adapter(load_unet(base_src, trust_checkpoint=trust_checkpoint), local)
+
+
 def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = False) -> UNet2DModel:
     """Load a pixel-space diffusion UNet as a diffusers ``UNet2DModel`` in eval mode.
 
@@ -210,7 +221,9 @@ def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = Fals
         src, own = _resolve_preset_src(src)
         p = p or own
     with local_copy(src) as local:
-        if os.path.isdir(local):
+        if os.path.isdir(local) and is_adapter(local):
+            model = _load_adapter_folder(local, src, trust_checkpoint)
+        elif os.path.isdir(local):
             model = _load_diffusers_folder(local, src)
         else:
             sd = read_state_dict(local, trust_checkpoint)
