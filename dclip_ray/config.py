@@ -169,12 +169,14 @@ def _preset_value(preset: Any, name: str) -> Any:
     return getattr(getattr(preset, "loss_weights", None), attr, None)
 
 
-def recipe_settings(name: str) -> dict[str, Any]:
-    """The recipe ``name``'s settings as ``{FinetuneConfig field: value}``, each checked by its declared
-    rule (:class:`ConfigError` naming the recipe and the key otherwise)."""
+def recipe_settings(name: str, adapter: str | None = None) -> dict[str, Any]:
+    """The recipe ``name``'s settings as ``{FinetuneConfig field: value}`` (with its ``lora`` values when
+    ``adapter`` is "lora"), each checked by its declared rule (:class:`ConfigError` naming the recipe
+    and the key otherwise)."""
     by_key = {s.prompt: s for s in settings_of(FinetuneConfig) if s.prompt}
     out = {}
-    for key, value in get_recipe(name).settings.items():
+    recipe = get_recipe(name)
+    for key, value in {**recipe.settings, **(recipe.lora if adapter == "lora" else {})}.items():
         if key not in by_key or key == "recipe":
             raise ConfigError(f"recipe {name!r}: unknown setting {key!r}; use prompt-line keys ({', '.join(by_key)})")
         try:
@@ -222,12 +224,12 @@ def resolve_finetune_config(source: str, target: str, *layers: Mapping[str, Any]
             raise ConfigError(f"unknown fine-tuning setting {sorted(unknown)[0]!r}; use one of {', '.join(sorted(known))}")
         _fill(values, layer or {})
     if values.get("recipe"):
-        _fill(values, recipe_settings(values["recipe"]))
+        _fill(values, recipe_settings(values["recipe"], values.get("adapter")))
     _fill(values, {"t0": getattr(edit_preset, "t0", None)})
     for recipe in (getattr(edit_preset, "recipe", None), preset_recipe(preset, source, target)):
         if not values.get("recipe") and recipe:
             values["recipe"] = recipe
-            _fill(values, recipe_settings(recipe))
+            _fill(values, recipe_settings(recipe, values.get("adapter")))
     _fill(values, {name: _preset_value(preset, name) for name in PRESET_RECOMMENDS})
     return FinetuneConfig(source=source, target=target, **values)
 

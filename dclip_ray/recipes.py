@@ -22,13 +22,15 @@ RECIPES_FILE = Path(__file__).with_name("recipes.yaml")
 
 @dataclass(frozen=True)
 class Recipe:
-    """One recipe: ``settings`` maps prompt-line keys to values; ``help`` says what it is for and
-    ``tuned_on`` where its values come from."""
+    """One recipe: ``settings`` maps prompt-line keys to values; ``lora``: the keys whose value differs
+    when the adapter is LoRA (e.g. a larger lr); ``help`` says what it is for and ``tuned_on`` where its
+    values come from."""
 
     name: str
     help: str
     tuned_on: str
     settings: dict[str, Any]
+    lora: dict[str, Any]
 
 
 @lru_cache(maxsize=1)
@@ -42,7 +44,7 @@ def _load() -> dict[str, Recipe]:
         if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
             raise ConfigError(f"{RECIPES_FILE}: recipe {name!r} needs a 'settings' mapping; fix the table")
         out[str(name)] = Recipe(str(name), str(entry.get("help", "")).strip(), str(entry.get("tuned_on", "")),
-                                dict(entry["settings"]))
+                                dict(entry["settings"]), dict(entry.get("lora") or {}))
     return out
 
 
