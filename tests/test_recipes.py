@@ -142,8 +142,8 @@ def test_the_toy_model_gives_a_shape_change_the_shape_recipe(source, target, rec
 
 def test_a_lora_run_takes_the_recipes_lora_values():
     c = resolve_finetune_config("a", "b", {"adapter": "lora"}, preset=TOY)  # the model preset's recipe
-    assert (c.recipe, c.adapter, c.lr) == ("colour", "lora", get_recipe("colour").lora["lr"])
+    assert (c.recipe, c.adapter, c.lr) == ("colour", "lora", float(get_recipe("colour").lora["lr"]))
     assert resolve_finetune_config("a", "b", {"adapter": "lora", "lr": 1e-4}, preset=TOY).lr == 1e-4, "given beats it"
     assert resolve_finetune_config("a", "b", preset=TOY).lr == fields_of("colour")["lr"], "full fine-tuning: unchanged"
     sq = resolve_finetune_config("a", "b", {"recipe": "shape"}, {"adapter": "lora"})
-    assert sq.lr == get_recipe("shape").lora["lr"] and sq.mode == "full"
+    assert sq.lr == float(get_recipe("shape").lora["lr"]) and sq.mode == "full"
