@@ -99,3 +99,42 @@ def test_lora_finetuning_trains_saves_a_small_adapter_and_loads_on_its_base(base
     loaded = load_unet(str(out))
     assert torch.allclose(_out(loaded), _out(res.unet), atol=1e-4), "the saved adapter is the trained one"
     assert not torch.allclose(_out(loaded), _out(base), atol=1e-4)
+
+
+def test_edit_and_a_mix_run_over_adapter_folders(base, tmp_path):
+    """`edit` (restyle on one machine) with a LoRA folder, and an eq. 14 mix of a LoRA folder and a full
+    model: adapters load onto the base through load_unet, the base check reads the card."""
+    import copy
+    import json
+
+    import yaml
+
+    from dclip_ray.config import FinetuneConfig
+    from dclip_ray.finetune import FinetuneResult, save_finetuned
+    from dclip_ray.stages.edit import EditJob, run_edit
+    from dclip_ray.toyworld.data import write_shards
+
+    unet = add_lora(copy.deepcopy(base), rank=2)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    cfg = FinetuneConfig("red circle", "blue circle", t0=200, adapter="lora", lora_rank=2)
+    lora = save_finetuned(FinetuneResult(unet, [], 0.0, 0), tmp_path / "lora", cfg, base,
+                          extra={"base_model": "toy_shapes"})
+    full = save_finetuned(FinetuneResult(copy.deepcopy(base), [], 0.0, 0), tmp_path / "full",
+                          FinetuneConfig("red circle", "red square", t0=200), base, extra={"base_model": "toy_shapes"})
+    data = str(tmp_path / "toy")
+    write_shards(data, 4, seed=3, shard_size=4, colours=["red"], shapes=["circle"])
+    from dclip_ray.config import RestyleSettings
+
+    settings = RestyleSettings(n_inv_steps=4, n_gen_steps=4, batch_size=4)
+    res = run_edit(EditJob(model="toy_shapes", finetuned=str(lora), images=data, out=str(tmp_path / "e1"),
+                           settings=settings), progress=False)
+    assert res["n_edited"] == 4
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"models": [str(lora), str(full)], "gamma": {"type": "constant", "weights": [0.5, 0.5]}}))
+    res = run_edit(EditJob(model="toy_shapes", finetuned=None, mix=str(mix), images=data, out=str(tmp_path / "e2"),
+                           settings=settings), progress=False)
+    assert res["n_edited"] == 4
+    assert json.loads((lora / "dclip.json").read_text())["format"] == "dclip-ray/lora-adapter/1"
