@@ -57,8 +57,9 @@ Settings not given come from a recipe (`dclip-ray recipes list`): --recipe NAME,
 (the real models: paper; toy_shapes: colour, or shape / shape-upright when the edit changes the shape,
 e.g. --target "red square"; name one to choose: --recipe shape).\n
 A setting given beats the recipe's: --recipe shape --lr 5e-5. LoRA adapters instead of a full copy
-(a small adapter file; the recipe's LoRA learning rate): --adapter lora --rank 8. Search around the recipe with Ray Tune,
-scored without a judge on images not trained on (the chosen trial goes into dclip.json):
+(a small adapter file; the recipe's LoRA learning rate): --adapter lora --rank 8.\n
+Search around the recipe with Ray Tune, scored without a judge on images not trained on (the chosen
+trial goes into dclip.json):
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue
   --n-train 8 --search --search-trials 8 --search-images 8\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
