@@ -181,7 +181,8 @@ def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
     if job.finetuned:
         check_base_model(base.sha256, job.model, [job.finetuned])
         t0_edit = t0_edit or edit_t0(None, [job.finetuned], fallback=job.t0)
-        ft_eps = strength_eps_fn(eps_fn_of(base.unet), eps_fn_of(load_unet(job.finetuned)), job.strength)
+        ft_eps = strength_eps_fn(eps_fn_of(base.unet), eps_fn_of(load_unet(job.finetuned, base_unet=base.unet)),
+                                job.strength)
     if not 1 <= job.t0 < base.schedule.num_timesteps:
         raise ConfigError(f"--t0 {job.t0} must be in [1, {base.schedule.num_timesteps - 1}]")
     keys, x0, errors = read_images(job.images, base.resolution, job.limit)

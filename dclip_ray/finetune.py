@@ -31,7 +31,7 @@ import torch
 import torch.utils.checkpoint
 
 from dclip_ray import __version__
-from dclip_ray.adapters import add_lora, save_adapter
+from dclip_ray.adapters import ADAPTER_FORMAT, add_lora, save_adapter
 from dclip_ray.callbacks import Callback, CheckpointHook, ProgressBar, StopTraining, TensorBoardLogger, emit
 from dclip_ray.config import FinetuneConfig, Mode
 from dclip_ray.diffusion import Schedule, ddim_step, generation_pairs
@@ -324,7 +324,7 @@ def save_finetuned(
     if schedule_config is not None:
         (out / "scheduler_config.json").write_text(json.dumps(schedule_config, indent=2))
     card = {
-        "format": "dclip-ray/lora-adapter/1" if config.adapter == "lora" else "dclip-ray/finetuned-unet/1",
+        "format": ADAPTER_FORMAT if config.adapter == "lora" else "dclip-ray/finetuned-unet/1",
         "source": config.source,
         "target": config.target,
         "config": asdict(config),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dclip_ray.adapters import ADAPTER_FORMAT
 from dclip_ray.diffusion import Schedule, schedule_from_config
 from dclip_ray.errors import ConfigError, DclipWarning, InputFileError
 from dclip_ray.hashing import state_dict_sha256
@@ -100,10 +101,14 @@ def edit_t0(explicit: int | None, folders: list[str], preset: Any = None, fallba
 
 def check_base_model(base_sha256: str, base_name: str, folders: list[str]) -> None:
     """Warn (one :class:`DclipWarning` line) for each fine-tuned folder whose card names another base
-    model's sha256 than ``base_sha256``: its edits would start from latents of a model it never saw."""
+    model's sha256 than ``base_sha256``: its edits would start from latents of a model it never saw. A
+    LoRA adapter folder of another base is refused (ConfigError): it means nothing on other weights."""
     for f in folders:
         card = read_card(f)
         other = card.get("base_model_sha256")
+        if card.get("format") == ADAPTER_FORMAT and other != base_sha256:
+            raise ConfigError(f"{f} is a LoRA adapter of another base model (sha256 {str(other)[:12]}...) than "
+                              f"{base_name} ({base_sha256[:12]}...); pass the base it was trained on")
         if other not in (None, base_sha256):
             warnings.warn(f"{f} was fine-tuned from another base model (sha256 {str(other)[:12]}...) than "
                           f"{base_name} ({base_sha256[:12]}...); pass the base it was trained from", DclipWarning,

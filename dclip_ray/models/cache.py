@@ -6,17 +6,23 @@ once keeps it (and the sha256 of its weights) for its lifetime.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 
+from dclip_ray.adapters import AdapterBank, adapter_sha256, check_adapter_base, is_adapter
 from dclip_ray.hashing import state_dict_sha256
+from dclip_ray.urls import redact
 
 from .base import BaseModel, load_base
 from .trust import trust_scope
-from .unet import load_unet
+from .unet import eps_fn_of, load_unet, local_copy
 
 _BASES: dict[tuple[str, str | None], BaseModel] = {}
 _UNETS: dict[str, torch.nn.Module] = {}
 _SHAS: dict[str, str] = {}
+_BANKS: dict[tuple[str, str | None, str], tuple[AdapterBank, dict[str, int]]] = {}
 
 
 def cached_base(model: str, preset: str | None = None, device: str = "cpu", trust_checkpoint: bool = False,
@@ -44,5 +50,33 @@ def cached_unet_sha256(src: str, device: str = "cpu", trust_checkpoint: bool = F
     """sha256 of a fine-tuned UNet's weights (:func:`dclip_ray.hashing.state_dict_sha256`), computed
     once per process."""
     if src not in _SHAS:
-        _SHAS[src] = state_dict_sha256(cached_unet(src, device, trust_checkpoint))
+        with local_copy(src) as local:
+            adapter = os.path.isdir(local) and is_adapter(local)
+            if adapter:  # named by its base, config and LoRA weights: no merged copy to hash
+                _SHAS[src] = adapter_sha256(local)
+        if not adapter:
+            _SHAS[src] = state_dict_sha256(cached_unet(src, device, trust_checkpoint))
     return _SHAS[src]
+
+
+def model_eps_fns(base_src: str, preset: str | None, base: BaseModel, finetuned: list[str], device: str = "cpu",
+                  trust_checkpoint: bool = False) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The noise predictions of the base (index 0) and each fine-tuned model (1..M), loaded once per
+    process: full fine-tuned UNets each as their own module; LoRA adapter folders all on ONE
+    :class:`~dclip_ray.adapters.AdapterBank` over ``base`` (refused when their card names another base).
+    ``base_src``/``preset``: the base's source, the bank's cache key."""
+    fns = [eps_fn_of(base.unet)]
+    bank_key = (base_src, preset, device)
+    for src in finetuned:
+        with local_copy(src) as local:
+            if os.path.isdir(local) and is_adapter(local):
+                check_adapter_base(local, base.sha256, redact(base_src))
+                if bank_key not in _BANKS:
+                    _BANKS[bank_key] = (AdapterBank(base.unet), {})
+                bank, index = _BANKS[bank_key]
+                if src not in index:
+                    index[src] = bank.add(local)
+                fns.append(bank.eps_fn(index[src]))
+                continue
+        fns.append(eps_fn_of(cached_unet(src, device, trust_checkpoint)))
+    return fns

@@ -195,17 +195,24 @@ def _resolve_preset_src(src: str) -> tuple[str, Preset]:
     return path, p
 
 
-def _load_adapter_folder(local: str, src: str, trust_checkpoint: bool) -> UNet2DModel:
-    """A LoRA folder (``finetune --adapter lora``): its card's base model with the adapter merged in."""
-    try:
-        base_src = json.loads((Path(local) / "dclip.json").read_text())["base_model"]
-    except (OSError, ValueError, KeyError):
-        raise InputFileError(f"{src}: an adapter folder without a dclip.json naming its base model; re-run "
-                             "finetune --adapter lora") from None
-    return apply_adapter(load_unet(base_src, trust_checkpoint=trust_checkpoint), local)
+def _load_adapter_folder(local: str, src: str, trust_checkpoint: bool, base_unet: torch.nn.Module | None) -> UNet2DModel:
+    """A LoRA folder (``finetune --adapter lora``): ``base_unet`` (else the base its card names) with the
+    adapter merged in."""
+    if base_unet is None:
+        try:
+            base_src = json.loads((Path(local) / "dclip.json").read_text())["base_model"]
+        except (OSError, ValueError, KeyError):
+            raise InputFileError(f"{src}: an adapter folder without a dclip.json naming its base model; re-run "
+                                 "finetune --adapter lora") from None
+        if not (os.path.exists(base_src) or is_preset(base_src) or _is_url(base_src)):
+            raise InputFileError(f"{src}: its base model {base_src} (as named when it was trained) is not there "
+                                 "from here; pass the base model (--model/--base)")
+        base_unet = load_unet(base_src, trust_checkpoint=trust_checkpoint)
+    return apply_adapter(base_unet, local)
 
 
-def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = False) -> UNet2DModel:
+def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = False,
+              base_unet: torch.nn.Module | None = None) -> UNet2DModel:
     """Load a pixel-space diffusion UNet as a diffusers ``UNet2DModel`` in eval mode.
 
     ``src``: a diffusers folder (local path or fsspec URL; a pipeline snapshot with a ``unet/``
@@ -213,7 +220,9 @@ def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = Fals
     ``.pt`` (guided-diffusion, converted on load), a ``.safetensors`` state dict, or the name of a
     preset with bundled weights (e.g. ``toy_shapes``). The format is detected from the keys;
     ``preset`` (a name or a preset ``.yaml`` path) gives the architecture for raw checkpoints.
-    Pickles that need more than tensors load only with ``trust_checkpoint=True``.
+    Pickles that need more than tensors load only with ``trust_checkpoint=True``. A LoRA adapter folder
+    loads onto ``base_unet`` (else the base its card names), merged; check its base first
+    (:func:`dclip_ray.adapters.check_adapter_base`).
     Raises InputFileError / ConfigError with a one-line message on bad input.
     """
     p = get_preset(preset) if preset else None
@@ -222,7 +231,7 @@ def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = Fals
         p = p or own
     with local_copy(src) as local:
         if os.path.isdir(local) and is_adapter(local):
-            model = _load_adapter_folder(local, src, trust_checkpoint)
+            model = _load_adapter_folder(local, src, trust_checkpoint, base_unet)
         elif os.path.isdir(local):
             model = _load_diffusers_folder(local, src)
         else:

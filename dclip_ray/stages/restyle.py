@@ -35,7 +35,7 @@ from dclip_ray.io.shards import ShardWriter, read_marker, remove_temporaries, sh
 from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
-from dclip_ray.models.cache import cached_base, cached_unet, cached_unet_sha256
+from dclip_ray.models.cache import cached_base, cached_unet_sha256, model_eps_fns
 from dclip_ray.urls import redact
 
 from .common import CountingEps, RestyleResult, lease_text
@@ -179,7 +179,8 @@ class _ShardState:
 
 
 class ShardRestyler:
-    """Loads the base and fine-tuned models once; :meth:`run` restyles one whole input shard.
+    """Loads the base and fine-tuned models once (LoRA adapters share one working copy of the base:
+    :func:`~dclip_ray.models.cache.model_eps_fns`); :meth:`run` restyles one whole input shard.
 
     For each image and each distinct t0 of the variants: the cached latent when the store has it (same
     model hash, t0, steps, size, policy) for exactly these image bytes, else ONE inversion with the base
@@ -193,13 +194,13 @@ class ShardRestyler:
         self.cfg = cfg
         known = cfg.model_sha256s[0] if cfg.model_sha256s else None  # the driver hashed the models once
         self.base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint, sha256=known)
-        self.models = [self.base.unet] + [cached_unet(f, cfg.device, cfg.trust_checkpoint) for f in cfg.finetuned]
+        eps_fns = model_eps_fns(cfg.base, cfg.preset, self.base, cfg.finetuned, cfg.device, cfg.trust_checkpoint)
         self.shas = model_shas(cfg)
         self.hashes = [cfg.variant_hash(v, self.shas) for v in cfg.variants]
         self.stores = {t0: (find_latent_store(cfg.latents, self.shas[0], t0, cfg.n_inv_steps, self.base.resolution,
                                               cfg.resize_policy) if cfg.latents else None) for t0 in cfg.t0s()}
         self.inv_eps = CountingEps(eps_fn_of(self.base.unet))
-        self.model_eps = [CountingEps(eps_fn_of(m)) for m in self.models]
+        self.model_eps = [CountingEps(f) for f in eps_fns]
         self.variant_eps = [mixed_eps_fn([self.model_eps[i] for i in v.models], gamma_of(v),
                                          self.base.schedule.num_timesteps) for v in cfg.variants]
         routed = [s for v in cfg.variants if cfg.routes(v) for s in v.sources]
