@@ -43,9 +43,11 @@ def settings(quick: bool) -> dict[str, Any]:
     """Sizes of one run: full (``make bench``) or quick (smoke test)."""
     if quick:
         return {"n_images": 8, "shard_size": 4, "n_baseline": 2, "steps": 3, "batches": [1, 4],
-                "count_steps": 5, "count_k": [1, 3], "cache_k": 3, "t0": T0}
+                "count_steps": 5, "count_k": [1, 3], "cache_k": 3, "t0": T0, "scale_images": 16, "ceiling_forwards": 3,
+                "ceiling_shards": 1}
     return {"n_images": 128, "shard_size": 32, "n_baseline": 8, "steps": 10, "batches": [1, 8, 32],
-            "count_steps": 40, "count_k": [1, 3, 10], "cache_k": 3, "t0": T0}
+            "count_steps": 40, "count_k": [1, 3, 10], "cache_k": 3, "t0": T0, "scale_images": 768,
+            "ceiling_forwards": 60, "ceiling_shards": 6}
 
 
 def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: int, n_gen: int, limit: int,
@@ -190,10 +192,21 @@ def _cache(tmp: Path, inputs: str, s: dict[str, Any]) -> tuple[list[dict], dict]
                   "cached_over_inverted_in_process_K3": best["cached"] / best["inverted"]}
 
 
-def _scaling(tmp: Path, inputs: str, s: dict[str, Any], models: list[str]) -> tuple[list[dict], dict]:
+def _window_ips(summary: dict[str, Any]) -> float:
+    """Steady-state images/s of a restyle: its images over the span from the first shard's start to the
+    last shard's end (job start-up and actor start-up left out; the tail where one actor finishes alone
+    is kept)."""
+    done = [r for r in summary["shards"] if r.get("started")]
+    span = max(r["started"] + r["seconds"] for r in done) - min(r["started"] for r in done)
+    return sum(r["n_ok"] for r in done) / span
+
+
+def _scaling(tmp: Path, s: dict[str, Any], models: list[str]) -> tuple[list[dict], dict]:
     steps, b = s["steps"], max(s["batches"])
-    rows, res = [], {}
-    # the fixed cost of a job (actor start, model load, Ray Data start): a one-image, one-step restyle
+    inputs = c.toy_shards(tmp, s["scale_images"], s["shard_size"], seed=11)
+    rows, e2e, steady = [], {}, {}
+    # the fixed cost of a job (actor start, model load, Ray Data start): a one-image, one-step restyle;
+    # it also warms Ray Data up, so that neither measured run pays for the first job's start
     one = c.toy_shards(tmp, 1, 1, seed=7)
     tiny, tiny_wall = c.restyle(one, str(tmp / "scale_empty"), models[:1], s["t0"], 2, 2, 1, actors=1)
     startup = tiny_wall - c.inside_seconds(tiny)
@@ -202,23 +215,30 @@ def _scaling(tmp: Path, inputs: str, s: dict[str, Any], models: list[str]) -> tu
                                   actors=actors)
         inside = c.inside_seconds(summary)
         calls = len([r for r in summary["shards"] if not r.get("skipped")])
-        res[actors] = summary["n_images"] / wall
+        e2e[actors], steady[actors] = summary["n_images"] / wall, _window_ips(summary)
         rows.append({"actors": actors, "cpus_per_actor": 0.5, "torch_threads_per_actor": 1, "batch": b,
                      "images": summary["n_images"], "shard_calls": calls, "wall_s": round(wall, 3),
-                     "inside_s": round(inside, 3), "images_per_s": round(res[actors], 3),
-                     "job_startup_s": round(startup, 3),
+                     "inside_s": round(inside, 3), "images_per_s": round(e2e[actors], 3),
+                     "steady_images_per_s": round(steady[actors], 3), "job_startup_s": round(startup, 3),
                      "overhead_per_call_s": round((wall - startup - inside) / calls, 3) if actors == 1 else "",
                      "overhead_share": round(1 - inside / (wall * actors), 3)})
-    rows.append({"actors": "2/1", "cpus_per_actor": "", "torch_threads_per_actor": "", "batch": b, "images": "",
-                 "shard_calls": "", "wall_s": "", "inside_s": "", "images_per_s": round(res[2] / res[1], 3),
-                 "job_startup_s": "", "overhead_per_call_s": "", "overhead_share": ""})
-    ceiling = machine_scaling(3 if s["steps"] < 10 else 20)
-    rows.append({"actors": "2/1 machine ceiling (2 plain processes, no Ray)", "cpus_per_actor": "",
-                 "torch_threads_per_actor": 1, "batch": 32, "images": "", "shard_calls": "", "wall_s": "",
-                 "inside_s": "", "images_per_s": round(ceiling, 3), "job_startup_s": "", "overhead_per_call_s": "",
-                 "overhead_share": ""})
-    return rows, {"two_actors_over_one": res[2] / res[1], "two_processes_over_one_no_ray": ceiling,
-                  "job_startup_s": startup,
+    unet_ceiling = machine_scaling(s["ceiling_forwards"])
+    ceiling = restyle_scaling(inputs, tmp, models[:1], steps, b, s["ceiling_shards"])
+    ratio_e2e, ratio_steady = e2e[2] / e2e[1], steady[2] / steady[1]
+    blank = {k: "" for k in rows[0]}
+    rows.append({**blank, "actors": "2/1", "batch": b, "images_per_s": round(ratio_e2e, 3),
+                 "steady_images_per_s": round(ratio_steady, 3)})
+    rows.append({**blank, "actors": "2/1 machine ceiling: the same restyle in 2 plain processes, no Ray",
+                 "torch_threads_per_actor": 1, "batch": b, "images_per_s": round(ceiling, 3),
+                 "steady_images_per_s": round(ceiling, 3)})
+    rows.append({**blank, "actors": "2/1 machine ceiling: toy-UNet forwards in 2 plain processes",
+                 "torch_threads_per_actor": 1, "batch": 32, "images_per_s": round(unet_ceiling, 3),
+                 "steady_images_per_s": round(unet_ceiling, 3)})
+    rows.append({**blank, "actors": "share of the (restyle) ceiling", "images_per_s": round(ratio_e2e / ceiling, 3),
+                 "steady_images_per_s": round(ratio_steady / ceiling, 3)})
+    return rows, {"two_actors_over_one": ratio_e2e, "two_actors_over_one_steady": ratio_steady,
+                  "two_processes_over_one_no_ray": ceiling, "two_unet_loops_over_one": unet_ceiling, "share_of_ceiling_end_to_end": ratio_e2e / ceiling,
+                  "share_of_ceiling_steady": ratio_steady / ceiling, "job_startup_s": startup,
                   "ray_overhead_per_call_s_1actor": float(rows[0]["overhead_per_call_s"])}
 
 
@@ -237,22 +257,53 @@ def unet_loop_seconds(n_forwards: int, batch: int = 32) -> float:
     return time.perf_counter() - start
 
 
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.restyle_bench", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+
+
+def _seconds(p: subprocess.Popen) -> float:
+    out, _ = p.communicate()
+    return float(out.strip().splitlines()[-1])
+
+
 def machine_scaling(n_forwards: int) -> float:
     """The machine's own ceiling for item 5, without Ray: throughput of two 1-thread processes running
     the toy UNet at once over one process alone (2.0 on two free cores)."""
-    def spawn() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "benchmarks.restyle_bench", str(n_forwards)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                cwd=str(Path(__file__).resolve().parents[1]))
+    alone = _seconds(_spawn(str(n_forwards)))
+    pair = [_spawn(str(n_forwards)), _spawn(str(n_forwards))]
+    return 2 * alone / max(_seconds(p) for p in pair)
 
-    def seconds(p: subprocess.Popen) -> float:
-        out, _ = p.communicate()
-        return float(out.strip().splitlines()[-1])
 
-    alone = seconds(spawn())
-    pair = [spawn(), spawn()]
-    both = max(seconds(p) for p in pair)
-    return 2 * alone / both
+def plain_restyle_seconds(inputs: str, out: str, models: list[str], shards: list[str], steps: int, batch: int,
+                          t0: int = T0) -> float:
+    """Seconds for this process (1 torch thread, no Ray) to restyle ``shards`` of ``inputs`` with the
+    restyler the actors run (models loaded before the clock starts)."""
+    from dclip_ray.stages.inputs import input_shards
+    from dclip_ray.stages.restyle import ShardRestyler
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
+    torch.set_num_threads(1)
+    cfg = build_restyle_config(out, models=models, t0=t0, n_inv_steps=steps, n_gen_steps=steps, batch_size=batch)
+    restyler = ShardRestyler(cfg)
+    paths = dict(input_shards(inputs))
+    start = time.perf_counter()
+    for name in shards:
+        restyler.run(name, paths[name])
+    return time.perf_counter() - start
+
+
+def restyle_scaling(inputs: str, tmp: Path, models: list[str], steps: int, batch: int, n_shards: int) -> float:
+    """The machine's ceiling for the restyle work itself, without Ray: two plain 1-thread processes each
+    restyling ``n_shards`` shards at once, over one process restyling ``n_shards`` alone."""
+    from dclip_ray.stages.inputs import input_shards
+
+    names = [n for n, _ in input_shards(inputs)]
+    first, second = ",".join(names[:n_shards]), ",".join(names[n_shards:2 * n_shards])
+    common = [inputs, ",".join(models), str(steps), str(batch)]
+    alone = _seconds(_spawn("restyle", str(tmp / "ceil_alone"), first, *common))
+    pair = [_spawn("restyle", str(tmp / "ceil_a"), first, *common), _spawn("restyle", str(tmp / "ceil_b"), second, *common)]
+    return 2 * alone / max(_seconds(p) for p in pair)
 
 
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
@@ -267,7 +318,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             tp_rows, r1 = _throughput(tmp, inputs, s, models)
             count_rows, r2 = _counts(tmp, s)
             cache_rows, r3 = _cache(tmp, inputs, s)
-            scale_rows, r5 = _scaling(tmp, inputs, s, models)
+            scale_rows, r5 = _scaling(tmp, s, models)
         finally:
             c.ray_stop()
     settings_out = {**s, "machine": c.machine(), "model": "toy_shapes (bundled toy UNet, 1.1 M params, 32x32); "
@@ -280,4 +331,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(unet_loop_seconds(int(sys.argv[1])))
+    if sys.argv[1] == "restyle":  # restyle OUT SHARDS INPUTS MODELS STEPS BATCH (restyle_scaling)
+        out, names, inputs, models, steps, batch = sys.argv[2:8]
+        print(plain_restyle_seconds(inputs, out, models.split(","), names.split(","), int(steps), int(batch)))
+    else:
+        print(unet_loop_seconds(int(sys.argv[1])))

@@ -160,6 +160,15 @@ def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]]
             r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
 
 
+def _pool(n: int) -> Any:
+    """The actor pool: all ``n`` actors start at once (growing from 1 on demand started the second actor
+    only after the first had finished a shard), a smaller pool still runs when the cluster fits fewer,
+    and an actor holds one shard at a time (queueing shards on the first actor up left the late ones
+    idle at the end)."""
+    n = max(1, n)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n, max_tasks_in_flight_per_actor=1)
+
+
 def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     """Restyle every uncommitted input shard. Returns ``{"outputs", "shards", "n_images", "n_errors",
     "inv_evals", "gen_evals", "failed", "stuck"}``; ``stuck`` names the shards that gave no result within
@@ -184,7 +193,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(GeneratorActor, batch_size=1,
                             fn_constructor_args=(actor_cfg, job.cpus_per_actor, job.shard_timeout, new_owner(), factory),
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.actors, len(todo)))),
+                            compute=_pool(min(job.actors, len(todo))),
                             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
         with tqdm(total=len(todo), desc="restyle shards", disable=not progress) as bar:
             for row in ds.iter_rows():

@@ -61,8 +61,8 @@ class RestyleResult(ShardResult):
     """:class:`ShardResult` of restyle: evaluations (images x network calls) of inversion and generation,
     latents taken from the cache, cached latents not used because their image changed (``n_stale``),
     (variant, image) pairs a routed restyle passed over (``n_routed``: skipped rows; ``n_ok`` then counts
-    the keys done in every output: written there or routed away), and
-    the Ray layer's ``failed`` / ``stuck`` reasons (empty when none)."""
+    the keys done in every output: written there or routed away), the Ray layer's ``failed`` / ``stuck``
+    reasons (empty when none), and when the work began (``started``, unix seconds)."""
 
     inv_evals: int = 0
     gen_evals: int = 0
@@ -71,6 +71,7 @@ class RestyleResult(ShardResult):
     n_routed: int = 0
     failed: str = ""
     stuck: str = ""
+    started: float = 0.0  # unix time the shard's work began (0: not run); with ``seconds``, a timeline
 
 
 class CountingEps:

@@ -257,7 +257,7 @@ class ShardRestyler:
             return self._restyle(shard, path, fingerprint, exclude or {})
 
     def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         inv0, gen0 = self.inv_eps.evals, self._gen_evals()
         state = _ShardState({t0: self._cached(t0, shard) for t0 in self.cfg.t0s()}, exclude=exclude)
         writers = [self.new_writer(v, shard) for v in self.cfg.variants]
@@ -277,6 +277,7 @@ class ShardRestyler:
                              n_error=max(c[1] for c in counts), inv_evals=self.inv_eps.evals - inv0,
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
                              n_routed=state.n_routed, seconds=round(time.perf_counter() - start, 3),
+                             started=round(started, 3),
                              truncated=state.status.get("truncated"))
 
     def _batches(self, path: str, writers: list[ShardWriter], state: _ShardState) -> Iterator[list[Decoded]]:
