@@ -22,11 +22,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import finetune_bench, flops_bench, memory_bench, recipes_bench, restyle_bench, utilisation_bench
+from . import (
+    finetune_bench,
+    flops_bench,
+    lora_bench,
+    memory_bench,
+    recipes_bench,
+    restyle_bench,
+    utilisation_bench,
+)
 
 SUITES: dict[str, Callable[..., Any]] = {
     "finetune": finetune_bench.run,
     "flops": flops_bench.run,
+    "lora": lora_bench.run,
     "memory": memory_bench.run,
     "recipes": recipes_bench.run,
     "restyle": restyle_bench.run,

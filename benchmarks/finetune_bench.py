@@ -103,9 +103,11 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
 
-def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int, threads: int = 2) -> dict:
+def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int, threads: int = 2,
+            adapter: str = "full", rank: int = 8) -> dict:
     """One fine-tuning run in this process: seconds (inversion and training), the peak of the bytes saved
-    for backward (``saved_mb``) and the peak-RSS growth over the RSS before training (MB)."""
+    for backward (``saved_mb``) and the peak-RSS growth over the RSS before training (MB). ``adapter``:
+    ``full`` or ``lora`` (of ``rank``; then also the trainable parameters)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     unet = load_unet("toy_shapes")
@@ -117,13 +119,17 @@ def measure(mode: str, batch_size: int, n_images: int, epochs: int, n_gen: int, 
     lat = invert_images(eps_fn_of(unet), x0, 500, 40, sched)
     t_inv = time.perf_counter() - t
     cfg = FinetuneConfig(source="red circle", target="blue circle",
-                         **{**DEMO_TRAIN, "n_gen_steps": n_gen, "mode": mode, "epochs": epochs, "batch_size": batch_size})
+                         **{**DEMO_TRAIN, "n_gen_steps": n_gen, "mode": mode, "epochs": epochs, "batch_size": batch_size,
+                            "adapter": adapter, "lora_rank": rank})
     base = _current_rss_mb()  # no warm-up: the graph's memory must not already be touched
     t = time.perf_counter()
     with SavedTensorMeter() as meter:
         res = finetune(unet, clip, x0, lat, sched, cfg)
     t_ft = time.perf_counter() - t
-    return {"mode": mode, "batch": batch_size, "images": n_images, "epochs": epochs, "n_gen": n_gen,
+    trainable = sum(p.numel() for p in res.unet.parameters() if p.requires_grad) if adapter == "lora" else \
+        sum(p.numel() for p in res.unet.parameters())
+    return {"mode": mode, "adapter": adapter, "trainable_params": trainable, "batch": batch_size, "images": n_images,
+            "epochs": epochs, "n_gen": n_gen,
             "invert_s": round(t_inv, 2), "train_s": round(t_ft, 2), "s_per_epoch": round(t_ft / epochs, 2),
             "saved_mb": round(meter.peak / 2**20, 3), "peak_rss_growth_mb": round(_peak_rss_mb() - base, 1),
             "final_loss": round(res.final_loss, 4)}
@@ -161,4 +167,5 @@ def run(out_dir: Path | None = None, quick: bool = False) -> list[dict]:
 
 if __name__ == "__main__":
     mode, batch, n, epochs, n_gen = sys.argv[1], *map(int, sys.argv[2:6])
-    print(json.dumps(measure(mode, batch, n, epochs, n_gen)))
+    adapter = sys.argv[6] if len(sys.argv) > 6 else "full"
+    print(json.dumps(measure(mode, batch, n, epochs, n_gen, adapter=adapter)))

@@ -255,8 +255,9 @@ def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def adapter_bytes(unet: torch.nn.Module) -> int:
-    """Bytes of an adapted ``unet``'s LoRA weights in fp32 (what a saved adapter holds, headers aside)."""
-    return sum(v.numel() * 4 for v in adapter_state(unet).values())
+    """Bytes of an adapted ``unet``'s LoRA weights in fp32 (what a saved adapter holds, headers aside;
+    counted from the shapes, so a model on the meta device works)."""
+    return sum(p.numel() * 4 for n, p in unet.named_parameters() if "lora_" in n)
 
 
 def describe(unet: torch.nn.Module) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from benchmarks import (
     _common,
     finetune_bench,
     flops_bench,
+    lora_bench,
     memory_bench,
     recipes_bench,
     restyle_bench,
@@ -160,3 +161,15 @@ def test_recipes_quick(tmp_path: Path) -> None:
     assert all(0 <= r["success"] <= 1 and r["goals"] for r in rows)
     assert res["ratios"]["pairs"] == 2 and 0 <= res["ratios"]["pairs_meeting_goals_on_every_seed"] <= 2
 
+
+
+@pytest.mark.slow
+def test_lora_quick(tmp_path: Path) -> None:
+    res = lora_bench.run(tmp_path, quick=True)
+    check(res, ["adapter size (items 2, 3)", "restyle peak RSS per actor, K models (item 2)",
+                "fine-tuning one epoch, full vs LoRA (item 2)"],
+          ["toy_adapter_over_full", "restyle_peak_lora_over_full_K2", "finetune_time_lora_over_full_b1"])
+    assert 0 < res["ratios"]["toy_adapter_over_full"] < 0.2
+    assert 0 < res["ratios"]["celeba_hq_adapter_over_full_r4"] < 0.02  # the full-size projection
+    ft = {r["adapter"]: r for r in res["tables"]["fine-tuning one epoch, full vs LoRA (item 2)"]}
+    assert ft["lora"]["trainable_params"] < 0.2 * ft["full"]["trainable_params"]
