@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-slow test-all lint bench clean
+.PHONY: venv demo test test-slow test-all lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,10 @@ test-all: lint
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --out bench-out
 
+# The GPU check: full-size forwards (bf16/fp32, MFU), restyle and finetune-many on one GPU, under 8
+# minutes; without a CUDA GPU it fails at once with one line.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_bench --out bench-gpu-out
+
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-out bench-out bench-gpu-out .pytest_cache .ruff_cache

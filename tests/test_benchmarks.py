@@ -173,3 +173,15 @@ def test_lora_quick(tmp_path: Path) -> None:
     assert 0 < res["ratios"]["celeba_hq_adapter_over_full_r4"] < 0.02  # the full-size projection
     ft = {r["adapter"]: r for r in res["tables"]["fine-tuning one epoch, full vs LoRA (item 2)"]}
     assert ft["lora"]["trainable_params"] < 0.2 * ft["full"]["trainable_params"]
+
+
+def test_gpu_bench_without_a_gpu_fails_at_once_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import gpu_bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make bench-gpu runs for real")
+    with pytest.raises(SystemExit) as e:
+        gpu_bench.main(["--out", "unused"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: make bench-gpu needs a CUDA GPU")
