@@ -130,6 +130,8 @@ def _restyle_memory(tmp: Path, s: dict[str, Any]) -> tuple[list[dict[str, Any]],
         slope = (peak[(kind, hi)] - peak[(kind, lo)]) / (hi - lo)
         ratios[f"restyle_mb_per_model_{kind.split()[0]}"] = slope
         rows.append({"models": kind, "K": f"per model ({lo}->{hi})", "loaded_mb": "", "peak_mb": round(slope, 2)})
+    if ratios["restyle_mb_per_model_full"] > 0:  # (quick mode's K = 1 -> 2 can be within noise)
+        ratios["restyle_per_model_lora_over_full"] = ratios["restyle_mb_per_model_lora"] / ratios["restyle_mb_per_model_full"]
     lora = f"lora r{RANK}"
     for k in s["ks"]:
         ratios[f"restyle_peak_lora_over_full_K{k}"] = peak[(lora, k)] / peak[("full", k)]
@@ -145,7 +147,8 @@ def _sizes(tmp: Path, s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
     toy_full = sum(f.stat().st_size for f in Path(c.toy_unet_dir()).glob("*.safetensors"))
     lora = Path(lora_folders(tmp, 1, 500)[0]) / "adapter_model.safetensors"
     rows = [{"model": "toy_shapes", "rank": RANK, "adapter_bytes": lora.stat().st_size, "full_bytes": toy_full,
-             "adapter/full": round(lora.stat().st_size / toy_full, 4), "100_prompts_lora_gib": "", "100_prompts_full_gib": ""}]
+             "adapter/full": round(lora.stat().st_size / toy_full, 4), "100_prompts_base_plus_adapters_gib": "",
+             "100_prompts_full_copies_gib": ""}]
     ratios = {"toy_adapter_over_full": lora.stat().st_size / toy_full}
     from dclip_ray.adapters import add_lora
 
@@ -155,8 +158,8 @@ def _sizes(tmp: Path, s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
         add_lora(unet, rank)
         a = adapter_bytes(unet)
         rows.append({"model": "celeba_hq (random weights, fp32)", "rank": rank, "adapter_bytes": a, "full_bytes": full,
-                     "adapter/full": round(a / full, 4), "100_prompts_lora_gib": round((full + 100 * a) / 2**30, 2),
-                     "100_prompts_full_gib": round(100 * full / 2**30, 1)})
+                     "adapter/full": round(a / full, 4), "100_prompts_base_plus_adapters_gib": round((full + 100 * a) / 2**30, 2),
+                     "100_prompts_full_copies_gib": round(100 * full / 2**30, 1)})
         ratios[f"celeba_hq_adapter_over_full_r{rank}"] = a / full
     return rows, ratios
 
@@ -170,8 +173,9 @@ def _finetune(s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float]
                                  cwd=str(Path(__file__).resolve().parents[1]))
             r = json.loads(out.stdout.strip().splitlines()[-1])
             by[(adapter, batch)] = r
-            rows.append({k: r[k] for k in ("adapter", "batch", "images", "trainable_params", "train_s", "saved_mb",
-                                           "peak_rss_growth_mb")})
+            r["grad_adam_mb"] = round(r["trainable_params"] * 12 / 2**20, 2)  # fp32 gradient + Adam's two moments
+            rows.append({k: r[k] for k in ("adapter", "batch", "images", "trainable_params", "grad_adam_mb", "train_s",
+                                           "saved_mb", "peak_rss_growth_mb")})
     ratios = {}
     for batch in s["ft_batches"]:
         lo, fu = by[("lora", batch)], by[("full", batch)]
@@ -179,6 +183,7 @@ def _finetune(s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float]
         ratios[f"finetune_saved_lora_over_full_b{batch}"] = lo["saved_mb"] / fu["saved_mb"]
         rows.append({"adapter": "lora/full", "batch": batch, "images": "",
                      "trainable_params": round(lo["trainable_params"] / fu["trainable_params"], 4),
+                     "grad_adam_mb": round(lo["grad_adam_mb"] / fu["grad_adam_mb"], 4),
                      "train_s": round(lo["train_s"] / fu["train_s"], 3), "saved_mb": round(lo["saved_mb"] / fu["saved_mb"], 3),
                      "peak_rss_growth_mb": round(lo["peak_rss_growth_mb"] / fu["peak_rss_growth_mb"], 3)
                      if fu["peak_rss_growth_mb"] > 0 else ""})

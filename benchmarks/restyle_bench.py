@@ -14,12 +14,13 @@ UNet ``toy_shapes``, 1.1 M parameters, 32x32; the "fine-tuned" models are copies
    loop, which re-inverts for every model (counted for one model, times K); and the wall-time ratio of
    restyling K = 3 models with latents precomputed by ``run_precompute`` vs without (two Ray jobs; and
    the restyler alone on one shard in this process, best of 2 alternating runs, less noisy).
-5. Throughput with 2 actors vs 1 (0.5 CPU and 1 torch thread each) and the Ray overhead: the fixed
-   cost of a job (wall minus inside time of a one-image, one-step restyle: actor start, model load,
-   Ray Data start) and, with 1 actor, the rest per call (wall - fixed cost - inside time, per shard;
-   one shard per actor call). Can be negative within noise. Beside it, the machine's own ceiling: two
-   plain 1-thread processes running the toy UNet at once vs one alone (no Ray): on cores shared with
-   other jobs it is well under 2.
+5. Throughput with 2 actors vs 1 (0.5 CPU and 1 torch thread each; issue 22 item 4): 768 images in 24
+   shards of 32 after a warm-up job, end to end (wall, job and actor start-up included) and in steady
+   state (images over the span from the first shard's start to the last shard's end), against the
+   machine's ceiling measured in the same run: the same restyle in two plain 1-thread processes (6
+   shards each) over one, and two plain toy-UNet loops over one. Also the fixed cost of a job (wall minus
+   inside time of a one-image, one-step restyle: actor start, model load, Ray Data start) and, with 1
+   actor, the rest per call (can be negative within noise).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dclip_ray.cli import main
 from dclip_ray.config import Resources
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.io.manifest import read_manifest
+from dclip_ray.models import load_unet
 from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
 
 T0, N_INV, N_GEN = 200, 4, 3
@@ -81,7 +82,9 @@ def test_finetune_two_prompts_at_once_then_restyle(ray_train, clip_weights, tmp_
     assert main(["precompute", "--model", base, "--input", data, "--t0", str(T0), "--n-inv", str(N_INV),
                  "--out", lat]) == 2
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# two edits\nred circle -> blue circle name=blue\nred circle -> green circle name=green\n")
+    # green trains a LoRA adapter (issue 22): finetune-many writes it, restyle loads it beside a full model
+    prompts.write_text("# two edits\nred circle -> blue circle name=blue\n"
+                       "red circle -> green circle name=green adapter=lora rank=2\n")
     rc, s = run_json(capsys, finetune_argv(prompts, base, lat, models, clip_weights, n_train=2))
     assert rc == 0, s
     assert [(p["name"], p["status"]) for p in s["prompts"]] == [("blue", "ok"), ("green", "ok")]
@@ -92,7 +95,12 @@ def test_finetune_two_prompts_at_once_then_restyle(ray_train, clip_weights, tmp_
         card = json.loads(open(os.path.join(p["model_path"], "dclip.json")).read())
         assert card["base_model_sha256"] == base_sha and card["latents"] == "cache" and len(card["train_keys"]) == 2
         assert card["target"] in ("blue circle", "green circle") and card["config"]["t0"] == T0
-        ft = UNet2DModel.from_pretrained(p["model_path"])
+        if p["name"] == "green":
+            assert card["format"] == "dclip-ray/lora-adapter/1" and card["config"]["lora_rank"] == 2
+            assert not os.path.exists(os.path.join(p["model_path"], "diffusion_pytorch_model.safetensors"))
+            ft = load_unet(p["model_path"], base_unet=UNet2DModel.from_pretrained(base))
+        else:
+            ft = UNet2DModel.from_pretrained(p["model_path"])
         assert state_dict_sha256(ft) != base_sha, "fine-tuning changed the weights"
     runs = sorted(os.listdir(os.path.join(models, "_ray_train")))
     assert [r.split("-")[0] for r in runs] == ["blue", "green"], "Ray Train's storage path holds one run per prompt"

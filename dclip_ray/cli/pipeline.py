@@ -160,13 +160,15 @@ mix.yaml: models: [models/blue, models/green]; gamma: {type: constant, weights: 
 def restyle(
     input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
     out: str = typer.Option(..., help="Output root (local folder or fsspec URL)."),
-    model: list[str] = typer.Option(None, help="Fine-tuned model folder; repeat for several (one output each, "
+    model: list[str] = typer.Option(None, help="Fine-tuned model folder (a full UNet or a LoRA adapter: adapters "
+                                    "share one copy of the base per actor); repeat for several (one output each, "
                                     "out/NAME, whatever their number)."),
     mix: str = typer.Option(None, help="YAML with 'models: (dirs)' and a 'gamma' spec (one mixed output, out/mix)."),
     clip: str = typer.Option(None, help="CLIP that routes uncaptioned images with --route source (default: the "
                              "one the models were fine-tuned with)."),
     clip_weights: str = typer.Option(None, help="Local weights of --clip."),
-    base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json)."),
+    base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json; "
+                             "a LoRA adapter of another base is refused)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     latents: str = typer.Option(None, help="Latent store root, or the key folder precompute printed (cached inversions "
                                 "are used when their key and the image bytes match; a miss is reported)."),
