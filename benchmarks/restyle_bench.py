@@ -14,11 +14,12 @@ UNet ``toy_shapes``, 1.1 M parameters, 32x32; the "fine-tuned" models are copies
    loop, which re-inverts for every model (counted for one model, times K); and the wall-time ratio of
    restyling K = 3 models with latents precomputed by ``run_precompute`` vs without (two Ray jobs; and
    the restyler alone on one shard in this process, best of 2 alternating runs, less noisy).
-5. Throughput with 2 actors vs 1 (0.5 CPU and 1 torch thread each; issue 22 item 4): 768 images in 24
+5. Throughput with 2 actors vs 1 (0.5 CPU and 1 torch thread each; issue 22 item 4): 512 images in 16
    shards of 32 after a warm-up job, end to end (wall, job and actor start-up included) and in steady
-   state (images over the span from the first shard's start to the last shard's end), against the
-   machine's ceiling measured in the same run: the same restyle in two plain 1-thread processes (6
-   shards each) over one, and two plain toy-UNet loops over one. Also the fixed cost of a job (wall minus
+   state (images over the span from the first shard's start to the last shard's end), best of 2 runs
+   each, alternating (the load of a shared machine drifts between runs more than the effect), against
+   the machine's ceiling measured in the same run, best of 2: the same restyle in two plain 1-thread
+   processes (6 shards each) over one, and two plain toy-UNet loops over one. Also the fixed cost of a job (wall minus
    inside time of a one-image, one-step restyle: actor start, model load, Ray Data start) and, with 1
    actor, the rest per call (can be negative within noise).
 """
@@ -45,10 +46,10 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"n_images": 8, "shard_size": 4, "n_baseline": 2, "steps": 3, "batches": [1, 4],
                 "count_steps": 5, "count_k": [1, 3], "cache_k": 3, "t0": T0, "scale_images": 16, "ceiling_forwards": 3,
-                "ceiling_shards": 1}
+                "ceiling_shards": 1, "scale_reps": 1}
     return {"n_images": 128, "shard_size": 32, "n_baseline": 8, "steps": 10, "batches": [1, 8, 32],
-            "count_steps": 40, "count_k": [1, 3, 10], "cache_k": 3, "t0": T0, "scale_images": 768,
-            "ceiling_forwards": 60, "ceiling_shards": 6}
+            "count_steps": 40, "count_k": [1, 3, 10], "cache_k": 3, "t0": T0, "scale_images": 512,
+            "ceiling_forwards": 60, "ceiling_shards": 6, "scale_reps": 2}
 
 
 def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: int, n_gen: int, limit: int,
@@ -211,9 +212,15 @@ def _scaling(tmp: Path, s: dict[str, Any], models: list[str]) -> tuple[list[dict
     one = c.toy_shards(tmp, 1, 1, seed=7)
     tiny, tiny_wall = c.restyle(one, str(tmp / "scale_empty"), models[:1], s["t0"], 2, 2, 1, actors=1)
     startup = tiny_wall - c.inside_seconds(tiny)
+    best: dict[int, tuple[dict[str, Any], float]] = {}
+    for rep in range(s["scale_reps"]):  # alternating, best of each: the machine's load drifts between runs
+        for actors in (1, 2):
+            summary, wall = c.restyle(inputs, str(tmp / f"scale_{actors}_{rep}"), models[:1], s["t0"], steps, steps, b,
+                                      actors=actors)
+            if actors not in best or wall < best[actors][1]:
+                best[actors] = (summary, wall)
     for actors in (1, 2):
-        summary, wall = c.restyle(inputs, str(tmp / f"scale_{actors}"), models[:1], s["t0"], steps, steps, b,
-                                  actors=actors)
+        summary, wall = best[actors]
         inside = c.inside_seconds(summary)
         calls = len([r for r in summary["shards"] if not r.get("skipped")])
         e2e[actors], steady[actors] = summary["n_images"] / wall, _window_ips(summary)
@@ -223,8 +230,8 @@ def _scaling(tmp: Path, s: dict[str, Any], models: list[str]) -> tuple[list[dict
                      "steady_images_per_s": round(steady[actors], 3), "job_startup_s": round(startup, 3),
                      "overhead_per_call_s": round((wall - startup - inside) / calls, 3) if actors == 1 else "",
                      "overhead_share": round(1 - inside / (wall * actors), 3)})
-    unet_ceiling = machine_scaling(s["ceiling_forwards"])
-    ceiling = restyle_scaling(inputs, tmp, models[:1], steps, b, s["ceiling_shards"])
+    unet_ceiling = max(machine_scaling(s["ceiling_forwards"]) for _ in range(s["scale_reps"]))
+    ceiling = max(restyle_scaling(inputs, tmp, models[:1], steps, b, s["ceiling_shards"]) for _ in range(s["scale_reps"]))
     ratio_e2e, ratio_steady = e2e[2] / e2e[1], steady[2] / steady[1]
     blank = {k: "" for k in rows[0]}
     rows.append({**blank, "actors": "2/1", "batch": b, "images_per_s": round(ratio_e2e, 3),
