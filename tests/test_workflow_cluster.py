@@ -116,16 +116,20 @@ def cluster():
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
-    common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}/ray", "--disable-usage-stats"]
+    # each node its own temp dir: on one host a shared one would share the unpacked working_dir too, and the
+    # worker node's runtime-env agent deleting it when its tasks end would pull the job driver's cwd away
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     procs: list[subprocess.Popen] = []
     try:
         procs.append(subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}", *common, *node_ports()],
+             f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp}/ray", *common,
+             *node_ports()],
             env=env, start_new_session=True, stdout=open(f"{tmp}/head.log", "w"), stderr=subprocess.STDOUT))
         wait_dashboard(dash)
         procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common, *node_ports()],
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--temp-dir={tmp}/rw", *common,
+             *node_ports()],
             env=env, start_new_session=True, stdout=open(f"{tmp}/worker.log", "w"), stderr=subprocess.STDOUT))
         start = time.time()
         while time.time() - start < 90:

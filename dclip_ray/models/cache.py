@@ -6,16 +6,15 @@ once keeps it (and the sha256 of its weights) for its lifetime.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
-from dclip_ray.adapters import AdapterBank, adapter_sha256, check_adapter_base, is_adapter
+from dclip_ray.adapters import ADAPTER_FORMAT, AdapterBank, adapter_sha256, check_adapter_base
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.urls import redact
 
-from .base import BaseModel, load_base
+from .base import BaseModel, load_base, read_card
 from .trust import trust_scope
 from .unet import eps_fn_of, load_unet, local_copy
 
@@ -50,13 +49,18 @@ def cached_unet_sha256(src: str, device: str = "cpu", trust_checkpoint: bool = F
     """sha256 of a fine-tuned UNet's weights (:func:`dclip_ray.hashing.state_dict_sha256`), computed
     once per process."""
     if src not in _SHAS:
-        with local_copy(src) as local:
-            adapter = os.path.isdir(local) and is_adapter(local)
-            if adapter:  # named by its base, config and LoRA weights: no merged copy to hash
+        if is_adapter_model(src):  # named by its base, config and LoRA weights: no merged copy to hash
+            with local_copy(src) as local:
                 _SHAS[src] = adapter_sha256(local)
-        if not adapter:
+        else:
             _SHAS[src] = state_dict_sha256(cached_unet(src, device, trust_checkpoint))
     return _SHAS[src]
+
+
+def is_adapter_model(src: str) -> bool:
+    """Whether the fine-tuned folder ``src`` (local or fsspec URL) holds a LoRA adapter, by its card (only
+    ``dclip.json`` is read)."""
+    return read_card(src).get("format") == ADAPTER_FORMAT
 
 
 def model_eps_fns(base_src: str, preset: str | None, base: BaseModel, finetuned: list[str], device: str = "cpu",
@@ -68,15 +72,15 @@ def model_eps_fns(base_src: str, preset: str | None, base: BaseModel, finetuned:
     fns = [eps_fn_of(base.unet)]
     bank_key = (base_src, preset, device)
     for src in finetuned:
-        with local_copy(src) as local:
-            if os.path.isdir(local) and is_adapter(local):
+        if not is_adapter_model(src):
+            fns.append(eps_fn_of(cached_unet(src, device, trust_checkpoint)))
+            continue
+        if bank_key not in _BANKS:
+            _BANKS[bank_key] = (AdapterBank(base.unet), {})
+        bank, index = _BANKS[bank_key]
+        if src not in index:
+            with local_copy(src) as local:  # the bank keeps the factors in memory: the copy can go
                 check_adapter_base(local, base.sha256, redact(base_src))
-                if bank_key not in _BANKS:
-                    _BANKS[bank_key] = (AdapterBank(base.unet), {})
-                bank, index = _BANKS[bank_key]
-                if src not in index:
-                    index[src] = bank.add(local)
-                fns.append(bank.eps_fn(index[src]))
-                continue
-        fns.append(eps_fn_of(cached_unet(src, device, trust_checkpoint)))
+                index[src] = bank.add(local)
+        fns.append(bank.eps_fn(index[src]))
     return fns
