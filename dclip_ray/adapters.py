@@ -108,39 +108,19 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     return meta, weights
 
 
-def adapter_sha256(folder: str | Path) -> str:
-    """sha256 naming an adapter model: its base's sha256 (from the card), its config and its weights
-    (what a restyle records; no merged copy is built to hash it)."""
+def adapter_sha256(folder: str | Path, base_sha256: str | None) -> str:
+    """sha256 naming an adapter model: the sha256 of the base it was trained on (from its card), its
+    config and its weights (what a restyle records; no merged copy is built to hash it)."""
     import hashlib
 
     meta, weights = read_adapter(folder)
     h = hashlib.sha256()
-    h.update(json.dumps({"base": card_base_sha256(folder), "rank": meta["rank"], "alpha": meta["alpha"],
+    h.update(json.dumps({"base": base_sha256, "rank": meta["rank"], "alpha": meta["alpha"],
                          "include": meta["include"]}, sort_keys=True).encode())
     for k in sorted(weights):
         h.update(k.encode())
         h.update(weights[k].float().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def card_base_sha256(folder: str | Path) -> str | None:
-    """The base model sha256 an adapter folder's card (``dclip.json``) names (None: no card)."""
-    try:
-        return json.loads((Path(folder) / "dclip.json").read_text()).get("base_model_sha256")
-    except (OSError, ValueError):
-        return None
-
-
-def check_adapter_base(folder: str | Path, base_sha256: str, base_name: str) -> None:
-    """Refuse (ConfigError, one line) an adapter whose card names another base model than the one
-    (``base_sha256``) it is about to be put on: a LoRA means nothing on other weights."""
-    want = card_base_sha256(folder)
-    if want is None:
-        raise ConfigError(f"{folder}: an adapter folder without a dclip.json naming its base model's sha256; "
-                          "re-run finetune --adapter lora")
-    if want != base_sha256:
-        raise ConfigError(f"{folder} is a LoRA adapter of another base model (sha256 {want[:12]}...) than "
-                          f"{base_name} ({base_sha256[:12]}...); pass the base it was trained on (--model/--base)")
 
 
 def _load_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path, name: str) -> None:

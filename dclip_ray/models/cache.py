@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import torch
 
-from dclip_ray.adapters import ADAPTER_FORMAT, AdapterBank, adapter_sha256, check_adapter_base
+from dclip_ray.adapters import ADAPTER_FORMAT, AdapterBank, adapter_sha256
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.urls import redact
 
-from .base import BaseModel, load_base, read_card
+from .base import BaseModel, check_base_model, load_base, read_card
 from .trust import trust_scope
 from .unet import eps_fn_of, load_unet, local_copy
 
@@ -49,9 +49,10 @@ def cached_unet_sha256(src: str, device: str = "cpu", trust_checkpoint: bool = F
     """sha256 of a fine-tuned UNet's weights (:func:`dclip_ray.hashing.state_dict_sha256`), computed
     once per process."""
     if src not in _SHAS:
-        if is_adapter_model(src):  # named by its base, config and LoRA weights: no merged copy to hash
+        card = read_card(src)
+        if card.get("format") == ADAPTER_FORMAT:  # named by its base, config and LoRA weights: no merged copy
             with local_copy(src) as local:
-                _SHAS[src] = adapter_sha256(local)
+                _SHAS[src] = adapter_sha256(local, card.get("base_model_sha256"))
         else:
             _SHAS[src] = state_dict_sha256(cached_unet(src, device, trust_checkpoint))
     return _SHAS[src]
@@ -79,8 +80,8 @@ def model_eps_fns(base_src: str, preset: str | None, base: BaseModel, finetuned:
             _BANKS[bank_key] = (AdapterBank(base.unet), {})
         bank, index = _BANKS[bank_key]
         if src not in index:
+            check_base_model(base.sha256, redact(base_src), [src])  # an adapter of another base is refused
             with local_copy(src) as local:  # the bank keeps the factors in memory: the copy can go
-                check_adapter_base(local, base.sha256, redact(base_src))
                 index[src] = bank.add(local)
         fns.append(bank.eps_fn(index[src]))
     return fns

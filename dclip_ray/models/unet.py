@@ -222,7 +222,7 @@ def load_unet(src: str, preset: str | None = None, trust_checkpoint: bool = Fals
     ``preset`` (a name or a preset ``.yaml`` path) gives the architecture for raw checkpoints.
     Pickles that need more than tensors load only with ``trust_checkpoint=True``. A LoRA adapter folder
     loads onto ``base_unet`` (else the base its card names), merged; check its base first
-    (:func:`dclip_ray.adapters.check_adapter_base`).
+    (:func:`dclip_ray.models.base.check_base_model`).
     Raises InputFileError / ConfigError with a one-line message on bad input.
     """
     p = get_preset(preset) if preset else None
