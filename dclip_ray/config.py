@@ -277,6 +277,12 @@ class RestyleSettings:
                          "(a mixed prompt file), else all.", cli="route", choices=("auto", "source", "all"))
     limit: int | None = setting(None, "Process only the whole shards holding the first N input keys (the shard is "
                                 "the unit of work; a folder of images is one shard).", cli="limit", lo=1)
+    min_score: float | None = setting(None, "Reject every edit whose judge-free score (directional CLIP similarity "
+                                      "- 0.5*(1 - structure SSIM) - 4*outer-frame change, written per image in the "
+                                      "manifest) is under this: a 'rejected' manifest row with its scores, its image "
+                                      "kept in rejected/SHARD.tar beside the output, never in it. A re-run with "
+                                      "another value re-sorts the stored edits and generates nothing.",
+                                      cli="min-score")
 
     def __post_init__(self) -> None:
         validate_settings(self)

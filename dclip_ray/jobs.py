@@ -25,7 +25,7 @@ from dclip_ray.io.sources import duplicate_reason, iter_records
 from dclip_ray.losses import Augment
 from dclip_ray.models import eps_fn_of, load_face
 from dclip_ray.models.base import load_base, resolve_clip
-from dclip_ray.urls import redact
+from dclip_ray.urls import redact, redact_opt
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
     out = save_finetuned(result, job.out, cfg, base.unet, base.schedule_config,
                          extra={"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
-                                "clip_weights": redact(job.clip_weights) if not job.clip_weights or "://" in job.clip_weights
+                                "clip_weights": redact_opt(job.clip_weights) if not job.clip_weights or "://" in job.clip_weights
                                 else os.path.abspath(job.clip_weights), **(job.card or {})})
     return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
             "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,

@@ -1,17 +1,10 @@
 """Recipe search without a pixel judge: the knobs a search varies around a recipe, and the score it
 ranks trials by (Ray-free; the Ray Tune wiring is :mod:`dclip_ray.pipeline.search`).
 
-The score must work on real data, where no judge exists, so it uses only the images and a CLIP:
-
-- ``direction``: the mean directional CLIP similarity ``S_dir`` of the edits (before -> after against
-  source -> target) on images the trial did not train on, measured with the CLIP given (the loss's
-  unless ``--score-clip`` names another; the loss saw augmented views of the training images, not
-  these images);
-- ``structure``: the mean SSIM of the luminance of before and after (the layout kept);
-- ``background``: the mean absolute change, in [0, 1], of the outer frame of the image (1/8 of its
-  side on each edge), where an object-centred image has its background.
-
-``score = direction - w_structure * (1 - structure) - w_background * background``. How well it ranks
+A trial's score is the mean, over images the trial did not train on, of the per-image score every
+restyle writes (:mod:`dclip_ray.scoring`: directional CLIP similarity, structure kept, outer-frame
+change), measured with the loss's CLIP unless ``--score-clip`` names another (the loss saw augmented
+views of the training images, not these images). How well it ranks
 trials as the toy judge does is measured by the ``recipes`` benchmark (Spearman over trials).
 """
 
@@ -19,12 +12,16 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from dclip_ray.config import FinetuneConfig
+from dclip_ray.scoring import ScoreWeights, frame_change, image_scores
+
+__all__ = ["KNOBS", "ScoreWeights", "edit_score", "frame_change", "knob_values", "run_trial", "spearman",
+           "trial_points", "with_knobs"]
 
 KNOBS: tuple[str, ...] = ("t0", "lr", "w_l1", "w_edge")
 """The settings a search varies (FinetuneConfig fields): return step, learning rate, L1 and edge weights."""
@@ -58,42 +55,13 @@ def with_knobs(cfg: FinetuneConfig, point: dict[str, Any]) -> FinetuneConfig:
     return replace(cfg, **{k: point[k] for k in KNOBS if k in point})
 
 
-@dataclass(frozen=True)
-class ScoreWeights:
-    """Weights of the structure and background terms of :func:`edit_score`."""
-
-    structure: float = 0.5
-    background: float = 4.0
-
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x.clamp(-1, 1) + 1) / 2 * w).sum(1, keepdim=True)
-
-
-def frame_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Mean absolute change [B] in [0, 1] of the outer frame (width max(1, side // 8)) of images [B,3,H,W]
-    in [-1, 1]."""
-    h, w = before.shape[-2:]
-    m = torch.ones(h, w, dtype=torch.bool)
-    b = max(1, min(h, w) // 8)
-    m[b:h - b, b:w - b] = False
-    d = ((after.clamp(-1, 1) - before.clamp(-1, 1)).abs() / 2).mean(1)
-    return d[:, m].mean(1)
-
-
-@torch.no_grad()
 def edit_score(clip: Any, before: torch.Tensor, after: torch.Tensor, source: str, target: str,
                weights: ScoreWeights = ScoreWeights()) -> dict[str, float]:
     """The judge-free score of edits ``before`` -> ``after`` ([B,3,H,W] in [-1,1]) of ``source`` ->
-    ``target``: ``{"score", "direction", "structure", "background"}`` (see the module docstring)."""
-    from dclip_ray.evaluation.metrics import directional_similarity, ssim
-
-    direction = float(directional_similarity(clip, before, after, source, target).mean())
-    structure = float(ssim(_luma(before), _luma(after), data_range=1.0).mean())
-    background = float(frame_change(before, after).mean())
-    score = direction - weights.structure * (1 - structure) - weights.background * background
-    return {"score": score, "direction": direction, "structure": structure, "background": background}
+    ``target``: the means of :func:`dclip_ray.scoring.image_scores` (``{"score", "direction", "structure",
+    "background"}``)."""
+    parts = image_scores(clip, before, after, [(source, target)], weights)
+    return {k: float(v.mean()) for k, v in parts.items()}
 
 
 def spearman(a: list[float], b: list[float]) -> float:

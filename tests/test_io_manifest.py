@@ -33,8 +33,10 @@ def test_manifest_round_trip_schema_and_determinism(tmp_path):
     write_manifest(ROWS, url)
     assert read_manifest(url) == ROWS
     table = pq.read_table(url)
-    assert table.column_names == ["key", "shard", "status", "error", "sha256", "metrics"]
+    assert table.column_names == ["key", "shard", "status", "error", "sha256", "metrics", "score", "direction",
+                                  "structure", "background", "identity"]
     assert table.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert table.column("score").to_pylist() == [None, None, None], "an unscored row has null scores"
     assert json.loads(table.column("metrics")[0].as_py()) == {"mean_abs_change": 0.25}
     assert manifest_bytes(ROWS) == manifest_bytes(list(ROWS)), "same rows, same bytes"
 
@@ -46,6 +48,34 @@ def test_invalid_rows_and_files():
         ManifestRow("k", "s", "ok")
     with pytest.raises(ValueError, match="reason"):
         ManifestRow("k", "s", "error")
+    with pytest.raises(ValueError, match="score it was rejected for"):
+        ManifestRow("k", "s", "rejected", error="low", sha256="ab")
+    with pytest.raises(ValueError, match="sha256"):
+        ManifestRow("k", "s", "rejected", error="low", scores={"score": 0.1})
+    with pytest.raises(ValueError, match="unknown score"):
+        ManifestRow("k", "s", "ok", sha256="ab", scores={"quality": 1.0})
+
+
+def test_scores_are_columns_and_rejected_rows_round_trip(tmp_path):
+    rows = [ManifestRow("k0", "s", "ok", sha256="ab" * 32, scores={"score": 0.75, "direction": 0.8, "structure": 0.9,
+                                                                  "background": 0.001}),
+            ManifestRow("k1", "s", "rejected", error="edit scored 0.1 < --min-score 0.5", sha256="cd" * 32,
+                        scores={"score": 0.1, "direction": 0.2, "structure": 0.95, "background": 0.0125})]
+    url = str(tmp_path / "m.parquet")
+    write_manifest(rows, url)
+    assert read_manifest(url) == rows
+    table = pq.read_table(url)
+    assert table.column("score").to_pylist() == [0.75, 0.1] and table.column("identity").to_pylist() == [None, None]
+    assert table.column("status").to_pylist() == ["ok", "rejected"]
+
+
+def test_a_manifest_from_before_the_score_columns_reads_with_no_scores(tmp_path):
+    import pyarrow as pa
+
+    old = pa.table({"key": ["k0"], "shard": ["s"], "status": ["ok"], "error": pa.array([None], pa.string()),
+                    "sha256": ["ab"], "metrics": ["{}"]})
+    pq.write_table(old, str(tmp_path / "old.parquet"))
+    assert read_manifest(str(tmp_path / "old.parquet")) == [ManifestRow("k0", "s", "ok", sha256="ab")]
 
 
 def test_missing_and_foreign_manifests_are_input_errors(tmp_path):

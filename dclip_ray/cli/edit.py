@@ -16,6 +16,7 @@ from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
 from .app import QUIET_HELP, app, progress_wanted
+from .pipeline import SCORE_CLIP_HELP, print_scores
 from .settings import config_options, finetune_options
 
 console = Console(stderr=True)
@@ -27,13 +28,17 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
     else:
         table = Table(title=title, show_header=False)
         for k, v in summary.items():
-            if k in ("config", "errors", "search"):
+            if k in ("config", "errors", "search", "rejected", "scores"):
                 continue
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row("errors", str(len(summary.get("errors", []))))
         Console().print(table)
         if summary.get("search"):
             _print_search(summary["search"])
+        if summary.get("scores"):
+            print_scores({"edit": summary["scores"]}, as_json)
+    for r in summary.get("rejected", []):
+        console.print(f"[yellow]rejected[/] {r['key']}: {r['reason']}")
     for err in summary.get("errors", []):
         console.print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
     return 2 if summary.get("errors") else 0
@@ -129,13 +134,16 @@ def edit(
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
+    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Edit images with a fine-tuned model: invert with the original, generate with the fine-tuned one
     (the restyle unit of work on this machine: same manifests, resume and exactly-once)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset,
-                  settings=RestyleSettings(**(settings or {})), grid=grid)
+                  settings=RestyleSettings(**(settings or {})), grid=grid, score_clip=score_clip,
+                  score_clip_weights=score_clip_weights)
     with trust_scope(trust_checkpoint):
         summary = run_edit(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, "edit"))

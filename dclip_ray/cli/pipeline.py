@@ -23,6 +23,8 @@ from .settings import config_options, finetune_options
 TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
               "trusted files only.")
 ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
+SCORE_CLIP_HELP = ("CLIP that scores every edit per image in the manifest (default: the one the models were "
+                   "fine-tuned with, from their dclip.json); --min-score rejects by that score.")
 
 err = Console(stderr=True)
 
@@ -167,6 +169,8 @@ def restyle(
     clip: str = typer.Option(None, help="CLIP that routes uncaptioned images with --route source (default: the "
                              "one the models were fine-tuned with)."),
     clip_weights: str = typer.Option(None, help="Local weights of --clip."),
+    score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
+    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json; "
                              "a LoRA adapter of another base is refused)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
@@ -192,7 +196,8 @@ def restyle(
     rs, res = RestyleSettings(**(settings or {})), Resources(**(resources or {}))
     cfg = build_restyle_config(out, models=list(model or []) or None, base=base, mix=_read_mix(mix) if mix else None,
                                preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint,
-                               clip=clip, clip_weights=clip_weights)
+                               clip=clip, clip_weights=clip_weights, score_clip=score_clip,
+                               score_clip_weights=score_clip_weights)
     actors, per_actor = res.restyle_actors(os.cpu_count() or 1)
     job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
                      gpus_per_actor=res.gpus_per_actor, address=address, verbose=verbose,
@@ -203,6 +208,21 @@ def restyle(
             raise typer.Exit(0)
         s = run_restyle(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_print_restyle(s, as_json))
+
+
+def print_scores(scores: dict[str, dict[str, Any]], as_json: bool) -> None:
+    """Print each variant's score distribution and its lowest-scored edits (not with --json: the
+    summary holds them)."""
+    if as_json or not scores:
+        return
+    t = Table(title="edit scores (judge-free: S_dir - 0.5(1 - SSIM) - 4 x frame change; higher is better)")
+    for c in ("output", "scored", "mean", "min", "p10", "median", "p90", "rejected", "lowest (key: score)"):
+        t.add_column(c)
+    for name, d in scores.items():
+        low = ", ".join(f"{x['key']}: {x['score']:.3f}" for x in d["lowest"][:3])
+        t.add_row(name, str(d["n"]), *(_fmt(d[k]) for k in ("mean", "min", "p10", "p50", "p90")),
+                  str(d["n_rejected"]), low)
+    Console().print(t)
 
 
 def _print_plan(p: dict[str, Any], as_json: bool) -> None:
@@ -241,8 +261,12 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
     if s["n_stale_latents"]:
         err.print(f"[yellow]warning[/] {s['n_stale_latents']} cached latent(s) were of older image bytes under the same "
                   "key and were not used (the images were inverted again); re-run precompute to refresh the store")
+    print_scores(s.get("scores") or {}, as_json)
     if s["n_errors"]:
         err.print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
+    if s.get("n_rejected"):
+        err.print(f"[yellow]{s['n_rejected']} edit(s) scored under --min-score {s['min_score']:g} were rejected[/]: "
+                  "their rows say 'rejected'; the images are in each output's rejected/ folder, not in the output")
     for shard, why in s["stuck"].items():
         err.print(f"[red]stuck[/] shard {shard}: {why}; it is not committed: re-run the same command to retry it")
     return 2 if s["n_errors"] or s["stuck"] else 0

@@ -6,6 +6,8 @@ Per output shard ``NAME`` under an output root (local path or fsspec URL)::
                              uid/gid 0, mode 0644), so the same samples give byte-identical tars
     ROOT/NAME.parquet        the manifest (see :mod:`dclip_ray.io.manifest`)
     ROOT/NAME_stats.json     the commit marker, written LAST (counts, config hash, sha256 of the tar)
+    ROOT/rejected/NAME.tar   the edits scored under ``--min-score``, kept for inspection beside the
+                             output, never in it (only when there are some)
 
 :class:`ShardWriter` is the one writer of all three (the tar is hashed while it is written).
 
@@ -158,21 +160,32 @@ class TarShardWriter:
 
 
 class ShardWriter:
-    """One output shard ``ROOT/NAME``: its samples (a :class:`TarShardWriter`), a manifest row for every
-    input key, and :meth:`commit`, which uploads the tar, then the manifest, then the marker LAST.
+    """One output shard ``ROOT/NAME``: its samples (a :class:`TarShardWriter`), the rejected samples (a
+    second one, ``ROOT/rejected/NAME.tar``), a manifest row for every input key, and :meth:`commit`,
+    which uploads the tars, then the manifest, then the marker LAST.
 
-    The marker records the counts and the sha256 and size of the tar, hashed while it was written.
+    The marker records the counts and the sha256 and size of the tars, hashed while they were written.
     """
 
     def __init__(self, root: str, shard: str, tmp_dir: str | None = None):
         self.shard = shard
         self.urls = shard_urls(root, shard)
+        self.tmp_dir = tmp_dir
         self.tar = TarShardWriter(tmp_dir)
+        self.rejected: TarShardWriter | None = None
         self.rows: list[ManifestRow] = []
 
     def write(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> None:
         """Add one sample (``members``: extension -> bytes) and its ok manifest ``row``."""
         self.tar.write(key, members)
+        self.rows.append(row)
+
+    def reject(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> None:
+        """Keep one edited sample that scored under the bar in the rejected tar, with its rejected
+        manifest ``row`` (never in the output tar)."""
+        if self.rejected is None:
+            self.rejected = TarShardWriter(self.tmp_dir)
+        self.rejected.write(key, members)
         self.rows.append(row)
 
     def error(self, key: str, reason: str) -> None:
@@ -188,20 +201,34 @@ class ShardWriter:
         if not keys:
             return
         self.tar.drop(set(keys))
+        if self.rejected is not None:
+            self.rejected.drop(set(keys))
         self.rows = [r for r in self.rows if r.key not in keys]
         self.rows += [ManifestRow(k, self.shard, "error", error=why) for k, why in keys.items()]
 
     def counts(self) -> tuple[int, int, int]:
-        """``(n_ok, n_error, n_skipped)`` of the rows so far."""
-        n_ok = sum(1 for r in self.rows if r.status == "ok")
-        n_skipped = sum(1 for r in self.rows if r.status == "skipped")
-        return n_ok, len(self.rows) - n_ok - n_skipped, n_skipped
+        """``(n_ok, n_error, n_skipped)`` of the rows so far (rejected rows: :attr:`n_rejected`)."""
+        n = {s: 0 for s in ("ok", "error", "skipped")}
+        for r in self.rows:
+            if r.status in n:
+                n[r.status] += 1
+        return n["ok"], n["error"], n["skipped"]
+
+    @property
+    def n_rejected(self) -> int:
+        """Rejected rows so far (edits scored under ``--min-score``)."""
+        return sum(1 for r in self.rows if r.status == "rejected")
 
     def write_data(self, order: Mapping[str, int] | None = None) -> None:
-        """Upload the tar, then the manifest (rows sorted by ``order[key]`` when given)."""
+        """Upload the tar and the rejected tar (when there are rejected rows; a stale one is removed
+        otherwise), then the manifest (rows sorted by ``order[key]`` when given)."""
         if order is not None:
             self.rows.sort(key=lambda row: order[row.key])
         self.tar.upload(self.urls["tar"])
+        if self.rejected is not None and self.n_rejected:
+            self.rejected.upload(self.urls["rejected"])
+        else:
+            remove_file(self.urls["rejected"])
         put_bytes(manifest_bytes(self.rows), self.urls["manifest"])
 
     def write_commit_marker(self, marker: Mapping[str, Any]) -> None:
@@ -209,18 +236,35 @@ class ShardWriter:
         write_marker(self.urls["marker"], marker)
 
     def commit(self, marker: Mapping[str, Any], order: Mapping[str, int] | None = None) -> dict[str, Any]:
-        """Upload the tar and the manifest, then the marker: ``marker`` plus ``shard``, ``n``, ``n_ok``,
-        ``n_error``, ``n_skipped``, ``tar_sha256`` and ``tar_bytes``. Returns the marker written."""
+        """Upload the tars and the manifest, then the marker: ``marker`` plus ``shard``, ``n``, ``n_ok``,
+        ``n_error``, ``n_skipped``, ``n_rejected``, ``tar_sha256`` and ``tar_bytes`` (and the rejected
+        tar's ``rejected_sha256``/``rejected_bytes`` when there is one). Returns the marker written."""
         self.write_data(order)
         n_ok, n_error, n_skipped = self.counts()
-        full = {**marker, "shard": self.shard, "n": n_ok + n_error + n_skipped, "n_ok": n_ok, "n_error": n_error,
-                "n_skipped": n_skipped, "tar_sha256": self.tar.sha256, "tar_bytes": self.tar.size}
+        n_rejected = self.n_rejected
+        full = {**marker, "shard": self.shard, "n": n_ok + n_error + n_skipped + n_rejected, "n_ok": n_ok,
+                "n_error": n_error, "n_skipped": n_skipped, "n_rejected": n_rejected,
+                "tar_sha256": self.tar.sha256, "tar_bytes": self.tar.size}
+        if n_rejected and self.rejected is not None:
+            full.update(rejected_sha256=self.rejected.sha256, rejected_bytes=self.rejected.size)
         self.write_commit_marker(full)
         return full
 
     def discard(self) -> None:
-        """Delete the local temporary tar."""
+        """Delete the local temporary tars."""
         self.tar.discard()
+        if self.rejected is not None:
+            self.rejected.discard()
+
+
+def remove_file(url: str) -> None:
+    """Delete the file at ``url`` when it is there."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except FileNotFoundError:
+        pass
 
 
 def put_file(local: str, url: str) -> None:
@@ -257,10 +301,14 @@ def put_bytes(data: bytes, url: str) -> None:
 
 
 def shard_urls(root: str, shard: str) -> dict[str, str]:
-    """``{"tar", "manifest", "marker"}`` URLs of output shard ``shard`` under ``root``."""
+    """``{"tar", "manifest", "marker", "rejected"}`` URLs of output shard ``shard`` under ``root``."""
     base = root.rstrip("/")
     return {"tar": f"{base}/{shard}.tar", "manifest": f"{base}/{shard}.parquet",
-            "marker": f"{base}/{shard}_stats.json"}
+            "marker": f"{base}/{shard}_stats.json", "rejected": f"{base}/{REJECTED}/{shard}.tar"}
+
+
+REJECTED = "rejected"
+"""The sub-folder of an output folder that keeps the rejected edits (``rejected/NAME.tar``)."""
 
 
 def write_marker(url: str, marker: Mapping[str, Any]) -> None:

@@ -28,7 +28,7 @@ from dclip_ray.io.leases import new_owner
 from dclip_ray.io.shards import read_marker, shard_urls
 from dclip_ray.stages.common import RestyleResult, await_leased, raise_if_leased, set_threads
 from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards
-from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, shard_committed
+from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, score_summary, shard_done
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
 
@@ -126,10 +126,10 @@ def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[
         raise ConfigError(f"--shard-timeout {job.shard_timeout} must be > 0 seconds")
     if job.limit is not None and job.limit < 1:
         raise ConfigError(f"--limit {job.limit} must be >= 1")
-    check_restyle(job.config, job.input)
+    warnings = check_restyle(job.config, job.input)
     shards = limit_shards(input_shards(job.input), job.limit)
     prints = fingerprints(shards)
-    warnings = latent_coverage(job.config, shards, prints, job.require_latents)
+    warnings += latent_coverage(job.config, shards, prints, job.require_latents)
     return shards, prints, warnings
 
 
@@ -140,12 +140,13 @@ def plan(job: RestyleJob) -> dict[str, Any]:
     return {**restyle_plan(job.config, shards, prints), "warnings": warnings}
 
 
-def _marked(cfg: RestyleConfig, shard: str) -> tuple[int, int]:
-    """``(n_ok, n_error)`` of a committed shard from its markers: keys done in every output (written
-    there or routed away) and the most error rows of any output; ``(0, 0)`` without markers."""
+def _marked(cfg: RestyleConfig, shard: str) -> tuple[int, int, int]:
+    """``(n_ok, n_error, n_rejected)`` of a committed shard from its markers: keys done in every output
+    (written there or routed away), the most error rows and the most rejected rows of any output;
+    zeros without markers."""
     marks = [read_marker(shard_urls(v.out, shard)["marker"]) or {} for v in cfg.variants]
     return (min(m.get("n_ok", 0) + m.get("n_skipped", 0) for m in marks),
-            max(m.get("n_error", 0) for m in marks))
+            max(m.get("n_error", 0) for m in marks), max(m.get("n_rejected", 0) for m in marks))
 
 
 def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]], todo: set[str]) -> None:
@@ -156,7 +157,7 @@ def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]]
     a node was lost."""
     for r in results:
         if r["shard"] in todo and r.get("skipped") and not r.get("n_ok"):
-            r["n_ok"], r["n_error"] = _marked(cfg, r["shard"])
+            r["n_ok"], r["n_error"], r["n_rejected"] = _marked(cfg, r["shard"])
             r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
 
 
@@ -178,12 +179,13 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     shards, prints, warnings = check(job)
     shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    todo = [(n, p) for n, p in shards if not shard_committed(cfg, hashes, n, prints[n])]
+    todo = [(n, p) for n, p in shards if not shard_done(cfg, hashes, n, prints[n])]
     write_declaration(cfg, job.input)
     results: list[dict[str, Any]] = []
     for n, p in shards:
         if (n, p) not in todo:
-            results.append(RestyleResult(n, skipped=True, n_error=_marked(cfg, n)[1]).as_dict())
+            _, n_error, n_rejected = _marked(cfg, n)
+            results.append(RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict())
     if todo:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
         cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
@@ -204,7 +206,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
     if leased:  # another run is writing them: wait for it, as this run would have done the work itself
-        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_committed(cfg, hashes, s, prints[s]))
+        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_done(cfg, hashes, s, prints[s]))
         for r in results:
             if r["shard"] in leased and r["shard"] not in left:
                 r.update(leased="", skipped=True, done_by="another run")
@@ -215,6 +217,9 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         "warnings": warnings, "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
         "n_images": sum(r.get("n_ok", 0) for r in results),
         "n_errors": sum(r.get("n_error", 0) for r in results),  # committed shards' error rows included
+        "n_rejected": sum(r.get("n_rejected", 0) for r in results),
+        "n_rethresholded": sum(1 for r in results if r.get("rethresholded")),
+        "scores": score_summary(cfg, [n for n, _ in shards]), "min_score": cfg.min_score,
         "n_skipped": sum(1 for r in results if r.get("skipped")),
         "n_routed": sum(r.get("n_routed", 0) for r in results), "route": cfg.route, "t0s": cfg.t0s(),
         "inv_evals": sum(r.get("inv_evals", 0) for r in results), "gen_evals": sum(r.get("gen_evals", 0) for r in results),

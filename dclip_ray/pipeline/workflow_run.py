@@ -226,7 +226,10 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
                      verbose=verbose, shard_timeout=res.shard_timeout)
     s = run_restyle(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
-            "images": s["n_images"], "errors": s["n_errors"], "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"],
+            "images": s["n_images"], "errors": s["n_errors"], "rejected": s["n_rejected"], "min_score": s["min_score"],
+            "scores": {k: {f: v[f] for f in ("n", "mean", "p10", "p50", "p90", "n_rejected")}
+                       for k, v in s["scores"].items()},
+            "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"],
             "outputs": s["outputs"], "left_out": left_out, "actors": actors, "cpus_per_actor": per_actor,
             "nodes": len({r["node"] for r in s["shards"] if r.get("node")})}
 
@@ -243,7 +246,8 @@ def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
     r = verify(spec.restyled_dir, spec.input_url, folders=folders or None)
     return {"ok": r.ok, "outputs": len(r.outputs), "shards": len(r.shards), "keys": sum(s.get("n", 0) for s in r.shards),
             "error_rows": sum(s.get("n_error", 0) for s in r.shards),
-            "skipped_rows": sum(s.get("n_skipped", 0) for s in r.shards), "problems": len(r.problems),
+            "skipped_rows": sum(s.get("n_skipped", 0) for s in r.shards),
+            "rejected_rows": sum(s.get("n_rejected", 0) for s in r.shards), "problems": len(r.problems),
             "first_problems": r.problems[:5]}
 
 

@@ -61,9 +61,13 @@ class RestyleResult(ShardResult):
     """:class:`ShardResult` of restyle: evaluations (images x network calls) of inversion and generation,
     latents taken from the cache, cached latents not used because their image changed (``n_stale``),
     (variant, image) pairs a routed restyle passed over (``n_routed``: skipped rows; ``n_ok`` then counts
-    the keys done in every output: written there or routed away), the Ray layer's ``failed`` / ``stuck``
-    reasons (empty when none), and when the work began (``started``, unix seconds)."""
+    the keys done in every output: written there or routed away), edits scored under ``--min-score``
+    (``n_rejected``: the most of any output), ``rethresholded`` when only the threshold changed (the
+    committed edits were re-sorted, nothing generated), the Ray layer's ``failed`` / ``stuck`` reasons
+    (empty when none), and when the work began (``started``, unix seconds)."""
 
+    n_rejected: int = 0
+    rethresholded: bool = False
     inv_evals: int = 0
     gen_evals: int = 0
     n_cached: int = 0

@@ -4,7 +4,8 @@ The same unit of work as `dclip-ray restyle` (:class:`~dclip_ray.stages.restyle.
 in-process over the input's shards (a folder of images is one shard): the same decoding, inversion,
 generation, error rows, manifest, commit marker, resume and exactly-once. Layout::
 
-    OUT/{key}.png              one file per edited image (what edit users read), plus OUT/grid.png (--grid)
+    OUT/{key}.png              one file per edited image (what edit users read), plus OUT/grid.png (--grid);
+                               an edit scored under --min-score is not there (its row says why)
     .OUT.edit/ (beside OUT)    the shard outputs restyle writes: {shard}.tar, {shard}.parquet (a row for
                                every input key) and {shard}_stats.json last; a re-run skips committed
                                shards (hidden, so OUT holds only the images and the report skips it)
@@ -36,8 +37,8 @@ from dclip_ray.models.cache import cached_base
 
 from .checks import check_steps
 from .inputs import decode_shard, input_shards, limit_shards, shard_keys
-from .restyle import RestyleConfig, ShardRestyler, Variant
-from .restyle_config import card_edits
+from .restyle import RestyleConfig, ShardRestyler, Variant, score_summary
+from .restyle_config import card_clip_of, card_edits, check_scoring
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class EditJob:
     mix: str | None = None  # a mix YAML (models + gamma, eq. 14) instead of one fine-tuned model
     settings: RestyleSettings = field(default_factory=RestyleSettings)
     grid: bool = False
+    score_clip: str | None = None  # the CLIP that scores each edit (default: the one the models name)
+    score_clip_weights: str | None = None
 
 
 def state_dir(out: str) -> str:
@@ -77,6 +80,12 @@ class FolderWriter(ShardWriter):
         path = self.folder / f"{key}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(members["png"])
+
+    def reject(self, key: str, members: Any, row: Any) -> None:
+        """Keep a rejected sample in the shard's rejected tar; no PNG in the folder (a re-sort by another
+        threshold removes the one it had)."""
+        super().reject(key, members, row)
+        (self.folder / f"{key}.png").unlink(missing_ok=True)
 
     def drop(self, keys: Any) -> None:
         """Drop ``keys`` from the shard and their PNGs."""
@@ -138,18 +147,21 @@ def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
 
 
 def _errors(state: str, shards: list[tuple[str, str]], dups: dict[str, dict[str, str]],
-            ) -> tuple[list[str], list[dict[str, str]]]:
-    """From the committed manifests: the ok keys in input order and one ``{"key", "shard", "error"}``
-    entry per failed key (``shard``: the input shard's path)."""
-    ok, errors, seen = [], [], set()
+            ) -> tuple[list[str], list[dict[str, str]], list[dict[str, Any]]]:
+    """From the committed manifests: the ok keys in input order, one ``{"key", "shard", "error"}``
+    entry per failed key (``shard``: the input shard's path) and one ``{"key", "score", "reason"}`` per
+    rejected edit."""
+    ok, errors, rejected, seen = [], [], [], set()
     for name, path in shards:
         for row in read_manifest(shard_urls(state, name)["manifest"]):
             if row.status == "ok":
                 ok.append(row.key)
+            elif row.status == "rejected":
+                rejected.append({"key": row.key, "score": row.scores.get("score"), "reason": row.error})
             elif row.key not in seen:
                 seen.add(row.key)
                 errors.append(dups.get(row.key) or {"key": row.key, "shard": path, "error": str(row.error)})
-    return ok, errors
+    return ok, errors, rejected
 
 
 def _grid(out: Path, shards: list[tuple[str, str]], ok: list[str], size: int) -> str:
@@ -188,9 +200,15 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     state, out = state_dir(job.out), Path(job.out)
     variant = _variant(job, mix, state)
     variant.edits = [e for f in folders for e in card_edits(f)]
+    card_clip, card_weights = card_clip_of(folders[0])
     cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[variant], t0=t0,
                         n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps, preset=job.preset,
-                        resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state)
+                        resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state,
+                        score_clip=job.score_clip or card_clip,
+                        score_clip_weights=job.score_clip_weights if job.score_clip else card_weights,
+                        min_score=rs.min_score)
+    for w in check_scoring(cfg):
+        log.warning("%s", w)
     shards = limit_shards(input_shards(job.images), rs.limit)
     dups = duplicates(shards)
     excluded = {k: d["error"] for k, d in dups.items()}
@@ -201,14 +219,16 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
         restyler.on_batch = bar.update  # per batch: an edit of one folder is one shard
         for name, path in shards:
             restyler.run(name, path, exclude=excluded)
-    ok, errors = _errors(state, shards, dups)
-    if not ok and all(not e["error"].startswith(("non-finite", "blank")) for e in errors):
+    ok, errors, rejected = _errors(state, shards, dups)
+    if not ok and not rejected and all(not e["error"].startswith(("non-finite", "blank")) for e in errors):
         raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")
     for e in errors:
         log.warning("not edited %s: %s", e["key"], e["error"])
     summary: dict[str, Any] = {"out": str(out), "n_edited": len(ok), "t0": t0, "strength": rs.strength,
                                "n_inv_steps": rs.n_inv_steps, "n_gen_steps": rs.n_gen_steps, "errors": errors,
-                               "shards": state}
+                               "shards": state, "n_rejected": len(rejected), "rejected": rejected}
+    if cfg.scores(variant):
+        summary["scores"] = {**score_summary(cfg, [n for n, _ in shards])["edit" if mix is None else "mix"]}
     if mix:
         summary["mix"] = mix.as_dict()
     if job.grid and ok:

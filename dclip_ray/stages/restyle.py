@@ -7,7 +7,15 @@ t0 (inverting once to the largest t0 and reading the smaller ones on the way is 
 its own time grid). With routing (``route="source"``) a variant edits only the images that match its
 models' source (:mod:`dclip_ray.stages.selection`); the others get a ``skipped`` manifest row with the
 reason. Each variant is written by one :class:`~dclip_ray.io.shards.ShardWriter` (tar, manifest with a
-row for every input key, commit marker last). :mod:`dclip_ray.pipeline.restyle` runs it in Ray Data
+row for every input key, commit marker last).
+
+Every edit of a variant that names its edits (its models' cards give source and target) is scored
+per image with the judge-free score of :mod:`dclip_ray.scoring`, from the tensors already in memory
+(the input and the generated image; the CLIP is ``score_clip``, by default the models' own); the scores
+are manifest columns and their summary is in the commit marker. With ``min_score`` an edit scored under
+it is a ``rejected`` row and its sample goes to ``rejected/{shard}.tar`` beside the output. The
+threshold is not part of the config hash: a re-run with another one re-sorts the committed samples by
+their stored scores (:meth:`ShardRestyler.rethreshold`) and generates nothing. :mod:`dclip_ray.pipeline.restyle` runs it in Ray Data
 actors; ``dclip-ray edit`` runs it in-process.
 """
 
@@ -30,16 +38,17 @@ from dclip_ray.hashing import config_sha256
 from dclip_ray.io.images import output_defect
 from dclip_ray.io.latents import LatentShard
 from dclip_ray.io.leases import LeaseKeeper
-from dclip_ray.io.manifest import ManifestRow
-from dclip_ray.io.shards import ShardWriter, read_marker, remove_temporaries, shard_urls
+from dclip_ray.io.manifest import ManifestRow, read_manifest
+from dclip_ray.io.shards import REJECTED, ShardWriter, read_marker, remove_temporaries, shard_urls
 from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.cache import cached_base, cached_unet_sha256, model_eps_fns
+from dclip_ray.scoring import ScoreStats, image_scores, rows_of
 from dclip_ray.urls import redact
 
 from .common import CountingEps, RestyleResult, lease_text
-from .inputs import Decoded, batched, decode_shard, image_sha256
+from .inputs import Decoded, batched, decode_shard, image_sha256, iter_shard
 from .precompute import find_latent_store
 from .provenance import encode_image, output_members
 from .selection import SourceMatcher, Verdict
@@ -90,6 +99,9 @@ class RestyleConfig:
     route: str = "all"  # "source": each variant edits only the images matching its sources
     clip: str | None = None  # the CLIP that routes uncaptioned images (zero-shot)
     clip_weights: str | None = None
+    score_clip: str | None = None  # the CLIP that scores every edit (None: edits are not scored)
+    score_clip_weights: str | None = None
+    min_score: float | None = None  # an edit scored under it is a rejected row (not in the config hash)
 
     def t0_of(self, v: Variant) -> int:
         """The return step of variant ``v``."""
@@ -103,6 +115,10 @@ class RestyleConfig:
         """True when variant ``v`` edits only the images matching its sources."""
         return self.route == "source" and bool(v.sources)
 
+    def scores(self, v: Variant) -> bool:
+        """True when variant ``v``'s edits are scored (a scoring CLIP is given and it names its edits)."""
+        return self.score_clip is not None and bool(v.edits)
+
     def variant_hash(self, v: Variant, model_shas: list[str]) -> str:
         """The config hash recorded in a variant's commit markers (a different hash redoes the shard)."""
         return config_sha256({
@@ -110,7 +126,12 @@ class RestyleConfig:
             "n_inv_steps": self.n_inv_steps, "n_gen_steps": self.n_gen_steps, "policy": self.resize_policy,
             "format": self.image_format, "edits": v.edits,
             "route": [sorted(v.sources), self.clip] if self.routes(v) else "all",
+            **({"score": [self.score_clip, _basename(self.score_clip_weights)]} if self.scores(v) else {}),
         })
+
+
+def _basename(path: str | None) -> str | None:
+    return path.rstrip("/").rsplit("/", 1)[-1] if path else None
 
 
 def gamma_of(v: Variant) -> GammaSchedule:
@@ -157,6 +178,37 @@ def shard_committed(cfg: RestyleConfig, hashes: list[str], shard: str, fingerpri
     """True when every variant of ``cfg`` has committed ``shard`` under its config hash (``hashes``, one
     per variant; see :func:`variant_committed`)."""
     return all(variant_committed(v, shard, h, fingerprint) for v, h in zip(cfg.variants, hashes, strict=True))
+
+
+def threshold_current(cfg: RestyleConfig, v: Variant, shard: str) -> bool:
+    """True when variant ``v``'s committed ``shard`` was sorted with this run's ``--min-score`` (an
+    unscored variant always is)."""
+    if not cfg.scores(v):
+        return True
+    m = read_marker(shard_urls(v.out, shard)["marker"]) or {}
+    return m.get("min_score") == cfg.min_score
+
+
+def shard_done(cfg: RestyleConfig, hashes: list[str], shard: str, fingerprint: str | None = None) -> bool:
+    """True when there is nothing to do for ``shard``: committed (:func:`shard_committed`) and sorted with
+    this run's threshold in every variant (:func:`threshold_current`)."""
+    return (shard_committed(cfg, hashes, shard, fingerprint)
+            and all(threshold_current(cfg, v, shard) for v in cfg.variants))
+
+
+def score_summary(cfg: RestyleConfig, shards: list[str]) -> dict[str, dict[str, Any]]:
+    """Per scored variant, the summary of its edits' scores over ``shards`` (committed ones, read from
+    their markers: this run's and earlier runs' alike): count, mean, quantiles, rejected, the lowest."""
+    out = {}
+    for v in cfg.variants:
+        if not cfg.scores(v):
+            continue
+        stats = ScoreStats()
+        for shard in shards:
+            m = read_marker(shard_urls(v.out, shard)["marker"]) or {}
+            stats.merge(ScoreStats.from_dict(m.get("scores")))
+        out[v.name] = {**stats.summary(), "min_score": cfg.min_score}
+    return out
 
 
 @dataclass
@@ -206,6 +258,7 @@ class ShardRestyler:
         routed = [s for v in cfg.variants if cfg.routes(v) for s in v.sources]
         self.matcher = (SourceMatcher(routed, self._load_clip, others=[e[1] for v in cfg.variants for e in v.edits])
                         if routed else None)
+        self._scorer: Any = None
         self.on_batch: Callable[[int], Any] | None = None  # called with the images of each batch done (progress)
 
     def _load_clip(self) -> Any:
@@ -215,6 +268,18 @@ class ShardRestyler:
         from dclip_ray.models.clip import load_clip
 
         return load_clip(self.cfg.clip, weights=self.cfg.clip_weights, device=self.cfg.device)
+
+    def scorer(self) -> Any:
+        """The CLIP that scores the edits, loaded on first need (the routing CLIP when it is the same)."""
+        if self._scorer is None:
+            cfg = self.cfg
+            if self.matcher is not None and (cfg.score_clip, cfg.score_clip_weights) == (cfg.clip, cfg.clip_weights):
+                self._scorer = self.matcher.clip()
+            if self._scorer is None:
+                from dclip_ray.models.clip import load_clip
+
+                self._scorer = load_clip(str(cfg.score_clip), weights=cfg.score_clip_weights, device=cfg.device)
+        return self._scorer
 
     def committed(self, shard: str, fingerprint: str | None = None) -> bool:
         """True when every variant has a commit marker for ``shard`` with this config's hash (and, when
@@ -246,7 +311,8 @@ class ShardRestyler:
         latents not used because their image has changed; ``n_routed``: (variant, image) pairs passed
         over by routing."""
         fingerprint = fingerprint or shard_fingerprint(path)
-        if self.committed(shard, fingerprint):
+        committed = self.committed(shard, fingerprint)
+        if committed and all(threshold_current(self.cfg, v, shard) for v in self.cfg.variants):
             return RestyleResult(shard, skipped=True)
         root = self.cfg.variants[0].out  # the lease lives beside the first output (two runs of other models never wait)
         with LeaseKeeper(root, shard, owner) if owner is not None else nullcontext() as held:
@@ -254,6 +320,9 @@ class ShardRestyler:
                 return RestyleResult(shard, leased=lease_text(held))
             for v in self.cfg.variants:
                 remove_temporaries(v.out, shard)  # left by a writer that died (a full disk, a kill)
+                remove_temporaries(f"{v.out}/{REJECTED}", shard)
+            if committed:  # only --min-score changed: re-sort the stored edits, generate nothing
+                return self.rethreshold(shard, path)
             return self._restyle(shard, path, fingerprint, exclude or {})
 
     def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
@@ -274,7 +343,8 @@ class ShardRestyler:
                 w.discard()
         counts = [w.counts() for w in writers]  # a routed-away key is done for that variant
         return RestyleResult(shard, n=len(writers[0].rows), n_ok=min(c[0] + c[2] for c in counts),
-                             n_error=max(c[1] for c in counts), inv_evals=self.inv_eps.evals - inv0,
+                             n_error=max(c[1] for c in counts), n_rejected=max(w.n_rejected for w in writers),
+                             inv_evals=self.inv_eps.evals - inv0,
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
                              n_routed=state.n_routed, seconds=round(time.perf_counter() - start, 3),
                              started=round(started, 3),
@@ -353,35 +423,139 @@ class ShardRestyler:
                 self._write(cfg.variants[vi], shard, [pending[i] for i in chosen[vi]], x, x0[idx], writers[vi],
                             from_cache, t0)
 
-    def _write(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, x0: torch.Tensor,
-               writer: ShardWriter, cached: bool, t0: int) -> None:
-        """Write one variant's generated batch ``x`` [B,3,H,W] (inputs ``x0`` [B,3,H,W]); a defective
-        output becomes an error row."""
+    def _provenance(self, v: Variant, shard: str, t0: int, latent: str) -> dict[str, Any]:
+        """The ``dclip`` record of an edited sample of variant ``v`` (see :mod:`.provenance`)."""
+        cfg = self.cfg
+        return {"variant": v.name, **v.description, "edits": [{"source": a, "target": b} for a, b in v.edits],
+                "t0": t0, "n_inv_steps": cfg.n_inv_steps, "n_gen_steps": cfg.n_gen_steps,
+                "base_model_sha256": self.shas[0], "latent": latent, "source_shard": shard}
+
+    def _place(self, v: Variant, shard: str, writer: ShardWriter, key: str, extras: Mapping[str, bytes], data: bytes,
+               t0: int, metrics: dict[str, Any], scores: dict[str, float]) -> None:
+        """Write one edited sample (image bytes ``data``) with its row: ok into the output, or, scored
+        under ``min_score``, rejected into the rejected tar (its caption not edited: the edit is not
+        claimed)."""
         cfg = self.cfg
         ext = "png" if cfg.image_format == "png" else "jpg"
-        latent = "cache" if cached else "inverted"
-        for i, d in enumerate(items):
-            defect = output_defect(x[i])
-            if defect is not None:  # never commit NaN or a flat image (a NaN weight, a diverged model)
-                writer.error(d.rec.key, defect)
-                continue
-            data = encode_image(x[i], cfg.image_format)
-            members = output_members(d.rec.extras, {
-                "variant": v.name, **v.description, "edits": [{"source": a, "target": b} for a, b in v.edits],
-                "t0": t0, "n_inv_steps": cfg.n_inv_steps, "n_gen_steps": cfg.n_gen_steps,
-                "base_model_sha256": self.shas[0], "latent": latent, "source_shard": shard}, v.edits)
+        dclip = self._provenance(v, shard, t0, str(metrics.get("latent", "inverted")))
+        if scores:
+            dclip["scores"] = scores
+        low = cfg.min_score is not None and "score" in scores and scores["score"] < cfg.min_score
+        if low:
+            reason = f"edit scored {scores['score']:.4f} < --min-score {cfg.min_score:g}"
+            members = output_members(extras, {**dclip, "rejected": reason}, [])
             members[ext] = data
+            writer.reject(key, members, ManifestRow(key, shard, "rejected", error=reason, sha256=_sha256(data),
+                                                    metrics=metrics, scores=scores))
+            return
+        members = output_members(extras, dclip, v.edits)
+        members[ext] = data
+        writer.write(key, members, ManifestRow(key, shard, "ok", sha256=_sha256(data), metrics=metrics, scores=scores))
+
+    def _write(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, x0: torch.Tensor,
+               writer: ShardWriter, cached: bool, t0: int) -> None:
+        """Score (when the variant is scored) and write one variant's generated batch ``x`` [B,3,H,W]
+        (inputs ``x0`` [B,3,H,W]); a defective output becomes an error row."""
+        cfg = self.cfg
+        latent = "cache" if cached else "inverted"
+        defects = [output_defect(x[i]) for i in range(len(items))]
+        good = [i for i, d in enumerate(defects) if d is None]
+        scores: dict[int, dict[str, float]] = {}
+        if cfg.scores(v) and good:
+            parts = image_scores(self.scorer(), x0[good].float(), x[good].float().clamp(-1, 1), v.edits)
+            scores = dict(zip(good, rows_of(parts), strict=True))
+        for i, d in enumerate(items):
+            if defects[i] is not None:  # never commit NaN or a flat image (a NaN weight, a diverged model)
+                writer.error(d.rec.key, str(defects[i]))
+                continue
             change = float((x[i].float().clamp(-1, 1) - x0[i].float()).abs().mean())
             metrics: dict[str, Any] = {"latent": latent}
             if math.isfinite(change):
                 metrics["mean_abs_change"] = round(change, 6)
-            writer.write(d.rec.key, members, ManifestRow(d.rec.key, shard, "ok", sha256=_sha256(data), metrics=metrics))
+            self._place(v, shard, writer, d.rec.key, d.rec.extras, encode_image(x[i], cfg.image_format), t0, metrics,
+                        scores.get(i, {}))
 
     def _commit(self, path: str, writers: list[ShardWriter], state: _ShardState, fingerprint: str) -> None:
         for v, h, w in zip(self.cfg.variants, self.hashes, writers, strict=True):
-            w.commit({"source": redact(path), "config_sha256": h, "variant": v.name,
-                      "truncated": state.status.get("truncated"), "source_fingerprint": fingerprint,
-                      "format": SHARD_FORMAT}, order=state.position)
+            w.commit(self._marker(v, w, {"source": redact(path), "config_sha256": h, "variant": v.name,
+                                         "truncated": state.status.get("truncated"), "source_fingerprint": fingerprint,
+                                         "format": SHARD_FORMAT}), order=state.position)
+
+    def _marker(self, v: Variant, w: ShardWriter, marker: dict[str, Any]) -> dict[str, Any]:
+        """``marker`` plus, for a scored variant, the threshold it was sorted with and its score summary."""
+        if not self.cfg.scores(v):
+            return marker
+        stats = ScoreStats()
+        for r in w.rows:
+            if "score" in r.scores:
+                stats.add(r.scores["score"], w.shard, r.key, rejected=r.status == "rejected")
+        return {**marker, "min_score": self.cfg.min_score, "scores": stats.as_dict()}
+
+    def rethreshold(self, shard: str, path: str) -> RestyleResult:
+        """Re-sort a committed shard's scored edits by this run's ``min_score`` without generating
+        anything: each variant's ok and rejected samples are read back (output and rejected tars), placed
+        again by their stored scores and committed anew (same bytes as a fresh run with this threshold).
+        Call it holding the shard's lease."""
+        start, started = time.perf_counter(), time.time()
+        extras: dict[str, Mapping[str, bytes]] = {}
+        for rec in iter_shard(path):
+            extras.setdefault(rec.key, rec.extras)
+        counts = []
+        for v in self.cfg.variants:
+            if threshold_current(self.cfg, v, shard):
+                m = read_marker(shard_urls(v.out, shard)["marker"]) or {}
+                counts.append((int(m.get("n", 0)), int(m.get("n_ok", 0)) + int(m.get("n_skipped", 0)),
+                               int(m.get("n_error", 0)), int(m.get("n_rejected", 0))))
+                continue
+            counts.append(self._rethreshold_variant(v, shard, extras))
+        return RestyleResult(shard, n=counts[0][0], n_ok=min(c[1] for c in counts), n_error=max(c[2] for c in counts),
+                             n_rejected=max(c[3] for c in counts), seconds=round(time.perf_counter() - start, 3),
+                             started=round(started, 3), rethresholded=True)
+
+    def _rethreshold_variant(self, v: Variant, shard: str, extras: Mapping[str, Mapping[str, bytes]],
+                             ) -> tuple[int, int, int, int]:
+        urls = shard_urls(v.out, shard)
+        old = read_marker(urls["marker"]) or {}
+        rows = read_manifest(urls["manifest"])
+        images = _tar_images(urls["tar"])
+        if any(r.status == "rejected" for r in rows):
+            images.update(_tar_images(urls["rejected"]))
+        w = self.new_writer(v, shard)
+        try:
+            for r in rows:
+                if r.status in ("ok", "rejected") and "score" in r.scores:
+                    data = images.get(r.key)
+                    if data is None or _sha256(data) != r.sha256:
+                        raise InputFileError(f"{redact(urls['tar'])}: the image of {r.key!r} is missing or differs "
+                                             "from its manifest row; delete the shard's _stats.json to redo it")
+                    self._place(v, shard, w, r.key, extras.get(r.key, {}), data, self.cfg.t0_of(v), r.metrics, r.scores)
+                else:
+                    w.rows.append(r)
+            kept = {k: old[k] for k in ("source", "config_sha256", "variant", "truncated", "source_fingerprint",
+                                        "format") if k in old}
+            w.commit(self._marker(v, w, kept))
+            n_ok, n_error, n_skipped = w.counts()
+            return len(w.rows), n_ok + n_skipped, n_error, w.n_rejected
+        finally:
+            w.discard()
+
+
+def _tar_images(url: str) -> dict[str, bytes]:
+    """``{key: image bytes}`` of an output tar (png or jpg members)."""
+    import io
+    import tarfile
+
+    from dclip_ray.io.sources import split_member
+
+    out: dict[str, bytes] = {}
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:") as tar:
+        for m in tar:
+            key, ext = split_member(m.name)
+            if m.isfile() and ext in ("png", "jpg"):
+                fobj = tar.extractfile(m)
+                if fobj is not None:
+                    out[key] = fobj.read()
+    return out
 
 
 def _skip_reason(v: Variant, verdict: Verdict) -> str:

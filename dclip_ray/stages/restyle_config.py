@@ -26,7 +26,15 @@ from dclip_ray.urls import redact
 from .checks import check_out_folder, check_step_counts, check_steps
 from .inputs import absolute, shard_keys
 from .precompute import find_latent_store
-from .restyle import RestyleConfig, Variant, gamma_of, gen_evals_per_image, model_shas, shard_committed
+from .restyle import (
+    RestyleConfig,
+    Variant,
+    gamma_of,
+    gen_evals_per_image,
+    model_shas,
+    shard_committed,
+    shard_done,
+)
 
 
 def _card_base(finetuned: str) -> str | None:
@@ -52,6 +60,8 @@ def build_restyle_config(
     trust_checkpoint: bool = False,
     clip: str | None = None,
     clip_weights: str | None = None,
+    score_clip: str | None = None,
+    score_clip_weights: str | None = None,
     **given: Any,
 ) -> RestyleConfig:
     """Turn the restyle options into a :class:`RestyleConfig`.
@@ -64,7 +74,8 @@ def build_restyle_config(
     ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the ``base_model`` in the cards; each
     variant's t0 to its models' (:func:`_t0_of`). ``route`` auto becomes ``source`` when the variants
     have two or more different sources. ``clip``/``clip_weights``: the CLIP that routes uncaptioned
-    images (default: the one the models were trained with, from their cards).
+    images (default: the one the models were trained with, from their cards); ``score_clip``/
+    ``score_clip_weights``: the CLIP that scores every edit (default: the routing one).
     """
     if settings is None:
         settings = RestyleSettings(**given)
@@ -86,14 +97,26 @@ def build_restyle_config(
     if rs.route == "source" and blind:
         raise ConfigError(f"--route source: {', '.join(blind)} has no source (no dclip.json with source and target); "
                           "restyle it with --route all")
-    card = read_card(finetuned[0])
+    card_clip, card_weights = card_clip_of(finetuned[0])
+    clip_weights = absolute(clip_weights) if clip_weights else card_weights
+    clip = clip or card_clip
+    score_clip, score_clip_weights = ((score_clip, absolute(score_clip_weights)) if score_clip
+                                      else (clip, clip_weights))
     return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
                          variants=variants, t0=int(variants[0].t0 or 0), n_inv_steps=rs.n_inv_steps,
                          n_gen_steps=rs.n_gen_steps, preset=preset, latents=absolute(latents) if latents else None,
                          resize_policy=rs.resize_policy, image_format=rs.image_format, batch_size=rs.batch_size,
                          trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out, route=route,
-                         clip=clip or card.get("clip"),
-                         clip_weights=absolute(clip_weights) if clip_weights else card.get("clip_weights"))
+                         clip=clip, clip_weights=clip_weights, score_clip=score_clip,
+                         score_clip_weights=score_clip_weights, min_score=rs.min_score)
+
+
+def card_clip_of(folder: str) -> tuple[str | None, str | None]:
+    """``(clip, clip_weights)`` a fine-tuned folder's card names (the CLIP it was trained with; None when
+    not named; a card that wrote a missing weights path as the text "None" reads as None)."""
+    card = read_card(folder)
+    weights = card.get("clip_weights")
+    return card.get("clip") or None, None if weights in (None, "", "None") else str(weights)
 
 
 def card_edits(folder: str) -> list[list[str]]:
@@ -167,10 +190,11 @@ def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
         put_bytes(data, url)
 
 
-def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
+def check_restyle(cfg: RestyleConfig, input_url: str) -> list[str]:
     """Validate a restyle before any work (the run, ``--dry-run`` and ``run --check`` call it): every
     output is a folder outside the input, the latent store and the models; the step settings fit the
-    base model at every t0. Resolves ``cfg.latents`` when it names one key's digest folder. Raises
+    base model at every t0; the scoring CLIP is there (:func:`check_scoring`). Resolves ``cfg.latents``
+    when it names one key's digest folder. Returns warnings (one line each); raises
     :class:`ConfigError` (exit 1)."""
     inputs: dict[str, str | None] = {"--input": input_url, "--latents": cfg.latents, "--base": cfg.base}
     inputs.update({f"--model {f}": f for f in cfg.finetuned})
@@ -192,6 +216,34 @@ def check_restyle(cfg: RestyleConfig, input_url: str) -> None:
             raise type(e)(f"the CLIP that routes uncaptioned images (--clip {cfg.clip}): {e}") from None
     if cfg.latents:
         cfg.latents = store_root(cfg.latents)
+    return check_scoring(cfg)
+
+
+def check_scoring(cfg: RestyleConfig) -> list[str]:
+    """Check that every edit can be scored before any work: with ``--min-score`` every variant must name
+    its edits (source and target in its models' cards) and the scoring CLIP must be there (else
+    :class:`ConfigError`, exit 1); without it a missing CLIP turns scoring off with a warning (returned)."""
+    from dclip_ray.models.clip import check_clip
+
+    blind = [v.name for v in cfg.variants if not v.edits]
+    if cfg.min_score is not None and blind:
+        raise ConfigError(f"--min-score {cfg.min_score:g}: {', '.join(blind)} has no source and target to score its "
+                          "edits against (no dclip.json with source and target); drop --min-score")
+    if cfg.score_clip is None:
+        if cfg.min_score is not None:
+            raise ConfigError(f"--min-score {cfg.min_score:g} needs a CLIP to score the edits: pass --score-clip NAME "
+                              "(and --score-clip-weights PATH), or use models whose dclip.json names their CLIP")
+        return [] if blind == [v.name for v in cfg.variants] else [
+            "the edits are not scored: no CLIP is known (pass --score-clip NAME to score them)"]
+    try:
+        check_clip(cfg.score_clip, cfg.score_clip_weights, cfg.trust_checkpoint)
+    except DclipError as e:
+        if cfg.min_score is not None:
+            raise type(e)(f"the CLIP that scores the edits for --min-score (--score-clip {cfg.score_clip}): {e}") from None
+        name, cfg.score_clip, cfg.score_clip_weights = cfg.score_clip, None, None
+        return [f"the edits are not scored: their CLIP {name} cannot be loaded ({e}); pass --score-clip NAME "
+                "--score-clip-weights PATH to score them"]
+    return []
 
 
 def latent_coverage(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict[str, str],
@@ -250,11 +302,12 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
         keys, truncated = shard_keys(path)
         fp = (prints or {}).get(name)
         done = shard_committed(cfg, hashes, name, fp)
+        resort = done and not shard_done(cfg, hashes, name, fp)  # only --min-score changed: no generation
         cached = {t0: _n_cached(store, name, fp, keys) for t0, store in stores.items()}
         inv = sum((len(keys) - n) * (cfg.n_inv_steps - 1) for n in cached.values())
         evals = 0 if done else inv + len(keys) * per_gen
         rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": sum(cached.values()),
-                     "cached_latents_per_t0": cached, "committed": done, "unet_evals": evals, "truncated": truncated})
+                     "cached_latents_per_t0": cached, "committed": done, "rethreshold": resort, "unet_evals": evals, "truncated": truncated})
         if not done:
             total_imgs += len(keys)
             total_evals += evals

@@ -5,8 +5,9 @@ that is gone is a problem), or for older outputs ``OUT`` itself or each sub-fold
 commit markers. For every input shard and every output folder it checks: the commit marker exists; the
 manifest's keys equal the input shard's keys, each exactly once; the tar holds exactly the ok keys, one
 image each, whose sha256 equals the manifest's; error rows and skipped rows (keys a routed restyle
-passed over: meant for another model) have a reason and no image; the counts and
-the tar's sha256 and size equal the marker's; the input shard's content is the one the output was made
+passed over: meant for another model) have a reason and no image; rejected rows (edits scored under
+``--min-score``) have their scores and their image in ``rejected/{shard}.tar``, never in the output tar;
+the counts and the tars' sha256 and size equal the marker's; the input shard's content is the one the output was made
 from (an input rewritten since is reported); no key appears in two input shards. It also reports files
 that no input shard explains (a stray shard, e.g. a copy duplicating input keys) and temporaries left
 by a write that died. No Ray needed.
@@ -139,6 +140,8 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
     ok_rows = {r.key: r for r in rows if r.status == "ok"}
     err_rows = [r for r in rows if r.status == "error"]
     skip_rows = [r for r in rows if r.status == "skipped"]
+    rej_rows = {r.key: r for r in rows if r.status == "rejected"}
+    problems += _check_rejected(where, urls["rejected"], rej_rows, marker)
     for key, blobs in images.items():
         if key not in ok_rows:
             problems.append(f"{where}: tar holds {key!r}, which is not an ok row of the manifest")
@@ -157,12 +160,41 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
     if fingerprint is not None and made_from is not None and made_from != fingerprint:
         problems.append(f"{where}: the input shard changed after this output was written (other image bytes); "
                         "re-run restyle to redo it")
-    marked = (marker.get("n"), marker.get("n_ok"), marker.get("n_error"), marker.get("n_skipped", 0))
-    if marked != (len(rows), len(ok_rows), len(err_rows), len(skip_rows)):
-        problems.append(f"{where}: marker counts n/ok/error/skipped {'/'.join(map(str, marked))} differ from the "
-                        f"manifest {len(rows)}/{len(ok_rows)}/{len(err_rows)}/{len(skip_rows)}")
+    marked = (marker.get("n"), marker.get("n_ok"), marker.get("n_error"), marker.get("n_skipped", 0),
+              marker.get("n_rejected", 0))
+    found = (len(rows), len(ok_rows), len(err_rows), len(skip_rows), len(rej_rows))
+    if marked != found:
+        problems.append(f"{where}: marker counts n/ok/error/skipped/rejected {'/'.join(map(str, marked))} differ from "
+                        f"the manifest {'/'.join(map(str, found))}")
     return {"shard": shard, "output": folder, "committed": True, "n": len(rows), "n_ok": len(ok_rows),
-            "n_error": len(err_rows), "n_skipped": len(skip_rows), "expected": len(expected)}, problems
+            "n_error": len(err_rows), "n_skipped": len(skip_rows), "n_rejected": len(rej_rows),
+            "expected": len(expected)}, problems
+
+
+def _check_rejected(where: str, url: str, rows: dict[str, Any], marker: dict[str, Any]) -> list[str]:
+    """Problems of a shard's rejected edits: each rejected row has its score and exactly one image in the
+    rejected tar with the row's sha256, the tar holds nothing else and matches the marker."""
+    problems = [f"{where}: rejected row {k!r} has no score" for k, r in rows.items() if "score" not in r.scores]
+    if not rows:
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.exists(path):
+            problems.append(f"{where}: a rejected tar is there but no row is rejected; re-run restyle")
+        return problems
+    try:
+        images, sha, size = _tar_members(url)
+    except (FileNotFoundError, OSError, tarfile.TarError) as e:
+        return problems + [f"{where}: {len(rows)} rejected row(s) but the rejected tar is unreadable: {e}"]
+    for key, blobs in images.items():
+        if key not in rows:
+            problems.append(f"{where}: the rejected tar holds {key!r}, which is not a rejected row")
+        elif len(blobs) != 1 or hashlib.sha256(blobs[0]).hexdigest() != rows[key].sha256:
+            problems.append(f"{where}: rejected {key!r}: image missing, repeated or its sha256 differs from the manifest")
+    absent = sorted(set(rows) - set(images))
+    if absent:
+        problems.append(f"{where}: {len(absent)} rejected key(s) have no image in the rejected tar, e.g. {absent[:3]}")
+    if (marker.get("rejected_sha256"), marker.get("rejected_bytes")) != (sha, size):
+        problems.append(f"{where}: the rejected tar's sha256 or size differs from its commit marker")
+    return problems
 
 
 def _strays(folder: str, names: set[str], homes: dict[str, list[str]]) -> list[str]:

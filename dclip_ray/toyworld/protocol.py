@@ -57,19 +57,27 @@ class ToyProtocol:
         """Fine-tune ``pair`` with its recipe (:attr:`~dclip_ray.toyworld.pairs.EditPair.recipe`) and ``overrides`` (FinetuneConfig fields) at
         fine-tuning ``seed``; returns the :class:`~dclip_ray.toyworld.pairs.PairResult` fields, the pair,
         seed, recipe, overrides and seconds."""
+        start = time.perf_counter()
+        cfg, _, edits, masks = self.edits(pair, seed, overrides)
+        judged = judge_edit(pair, edits, masks)
+        return {"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe,
+                "overrides": dict(overrides or {}), **asdict(judged), "seconds": round(time.perf_counter() - start, 1)}
+
+    def edits(self, pair: EditPair, seed: int = 0, overrides: dict[str, Any] | None = None,
+              ) -> tuple[Any, torch.Tensor, torch.Tensor, np.ndarray]:
+        """Fine-tune ``pair`` as :meth:`run` does and edit the held-out images: ``(FinetuneConfig, inputs
+        [N,3,H,W] in [-1,1], edits [N,3,H,W] in [-1,1], source masks bool [N,H,W])``."""
         from dclip_ray.edit import generate_images
         from dclip_ray.finetune import finetune
         from dclip_ray.models import eps_fn_of
 
-        start = time.perf_counter()
         cfg = resolve_finetune_config(pair.source, pair.target, {**(overrides or {}), "seed": seed},
                                       {"recipe": pair.recipe, "n_train": self.n_train}, preset=self.preset)
         x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0)
+        x_eval = _images(sample_dataset(self.n_eval, EVAL_SEED, colours=[pair.colour], shapes=[pair.shape]))
         res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
         edits = generate_images(eps_fn_of(res.unet), lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
-        judged = judge_edit(pair, edits, masks)
-        return {"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe,
-                "overrides": dict(overrides or {}), **asdict(judged), "seconds": round(time.perf_counter() - start, 1)}
+        return cfg, x_eval, edits, masks
 
 
 def meets_goals(row: dict[str, Any]) -> list[str]:
