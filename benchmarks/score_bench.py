@@ -25,7 +25,7 @@ import numpy as np
 
 from dclip_ray.scoring import auroc, image_scores, precision_recall_at, rows_of
 from dclip_ray.toyworld.judge import judge, to_uint8_image
-from dclip_ray.toyworld.pairs import EVALUATION, EditPair
+from dclip_ray.toyworld.pairs import EVALUATION, TUNING, EditPair
 from dclip_ray.toyworld.protocol import ToyProtocol
 from dclip_ray.toyworld.render import BACKGROUND
 
@@ -38,9 +38,10 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 PARTS = ("score", "direction", "structure", "background")
 
 
-def pairs(per_kind: dict[str, int]) -> list[EditPair]:
-    """The first ``per_kind[kind]`` evaluation pairs of each kind, in the split's order."""
-    return [p for k, n in per_kind.items() for p in [q for q in EVALUATION if q.kind == k][:n]]
+def pairs(per_kind: dict[str, int], which: list[EditPair] = EVALUATION) -> list[EditPair]:
+    """The first ``per_kind[kind]`` pairs of each kind of ``which`` (the evaluation set), in the split's
+    order."""
+    return [p for k, n in per_kind.items() for p in [q for q in which if q.kind == k][:n]]
 
 
 def verdicts(pair: EditPair, edits: Any, masks: np.ndarray) -> list[dict[str, Any]]:
@@ -89,15 +90,36 @@ def analyse(edits: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[st
     return ratios, table, models
 
 
-def run(out_dir: Any, quick: bool) -> dict[str, Any]:
-    """The suite (see the module docstring); resumes from ``out_dir/score_edits.jsonl``."""
-    path = Path(out_dir) / ("score_edits_quick.jsonl" if quick else "score_edits.jsonl")
+GRID_STRUCTURE = (0.0, 0.25, 0.5, 1.0)
+GRID_BACKGROUND = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def rescored(e: dict[str, Any], w_structure: float, w_background: float) -> float:
+    """An edit's score under other weights (its stored parts)."""
+    return e["direction"] - w_structure * (1 - e["structure"]) - w_background * e["background"]
+
+
+def fit_weights(edits: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """``(w_structure, w_background, AUROC)`` of the grid point with the best AUROC on ``edits`` (the
+    tuning pairs' edits: never the evaluation pairs')."""
+    labels = [e["good"] for e in edits]
+    best = max(((ws, wb, auroc([rescored(e, ws, wb) for e in edits], labels))
+                for ws in GRID_STRUCTURE for wb in GRID_BACKGROUND), key=lambda x: x[2])
+    return best
+
+
+def run(out_dir: Any, quick: bool, tuning: bool = False, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
+    """The suite (see the module docstring); resumes from ``out_dir/score_edits.jsonl``
+    (``tuning``: the tuning pairs instead, ``score_edits_tuning.jsonl``, for choosing the score's weights)."""
+    name = "score_edits_quick" if quick else "score_edits_tuning" if tuning else "score_edits"
+    path = Path(out_dir) / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     seen = {(e["pair"], e["seed"]) for e in done}
     n_eval = 8 if quick else N_EVAL
     proto = ToyProtocol(n_eval=n_eval)
-    todo = [(p, s) for p in pairs({"colour": 1, "shape": 1} if quick else PER_KIND) for s in ((0,) if quick else SEEDS)]
+    todo = [(p, s) for p in pairs({"colour": 1, "shape": 1} if quick else PER_KIND, TUNING if tuning else EVALUATION)
+            for s in ((0,) if quick else seeds)]
     for p, s in todo:
         if (p.name, s) in seen:
             continue
@@ -107,6 +129,11 @@ def run(out_dir: Any, quick: bool) -> dict[str, Any]:
                 f.write(json.dumps(r) + "\n")
         done += rows
     ratios, table, models = analyse(done)
+    tuned = Path(out_dir) / "score_edits_tuning.jsonl"
+    if not tuning and tuned.exists():  # weights chosen on the tuning pairs, judged here on the evaluation pairs
+        ws, wb, fit = fit_weights([json.loads(line) for line in tuned.read_text().splitlines()])
+        ratios.update(tuned_w_structure=ws, tuned_w_background=wb, tuned_auroc_on_tuning=fit,
+                      tuned_auroc=auroc([rescored(e, ws, wb) for e in done], [e["good"] for e in done]))
     return {"settings": {"machine": c.machine(), "pairs": sorted({e["pair"] for e in done}), "seeds": sorted(
                 {e["seed"] for e in done}), "n_eval": n_eval, "verdict": "judge success and background <= 6/255"},
             "tables": {"keeping edits scored >= min_score": table, "per model": models}, "ratios": ratios}
@@ -117,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.score_bench")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tuning", action="store_true", help="the tuning pairs (choose the score's weights on these)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     a = ap.parse_args(argv)
-    res = run(a.out, a.quick)
+    res = run(a.out, a.quick, a.tuning, tuple(a.seeds))
     print(json.dumps({"ratios": res["ratios"], "tables": res["tables"]}, indent=1, default=str))
     return 0
 

@@ -155,6 +155,10 @@ def test_restyle_min_score_exactly_once_and_a_new_threshold_generates_nothing(mo
     blue, none = first["scores"]["blue"], first["scores"]["none"]
     assert none["n"] == 16 and none["n_rejected"] == 16 and blue["n_rejected"] <= 4, first["scores"]
     assert first["n_rejected"] == 16 and len(none["lowest"]) == N_LOWEST
+    from dclip_ray.evaluation.report import write_report
+
+    page = Path(write_report(out, str(tmp_path / "report.html"))).read_text()
+    assert "lowest-scored edits" in page and "16 rejected (scored under --min-score)" in page
     snapshot = tree(out)
     assert main(["verify", out, "--input", toy, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -86,15 +86,19 @@ def models_html(root: Path, cards: list[tuple[Path, dict[str, Any]]]) -> str:
 
 def restyle_html(root: Path, variants: list[tuple[Path, list[dict[str, Any]]]]) -> str:
     """Per restyled output folder: shard and image counts, a before/after grid of the first committed
-    shard (the "before" read from the input shard named in its marker) and the manifest summary."""
+    shard (the "before" read from the input shard named in its marker), the distribution of the edits'
+    scores with the lowest-scored edits beside their inputs, and the manifest summary."""
     parts = []
     for d, markers in variants:
         n_ok = sum(int(m.get("n_ok", 0)) for m in markers)
         n_err = sum(int(m.get("n_error", 0)) for m in markers)
         n_skip = sum(int(m.get("n_skipped", 0)) for m in markers)
+        n_rej = sum(int(m.get("n_rejected", 0)) for m in markers)
         routed = f", {n_skip} routed to other models (skipped)" if n_skip else ""
+        rejected = f", {n_rej} rejected (scored under --min-score)" if n_rej else ""
         parts.append(f"<h3>{html.escape(rel(d, root))}</h3><p>{len(markers)} committed shard(s), {n_ok} images ok, "
-                     f"{n_err} errors{routed}</p>")
+                     f"{n_err} errors{routed}{rejected}</p>")
+        parts.append(scores_html(d, markers))
         first = next((m for m in markers if m.get("n_ok")), markers[0])  # a shard routed away whole has no image
         after = images_of(str(d / f"{first['shard']}.tar"), None, MAX_IMAGES)
         source = first.get("source")
@@ -112,6 +116,34 @@ def restyle_html(root: Path, variants: list[tuple[Path, list[dict[str, Any]]]]) 
             parts.append(na(f"before images: input shard {source} is not readable from here"))
         parts.append(_manifest_html(d))
     return "\n".join(parts)
+
+
+def scores_html(d: Path, markers: list[dict[str, Any]]) -> str:
+    """The score distribution of an output folder's edits (from its markers) and its lowest-scored edits
+    beside their inputs (read from the output or the rejected tar, and the input shard)."""
+    from dclip_ray.io.shards import shard_urls
+    from dclip_ray.scoring import ScoreStats, merged
+
+    stats = merged(ScoreStats.from_dict(m.get("scores")) for m in markers)
+    if stats.n == 0:
+        return na("edit scores: these edits were not scored (no CLIP known, or the models name no source and target)")
+    s = stats.summary()
+    out = table([[s["n"], s["mean"], s["min"], s["p10"], s["p50"], s["p90"], s["max"], s["n_rejected"]]],
+                ["edits scored", "mean", "min", "p10", "median", "p90", "max", "rejected"])
+    sources = {m.get("shard"): m.get("source") for m in markers}
+    before_row, after_row, labels = [], [], []
+    for score, shard, key in stats.lowest:
+        urls = shard_urls(str(d), shard)
+        after = images_of(urls["tar"], [key], 1) or images_of(urls["rejected"], [key], 1)
+        src = sources.get(shard)
+        before = images_of(str(src), [key], 1) if src and os.path.exists(str(src)) else {}
+        before_row.append(before.get(key, _blank()))
+        after_row.append(after.get(key, _blank()))
+        labels.append([key, shard, score])
+    out += "<p>The lowest-scored edits (input above, edit below; left to right as in the table):</p>"
+    out += img_tag(image_grid([("input", before_row), ("edit", after_row)]), f"lowest-scored edits {d.name}")
+    out += table(labels, ["key", "shard", "score"])
+    return out
 
 
 def _manifest_html(d: Path) -> str:

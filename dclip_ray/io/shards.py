@@ -258,7 +258,8 @@ class ShardWriter:
 
 
 def remove_file(url: str) -> None:
-    """Delete the file at ``url`` when it is there."""
+    """Delete the file at ``url`` when it is there (its folder stays: another shard's writer may be
+    writing into it)."""
     fs, path = fsspec.core.url_to_fs(url)
     try:
         if fs.exists(path):
