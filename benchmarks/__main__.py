@@ -29,6 +29,7 @@ from . import (
     memory_bench,
     recipes_bench,
     restyle_bench,
+    score_bench,
     utilisation_bench,
 )
 
@@ -39,6 +40,7 @@ SUITES: dict[str, Callable[..., Any]] = {
     "memory": memory_bench.run,
     "recipes": recipes_bench.run,
     "restyle": restyle_bench.run,
+    "score": score_bench.run,
     "utilisation": utilisation_bench.run,
 }
 

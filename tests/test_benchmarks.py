@@ -21,6 +21,7 @@ from benchmarks import (
     memory_bench,
     recipes_bench,
     restyle_bench,
+    score_bench,
     utilisation_bench,
 )
 from benchmarks.__main__ import main
@@ -162,6 +163,28 @@ def test_recipes_quick(tmp_path: Path) -> None:
     assert all(0 <= r["success"] <= 1 and r["goals"] for r in rows)
     assert res["ratios"]["pairs"] == 2 and 0 <= res["ratios"]["pairs_meeting_goals_on_every_seed"] <= 2
 
+
+
+def test_score_analysis_by_hand() -> None:
+    """AUROC, the threshold table and weights chosen on a set where only the background tells good from bad."""
+    edits = [{"pair": "p", "seed": 0, "score": d - 4 * b, "direction": d, "structure": 1.0, "background": b,
+              "good": good, "success": True}
+             for d, b, good in ((0.8, 0.0, True), (0.7, 0.01, True), (0.9, 0.2, False), (0.6, 0.3, False))]
+    ratios, table, models = score_bench.analyse(edits)
+    assert ratios["auroc_score"] == 1.0 and ratios["auroc_background"] == 1.0 and ratios["auroc_direction"] == 0.5
+    assert table[-1] == {"min_score": "none", "precision": 0.5, "recall": 1.0, "kept": 1.0}
+    assert {"min_score": 0.5, "precision": 1.0, "recall": 1.0, "kept": 0.5} in table
+    assert score_bench.fit_weights(edits)[1] > 0 and models[0]["good"] == 0.5
+
+
+@pytest.mark.slow
+def test_score_quick(tmp_path: Path) -> None:
+    """The score suite at smoke size (one colour and one shape pair, 1 epoch, 8 edits each), resumed."""
+    res = score_bench.run(tmp_path, quick=True)
+    assert res["ratios"]["n_edits"] == 16 and res["ratios"]["n_models"] == 2
+    lines = (tmp_path / "score_edits_quick.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and {"score", "direction", "good"} <= set(json.loads(lines[0]))
+    assert score_bench.run(tmp_path, quick=True)["ratios"]["n_edits"] == 16, "a re-run resumes, adds nothing"
 
 
 @pytest.mark.slow

@@ -252,7 +252,9 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
         for c in ("shard", "status", "ok", "errors", "routed away", "inversions", "cached", "seconds"):
             t.add_column(c)
         for r in s["shards"]:
-            t.add_row(r["shard"], "skipped (committed)" if r.get("skipped") else "done", _fmt(r.get("n_ok")),
+            status = ("re-sorted (--min-score)" if r.get("rethresholded")
+                      else "skipped (committed)" if r.get("skipped") else "done")
+            t.add_row(r["shard"], status, _fmt(r.get("n_ok")),
                       _fmt(r.get("n_error")), _fmt(r.get("n_routed")), _fmt(r.get("inv_evals")),
                       _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
         Console().print(t)
