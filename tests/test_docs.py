@@ -115,6 +115,7 @@ def test_models_list_has_json(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole README walk: several fine-tunings and three Ray pipelines (about 10 min here)
 def test_the_readme_toy_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     """Every runnable README command, in README order, in one temporary folder: exit code 0."""
     monkeypatch.chdir(tmp_path)

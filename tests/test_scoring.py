@@ -108,6 +108,16 @@ def models(tmp_path_factory):
     return root
 
 
+def _random_face_weights(folder: Path) -> str:
+    """facenet-pytorch's InceptionResnetV1 with random weights (seed 0), saved as its state dict."""
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.manual_seed(0)
+    path = folder / "face_random.pt"
+    torch.save(InceptionResnetV1(classify=True, num_classes=7).eval().state_dict(), path)
+    return str(path)
+
+
 def _judged_blue(png: bytes) -> bool:
     return judge(load_image_tensor(png, 32)).colour == "blue"
 
@@ -117,8 +127,10 @@ def test_edit_writes_scores_and_min_score_rejects_the_model_that_does_not_edit(m
     rc = main(["edit", "--model", "toy_shapes", "--finetuned", str(models / "blue"), "--images", toy,
                "--out", str(tmp_path / "good"), *STEPS, "--min-score", str(MIN_SCORE), "--json"])
     good = json.loads(capsys.readouterr().out)
+    face = _random_face_weights(tmp_path)
     rc_bad = main(["edit", "--model", "toy_shapes", "--finetuned", str(models / "none"), "--images", toy,
-                   "--out", str(tmp_path / "bad"), *STEPS, "--min-score", str(MIN_SCORE), "--json"])
+                   "--out", str(tmp_path / "bad"), *STEPS, "--min-score", str(MIN_SCORE), "--face-weights", face,
+                   "--json"])
     bad = json.loads(capsys.readouterr().out)
     assert rc == rc_bad == 0, "a rejected edit is not an error"
     # Judged from pixels: the fine-tuned model's kept edits are blue; the other model edits nothing.
@@ -131,7 +143,8 @@ def test_edit_writes_scores_and_min_score_rejects_the_model_that_does_not_edit(m
     state = tmp_path / ".bad.edit"
     rows = [r for s in ("00000", "00001") for r in read_manifest(str(state / f"{s}.parquet"))]
     assert {r.status for r in rows} == {"rejected"} and all(r.scores["score"] < MIN_SCORE for r in rows)
-    assert all(set(r.scores) == {"score", "direction", "structure", "background"} for r in rows)
+    assert all(set(r.scores) == {"score", "direction", "structure", "background", "identity"} for r in rows)
+    assert all(r.scores["identity"] > 0.95 for r in rows), "an unedited image keeps its (random-network) identity"
     assert "< --min-score 0.4" in rows[0].error
     with tarfile.open(state / "rejected" / "00000.tar") as t:
         names = t.getnames()

@@ -16,7 +16,7 @@ from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
 from .app import QUIET_HELP, app, progress_wanted
-from .pipeline import SCORE_CLIP_HELP, print_scores
+from .pipeline import FACE_SCORE_HELP, SCORE_CLIP_HELP, print_scores
 from .settings import config_options, finetune_options
 
 console = Console(stderr=True)
@@ -136,6 +136,7 @@ def edit(
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
     score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
+    face_weights: str = typer.Option(None, help=FACE_SCORE_HELP),
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Edit images with a fine-tuned model: invert with the original, generate with the fine-tuned one
@@ -143,7 +144,7 @@ def edit(
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset,
                   settings=RestyleSettings(**(settings or {})), grid=grid, score_clip=score_clip,
-                  score_clip_weights=score_clip_weights)
+                  score_clip_weights=score_clip_weights, face_weights=face_weights)
     with trust_scope(trust_checkpoint):
         summary = run_edit(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, "edit"))

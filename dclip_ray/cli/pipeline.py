@@ -23,6 +23,8 @@ from .settings import config_options, finetune_options
 TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
               "trusted files only.")
 ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
+FACE_SCORE_HELP = ("Local InceptionResnetV1 weights (facenet-pytorch, VGGFace2): each edit's scores gain the "
+                   "identity cosine of the face before and after (faces).")
 SCORE_CLIP_HELP = ("CLIP that scores every edit per image in the manifest (default: the one the models were "
                    "fine-tuned with, from their dclip.json); --min-score rejects by that score.")
 
@@ -171,6 +173,7 @@ def restyle(
     clip_weights: str = typer.Option(None, help="Local weights of --clip."),
     score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
+    face_weights: str = typer.Option(None, help=FACE_SCORE_HELP),
     base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json; "
                              "a LoRA adapter of another base is refused)."),
     preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
@@ -197,7 +200,7 @@ def restyle(
     cfg = build_restyle_config(out, models=list(model or []) or None, base=base, mix=_read_mix(mix) if mix else None,
                                preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint,
                                clip=clip, clip_weights=clip_weights, score_clip=score_clip,
-                               score_clip_weights=score_clip_weights)
+                               score_clip_weights=score_clip_weights, face_weights=face_weights)
     actors, per_actor = res.restyle_actors(os.cpu_count() or 1)
     job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
                      gpus_per_actor=res.gpus_per_actor, address=address, verbose=verbose,

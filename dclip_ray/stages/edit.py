@@ -58,6 +58,7 @@ class EditJob:
     grid: bool = False
     score_clip: str | None = None  # the CLIP that scores each edit (default: the one the models name)
     score_clip_weights: str | None = None
+    face_weights: str | None = None  # a face identity network: the scores gain the identity cosine
 
 
 def state_dir(out: str) -> str:
@@ -206,7 +207,7 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
                         resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state,
                         score_clip=job.score_clip or card_clip,
                         score_clip_weights=job.score_clip_weights if job.score_clip else card_weights,
-                        min_score=rs.min_score)
+                        min_score=rs.min_score, face_weights=job.face_weights)
     for w in check_scoring(cfg):
         log.warning("%s", w)
     shards = limit_shards(input_shards(job.images), rs.limit)

@@ -102,6 +102,7 @@ class RestyleConfig:
     score_clip: str | None = None  # the CLIP that scores every edit (None: edits are not scored)
     score_clip_weights: str | None = None
     min_score: float | None = None  # an edit scored under it is a rejected row (not in the config hash)
+    face_weights: str | None = None  # a face identity network: scores gain the identity cosine (faces)
 
     def t0_of(self, v: Variant) -> int:
         """The return step of variant ``v``."""
@@ -126,7 +127,8 @@ class RestyleConfig:
             "n_inv_steps": self.n_inv_steps, "n_gen_steps": self.n_gen_steps, "policy": self.resize_policy,
             "format": self.image_format, "edits": v.edits,
             "route": [sorted(v.sources), self.clip] if self.routes(v) else "all",
-            **({"score": [self.score_clip, _basename(self.score_clip_weights)]} if self.scores(v) else {}),
+            **({"score": [self.score_clip, _basename(self.score_clip_weights)]
+                          + ([_basename(self.face_weights)] if self.face_weights else [])} if self.scores(v) else {}),
         })
 
 
@@ -259,6 +261,7 @@ class ShardRestyler:
         self.matcher = (SourceMatcher(routed, self._load_clip, others=[e[1] for v in cfg.variants for e in v.edits])
                         if routed else None)
         self._scorer: Any = None
+        self._face: Any = None
         self.on_batch: Callable[[int], Any] | None = None  # called with the images of each batch done (progress)
 
     def _load_clip(self) -> Any:
@@ -268,6 +271,14 @@ class ShardRestyler:
         from dclip_ray.models.clip import load_clip
 
         return load_clip(self.cfg.clip, weights=self.cfg.clip_weights, device=self.cfg.device)
+
+    def face(self) -> Any:
+        """The face identity network of the identity score (None without ``face_weights``), loaded once."""
+        if self._face is None and self.cfg.face_weights:
+            from dclip_ray.models.face import load_face
+
+            self._face = load_face(self.cfg.face_weights, device=self.cfg.device)
+        return self._face
 
     def scorer(self) -> Any:
         """The CLIP that scores the edits, loaded on first need (the routing CLIP when it is the same)."""
@@ -462,7 +473,8 @@ class ShardRestyler:
         good = [i for i, d in enumerate(defects) if d is None]
         scores: dict[int, dict[str, float]] = {}
         if cfg.scores(v) and good:
-            parts = image_scores(self.scorer(), x0[good].float(), x[good].float().clamp(-1, 1), v.edits)
+            parts = image_scores(self.scorer(), x0[good].float(), x[good].float().clamp(-1, 1), v.edits,
+                                 face=self.face())
             scores = dict(zip(good, rows_of(parts), strict=True))
         for i, d in enumerate(items):
             if defects[i] is not None:  # never commit NaN or a flat image (a NaN weight, a diverged model)

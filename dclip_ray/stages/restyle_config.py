@@ -5,6 +5,7 @@ work, what the latent store covers, the ``--dry-run`` plan, and the run's declar
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import asdict
 from typing import Any
@@ -62,6 +63,7 @@ def build_restyle_config(
     clip_weights: str | None = None,
     score_clip: str | None = None,
     score_clip_weights: str | None = None,
+    face_weights: str | None = None,
     **given: Any,
 ) -> RestyleConfig:
     """Turn the restyle options into a :class:`RestyleConfig`.
@@ -75,7 +77,8 @@ def build_restyle_config(
     variant's t0 to its models' (:func:`_t0_of`). ``route`` auto becomes ``source`` when the variants
     have two or more different sources. ``clip``/``clip_weights``: the CLIP that routes uncaptioned
     images (default: the one the models were trained with, from their cards); ``score_clip``/
-    ``score_clip_weights``: the CLIP that scores every edit (default: the routing one).
+    ``score_clip_weights``: the CLIP that scores every edit (default: the routing one); ``face_weights``:
+    a face identity network whose cosine before/after joins the scores (faces).
     """
     if settings is None:
         settings = RestyleSettings(**given)
@@ -108,7 +111,8 @@ def build_restyle_config(
                          resize_policy=rs.resize_policy, image_format=rs.image_format, batch_size=rs.batch_size,
                          trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out, route=route,
                          clip=clip, clip_weights=clip_weights, score_clip=score_clip,
-                         score_clip_weights=score_clip_weights, min_score=rs.min_score)
+                         score_clip_weights=score_clip_weights, min_score=rs.min_score,
+                         face_weights=absolute(face_weights) if face_weights else None)
 
 
 def card_clip_of(folder: str) -> tuple[str | None, str | None]:
@@ -225,6 +229,9 @@ def check_scoring(cfg: RestyleConfig) -> list[str]:
     :class:`ConfigError`, exit 1); without it a missing CLIP turns scoring off with a warning (returned)."""
     from dclip_ray.models.clip import check_clip
 
+    if cfg.face_weights and not os.path.isfile(cfg.face_weights):
+        raise ConfigError(f"--face-weights {cfg.face_weights}: no such local file (the identity score needs "
+                          "facenet-pytorch's InceptionResnetV1 state dict, downloaded once)")
     blind = [v.name for v in cfg.variants if not v.edits]
     if cfg.min_score is not None and blind:
         raise ConfigError(f"--min-score {cfg.min_score:g}: {', '.join(blind)} has no source and target to score its "
