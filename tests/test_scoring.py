@@ -192,3 +192,17 @@ def test_restyle_min_score_exactly_once_and_a_new_threshold_generates_nothing(mo
     assert tree(out) == snapshot
     assert main(args + ["--min-score", str(MIN_SCORE)]) == 0
     assert json.loads(capsys.readouterr().out)["n_skipped"] == 2
+
+
+def test_a_routed_restyle_scores_with_the_routing_clip_when_it_is_the_same(models, tmp_path):
+    from dclip_ray.stages.restyle import ShardRestyler
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
+    cfg = build_restyle_config(str(tmp_path / "o"), models=[str(models / "blue")], route="source", n_inv_steps=4,
+                               n_gen_steps=4)
+    r = ShardRestyler(cfg)
+    assert cfg.routes(cfg.variants[0]) and cfg.scores(cfg.variants[0])
+    assert r.scorer() is r.matcher.clip and hasattr(r.scorer(), "encode_image")
+    res = r.run("00000", str(models / "toy" / "00000.tar"))
+    rows = read_manifest(str(tmp_path / "o" / "blue" / "00000.parquet"))
+    assert res.n_ok == 8 and all("score" in row.scores for row in rows)

@@ -285,7 +285,7 @@ class ShardRestyler:
         if self._scorer is None:
             cfg = self.cfg
             if self.matcher is not None and (cfg.score_clip, cfg.score_clip_weights) == (cfg.clip, cfg.clip_weights):
-                self._scorer = self.matcher.clip()
+                self._scorer = self.matcher.clip
             if self._scorer is None:
                 from dclip_ray.models.clip import load_clip
 
