@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dclip_ray.quality import output_spread
 from dclip_ray.scoring import auroc, image_scores, precision_recall_at, rows_of
 from dclip_ray.toyworld.judge import judge, to_uint8_image
 from dclip_ray.toyworld.pairs import EVALUATION, TUNING, EditPair
@@ -64,7 +65,9 @@ def measure(proto: ToyProtocol, pair: EditPair, seed: int, quick: bool) -> list[
     cfg, x, edits, masks = proto.edits(pair, seed, {"epochs": 1} if quick else None)
     scores = rows_of(image_scores(proto.clip, x, edits.clamp(-1, 1), [(pair.source, pair.target)]))
     judged = verdicts(pair, edits, masks)
-    return [{"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe, "index": i, **s, **j}
+    spread = output_spread(x, edits)  # one value per model: the held-aside check's collapse measure
+    return [{"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe, "index": i, **s, **j,
+             "spread": round(spread, 4)}
             for i, (s, j) in enumerate(zip(scores, judged, strict=True))]
 
 
@@ -86,6 +89,7 @@ def analyse(edits: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[st
         mine = [e for e in edits if (e["pair"], e["seed"]) == key]
         models.append({"pair": key[0], "seed": key[1], "good": round(np.mean([e["good"] for e in mine]), 3),
                        "mean_score": round(float(np.mean([e["score"] for e in mine])), 3),
+                       "spread": mine[0].get("spread"),
                        "auroc_within": round(auroc([e["score"] for e in mine], [e["good"] for e in mine]), 3)})
     return ratios, table, models
 

@@ -33,7 +33,8 @@ from dclip_ray.recipes import get_recipe, recipe_names
 from dclip_ray.settings import SettingInfo, check_setting, setting, settings_of, validate_settings
 
 __all__ = [
-    "CONFIGS", "NOT_IN_SPEC", "SHARED", "FinetuneConfig", "PrecomputeConfig", "Resources", "RestyleSettings",
+    "CONFIGS", "NOT_IN_SPEC", "SHARED", "FinetuneConfig", "PrecomputeConfig", "QualityCheck", "Resources",
+    "RestyleSettings",
     "SettingInfo", "TrainingSets", "check_setting", "resolve_finetune_config", "setting", "settings_of", "shared",
     "spec_settings",
 ]
@@ -129,6 +130,10 @@ class FinetuneConfig:
                                               cli="adapter", prompt="adapter", choices=("full", "lora"))
     lora_rank: int = setting(8, "LoRA rank (--adapter lora).", cli="rank", prompt="rank", lo=1)
     seed: int = setting(0, "Random seed (CPU runs are deterministic).", cli="seed", prompt="seed", lo=0)
+    restarts: int = setting(1, "Fine-tunings from seeds seed..seed+N-1, run side by side as far as the resources "
+                            "allow; the one whose edits of held-aside images score best (and pass the check) is "
+                            "kept, every restart's score goes into the model card.", cli="restarts",
+                            prompt="restarts", lo=1)
     grad_checkpointing: bool = setting(False, "Recompute activations in backward (less memory).",
                                        cli="grad-checkpointing")
     bf16: bool = setting(False, "bf16 autocast (GPU only).", cli="bf16")
@@ -308,6 +313,36 @@ class TrainingSets:
 
 
 @dataclass(frozen=True)
+class QualityCheck:
+    """The check a fine-tuned model passes before `finetune` or `finetune-many` calls its prompt done
+    (:mod:`dclip_ray.quality`): its edits of held-aside images of the source, scored without a judge
+    (the spec's ``finetune`` section). A prompt that fails it is a failure with its reason (exit 2; the
+    model is kept apart, under ``_failed/``), unless a restart passes or ``accept_low_quality``."""
+
+    SPEC_SECTION: ClassVar[str] = "finetune"
+
+    check_images: int = setting(8, "Held-aside images of the source (not trained on) the fine-tuned model edits "
+                                "for its check (0: no check). With fewer left after the training images, the "
+                                "training images are used and the card says so.", cli="check-images", lo=0)
+    min_quality: float | None = setting(None, "The bar of the check: the mean judge-free score of those edits "
+                                        "(the --min-score of restyle, per image) under which the prompt fails "
+                                        "(default: the model preset's quality_bar; none for a model without one).",
+                                        cli="min-quality")
+    min_spread: float = setting(0.3, "Fail a model whose outputs vary less than this fraction of how much their "
+                                "inputs do (a collapse: the same picture whatever the input).", cli="min-spread",
+                                lo=0)
+    accept_low_quality: bool = setting(False, "Keep a model that fails the check, with a warning, instead of "
+                                       "failing its prompt.", cli="accept-low-quality")
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
+    def bar(self, preset: Any) -> float | None:
+        """The score bar in force: ``min_quality``, else the model preset's ``quality_bar`` (None: none)."""
+        return self.min_quality if self.min_quality is not None else getattr(preset, "quality_bar", None)
+
+
+@dataclass(frozen=True)
 class Resources:
     """What each unit of Ray work takes (the spec's ``ray`` section and the per-stage fields named in
     each setting's spec path). None: chosen from the cluster (see each help text)."""
@@ -349,7 +384,8 @@ class Resources:
         return actors, per_actor
 
 
-CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, TrainingSets, RestyleSettings, Resources)
+CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, TrainingSets, QualityCheck, RestyleSettings,
+                             Resources)
 """Every config class whose fields are user-facing settings."""
 
 NOT_IN_SPEC: dict[tuple[str, str], str] = {

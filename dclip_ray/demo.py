@@ -26,6 +26,8 @@ from dclip_ray.toyworld import judge, sample_dataset
 # seed 0). Its edge-structure loss keeps the disc's outline where L1 alone shrinks it (IoU 0.58); the
 # refinement stage (edges at 3 scales and L1 1.5 from epoch 2) sets it in place (0.77 without it).
 DEMO_TRAIN = {"recipe": "colour", "epochs": 5, "seed": 0}
+N_CHECK = 8
+"""Training-folder images beyond ``n_train``: the fine-tuned model's check edits them (dclip_ray.quality)."""
 
 
 def _write_folder(folder: Path, samples: list) -> None:
@@ -34,11 +36,18 @@ def _write_folder(folder: Path, samples: list) -> None:
         Image.fromarray(s.image).save(folder / f"{s.key}.png")
 
 
+def _check_line(ft: dict[str, Any]) -> str:
+    q = ft.get("quality") or {}
+    m = q.get("measured") or {}
+    said = f"score {m.get('score')} on {m.get('n_images')} held-aside images, spread {m.get('spread')}"
+    return f"passed ({said})" if q.get("passed") else f"FAILED: {q.get('reason')}"
+
+
 def run_demo(out: str | Path, n_train: int = 16, n_eval: int = 16, epochs: int | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary (also written to ``out/summary.json``)."""
     out = Path(out)
-    train = sample_dataset(n_train, seed=101, colours=["red"], shapes=["circle"])
+    train = sample_dataset(n_train + N_CHECK, seed=101, colours=["red"], shapes=["circle"])  # + held aside
     held_out = sample_dataset(n_eval, seed=202, colours=["red"], shapes=["circle"])
     _write_folder(out / "data" / "train", train)
     _write_folder(out / "data" / "held_out", held_out)
@@ -58,6 +67,7 @@ def run_demo(out: str | Path, n_train: int = 16, n_eval: int = 16, epochs: int |
         "model": ft["model_path"],
         "train_seconds": ft["seconds"],
         "final_loss": round(ft["final_loss"], 4),
+        "check": _check_line(ft),
         "edited": ed["n_edited"],
         "judged_blue_circle": f"{sum(ok)}/{len(ok)}",
         "success_rate": sum(ok) / len(ok),

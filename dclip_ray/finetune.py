@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from dclip_ray import __version__
+from dclip_ray import __version__, plain
 from dclip_ray.adapters import ADAPTER_FORMAT, add_lora, save_adapter
 from dclip_ray.callbacks import Callback, CheckpointHook, ProgressBar, StopTraining, TensorBoardLogger, emit
 from dclip_ray.config import FinetuneConfig, Mode
@@ -337,6 +337,6 @@ def save_finetuned(
         **(extra or {}),
     }
     tmp = out / "dclip.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2, default=str))
+    tmp.write_text(plain.dumps(card))  # strict JSON: a diverged run's NaN loss is null
     os.replace(tmp, out / "dclip.json")  # written last: its presence marks the folder complete
     return out

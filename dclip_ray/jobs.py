@@ -9,13 +9,15 @@ their reason (never dropped silently).
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dclip_ray.config import QualityCheck
 from dclip_ray.edit import invert_images, latent_optimization
 from dclip_ray.errors import InputFileError
 from dclip_ray.evaluation.report import save_grid
@@ -25,7 +27,16 @@ from dclip_ray.io.sources import duplicate_reason, iter_records
 from dclip_ray.losses import Augment
 from dclip_ray.models import eps_fn_of, load_face
 from dclip_ray.models.base import load_base, resolve_clip
-from dclip_ray.urls import redact, redact_opt
+from dclip_ray.quality import (
+    check_model,
+    failed_path,
+    judge,
+    quality_record,
+    split_check,
+    status_of,
+    weights_finite,
+)
+from dclip_ray.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +113,50 @@ class FinetuneJob:
     checkpoint_dir: str | None = None
     tensorboard_dir: str | None = None
     card: dict[str, Any] | None = None  # more for the model card (e.g. the search that chose the settings)
+    check: QualityCheck = field(default_factory=QualityCheck)  # the held-aside check before the prompt is done
+
+
+def card_extra(job: FinetuneJob, clip: Any, keys: list[str]) -> dict[str, Any]:
+    """The card fields `finetune` adds to the config (:func:`~dclip_ray.finetune.save_finetuned`)."""
+    weights = job.clip_weights
+    return {"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
+            "clip_weights": (redact(weights) if "://" in weights else os.path.abspath(weights)) if weights else None,
+            **(job.card or {})}
 
 
 def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
-    """Invert ``job.train.n_train`` images with the original model, fine-tune, save to ``job.out``; return a summary."""
+    """Invert ``job.train.n_train`` images with the original model, fine-tune, check the model on the next
+    ``job.check.check_images`` images (:mod:`dclip_ray.quality`), save it to ``job.out`` (to
+    ``job.out + ".failed"`` when it fails the check, unless accepted); return a summary whose ``status`` is
+    "ok", "ok (low quality, accepted)" or "failed (quality)" and whose ``quality`` holds the check."""
     base = load_base(job.model, job.preset)
     clip = resolve_clip(job.clip, job.clip_weights, base)
     face = load_face(job.face_weights) if job.train.w_id > 0 else None
-    keys, x0, errors = read_images(job.images, base.resolution, job.train.n_train)
     cfg = job.train
+    keys, x, errors = read_images(job.images, base.resolution, cfg.n_train + job.check.check_images)
+    x0, x_check, held = split_check(x, cfg.n_train, job.check.check_images)
+    keys = keys[:cfg.n_train]
     latents = invert_images(eps_fn_of(base.unet), x0, cfg.t0, cfg.n_inv_steps, base.schedule, disable=not progress)
     result = finetune(base.unet, clip, x0, latents, base.schedule, cfg, face=face,
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
-    out = save_finetuned(result, job.out, cfg, base.unet, base.schedule_config,
-                         extra={"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
-                                "clip_weights": redact_opt(job.clip_weights) if not job.clip_weights or "://" in job.clip_weights
-                                else os.path.abspath(job.clip_weights), **(job.card or {})})
-    return {"model_path": str(out), "source": cfg.source, "target": cfg.target, "n_train": len(keys),
-            "final_loss": result.final_loss, "seconds": round(result.seconds, 2), "errors": errors,
-            "config": asdict(cfg)}
+    quality: dict[str, Any] = {}
+    warnings: list[str] = []
+    if job.check.check_images:
+        finite = weights_finite(result.unet) and math.isfinite(result.final_loss)
+        measured = check_model(eps_fn_of(base.unet), eps_fn_of(result.unet), clip, x_check, cfg, base.schedule,
+                               held, finite, latents=None if held else latents[:len(x_check)])
+        verdict = judge(measured, job.check.bar(base.preset), job.check.min_spread)
+        quality = quality_record(measured, verdict, job.check.accept_low_quality)
+        if not held:
+            warnings.append(f"{job.images} has no image beyond the {cfg.n_train} trained on: the check edited "
+                            "training images (add images to hold some aside)")
+    status = status_of(quality)
+    where = failed_path(job.out) if status == "failed (quality)" else job.out
+    out = save_finetuned(result, where, cfg, base.unet, base.schedule_config,
+                         extra={**card_extra(job, clip, keys), **({"quality": quality} if quality else {})})
+    return {"status": status, "model_path": str(out), "source": cfg.source, "target": cfg.target,
+            "n_train": len(keys), "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
+            "quality": quality, "warnings": warnings, "errors": errors, "config": asdict(cfg)}
 
 
 @dataclass

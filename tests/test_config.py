@@ -103,7 +103,8 @@ def from_spec(cls: type, spec) -> dict:
     if cls is FinetuneConfig:
         return {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **spec.finetune.settings()}
     made = {"PrecomputeConfig": spec.precompute_config, "RestyleSettings": spec.restyle_settings,
-            "Resources": spec.resources, "TrainingSets": spec.training_sets}[cls.__name__]()
+            "Resources": spec.resources, "TrainingSets": spec.training_sets,
+            "QualityCheck": spec.quality_check}[cls.__name__]()
     return dataclasses.asdict(made)
 
 

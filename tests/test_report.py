@@ -59,7 +59,7 @@ def local_run(tmp_path_factory):
         Image.fromarray(s.image).save(images / f"{s.key}.png")
     assert main(["finetune", "--model", "toy_shapes", "--source", "red circle", "--target", "blue circle",
                  "--images", str(images), "--out", str(root / "ft"), "--n-train", "2", "--epochs", "2", "--n-inv", "5",
-                 "--n-gen", "3", "--lr", "1e-5", "--aug-views", "1", "--json"]) == 0
+                 "--n-gen", "3", "--lr", "1e-5", "--aug-views", "1", "--check-images", "0", "--json"]) == 0
     assert main(["edit", "--model", "toy_shapes", "--finetuned", str(root / "ft"), "--images", str(images),
                  "--out", str(root / "edited"), "--n-inv", "8", "--n-gen", "8", "--grid", "--json"]) == 0
     evaluate(EvalJob(before=str(images), after=str(root / "edited"), source="red circle", target="blue circle",

@@ -70,7 +70,7 @@ def test_spearman():
     assert math.isnan(spearman([1, 1], [1, 2]))
 
 
-def test_finetune_search_runs_trials_on_ray_and_trains_with_the_best(ray_local, tmp_path, capsys):
+def test_finetune_search_and_restarts_run_trials_on_ray_and_keep_the_best(ray_local, tmp_path, capsys):
     from dclip_ray.cli import main
     from dclip_ray.toyworld.data import write_shards
 
@@ -79,16 +79,20 @@ def test_finetune_search_runs_trials_on_ray_and_trains_with_the_best(ray_local, 
     out = tmp_path / "ft"
     rc = main(["finetune", "--model", "toy_shapes", "--source", "red circle", "--target", "blue circle",
                "--images", data, "--out", str(out), "--n-train", "3", "--epochs", "1", "--n-inv", "8",
-               "--search", "--search-trials", "2", "--search-images", "2", "--json"])
+               "--search", "--search-trials", "2", "--restarts", "2", "--check-images", "2", "--min-quality", "-9",
+               "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     card = json.loads((out / "dclip.json").read_text())
-    found = card["search"]
-    assert len(found["trials"]) == 2 and found["score_keys"] and len(found["score_keys"]) == 2
+    trials, found = card["trials"], card["search"]
+    assert len(trials["rows"]) == 4 and len(found["score_keys"]) == 2, "2 knob settings x 2 seeds, scored on 2"
+    assert [r["seed"] for r in trials["rows"]] == [0, 1, 0, 1]
     recipe_cfg = resolve_finetune_config("red circle", "blue circle", {"n_train": 3}, preset=get_preset("toy_shapes"))
-    assert {k: found["trials"][0][k] for k in KNOBS} == {k: getattr(recipe_cfg, k) for k in KNOBS}
-    best = max(found["trials"], key=lambda r: r["score"])
-    assert found["chosen"] == {k: best[k] for k in KNOBS}
-    assert {k: card["config"][k] for k in KNOBS} == found["chosen"], "the model is trained with the chosen trial"
+    assert {k: trials["rows"][0][k] for k in KNOBS} == {k: getattr(recipe_cfg, k) for k in KNOBS}
+    best = max(trials["rows"], key=lambda r: r["score"])
+    assert trials["rows"][trials["chosen"]] == best and found["chosen"] == {k: best[k] for k in KNOBS}
+    assert {k: card["config"][k] for k in KNOBS} == found["chosen"] and card["config"]["seed"] == best["seed"], \
+        "the kept model is the chosen trial's, not a re-training"
+    assert card["quality"]["measured"]["score"] == best["score"] and card["quality"]["passed"]
     assert summary["search"]["chosen"] == found["chosen"] and card["config"]["recipe"] == "colour"
-    assert FinetuneConfig(**card["config"])  # the card's config is a valid config
+    assert summary["status"] == "ok" and FinetuneConfig(**card["config"])  # the card's config is a valid config

@@ -65,7 +65,8 @@ def test_toy_spec_loads_with_paths_resolved_against_its_folder(tmp_path, monkeyp
     assert s.input.toyworld is not None and (s.input.toyworld.n, s.input.toyworld.shard_size) == (64, 32)
     assert s.input_url == str(ROOT / "toy-out" / "input")
     assert s.latent_store == str(ROOT / "toy-out" / "latents") and s.ledger == str(ROOT / "toy-out" / "runs.jsonl")
-    assert s.restyle.variants == ["blue"] and s.finetune.epochs == 1 and s.latents.t0 == 500
+    assert s.restyle.variants == ["blue"] and s.finetune.n_train == 16 and s.latents.t0 == 500
+    assert s.input.toyworld.kind_pairs() == [("red", "circle"), ("green", "square")]
 
 
 def test_relative_paths_and_overrides(tmp_path, monkeypatch):

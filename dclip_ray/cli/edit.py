@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -10,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.config import RestyleSettings, resolve_finetune_config
+from dclip_ray import plain
+from dclip_ray.config import QualityCheck, RestyleSettings, resolve_finetune_config
 from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent_optim
 from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
@@ -24,34 +24,57 @@ console = Console(stderr=True)
 
 def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(plain.dumps(summary))
     else:
         table = Table(title=title, show_header=False)
         for k, v in summary.items():
-            if k in ("config", "errors", "search", "rejected", "scores"):
+            if k in ("config", "errors", "search", "rejected", "scores", "quality", "trials", "warnings"):
                 continue
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row("errors", str(len(summary.get("errors", []))))
         Console().print(table)
-        if summary.get("search"):
-            _print_search(summary["search"])
+        if summary.get("trials"):
+            _print_trials(summary["trials"])
+        if summary.get("quality"):
+            _print_quality(summary["quality"])
         if summary.get("scores"):
             print_scores({"edit": summary["scores"]}, as_json)
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning[/] {w}")
+    q = summary.get("quality") or {}
+    if q.get("reason"):
+        kept = ("kept anyway (--accept-low-quality)" if q.get("accepted_low_quality") else
+                f"saved apart in {summary['model_path']} for inspection; try --restarts 3, or --accept-low-quality")
+        console.print(f"[{'yellow' if q.get('accepted_low_quality') else 'red'}]the model failed its check[/]: "
+                      f"{q['reason']}; {kept}")
     for r in summary.get("rejected", []):
         console.print(f"[yellow]rejected[/] {r['key']}: {r['reason']}")
     for err in summary.get("errors", []):
         console.print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
-    return 2 if summary.get("errors") else 0
+    return 2 if summary.get("errors") or summary.get("status") == "failed (quality)" else 0
 
 
-def _print_search(found: dict[str, Any]) -> None:
-    cols = [*found["knobs"], "score", "direction", "structure", "background"]
-    table = Table(title=f"search: {len(found['trials'])} trials (first: the recipe; *: chosen)")
+def _print_trials(trials: dict[str, Any]) -> None:
+    cols = ["t0", "lr", "w_l1", "w_edge", "seed", "score", "direction", "structure", "background", "spread",
+            "passed"]
+    table = Table(title=f"{len(trials['rows'])} fine-tunings (first: the recipe at the first seed; *: kept)")
     for c in ["", *cols]:
         table.add_column(c, justify="right")
-    for r in found["trials"]:
-        mark = "*" if all(r[k] == found["chosen"][k] for k in found["knobs"]) else ""
-        table.add_row(mark, *(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    for i, r in enumerate(trials["rows"]):
+        table.add_row("*" if i == trials["chosen"] else "",
+                      *(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))
+    Console().print(table)
+
+
+def _print_quality(q: dict[str, Any]) -> None:
+    m = q.get("measured") or {}
+    where = "held-aside" if m.get("held_aside") else "training"
+    table = Table(title=f"check: edits of {m.get('n_images')} {where} images", show_header=False)
+    for k in ("score", "direction", "structure", "background", "spread"):
+        table.add_row(k, "n/a" if m.get(k) is None else f"{m[k]:.4g}")
+    table.add_row("bar (--min-quality)", "none" if q.get("min_quality") is None else f"{q['min_quality']:g}")
+    table.add_row("--min-spread", f"{q.get('min_spread'):g}")
+    table.add_row("passed", str(q.get("passed")))
     Console().print(table)
 
 
@@ -63,13 +86,19 @@ Settings not given come from a recipe (`dclip-ray recipes list`): --recipe NAME,
 e.g. --target "red square"; name one to choose: --recipe shape).\n
 A setting given beats the recipe's: --recipe shape --lr 5e-5. LoRA adapters instead of a full copy
 (a small adapter file; the recipe's LoRA learning rate): --adapter lora --rank 8.\n
-Search around the recipe with Ray Tune, scored without a judge on images not trained on (the chosen
-trial goes into dclip.json):
-  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ --out ft/blue
-  --n-train 8 --search --search-trials 8 --search-images 8\n
+Every model is checked on --check-images images it was not trained on (after the first --n-train):
+its edits' judge-free score against --min-quality (toy_shapes: its preset's bar) and whether its outputs
+still depend on their inputs (--min-spread). A model that fails goes to OUT.failed and the exit code is 2
+(--accept-low-quality keeps it). Three fine-tunings from seeds 0, 1, 2 side by side on Ray, the best kept:
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/
+    --out ft/blue --restarts 3\n
+Search around the recipe with Ray Tune, scored the same way (every trial goes into dclip.json):
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/
+    --out ft/blue --n-train 8 --search --search-trials 8\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
 --source face --target "angry face" --images faces/ --out ft/angry --t0 500""")
 @finetune_options()
+@config_options(QualityCheck, "quality")
 def finetune(
     model: str = typer.Option(..., help="Base UNet: preset name (toy_shapes), diffusers folder, .ckpt/.pt or URL."),
     source: str = typer.Option(..., help="Source text, e.g. 'face'."),
@@ -86,14 +115,14 @@ def finetune(
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
-    search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune, ranked by a judge-free score on images not trained on; train with the best (recorded in the model card)."),
+    search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune (each at every --restarts seed), ranked by the judge-free score of each model's edits of the --check-images held-aside images; the best is kept (every trial recorded in the model card)."),
     search_trials: int = typer.Option(8, help="--search: trials (the recipe's own settings are the first)."),
-    search_images: int = typer.Option(8, help="--search: images after the first --n-train that the score is measured on."),
-    score_clip: str = typer.Option(None, help="--search: a CLIP the loss does not use, for the score (default: the loss's)."),
-    score_clip_weights: str = typer.Option(None, help="--search: local weights of --score-clip."),
-    cpus_per_trial: float = typer.Option(1.0, help="--search: CPUs each trial holds (trials run in parallel as CPUs allow)."),
-    address: str = typer.Option(None, help="--search: Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
+    score_clip: str = typer.Option(None, help="--search / --restarts: a CLIP the loss does not use, for comparing the fine-tunings (default: the loss's)."),
+    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
+    cpus_per_trial: float = typer.Option(1.0, help="--search / --restarts: CPUs each fine-tuning holds (they run in parallel as CPUs allow)."),
+    address: str = typer.Option(None, help="--search / --restarts: Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
     settings: dict[str, Any] | None = None,
+    quality: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
@@ -101,16 +130,17 @@ def finetune(
     cfg = resolve_finetune_config(source, target, settings, preset=p)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights,
-                      checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg)
+                      checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg,
+                      check=QualityCheck(**(quality or {})))
     with trust_scope(trust_checkpoint):
-        if search:
-            from dclip_ray.pipeline.search import SearchJob, search_and_finetune
+        if search or cfg.restarts > 1:
+            from dclip_ray.pipeline.search import SearchJob, finetune_trials
 
-            sjob = SearchJob(model=model, trials=search_trials, score_images=search_images,
-                             cpus_per_trial=cpus_per_trial, seed=cfg.seed, preset=preset, clip=clip,
-                             clip_weights=clip_weights, score_clip=score_clip,
-                             score_clip_weights=score_clip_weights, address=address, verbose=verbose)
-            summary = search_and_finetune(job, sjob, progress=progress_wanted(as_json, quiet))
+            sjob = SearchJob(model=model, trials=search_trials if search else 1, cpus_per_trial=cpus_per_trial,
+                             seed=cfg.seed, preset=preset, clip=clip, clip_weights=clip_weights,
+                             score_clip=score_clip, score_clip_weights=score_clip_weights, check=job.check,
+                             address=address, verbose=verbose)
+            summary = finetune_trials(job, sjob, progress=progress_wanted(as_json, quiet))
         else:
             summary = run_finetune(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, f"fine-tuned {source!r} -> {target!r}"))

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dclip_ray.config import PrecomputeConfig, Resources, RestyleSettings, TrainingSets
+from dclip_ray import plain
+from dclip_ray.config import PrecomputeConfig, QualityCheck, Resources, RestyleSettings, TrainingSets
 from dclip_ray.models.trust import trust_scope
 
 from .app import QUIET_HELP, app, progress_wanted
@@ -74,7 +75,7 @@ def precompute(
     with trust_scope(trust_checkpoint):
         s = run_precompute(job, progress=progress_wanted(as_json, quiet))
     if as_json:
-        print(json.dumps(s, indent=2, default=str))
+        print(plain.dumps(s))
     else:
         t = Table(title=f"latents -> {s['store']}")
         for c in ("shard", "status", "images", "errors", "seconds"):
@@ -93,6 +94,7 @@ def precompute(
   dclip-ray finetune-many prompts.txt --model toy_shapes --latents latents/ --out models/ --lr 1e-5 --t0 500""")
 @finetune_options()
 @config_options(TrainingSets, "selection")
+@config_options(QualityCheck, "quality")
 @config_options(Resources, "resources", only=("cpus_per_prompt", "gpus_per_prompt", "max_failures", "max_concurrent"))
 def finetune_many(
     prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET key=value ...' or preset per line."),
@@ -111,6 +113,7 @@ def finetune_many(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
+    quality: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune one model per prompt line on Ray Train, several at once; resumable. Each prompt trains on
@@ -123,22 +126,24 @@ def finetune_many(
     job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
                           clip=clip, clip_weights=clip_weights, face_weights=face_weights,
                           settings=dict(settings or {}), training_sets=TrainingSets(**(selection or {})),
-                          resources=Resources(**(resources or {})),
+                          check=QualityCheck(**(quality or {})), resources=Resources(**(resources or {})),
                           address=address, verbose=verbose)
     with trust_scope(trust_checkpoint):
         s = run_finetune_many(job, progress=progress_wanted(as_json, quiet))
     if as_json:
-        print(json.dumps(s, indent=2, default=str))
+        print(plain.dumps(s))
     else:
         t = Table(title="finetune-many")
-        for c in ("prompt", "status", "images (by, confidence)", "final loss", "quality (S_dir)", "model path"):
+        for c in ("prompt", "status", "images (by, confidence)", "final loss", "check score", "spread", "model path"):
             t.add_column(c)
         for r in s["prompts"]:
             ts = r.get("training_set") or {}
             chosen = (f"{ts.get('matched', '')} ({', '.join(ts.get('by') or {})}, {_fmt(ts.get('confidence'))})"
                       if "matched" in ts else ", ".join(ts.get("by") or {}))
-            t.add_row(f"{r['name']}: {r['source']} -> {r['target']}", r["status"], chosen, _fmt(r["final_loss"]),
-                      _fmt(r["quality_s_dir"]), r["model_path"])
+            m = (r.get("quality") or {}).get("measured") or {}
+            runs = f" ({len(r['restarts'])} restarts)" if len(r.get("restarts") or []) > 1 else ""
+            t.add_row(f"{r['name']}: {r['source']} -> {r['target']}", r["status"] + runs, chosen,
+                      _fmt(r["final_loss"]), _fmt(m.get("score")), _fmt(m.get("spread")), r["model_path"])
         Console().print(t)
     for w in s.get("warnings", []):
         err.print(f"[yellow]warning[/] {w}")
@@ -231,7 +236,7 @@ def print_scores(scores: dict[str, dict[str, Any]], as_json: bool) -> None:
 def _print_plan(p: dict[str, Any], as_json: bool) -> None:
     """Print a restyle's ``--dry-run`` plan (a table, or JSON) and its warnings."""
     if as_json:
-        print(json.dumps(p, indent=2, default=str))
+        print(plain.dumps(p))
     else:
         t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations (t0 "
                   f"{', '.join(map(str, p['t0s']))}; route {p['route']})")
@@ -249,7 +254,7 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
     """Print a restyle's summary (a table, or JSON) and its warnings; the exit code (2: per-item errors
     or stuck shards)."""
     if as_json:
-        print(json.dumps(s, indent=2, default=str))
+        print(plain.dumps(s))
     else:
         t = Table(title=f"restyle -> {', '.join(s['outputs'])}")
         for c in ("shard", "status", "ok", "errors", "routed away", "inversions", "cached", "seconds"):

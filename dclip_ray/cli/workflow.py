@@ -11,6 +11,8 @@ import sys
 import typer
 from rich.console import Console
 
+from dclip_ray import plain
+
 from .app import QUIET_HELP, app, progress_wanted
 from .pipeline import _setup
 
@@ -49,7 +51,7 @@ def run_cmd(
     record = run_workflow(s, progress=progress_wanted(as_json, quiet), verbose=verbose,
                           log=None if as_json else (lambda m: err.print(m, highlight=False, markup=False)))
     if as_json:
-        print(json.dumps(record, indent=2, default=str))
+        print(plain.dumps(record))
     else:
         Console().print(f"run {record['run_id']}: [bold]{record['status']}[/] (exit {record['exit_code']}) in "
                         f"{record['seconds']} s; record appended to {s.ledger}")
@@ -83,7 +85,7 @@ def submit_cmd(
     out = submit(job, write=lambda s: (stream.write(s), stream.flush()),
                  warn=lambda m: err.print(f"[yellow]warning[/] {m}", highlight=False))
     if as_json:
-        print(json.dumps(out, indent=2, default=str))
+        print(plain.dumps(out))
     elif wait:
         Console().print(f"job {out['job_id']}: [bold]{out['status']}[/] (exit {out['exit_code']})")
     else:
@@ -107,7 +109,7 @@ def status_cmd(
 
     s = job_status(job_id, address, token_file, logs=logs)
     if as_json:
-        print(json.dumps(s, indent=2, default=str))
+        print(plain.dumps(s))
     else:
         if logs:
             print(s["logs"], end="")

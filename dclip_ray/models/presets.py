@@ -2,8 +2,9 @@
 
 A preset names an architecture (a UNet in one of the checkpoint formats, or an open_clip CLIP),
 its noise schedule, resolution, default return step t0, loss weights and fine-tuning recipe (for an
-edit that names none), the recommended CLIP,
-whether the face-identity loss applies, and where a user gets the checkpoint. ``weights`` may be
+edit that names none), the bar a fine-tuned model's held-aside edits must score to pass
+(``quality_bar``, :mod:`dclip_ray.quality`; measured for the toy model, none for the real ones), the
+recommended CLIP, whether the face-identity loss applies, and where a user gets the checkpoint. ``weights`` may be
 a packaged resource, written ``package:<path relative to the dclip_ray package>``.
 """
 
@@ -78,6 +79,7 @@ class Preset(BaseModel):
     loss_weights: LossWeights | None = None
     recipe: str | None = None
     recipe_when_changed: dict[str, str] = Field(default_factory=dict)
+    quality_bar: float | None = None
     recommended_clip: str | None = None
     face_loss: bool = False
     face_crop: str | None = None

@@ -26,8 +26,9 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from dclip_ray import plain
 from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
-from dclip_ray.config import Resources, TrainingSets, resolve_finetune_config
+from dclip_ray.config import QualityCheck, Resources, TrainingSets, resolve_finetune_config
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.hashing import config_sha256
@@ -37,6 +38,15 @@ from dclip_ray.models.base import read_card, resolve_clip
 from dclip_ray.models.cache import cached_base
 from dclip_ray.models.face import load_face
 from dclip_ray.prompts import EditSpec, get_edit_preset, parse_prompt_file
+from dclip_ray.quality import (
+    check_model,
+    choose,
+    failed_path,
+    judge,
+    quality_record,
+    status_of,
+    weights_finite,
+)
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import set_threads
 from dclip_ray.stages.inputs import absolute, input_shards
@@ -67,6 +77,7 @@ class FinetuneManyJob:
     settings: dict[str, Any] = field(default_factory=dict)
     resize_policy: str = "center-crop"
     training_sets: TrainingSets = field(default_factory=TrainingSets)  # how each prompt's images are chosen
+    check: QualityCheck = field(default_factory=QualityCheck)  # the held-aside check before a prompt is done
     resources: Resources = field(default_factory=Resources)  # cpus/gpus_per_prompt, max_failures, max_concurrent
     address: str | None = None
     num_cpus: int | None = None
@@ -136,6 +147,8 @@ def train_loop(config: dict[str, Any]) -> None:
     fine-tuning callbacks as ``"module:factory [json kwargs]"`` strings, built here in the worker."""
     import ray.train
 
+    from dclip_ray.models import eps_fn_of
+
     started = time.time()
     set_threads(config["cpus"])
     device = "cuda" if config["gpus"] > 0 and torch.cuda.is_available() else "cpu"
@@ -145,9 +158,14 @@ def train_loop(config: dict[str, Any]) -> None:
         clip.to(device)
     fcfg = FinetuneConfig(**config["finetune"])
     face = load_face(config["face_weights"], device=device) if fcfg.w_id > 0 else None
-    keys, x0, latents, origin = training_data(base, fcfg.n_train, fcfg.t0, fcfg.n_inv_steps, config["images"],
-                                              config["latents"], config["policy"], config.get("keys"))
-    x0, latents = x0.to(device), latents.to(device)
+    n_check = config.get("check_images", 0)
+    keys, x_all, lat_all, origin = training_data(base, fcfg.n_train + n_check, fcfg.t0, fcfg.n_inv_steps,
+                                                 config["images"], config["latents"], config["policy"],
+                                                 config.get("keys"))
+    n = min(fcfg.n_train, len(keys))
+    held = len(keys) > n
+    keys, x0, latents = keys[:n], x_all[:n].to(device), lat_all[:n].to(device)
+    x_check, lat_check = (x_all[n:], lat_all[n:]) if held else (x_all[:n_check], lat_all[:n_check])
     ckpt_dir = tempfile.mkdtemp(prefix="dclip-ft-")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -157,14 +175,20 @@ def train_loop(config: dict[str, Any]) -> None:
     quality = quality_score(clip, result.unet, base, x0, latents, fcfg)
     metrics = {"final_loss": result.final_loss, "quality_s_dir": quality, "resumed_from_step": result.resumed_from_step,
                "train_seconds": round(result.seconds, 2)}
+    measured = None
+    if n_check:
+        finite = weights_finite(result.unet) and bool(torch.isfinite(torch.tensor(result.final_loss)))
+        measured = check_model(eps_fn_of(base.unet), eps_fn_of(result.unet), clip, x_check.to(device), fcfg,
+                               base.schedule, held, finite, latents=lat_check.to(device))
     if ray.train.get_context().get_world_rank() == 0:
         _save(result, config["out_dir"], fcfg, base, metrics, {
             "base_model": redact(config["model"]), "clip": clip.name,
             "clip_weights": redact(config["clip_weights"]) if config["clip_weights"] else None,
             "train_keys": keys, "latents": origin, "prompt_name": config["name"],
             "training_set": config.get("training_set"),
-            "config_sha256": config["config_sha256"], "train_window": [started, time.time()]})
-    ray.train.report({k: float(v) for k, v in metrics.items()})
+            "config_sha256": config["config_sha256"], "train_window": [started, time.time()],
+            **({"quality": {"measured": measured}} if measured else {})})
+    ray.train.report({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 @ray.remote(num_cpus=0)
@@ -228,14 +252,19 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, 
     sets = choose_training_sets(specs, fcfgs, job, base, clip, warnings)
     rows, launches = [], []
     for spec in specs:
-        row, loop = _plan_prompt(spec, job, base, fcfgs[spec.name], sets[spec.name])
+        row, loops = _plan_prompt(spec, job, base, fcfgs[spec.name], sets[spec.name])
         rows.append(row)
-        if loop is not None:
-            launches.append((row, loop))
+        launches += [(row, loop) for loop in loops]
+        if not loops and row["status"] == "pending":  # every restart trained: only the judging is left
+            _finish(row, job, base.preset)
     if launches:
         _train(job, launches, progress)
-    return {"prompts": rows, "n_ok": sum(r["status"] == "ok" for r in rows),
-            "n_failed": sum(r["status"] == "failed" for r in rows),
+    for r in rows:
+        if r["status"] == "ok (low quality, accepted)":
+            warnings.append(f"prompt {r['name']}: kept although its model failed the check (--accept-low-quality): "
+                            f"{r['quality'].get('reason')}")
+    return {"prompts": rows, "n_ok": sum(r["status"].startswith("ok") for r in rows),
+            "n_failed": sum(r["status"].startswith("failed") for r in rows),
             "n_skipped": sum(r["status"].startswith("skipped") for r in rows), "warnings": warnings}
 
 
@@ -287,10 +316,12 @@ def _dataset_shards(job: FinetuneManyJob, base: Any, fcfgs: list[FinetuneConfig]
 
 def choose_training_sets(specs: list[EditSpec], fcfgs: dict[str, FinetuneConfig], job: FinetuneManyJob, base: Any,
                          clip: Any, warnings: list[str]) -> dict[str, dict[str, Any]]:
-    """Per prompt name: ``{"keys": chosen keys or None (the first n_train), "images": the line's own
-    images or None, "by", ...}`` (:mod:`dclip_ray.stages.selection`). A line with ``images=`` takes its
-    own images; with ``select: first`` every other line takes the first images. Fewer matches than
-    ``n_train`` is a :class:`ConfigError` naming the prompt, unless ``allow_fewer`` (a warning)."""
+    """Per prompt name: ``{"keys": chosen keys or None (the first images), "images": the line's own
+    images or None, "by", ...}`` (:mod:`dclip_ray.stages.selection`): the first ``n_train`` keys train,
+    up to ``check_images`` more are held aside for the check (``matched``, ``held_aside``). A line with
+    ``images=`` takes its own images; with ``select: first`` every other line takes the first images.
+    Fewer matches than ``n_train`` is a :class:`ConfigError` naming the prompt, unless ``allow_fewer``
+    (a warning)."""
     out: dict[str, dict[str, Any]] = {}
     todo = []
     for s in specs:
@@ -304,71 +335,189 @@ def choose_training_sets(specs: list[EditSpec], fcfgs: dict[str, FinetuneConfig]
         return out
     matcher = SourceMatcher([fcfgs[s.name].source for s in todo], clip, others=[f.target for f in fcfgs.values()])
     shards = _dataset_shards(job, base, [fcfgs[s.name] for s in todo])
-    sets = select_training_sets([(s.name, fcfgs[s.name].source, fcfgs[s.name].n_train) for s in todo], shards,
-                                base.resolution, job.resize_policy, matcher)
+    n_check = job.check.check_images  # matching images beyond n_train are held aside for the check
+    sets = select_training_sets([(s.name, fcfgs[s.name].source, fcfgs[s.name].n_train + n_check) for s in todo],
+                                shards, base.resolution, job.resize_policy, matcher)
     for s in todo:
-        ts = sets[s.name]
-        if len(ts.keys) < ts.wanted:
+        ts, n_train = sets[s.name], fcfgs[s.name].n_train
+        if len(ts.keys) < n_train:
             how = ", ".join(f"{k}" for k in ts.by) or "caption or zero-shot CLIP"
             msg = (f"prompt {s.name}: {len(ts.keys)} of {ts.scanned} images match its source {ts.source!r} "
-                   f"(by {how}); n_train={ts.wanted}")
+                   f"(by {how}); n_train={n_train}")
             if not ts.keys or not job.training_sets.allow_fewer:
                 raise ConfigError(msg + "; lower n_train=, give the line images=, or pass --allow-fewer")
             warnings.append(msg + "; training on those (--allow-fewer)")
-        out[s.name] = {"keys": ts.keys, "images": None, **ts.summary()}
+        out[s.name] = {"keys": ts.keys, "images": None, **ts.summary(first=n_train),
+                       "held_aside": max(0, len(ts.keys) - n_train)}
     return out
 
 
 def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: FinetuneConfig, chosen: dict[str, Any],
-                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """One prompt's summary row and its Train loop config (None: a model of this exact config is already
-    there, the row says ``skipped (done)``)."""
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One prompt's summary row and the Train loop configs of its restarts still to run (seeds
+    ``fcfg.seed .. + restarts - 1``; each trains into ``OUT/NAME.restarts/seed-S``). None to run: a model
+    of this exact config is already at ``OUT/NAME`` (``skipped (done)``) or its restarts are all trained
+    and only wait to be judged (:func:`_finish`, called at once)."""
     out_dir = f"{job.out.rstrip('/')}/{spec.name}"
     images = chosen["images"] or job.images
-    h = config_sha256({"finetune": asdict(fcfg), "base": base.sha256, "images": images, "latents": job.latents,
-                       "policy": job.resize_policy, "keys": chosen["keys"]})
+    all_keys = chosen["keys"]
+    train_keys = all_keys[:fcfg.n_train] if all_keys is not None else None
+    ident = {"base": base.sha256, "images": images, "latents": job.latents, "policy": job.resize_policy,
+             "keys": train_keys}
+    h = config_sha256({"finetune": asdict(fcfg), **ident})
     row = {"name": spec.name, "source": fcfg.source, "target": fcfg.target, "status": "pending",
            "final_loss": None, "quality_s_dir": None, "model_path": out_dir, "seconds": 0.0, "error": None,
-           "config_sha256": h, "training_set": {k: v for k, v in chosen.items() if k != "keys"}}
+           "config_sha256": h, "training_set": {k: v for k, v in chosen.items() if k != "keys"},
+           "restarts": [], "quality": {}}
     card = _existing(out_dir, h)
     if card is not None:
         m = card.get("metrics") or {}
-        row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"))
-        return row, None
-    loop = {"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
-            "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(fcfg),
-            "images": images, "latents": job.latents, "policy": job.resize_policy, "keys": chosen["keys"],
-            "out_dir": out_dir, "config_sha256": h, "cpus": job.resources.cpus_per_prompt,
-            "gpus": job.resources.gpus_per_prompt, "callbacks": list(job.callbacks),
-            "training_set": row["training_set"]}
-    return row, loop
+        row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
+                   quality=card.get("quality") or {})
+        return row, []
+    loops = []
+    for k in range(fcfg.restarts):
+        rcfg = replace(fcfg, seed=fcfg.seed + k)
+        rh = config_sha256({"finetune": asdict(rcfg), **ident, "check": job.check.check_images})
+        stage = f"{out_dir}{RESTARTS_SUFFIX}/seed-{rcfg.seed}"
+        row["restarts"].append({"seed": rcfg.seed, "path": stage, "config_sha256": rh})
+        if _existing(stage, rh) is not None:
+            continue
+        loops.append({"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
+                      "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(rcfg),
+                      "images": images, "latents": job.latents, "policy": job.resize_policy, "keys": all_keys,
+                      "check_images": job.check.check_images, "out_dir": stage, "config_sha256": rh,
+                      "cpus": job.resources.cpus_per_prompt, "gpus": job.resources.gpus_per_prompt,
+                      "callbacks": list(job.callbacks), "training_set": row["training_set"],
+                      "run_name": f"{spec.name}-s{rcfg.seed}-{rh[:12]}"})
+    return row, loops
+
+
+RESTARTS_SUFFIX = ".restarts"
+"""A prompt's restarts train into ``OUT/NAME.restarts/seed-S``; the kept one moves to ``OUT/NAME`` (or
+``OUT/NAME.failed``) and the folder is removed."""
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _remove(path: str) -> None:
+    if _is_remote(path):
+        fs, p = fsspec.core.url_to_fs(path)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    elif os.path.isdir(path.removeprefix("file://")):
+        import shutil
+
+        shutil.rmtree(path.removeprefix("file://"))
+
+
+def _place(src: str, dst: str, card: dict[str, Any]) -> None:
+    """Copy the model folder ``src`` to ``dst`` (replacing it; ``src == dst``: only the card) with ``card``
+    as its ``dclip.json``, written last (its presence marks the folder complete)."""
+    if src != dst:
+        _remove(dst)
+    fs, sp = fsspec.core.url_to_fs(src) if _is_remote(src) else (fsspec.filesystem("file"), src.removeprefix("file://"))
+    dfs, dp = fsspec.core.url_to_fs(dst) if _is_remote(dst) else (fsspec.filesystem("file"), dst.removeprefix("file://"))
+    dfs.makedirs(dp, exist_ok=True)
+    for name in sorted(fs.ls(sp, detail=False)) if src != dst else []:
+        base = posixpath.basename(name.rstrip("/"))
+        if base in ("dclip.json", "dclip.json.tmp"):
+            continue
+        with fs.open(name, "rb") as fi, dfs.open(posixpath.join(dp, base), "wb") as fo:
+            while chunk := fi.read(1 << 24):
+                fo.write(chunk)
+    with dfs.open(posixpath.join(dp, "dclip.json"), "w") as f:
+        f.write(plain.dumps(card))
+
+
+def _measured(card: dict[str, Any] | None) -> dict[str, Any] | None:
+    return ((card or {}).get("quality") or {}).get("measured")
+
+
+def _finish(row: dict[str, Any], job: FinetuneManyJob, preset: Any) -> None:
+    """Judge a prompt whose restarts have all ended (:mod:`dclip_ray.quality`): keep the best that passes
+    the check (else the best: ``failed (quality)`` unless ``--accept-low-quality``), move it to
+    ``OUT/NAME`` (``OUT/NAME.failed`` when it fails), its card listing every restart, and remove the
+    restarts. A prompt whose model already failed with this config (``OUT/NAME.failed``) is judged again
+    from its card (a changed bar or ``--accept-low-quality`` needs no re-training)."""
+    out_dir, h = row["model_path"], row["config_sha256"]
+    bar, min_spread = job.check.bar(preset), job.check.min_spread
+    trained = [(r, c) for r in row["restarts"] if (c := _existing(r["path"], r["config_sha256"])) is not None]
+    failed_card = _existing(failed_path(out_dir), h)
+    kept = None
+    if trained:
+        verdicts = [judge(_measured(c), bar, min_spread) for _, c in trained]
+        best = choose(verdicts)
+        kept, src, card = trained[best][0]["seed"], trained[best][0]["path"], dict(trained[best][1])
+        rows = [{"seed": r["seed"], **{k: (_measured(c) or {}).get(k) for k in
+                                       ("score", "direction", "structure", "background", "spread")},
+                 "final_loss": c.get("final_loss"), "passed": v.passed, "reason": v.reason}
+                for (r, c), v in zip(trained, verdicts, strict=True)]
+    elif failed_card is not None:  # judged before: judge its stored measurement again
+        src, card, rows = failed_path(out_dir), dict(failed_card), failed_card.get("restarts") or []
+        kept = failed_card.get("kept_restart")
+    else:
+        errors = "; ".join(r["error"] for r in row["restarts"] if r.get("error"))
+        row.update(status="failed", error=errors or "no restart produced a model")
+        return
+    measured = _measured(card)
+    quality = quality_record(measured, judge(measured, bar, min_spread), job.check.accept_low_quality) \
+        if measured else {}
+    status = status_of(quality)
+    dst = failed_path(out_dir) if status == "failed (quality)" else out_dir
+    card.update(config_sha256=h, quality=quality, restarts=rows, kept_restart=kept)
+    _place(src, dst, card)
+    if src != dst and src == failed_path(out_dir):
+        _remove(src)
+    _remove(f"{out_dir}{RESTARTS_SUFFIX}")
+    if dst == out_dir:
+        _remove(failed_path(out_dir))  # an earlier failure of this prompt is stale now
+    m = card.get("metrics") or {}
+    row.update(status=status, final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
+               quality=quality, restarts=rows, resumed_from_step=m.get("resumed_from_step"),
+               train_window=card.get("train_window"), model_path=dst,
+               error=quality.get("reason") if status == "failed (quality)" else None)
 
 
 def _train(job: FinetuneManyJob, launches: list[tuple[dict[str, Any], dict[str, Any]]], progress: bool) -> None:
-    """Run the Train loops, at most ``max_concurrent`` at once, updating each row as its run ends."""
+    """Run the Train loops (one per restart), at most ``max_concurrent`` at once, recording each restart's
+    end in its prompt's row; a prompt is judged (:func:`_finish`) when its last restart ends."""
     init_ray(job.address, job.num_cpus, dashboard=True, verbose=job.verbose)
     storage = _storage_path(job.out)
     limit = job.resources.max_concurrent or len(launches)
     queue = list(launches)
-    running: dict[Any, dict[str, Any]] = {}
-    with tqdm(total=len(launches), desc="fine-tune prompts", disable=not progress) as bar:
+    running: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
+    left = {}
+    for row, _ in launches:
+        left[row["name"]] = left.get(row["name"], 0) + 1
+    with tqdm(total=len(launches), desc="fine-tunings", disable=not progress) as bar:
         while queue or running:
             while queue and len(running) < limit:
                 row, loop = queue.pop(0)
-                run_name = f"{row['name']}-{row['config_sha256'][:12]}"  # a changed config never resumes an old run
-                ref = _fit.remote(run_name, loop, storage, job.resources.max_failures,
+                ref = _fit.remote(loop["run_name"], loop, storage, job.resources.max_failures,
                                   job.resources.cpus_per_prompt, job.resources.gpus_per_prompt)
-                running[ref] = row
+                running[ref] = (row, loop)
                 row["status"] = "running"
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                row = running.pop(ref)
+                row, loop = running.pop(ref)
                 res = ray.get(ref)
-                card = _existing(row["model_path"], row["config_sha256"]) if res["status"] == "ok" else None
-                if res["status"] == "ok" and card is None:
+                restart = next(r for r in row["restarts"] if r["path"] == loop["out_dir"])
+                if res["status"] == "ok" and _existing(loop["out_dir"], loop["config_sha256"]) is None:
                     res = {**res, "status": "failed", "error": "training ended but the model card was not written"}
-                m = (card or {}).get("metrics") or {}
-                row.update(status=res["status"], error=res.get("error"), seconds=res["seconds"],
-                           final_loss=m.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
-                           resumed_from_step=m.get("resumed_from_step"), train_window=(card or {}).get("train_window"))
+                restart.update(status=res["status"], error=res.get("error"), seconds=res["seconds"])
+                row["seconds"] = max(row["seconds"], res["seconds"])
+                left[row["name"]] -= 1
+                if left[row["name"]] == 0:
+                    _finish(row, job, job_preset(job))
                 bar.update(1)
+
+
+def job_preset(job: FinetuneManyJob) -> Any:
+    """The model preset of the job's base model (its quality bar), None for a model without one."""
+    from dclip_ray.models import get_preset, is_preset
+
+    name = job.preset or job.model
+    return get_preset(name) if is_preset(name) else None

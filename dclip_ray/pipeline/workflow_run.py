@@ -72,7 +72,7 @@ def ensure_toyworld_input(spec: WorkflowSpec) -> int:
     names = [f"{i:05d}.tar" for i in range((tw.n + tw.shard_size - 1) // tw.shard_size)]
     if all(fs.exists(f"{root.rstrip('/')}/{n}") for n in names):
         return 0
-    return len(write_shards(spec.input_url, tw.n, seed=tw.seed, shard_size=tw.shard_size))
+    return len(write_shards(spec.input_url, tw.n, seed=tw.seed, shard_size=tw.shard_size, kinds=tw.kind_pairs()))
 
 
 def preflight(spec: WorkflowSpec) -> None:
@@ -171,12 +171,16 @@ def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[st
     job = FinetuneManyJob(prompts=spec.prompts.text() or spec.prompts.file or "", model=spec.model,
                           out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
                           clip=ft.clip, clip_weights=ft.clip_weights, face_weights=ft.face_weights,
-                          settings=settings, training_sets=spec.training_sets(), resize_policy=spec.input.resize_policy,
+                          settings=settings, training_sets=spec.training_sets(), check=spec.quality_check(),
+                          resize_policy=spec.input.resize_policy,
                           resources=spec.resources(), address=r.address, num_cpus=r.num_cpus, verbose=verbose)
     s = run_finetune_many(job, progress=progress)
-    return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"], "failed": s["n_failed"],
+    low = sum(p["status"] == "failed (quality)" for p in s["prompts"])
+    return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"],
+            "failed": s["n_failed"] - low, "failed_quality": low,
             "models": {p["name"]: {"status": p["status"], "path": p["model_path"], "final_loss": p["final_loss"],
                                    "quality_s_dir": p["quality_s_dir"], "training_set": p.get("training_set"),
+                                   "quality": p.get("quality") or {},
                                    **({"error": p["error"]} if p["error"] else {})}
                        for p in s["prompts"]}, "warnings": s.get("warnings", [])}
 
@@ -352,7 +356,11 @@ def _run_steps(spec: WorkflowSpec, step: Step, steps: dict[str, Any], verbose: b
         pre["status"] = "finished with per-item errors"
         code = max(code, EXIT_ITEM_ERRORS)
     ft = step("finetune", lambda: _step_finetune(spec, verbose, progress))
-    ok_models = {n for n, m in ft["models"].items() if m["status"] == "ok" or m["status"].startswith("skipped")}
+    ok_models = {n for n, m in ft["models"].items() if m["status"].startswith(("ok", "skipped"))}
+    if ft.get("failed_quality"):
+        ft["status"] = (f"{ft['failed_quality']} prompt(s) failed the quality check (models kept apart as NAME.failed; "
+                        "see each model's quality.reason; finetune.restarts or finetune.accept_low_quality)")
+        code = max(code, EXIT_ITEM_ERRORS)
     if ft["failed"]:
         ft["status"] = f"{ft['failed']} prompt(s) failed; re-run to resume them"
         code = max(code, EXIT_ABORTED)

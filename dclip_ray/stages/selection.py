@@ -198,16 +198,23 @@ class TrainingSet:
     by: dict[str, int] = field(default_factory=dict)
     confidence_sum: float = 0.0
     scanned: int = 0
+    judged: list[tuple[str, float]] = field(default_factory=list)  # per key: (judge, confidence)
 
     @property
     def confidence(self) -> float | None:
         """Mean confidence of the chosen images (None when none was chosen)."""
         return round(self.confidence_sum / len(self.keys), 4) if self.keys else None
 
-    def summary(self) -> dict[str, Any]:
-        """The selection as reported per prompt (JSON-ready)."""
-        return {"matched": len(self.keys), "wanted": self.wanted, "scanned": self.scanned, "by": dict(self.by),
-                "confidence": self.confidence}
+    def summary(self, first: int | None = None) -> dict[str, Any]:
+        """The selection as reported per prompt (JSON-ready); ``first``: of the first that many keys only
+        (the training images, when the rest are held aside)."""
+        judged = self.judged[:first] if first is not None else self.judged
+        by: dict[str, int] = {}
+        for how, _ in judged:
+            by[how] = by.get(how, 0) + 1
+        conf = round(sum(c for _, c in judged) / len(judged), 4) if judged else None
+        return {"matched": len(judged), "wanted": self.wanted if first is None else first, "scanned": self.scanned,
+                "by": by, "confidence": conf}
 
 
 def select_training_sets(prompts: Sequence[tuple[str, str, int]], shards: Sequence[str], size: int,
@@ -234,6 +241,7 @@ def select_training_sets(prompts: Sequence[tuple[str, str, int]], shards: Sequen
                         ts.keys.append(d.rec.key)
                         ts.by[verdict.by] = ts.by.get(verdict.by, 0) + 1
                         ts.confidence_sum += verdict.confidence
+                        ts.judged.append((verdict.by, verdict.confidence))
             if all(len(ts.keys) >= ts.wanted for ts in sets.values()):
                 return sets
     return sets

@@ -32,6 +32,7 @@ from pydantic import (
 from dclip_ray.config import (
     FinetuneConfig,
     PrecomputeConfig,
+    QualityCheck,
     Resources,
     RestyleSettings,
     SettingInfo,
@@ -95,6 +96,24 @@ class ToyworldInput(_Strict):
     n: int = Field(64, ge=1, description="images")
     shard_size: int = Field(32, ge=1, description="images per shard")
     seed: int = Field(0, ge=0, description="dataset seed (keys '{seed}_{index:06d}')")
+    kinds: list[str] | None = Field(None, description="exactly these kinds, 'COLOUR SHAPE' each, interleaved "
+                                    "(default: every colour and shape)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str] | None) -> list[str] | None:
+        from dclip_ray.toyworld.render import COLOURS, SHAPES
+
+        for k in v or []:
+            parts = k.split()
+            if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
+                raise ValueError(f"{k!r}: expected 'COLOUR SHAPE' with a colour of {', '.join(COLOURS)} and a "
+                                 f"shape of {', '.join(SHAPES)}")
+        return v
+
+    def kind_pairs(self) -> list[tuple[str, str]] | None:
+        """``kinds`` as (colour, shape) pairs (None: every kind)."""
+        return [tuple(k.split()) for k in self.kinds] if self.kinds else None  # type: ignore[misc]
 
 
 class _InputBase(_Strict):
@@ -158,10 +177,13 @@ class _FinetuneBase(_Strict):
 
 
 FinetuneSpec = _section(
-    "FinetuneSpec", _FinetuneBase, [*_of("finetune", Resources), *_of("finetune", TrainingSets)],
+    "FinetuneSpec", _FinetuneBase, [*_of("finetune", Resources), *_of("finetune", TrainingSets),
+                                    *_of("finetune", QualityCheck)],
     """Defaults of every prompt line (a line's own ``lr=`` ... wins), see `dclip-ray finetune-many`: the job
 fields, the Train resources (``max_failures``, ``max_concurrent``), how training images are chosen
-(``select``, ``allow_fewer``; :class:`dclip_ray.config.TrainingSets`) and every fine-tuning setting by its
+(``select``, ``allow_fewer``; :class:`dclip_ray.config.TrainingSets`), the check each model passes
+before its prompt is done (``check_images``, ``min_quality``, ``min_spread``, ``accept_low_quality``;
+:class:`dclip_ray.config.QualityCheck`) and every fine-tuning setting by its
 spec key (``lr``, ``n_gen``, ``aug_views``, ``clip_weight``, ...; declared in
 :class:`dclip_ray.config.FinetuneConfig`). A fine-tuning key left out is not given.""",
     given_only=_of("finetune", FinetuneConfig))
@@ -258,6 +280,10 @@ class WorkflowSpec(_Strict):
     def training_sets(self) -> TrainingSets:
         """How each prompt's training images are chosen (``finetune.select``, ``finetune.allow_fewer``)."""
         return TrainingSets(**self._all(TrainingSets))
+
+    def quality_check(self) -> QualityCheck:
+        """The check each fine-tuned model passes (``finetune.check_images``, ``min_quality``, ...)."""
+        return QualityCheck(**self._all(QualityCheck))
 
     def resources(self) -> Resources:
         """What each unit of Ray work takes (``ray`` and the resource fields of ``finetune``/``restyle``)."""

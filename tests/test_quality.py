@@ -1,0 +1,181 @@
+"""The held-aside check before a prompt is called done (issue 27 item 2): the pure verdict rules, then
+`finetune` and `finetune-many` on the toy world (restarts, a diverged prompt failing alone, the failed
+model kept apart, a re-run judging it again without re-training, --accept-low-quality)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from dclip_ray.config import QualityCheck
+from dclip_ray.models import get_preset
+from dclip_ray.quality import (
+    choose,
+    failed_path,
+    judge,
+    measure_edits,
+    output_spread,
+    quality_record,
+    split_check,
+    status_of,
+)
+
+
+def strict_json(text: str):
+    """Parse JSON refusing NaN / Infinity (what a strict parser does)."""
+    def bad(c):
+        raise ValueError(f"non-strict JSON constant {c}")
+    return json.loads(text, parse_constant=bad)
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+
+
+def test_output_spread_is_one_for_outputs_that_keep_their_inputs_and_zero_for_a_collapse():
+    x = images(6)
+    assert output_spread(x, x) == pytest.approx(1.0)
+    assert output_spread(x, -x) == pytest.approx(1.0), "a colour inversion keeps how much images differ"
+    assert output_spread(x, x * 0.5) == pytest.approx(0.5, rel=1e-4)
+    same = images(1, seed=3).expand(6, -1, -1, -1)
+    assert output_spread(x, same) == pytest.approx(0.0, abs=1e-6), "one picture whatever the input"
+    assert math.isnan(output_spread(x[:1], x[:1])), "spread needs two images"
+    assert math.isnan(output_spread(same, x)), "inputs that do not vary give no ratio"
+
+
+def measured(**kw):
+    base = {"score": 0.7, "direction": 0.8, "structure": 0.9, "background": 0.01, "spread": 0.9, "n_images": 8,
+            "held_aside": True, "finite": True}
+    return {**base, **kw}
+
+
+def test_the_verdict_rules_in_order():
+    assert judge(measured(), 0.5, 0.3).passed
+    v = judge(measured(score=0.4), 0.5, 0.3)
+    assert not v.passed and "0.400" in v.reason and "--min-quality 0.5" in v.reason and "held-aside" in v.reason
+    assert judge(measured(score=0.4), None, 0.3).passed, "no bar: the score alone fails nothing"
+    v = judge(measured(spread=0.1), None, 0.3)
+    assert not v.passed and "collapsed" in v.reason and "0.10x" in v.reason
+    v = judge(measured(finite=False, score=None), 0.5, 0.3)
+    assert not v.passed and "diverged" in v.reason
+    assert not judge(measured(score=None), None, 0.3).passed, "a missing number is not a pass"
+    assert judge(measured(spread=None), None, 0.3).passed, "one image: no spread to judge"
+    assert "training images" in judge(measured(score=0.1, held_aside=False), 0.5, 0.3).reason
+    unchecked = judge(None, 0.5, 0.3)
+    assert unchecked.passed and math.isnan(unchecked.score)
+
+
+def test_choose_keeps_the_best_that_passed_else_the_best():
+    vs = [judge(measured(score=s, spread=sp), 0.5, 0.3) for s, sp in ((0.6, 0.9), (0.9, 0.1), (0.7, 0.8))]
+    assert choose(vs) == 2, "the collapsed restart scores higher but failed"
+    vs = [judge(measured(score=s), 0.95, 0.3) for s in (0.6, 0.8, 0.7)]
+    assert choose(vs) == 1
+    vs = [judge(measured(finite=False, score=None), 0.5, 0.3), judge(measured(score=0.1), 0.5, 0.3)]
+    assert choose(vs) == 1, "a non-finite score ranks last"
+
+
+def test_records_and_statuses_are_strict_json():
+    v = judge(measured(finite=False, score=float("nan")), 0.5, 0.3)
+    rec = quality_record(measured(finite=False, score=None), v, accepted=True)
+    strict_json(json.dumps(rec))
+    assert not rec["accepted_low_quality"] and status_of(rec) == "failed (quality)", "a diverged model is never kept"
+    low = quality_record(measured(score=0.1), judge(measured(score=0.1), 0.5, 0.3), accepted=True)
+    assert low["accepted_low_quality"] and status_of(low) == "ok (low quality, accepted)"
+    assert status_of(quality_record(measured(), judge(measured(), 0.5, 0.3), False)) == "ok"
+    assert status_of(quality_record(measured(score=0.1), judge(measured(score=0.1), 0.5, 0.3), False)) == \
+        "failed (quality)"
+    assert status_of({}) == "ok", "no check: nothing claims a failure"
+    nan_out = measure_edits(None, images(2), torch.full((2, 3, 16, 16), float("nan")), "a", "b")
+    assert nan_out["finite"] is False and "score" not in nan_out
+    assert failed_path("models/blue/") == "models/blue.failed"
+
+
+def test_split_check_holds_images_aside_or_says_it_could_not():
+    x = images(10)
+    train, check, held = split_check(x, 6, 3)
+    assert held and torch.equal(train, x[:6]) and torch.equal(check, x[6:9])
+    train, check, held = split_check(x, 10, 3)
+    assert not held and torch.equal(check, x[:3])
+
+
+def test_the_bar_is_the_option_else_the_model_presets():
+    toy = get_preset("toy_shapes")
+    assert toy.quality_bar is not None and QualityCheck().bar(toy) == toy.quality_bar
+    assert QualityCheck(min_quality=0.1).bar(toy) == 0.1
+    assert QualityCheck().bar(None) is None
+
+
+def run_json(capsys, argv):
+    from dclip_ray.cli import main
+
+    rc = main(argv)
+    out = capsys.readouterr().out
+    return rc, strict_json(out[out.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    from dclip_ray.toyworld.data import write_shards
+
+    data = str(tmp_path_factory.mktemp("quality") / "toy")
+    write_shards(data, 8, seed=5, shard_size=8, colours=["red"], shapes=["circle"])
+    return data
+
+
+FAST = ["--n-train", "3", "--epochs", "1", "--n-inv", "8", "--check-images", "3", "--json", "--quiet"]
+
+
+def test_finetune_fails_a_diverged_model_and_keeps_it_apart(toy_data, tmp_path, capsys):
+    out = tmp_path / "ft"
+    rc, s = run_json(capsys, ["finetune", "--model", "toy_shapes", "--source", "red circle", "--target",
+                              "blue circle", "--images", toy_data, "--out", str(out), "--lr", "1e12", *FAST])
+    assert rc == 2 and s["status"] == "failed (quality)" and "diverged" in s["quality"]["reason"]
+    assert not out.exists() and s["model_path"] == str(out) + ".failed"
+    card = strict_json((tmp_path / "ft.failed" / "dclip.json").read_text())
+    assert card["quality"]["passed"] is False and card["quality"]["measured"]["finite"] is False
+
+
+def test_finetune_bar_and_accept_low_quality(toy_data, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", "toy_shapes", "--source", "red circle", "--target", "blue circle",
+            "--images", toy_data, "--out", str(out), "--min-quality", "5", *FAST]
+    rc, s = run_json(capsys, argv)
+    m = s["quality"]["measured"]
+    assert rc == 2 and s["status"] == "failed (quality)" and m["held_aside"] and m["n_images"] == 3
+    assert math.isfinite(m["score"]) and m["score"] < 5 and "--min-quality 5" in s["quality"]["reason"]
+    rc, s = run_json(capsys, [*argv, "--accept-low-quality"])
+    assert rc == 0 and s["status"] == "ok (low quality, accepted)" and (out / "dclip.json").exists()
+    assert s["quality"]["measured"] == m, "the same seed gives the same model and the same check"
+    card = json.loads((out / "dclip.json").read_text())
+    assert card["quality"]["accepted_low_quality"] is True
+
+
+def test_finetune_many_restarts_a_prompt_and_fails_a_diverged_one_alone(ray_local, toy_data, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle -> blue circle name=blue restarts=2\nred circle -> green circle name=nan lr=1e12\n")
+    models = tmp_path / "models"
+    argv = ["finetune-many", str(prompts), "--model", "toy_shapes", "--images", toy_data, "--out", str(models),
+            "--cpus-per-prompt", "1", "--min-quality", "-9", *FAST]  # 1-epoch models: no bar but divergence
+    rc, s = run_json(capsys, argv)
+    assert rc == 2 and s["n_ok"] == 1 and s["n_failed"] == 1
+    blue, bad = s["prompts"]
+    assert blue["status"] == "ok" and bad["status"] == "failed (quality)" and "diverged" in bad["error"]
+    assert [r["seed"] for r in blue["restarts"]] == [0, 1] and all(r["passed"] for r in blue["restarts"])
+    card = json.loads((models / "blue" / "dclip.json").read_text())
+    best = max(card["restarts"], key=lambda r: r["score"])
+    assert card["kept_restart"] == best["seed"] == card["config"]["seed"], "the best-scored restart is kept"
+    assert card["config_sha256"] == blue["config_sha256"] and card["quality"]["passed"]
+    assert sorted(os.listdir(models)) == ["_ray_train", "blue", "nan.failed"], "restarts cleaned, failure apart"
+    assert len(os.listdir(models / "_ray_train")) == 3, "one Train run per restart"
+
+    t = time.perf_counter()
+    rc, again = run_json(capsys, [*argv, "--accept-low-quality"])
+    assert time.perf_counter() - t < 25, "nothing is retrained: the failure is judged again from its card"
+    assert rc == 2 and [p["status"] for p in again["prompts"]] == ["skipped (done)", "failed (quality)"], \
+        "a diverged model is never accepted"
