@@ -134,6 +134,11 @@ class FinetuneConfig:
                             "allow; the one whose edits of held-aside images score best (and pass the check) is "
                             "kept, every restart's score goes into the model card.", cli="restarts",
                             prompt="restarts", lo=1)
+    search_trials: int = setting(1, "Knob settings tried around the recipe (t0 +-50, lr, L1 and edge weight "
+                                 "x0.5/x1/x2; the recipe's own first; 1: only it), each at every restart's seed; "
+                                 "the best by the check's score on held-aside images is kept (`finetune --search`: "
+                                 "8). A t0 other than the line's needs --images or latents at that t0.",
+                                 cli="search-trials", prompt="search", lo=1)
     grad_checkpointing: bool = setting(False, "Recompute activations in backward (less memory).",
                                        cli="grad-checkpointing")
     bf16: bool = setting(False, "bf16 autocast (GPU only).", cli="bf16")

@@ -20,8 +20,8 @@ import torch
 from dclip_ray.config import FinetuneConfig
 from dclip_ray.scoring import ScoreWeights, frame_change, image_scores
 
-__all__ = ["KNOBS", "ScoreWeights", "edit_score", "frame_change", "knob_values", "run_trial", "spearman",
-           "trial_points", "with_knobs"]
+__all__ = ["KNOBS", "ScoreWeights", "edit_score", "frame_change", "knob_values", "points_of", "run_trial",
+           "spearman", "trial_points", "with_knobs"]
 
 KNOBS: tuple[str, ...] = ("t0", "lr", "w_l1", "w_edge")
 """The settings a search varies (FinetuneConfig fields): return step, learning rate, L1 and edge weights."""
@@ -51,8 +51,15 @@ def trial_points(cfg: FinetuneConfig, n_trials: int, seed: int = 0) -> list[dict
 
 
 def with_knobs(cfg: FinetuneConfig, point: dict[str, Any]) -> FinetuneConfig:
-    """``cfg`` with the knob values of ``point`` (validated by the declared rules)."""
-    return replace(cfg, **{k: point[k] for k in KNOBS if k in point})
+    """``cfg`` with the knob values of ``point`` (and its ``seed``, when it has one), validated by the
+    declared rules."""
+    return replace(cfg, **{k: point[k] for k in (*KNOBS, "seed") if k in point})
+
+
+def points_of(cfg: FinetuneConfig, trials: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Every fine-tuning of one prompt: :func:`trial_points` (``trials`` of them, the recipe's own first),
+    each at seeds ``cfg.seed .. cfg.seed + cfg.restarts - 1`` (``"seed"`` in the point)."""
+    return [{**p, "seed": cfg.seed + k} for p in trial_points(cfg, trials, seed) for k in range(cfg.restarts)]
 
 
 def edit_score(clip: Any, before: torch.Tensor, after: torch.Tensor, source: str, target: str,

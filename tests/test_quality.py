@@ -169,7 +169,8 @@ def test_finetune_many_restarts_a_prompt_and_fails_a_diverged_one_alone(ray_loca
     assert [r["seed"] for r in blue["restarts"]] == [0, 1] and all(r["passed"] for r in blue["restarts"])
     card = json.loads((models / "blue" / "dclip.json").read_text())
     best = max(card["restarts"], key=lambda r: r["score"])
-    assert card["kept_restart"] == best["seed"] == card["config"]["seed"], "the best-scored restart is kept"
+    assert card["restarts"][card["kept_restart"]] == best and card["config"]["seed"] == best["seed"], \
+        "the best-scored restart is kept"
     assert card["config_sha256"] == blue["config_sha256"] and card["quality"]["passed"]
     assert sorted(os.listdir(models)) == ["_ray_train", "blue", "nan.failed"], "restarts cleaned, failure apart"
     assert len(os.listdir(models / "_ray_train")) == 3, "one Train run per restart"
@@ -179,3 +180,26 @@ def test_finetune_many_restarts_a_prompt_and_fails_a_diverged_one_alone(ray_loca
     assert time.perf_counter() - t < 25, "nothing is retrained: the failure is judged again from its card"
     assert rc == 2 and [p["status"] for p in again["prompts"]] == ["skipped (done)", "failed (quality)"], \
         "a diverged model is never accepted"
+
+
+def test_finetune_many_plans_one_run_per_search_point_and_seed(tmp_path):
+    """search=K restarts=N on a prompt line: K knob points around the recipe x N seeds, each its own
+    Train run with its own config hash and folder (planning only, no Ray)."""
+    from dclip_ray.config import resolve_finetune_config
+    from dclip_ray.models.cache import cached_base
+    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, _plan_prompt
+    from dclip_ray.prompts import parse_prompt_text
+    from dclip_ray.search import KNOBS
+
+    base = cached_base("toy_shapes")
+    spec = parse_prompt_text("red circle -> blue circle name=blue search=2 restarts=2")[0]
+    fcfg = resolve_finetune_config(spec.source, spec.target, spec.settings(), preset=base.preset)
+    job = FinetuneManyJob(prompts="p", model="toy_shapes", out=str(tmp_path / "models"), images=str(tmp_path))
+    row, loops = _plan_prompt(spec, job, base, fcfg, {"keys": None, "images": None})
+    own = {k: getattr(fcfg, k) for k in KNOBS}
+    assert [(r["seed"], {k: r[k] for k in KNOBS} == own) for r in row["restarts"]] == \
+        [(0, True), (1, True), (0, False), (1, False)], "the recipe's point first, each point at both seeds"
+    assert len({r["config_sha256"] for r in row["restarts"]}) == len({r["path"] for r in row["restarts"]}) == 4
+    assert [lp["finetune"]["seed"] for lp in loops] == [0, 1, 0, 1]
+    assert all({k: lp["finetune"][k] for k in KNOBS} == {k: r[k] for k in KNOBS}
+               for lp, r in zip(loops, row["restarts"], strict=True))

@@ -206,3 +206,30 @@ def test_a_routed_restyle_scores_with_the_routing_clip_when_it_is_the_same(model
     res = r.run("00000", str(models / "toy" / "00000.tar"))
     rows = read_manifest(str(tmp_path / "o" / "blue" / "00000.parquet"))
     assert res.n_ok == 8 and all("score" in row.scores for row in rows)
+
+
+def test_the_check_passes_the_working_model_and_fails_the_one_that_edits_nothing(models, clip):
+    """The check before a prompt is done (dclip_ray.quality), on the same two models: the default-recipe
+    model (whose edits the pixel judge reads as blue above) passed on its 8 held-aside images; the model
+    that edits nothing, measured the same way, fails toy_shapes' bar."""
+    from dclip_ray.config import FinetuneConfig
+    from dclip_ray.jobs import read_images
+    from dclip_ray.models import eps_fn_of, load_unet
+    from dclip_ray.models.base import load_base
+    from dclip_ray.quality import check_model, judge
+
+    card = json.loads((models / "blue" / "dclip.json").read_text())
+    q = card["quality"]
+    assert q["passed"] and q["measured"]["held_aside"] and q["measured"]["n_images"] == 8, q
+    keys, x, _ = read_images(str(models / "toy"), 32, 16)
+    assert not set(keys[8:]) & set(card["train_keys"]), "the check's images were not trained on"
+    base = load_base("toy_shapes")
+    cfg = FinetuneConfig(**card["config"])
+    good = check_model(eps_fn_of(base.unet), eps_fn_of(load_unet(str(models / "blue"))), clip, x[8:], cfg,
+                       base.schedule)
+    assert good["score"] == pytest.approx(q["measured"]["score"], abs=1e-4), "the card's check is reproducible"
+    none = check_model(eps_fn_of(base.unet), eps_fn_of(load_unet(str(models / "none"))), clip, x[8:], cfg,
+                       base.schedule)
+    v = judge(none, get_preset("toy_shapes").quality_bar, 0.3)
+    assert not v.passed and "--min-quality" in v.reason and none["score"] < good["score"] - 0.3, (none, good)
+    assert none["spread"] > 0.9, "an unedited model's outputs follow their inputs: not a collapse"

@@ -94,7 +94,7 @@ still depend on their inputs (--min-spread). A model that fails goes to OUT.fail
     --out ft/blue --restarts 3\n
 Search around the recipe with Ray Tune, scored the same way (every trial goes into dclip.json):
   dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/
-    --out ft/blue --n-train 8 --search --search-trials 8\n
+    --out ft/blue --n-train 8 --search\n
 Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
 --source face --target "angry face" --images faces/ --out ft/angry --t0 500""")
 @finetune_options()
@@ -115,8 +115,7 @@ def finetune(
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
-    search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune (each at every --restarts seed), ranked by the judge-free score of each model's edits of the --check-images held-aside images; the best is kept (every trial recorded in the model card)."),
-    search_trials: int = typer.Option(8, help="--search: trials (the recipe's own settings are the first)."),
+    search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune (each at every --restarts seed), ranked by the judge-free score of each model's edits of the --check-images held-aside images; the best is kept (every trial recorded in the model card). Short for --search-trials 8."),
     score_clip: str = typer.Option(None, help="--search / --restarts: a CLIP the loss does not use, for comparing the fine-tunings (default: the loss's)."),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     cpus_per_trial: float = typer.Option(1.0, help="--search / --restarts: CPUs each fine-tuning holds (they run in parallel as CPUs allow)."),
@@ -127,16 +126,18 @@ def finetune(
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     p = get_preset(preset or model) if is_preset(preset or model) else None
+    if search and not (settings or {}).get("search_trials"):
+        settings = {**(settings or {}), "search_trials": 8}
     cfg = resolve_finetune_config(source, target, settings, preset=p)
     job = FinetuneJob(model=model, images=images, out=out, preset=preset,
                       clip=clip, clip_weights=clip_weights, face_weights=face_weights,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg,
                       check=QualityCheck(**(quality or {})))
     with trust_scope(trust_checkpoint):
-        if search or cfg.restarts > 1:
+        if cfg.search_trials > 1 or cfg.restarts > 1:
             from dclip_ray.pipeline.search import SearchJob, finetune_trials
 
-            sjob = SearchJob(model=model, trials=search_trials if search else 1, cpus_per_trial=cpus_per_trial,
+            sjob = SearchJob(model=model, trials=cfg.search_trials, cpus_per_trial=cpus_per_trial,
                              seed=cfg.seed, preset=preset, clip=clip, clip_weights=clip_weights,
                              score_clip=score_clip, score_clip_weights=score_clip_weights, check=job.check,
                              address=address, verbose=verbose)

@@ -47,6 +47,7 @@ from dclip_ray.quality import (
     status_of,
     weights_finite,
 )
+from dclip_ray.search import KNOBS, points_of, with_knobs
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import set_threads
 from dclip_ray.stages.inputs import absolute, input_shards
@@ -289,10 +290,13 @@ def _prompt_config(spec: EditSpec, job: FinetuneManyJob, base: Any) -> FinetuneC
         check_steps(base.schedule, fcfg.t0, fcfg.n_inv_steps, fcfg.n_gen_steps, fcfg.batch_size)
     except ConfigError as e:
         raise ConfigError(f"prompt {spec.name}: {e}") from None
-    if job.images is None and spec.images is None and _store(job, base, fcfg) is None:
-        raise ConfigError(f"prompt {spec.name}: no cached latents for t0={fcfg.t0}, n_inv={fcfg.n_inv_steps} under "
-                          f"{job.latents}; run `dclip-ray precompute --t0 {fcfg.t0} --n-inv {fcfg.n_inv_steps}` or "
-                          "pass --images")
+    t0s = sorted({p["t0"] for p in points_of(fcfg, fcfg.search_trials, fcfg.seed)})  # a search varies t0
+    for t0 in t0s if job.images is None and spec.images is None else []:
+        if _store(job, base, replace(fcfg, t0=t0)) is None:
+            why = f" (search={fcfg.search_trials} tries t0 {', '.join(map(str, t0s))})" if len(t0s) > 1 else ""
+            raise ConfigError(f"prompt {spec.name}: no cached latents for t0={t0}, n_inv={fcfg.n_inv_steps} under "
+                              f"{job.latents}{why}; run `dclip-ray precompute --t0 {t0} --n-inv {fcfg.n_inv_steps}` "
+                              "or pass --images")
     return fcfg
 
 
@@ -354,8 +358,9 @@ def choose_training_sets(specs: list[EditSpec], fcfgs: dict[str, FinetuneConfig]
 
 def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: FinetuneConfig, chosen: dict[str, Any],
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One prompt's summary row and the Train loop configs of its restarts still to run (seeds
-    ``fcfg.seed .. + restarts - 1``; each trains into ``OUT/NAME.restarts/seed-S``). None to run: a model
+    """One prompt's summary row and the Train loop configs of its fine-tunings still to run: the
+    ``search_trials`` knob points around the recipe, each at seeds ``fcfg.seed .. + restarts - 1``
+    (:func:`~dclip_ray.search.points_of`; each trains into ``OUT/NAME.restarts/I-seed-S``). None to run: a model
     of this exact config is already at ``OUT/NAME`` (``skipped (done)``) or its restarts are all trained
     and only wait to be judged (:func:`_finish`, called at once)."""
     out_dir = f"{job.out.rstrip('/')}/{spec.name}"
@@ -376,11 +381,11 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: Finetune
                    quality=card.get("quality") or {})
         return row, []
     loops = []
-    for k in range(fcfg.restarts):
-        rcfg = replace(fcfg, seed=fcfg.seed + k)
+    for i, point in enumerate(points_of(fcfg, fcfg.search_trials, fcfg.seed)):
+        rcfg = with_knobs(fcfg, point)
         rh = config_sha256({"finetune": asdict(rcfg), **ident, "check": job.check.check_images})
-        stage = f"{out_dir}{RESTARTS_SUFFIX}/seed-{rcfg.seed}"
-        row["restarts"].append({"seed": rcfg.seed, "path": stage, "config_sha256": rh})
+        stage = f"{out_dir}{RESTARTS_SUFFIX}/{i}-seed-{rcfg.seed}"
+        row["restarts"].append({**point, "path": stage, "config_sha256": rh})
         if _existing(stage, rh) is not None:
             continue
         loops.append({"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
@@ -389,7 +394,7 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: Finetune
                       "check_images": job.check.check_images, "out_dir": stage, "config_sha256": rh,
                       "cpus": job.resources.cpus_per_prompt, "gpus": job.resources.gpus_per_prompt,
                       "callbacks": list(job.callbacks), "training_set": row["training_set"],
-                      "run_name": f"{spec.name}-s{rcfg.seed}-{rh[:12]}"})
+                      "run_name": f"{spec.name}-{i}s{rcfg.seed}-{rh[:12]}"})
     return row, loops
 
 
@@ -450,8 +455,8 @@ def _finish(row: dict[str, Any], job: FinetuneManyJob, preset: Any) -> None:
     if trained:
         verdicts = [judge(_measured(c), bar, min_spread) for _, c in trained]
         best = choose(verdicts)
-        kept, src, card = trained[best][0]["seed"], trained[best][0]["path"], dict(trained[best][1])
-        rows = [{"seed": r["seed"], **{k: (_measured(c) or {}).get(k) for k in
+        kept, src, card = row["restarts"].index(trained[best][0]), trained[best][0]["path"], dict(trained[best][1])
+        rows = [{**{k: r[k] for k in (*KNOBS, "seed")}, **{k: (_measured(c) or {}).get(k) for k in
                                        ("score", "direction", "structure", "background", "spread")},
                  "final_loss": c.get("final_loss"), "passed": v.passed, "reason": v.reason}
                 for (r, c), v in zip(trained, verdicts, strict=True)]

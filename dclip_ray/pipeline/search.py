@@ -31,7 +31,7 @@ from ray import tune
 from dclip_ray import plain
 from dclip_ray.config import FinetuneConfig, QualityCheck
 from dclip_ray.errors import ConfigError
-from dclip_ray.search import KNOBS, trial_points
+from dclip_ray.search import KNOBS, points_of
 
 from .runtime import init_ray
 
@@ -70,12 +70,6 @@ class SearchJob:
                               "(the trials are compared by their edits of held-aside images)")
         if self.cpus_per_trial <= 0:
             raise ConfigError(f"--cpus-per-trial {self.cpus_per_trial} must be > 0")
-
-
-def points_of(cfg: FinetuneConfig, trials: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Every trial's point: :func:`~dclip_ray.search.trial_points` (``trials`` of them, the recipe's own
-    first), each at seeds ``cfg.seed .. cfg.seed + cfg.restarts - 1`` (``"seed"`` in the point)."""
-    return [{**p, "seed": cfg.seed + k} for p in trial_points(cfg, trials, seed) for k in range(cfg.restarts)]
 
 
 def _trial(config: dict[str, Any], job: SearchJob, cfg: FinetuneConfig, x_train: torch.Tensor,
