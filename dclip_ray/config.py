@@ -363,7 +363,8 @@ class Resources:
     gpus_per_prompt: float = setting(0.0, "GPUs of each prompt's Train worker.", cli="gpus-per-prompt", lo=0)
     max_failures: int = setting(2, "Worker failures tolerated per prompt (resumes from the last checkpoint).",
                                 cli="max-failures", spec="finetune.max_failures", lo=0)
-    max_concurrent: int | None = setting(None, "At most this many prompts at once (default: as resources allow).",
+    max_concurrent: int | None = setting(None, "At most this many fine-tunings at once (each restart or search "
+                                         "trial of a prompt counts; default: as resources allow).",
                                          cli="max-concurrent", spec="finetune.max_concurrent", lo=1)
     actors: int | None = setting(None, "Restyle generator actors (default: the CPUs, or the GPUs with "
                                  "--gpus-per-actor).", cli="actors", spec="restyle.actors", lo=1)

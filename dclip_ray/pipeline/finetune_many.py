@@ -460,6 +460,8 @@ def _finish(row: dict[str, Any], job: FinetuneManyJob, preset: Any) -> None:
                                        ("score", "direction", "structure", "background", "spread")},
                  "final_loss": c.get("final_loss"), "passed": v.passed, "reason": v.reason}
                 for (r, c), v in zip(trained, verdicts, strict=True)]
+        rows += [{**{k: r[k] for k in (*KNOBS, "seed")}, "passed": False, "reason": f"training failed: {r['error']}"}
+                 for r in row["restarts"] if r.get("error")]  # a crashed run is one candidate fewer, on record
     elif failed_card is not None:  # judged before: judge its stored measurement again
         src, card, rows = failed_path(out_dir), dict(failed_card), failed_card.get("restarts") or []
         kept = failed_card.get("kept_restart")
