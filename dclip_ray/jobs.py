@@ -28,6 +28,7 @@ from dclip_ray.losses import Augment
 from dclip_ray.models import eps_fn_of, load_face
 from dclip_ray.models.base import load_base, resolve_clip
 from dclip_ray.quality import (
+    DIVERGED,
     check_model,
     failed_path,
     judge,
@@ -141,8 +142,10 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
     quality: dict[str, Any] = {}
     warnings: list[str] = []
+    finite = weights_finite(result.unet) and math.isfinite(result.final_loss)
+    if not finite and not job.check.check_images:  # --check-images 0 checks nothing but divergence
+        quality = quality_record(DIVERGED, judge(DIVERGED, None, job.check.min_spread), False)
     if job.check.check_images:
-        finite = weights_finite(result.unet) and math.isfinite(result.final_loss)
         measured = check_model(eps_fn_of(base.unet), eps_fn_of(result.unet), clip, x_check, cfg, base.schedule,
                                held, finite, latents=None if held else latents[:len(x_check)])
         verdict = judge(measured, job.check.bar(base.preset), job.check.min_spread)

@@ -26,7 +26,7 @@ import torch
 
 from dclip_ray.scoring import ScoreWeights, image_scores
 
-__all__ = ["CHECK_GEN_STEPS", "FAILED_SUFFIX", "Verdict", "check_model", "choose", "failed_path", "judge",
+__all__ = ["CHECK_GEN_STEPS", "DIVERGED", "FAILED_SUFFIX", "Verdict", "check_model", "choose", "failed_path", "judge",
            "measure_edits", "output_spread", "quality_record", "split_check", "status_of", "weights_finite"]
 
 
@@ -131,6 +131,10 @@ def choose(verdicts: list[Verdict]) -> int:
 
     return max(range(len(verdicts)), key=key)
 
+
+DIVERGED: dict[str, Any] = {"n_images": 0, "held_aside": False, "finite": False}
+"""The measurement of a model whose loss or weights are not finite, when no image was checked
+(``--check-images 0``): divergence fails a prompt whatever the check settings."""
 
 CHECK_GEN_STEPS = 40
 """Generation steps of the check's edits: restyle's default S_gen, so the check sees what a restyle makes."""

@@ -139,6 +139,11 @@ def test_finetune_fails_a_diverged_model_and_keeps_it_apart(toy_data, tmp_path, 
     assert not out.exists() and s["model_path"] == str(out) + ".failed"
     card = strict_json((tmp_path / "ft.failed" / "dclip.json").read_text())
     assert card["quality"]["passed"] is False and card["quality"]["measured"]["finite"] is False
+    rc, s = run_json(capsys, ["finetune", "--model", "toy_shapes", "--source", "red circle", "--target",
+                              "blue circle", "--images", toy_data, "--out", str(out), "--lr", "1e12", *FAST,
+                              "--check-images", "0", "--accept-low-quality"])
+    assert rc == 2 and "diverged" in s["quality"]["reason"] and not out.exists(), \
+        "no check images and --accept-low-quality: a diverged model is still never kept"
 
 
 def test_finetune_bar_and_accept_low_quality(toy_data, tmp_path, capsys):

@@ -39,6 +39,7 @@ from dclip_ray.models.cache import cached_base
 from dclip_ray.models.face import load_face
 from dclip_ray.prompts import EditSpec, get_edit_preset, parse_prompt_file
 from dclip_ray.quality import (
+    DIVERGED,
     check_model,
     choose,
     failed_path,
@@ -176,9 +177,9 @@ def train_loop(config: dict[str, Any]) -> None:
     quality = quality_score(clip, result.unet, base, x0, latents, fcfg)
     metrics = {"final_loss": result.final_loss, "quality_s_dir": quality, "resumed_from_step": result.resumed_from_step,
                "train_seconds": round(result.seconds, 2)}
-    measured = None
+    finite = weights_finite(result.unet) and bool(torch.isfinite(torch.tensor(result.final_loss)))
+    measured = None if finite else DIVERGED  # --check-images 0 checks nothing but divergence
     if n_check:
-        finite = weights_finite(result.unet) and bool(torch.isfinite(torch.tensor(result.final_loss)))
         measured = check_model(eps_fn_of(base.unet), eps_fn_of(result.unet), clip, x_check.to(device), fcfg,
                                base.schedule, held, finite, latents=lat_check.to(device))
     if ray.train.get_context().get_world_rank() == 0:
