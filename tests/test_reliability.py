@@ -555,6 +555,17 @@ def test_every_command_stops_on_sigint_and_sigterm_with_one_line_and_exit_3(tmp_
     assert (rc, stderr.strip(), stdout) == (3, f"error: interrupted ({sig}); re-run the same command to resume", "")
 
 
+def test_an_interrupted_finetune_without_checkpoint_dir_says_nothing_was_saved(tmp_path):
+    """Issue 31 item 3: it promised a resume that does not exist."""
+    import signal
+
+    argv = ["finetune", "--model", "toy_shapes", "--source", "a", "--target", "b", "--images", "in", "--out", "ft"]
+    rc, stdout, stderr = interrupted_run(tmp_path, "dclip_ray.jobs.load_base", argv, signal.SIGINT)
+    assert rc == 3 and stderr.strip() == ("error: interrupted (SIGINT); nothing was saved (no --checkpoint-dir): a "
+                                          "re-run starts from the first step; pass --checkpoint-dir DIR to resume "
+                                          "next time"), stderr
+
+
 def test_the_sigterm_handler_survives_a_library_that_replaces_it():
     """``ray.init`` installs a SIGTERM handler that exits with code 1; runtime.init_ray re-arms ours."""
     import signal

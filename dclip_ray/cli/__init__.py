@@ -75,7 +75,13 @@ def _one_line_warnings() -> Iterator[None]:
         yield
 
 
-def _interrupted(as_json: bool, signame: str) -> int:
+def _interrupted(as_json: bool, signame: str, args: list[str] | None = None) -> int:
+    args = args or []
+    if args[:1] == ["finetune"] and not any(a.split("=")[0] == "--checkpoint-dir" for a in args):
+        # nothing of a finetune is on disk before its model is saved: a re-run starts over
+        return _fail(as_json, EXIT_ABORTED, f"interrupted ({signame}); nothing was saved (no --checkpoint-dir): a "
+                     "re-run starts from the first step; pass --checkpoint-dir DIR to resume next time",
+                     "interrupted")
     return _fail(as_json, EXIT_ABORTED, f"interrupted ({signame}); re-run the same command to resume", "interrupted")
 
 
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     Library errors (:class:`DclipError`) print one line ``error: ...`` on stderr and map to their
     exit code; click usage errors map to exit code 1 (configuration error, nothing started). SIGINT
     (Ctrl-C) and SIGTERM print ``error: interrupted (SIGINT); re-run the same command to resume`` and
-    give exit code 3 (aborted, a re-run resumes). With ``--json`` every one of these failures also prints
+    give exit code 3 (aborted, a re-run resumes; a `finetune` without ``--checkpoint-dir`` says instead that
+    nothing was saved and how to keep it next time). With ``--json`` every one of these failures also prints
     ``{"status": "error" | "interrupted", "exit_code": N, "error": "..."}`` on stdout.
     """
     args = list(sys.argv[1:] if argv is None else argv)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         except _EXIT as e:
             return int(e.exit_code or 0)
         except Interrupted as e:
-            return _interrupted(as_json, e.signame)
+            return _interrupted(as_json, e.signame, args)
         except _ABORT:
             return _fail(as_json, EXIT_ABORTED, "aborted; re-run the same command to resume")
         except _USAGE as e:
@@ -108,5 +115,5 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"status": "error", "exit_code": EXIT_USAGE, "error": e.format_message()}))
             return EXIT_USAGE
     if rv == EXIT_KEYBOARD_INTERRUPT:  # a KeyboardInterrupt our handlers did not raise (not the main thread)
-        return _interrupted(as_json, "SIGINT")
+        return _interrupted(as_json, "SIGINT", args)
     return int(rv) if isinstance(rv, int) else 0
