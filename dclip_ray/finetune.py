@@ -340,3 +340,36 @@ def save_finetuned(
     tmp.write_text(plain.dumps(card))  # strict JSON: a diverged run's NaN loss is null
     os.replace(tmp, out / "dclip.json")  # written last: its presence marks the folder complete
     return out
+
+
+def remove_model(folder: str) -> None:
+    """Remove a model folder (local path or fsspec URL) if it is there."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(folder)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def copy_model(src: str, dst: str, card: dict[str, Any]) -> None:
+    """Copy the model folder ``src`` to ``dst`` (local paths or fsspec URLs; ``dst`` replaced; ``src ==
+    dst``: only the card is rewritten) with ``card`` as its ``dclip.json``, written last through a temporary
+    name (its presence marks the folder complete)."""
+    import fsspec
+
+    fs, sp = fsspec.core.url_to_fs(src)
+    dfs, dp = fsspec.core.url_to_fs(dst)
+    if src != dst:
+        remove_model(dst)
+    dfs.makedirs(dp, exist_ok=True)
+    for name in sorted(fs.ls(sp, detail=False)) if src != dst else []:
+        leaf = name.rstrip("/").rsplit("/", 1)[-1]
+        if leaf in ("dclip.json", "dclip.json.tmp"):
+            continue
+        with fs.open(name, "rb") as fi, dfs.open(f"{dp.rstrip('/')}/{leaf}", "wb") as fo:
+            while chunk := fi.read(1 << 24):
+                fo.write(chunk)
+    tmp = f"{dp.rstrip('/')}/dclip.json.tmp"
+    with dfs.open(tmp, "w") as f:
+        f.write(plain.dumps(card))
+    dfs.mv(tmp, f"{dp.rstrip('/')}/dclip.json")

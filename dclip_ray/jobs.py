@@ -29,10 +29,9 @@ from dclip_ray.models import eps_fn_of, load_face
 from dclip_ray.models.base import load_base, resolve_clip
 from dclip_ray.quality import (
     DIVERGED,
+    assess,
     check_model,
     failed_path,
-    judge,
-    quality_record,
     split_check,
     status_of,
     weights_finite,
@@ -140,19 +139,16 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     latents = invert_images(eps_fn_of(base.unet), x0, cfg.t0, cfg.n_inv_steps, base.schedule, disable=not progress)
     result = finetune(base.unet, clip, x0, latents, base.schedule, cfg, face=face,
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
-    quality: dict[str, Any] = {}
     warnings: list[str] = []
     finite = weights_finite(result.unet) and math.isfinite(result.final_loss)
-    if not finite and not job.check.check_images:  # --check-images 0 checks nothing but divergence
-        quality = quality_record(DIVERGED, judge(DIVERGED, None, job.check.min_spread), False)
+    measured = None if finite else DIVERGED  # --check-images 0 checks nothing but divergence
     if job.check.check_images:
         measured = check_model(eps_fn_of(base.unet), eps_fn_of(result.unet), clip, x_check, cfg, base.schedule,
                                held, finite, latents=None if held else latents[:len(x_check)])
-        verdict = judge(measured, job.check.bar(base.preset), job.check.min_spread)
-        quality = quality_record(measured, verdict, job.check.accept_low_quality)
         if not held:
             warnings.append(f"{job.images} has no image beyond the {cfg.n_train} trained on: the check edited "
                             "training images (add images to hold some aside)")
+    quality = assess(measured, job.check, base.preset)
     status = status_of(quality)
     where = failed_path(job.out) if status == "failed (quality)" else job.out
     out = save_finetuned(result, where, cfg, base.unet, base.schedule_config,

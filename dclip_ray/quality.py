@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from dclip_ray.config import QualityCheck
 from dclip_ray.scoring import ScoreWeights, image_scores
 
-__all__ = ["CHECK_GEN_STEPS", "DIVERGED", "FAILED_SUFFIX", "Verdict", "check_model", "choose", "failed_path", "judge",
+__all__ = ["CHECK_GEN_STEPS", "DIVERGED", "FAILED_SUFFIX", "Verdict", "assess", "check_model", "choose", "failed_path", "judge",
            "measure_edits", "output_spread", "quality_record", "split_check", "status_of", "weights_finite"]
 
 
@@ -67,8 +68,13 @@ class Verdict:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain, strict-JSON data (non-finite numbers as None), for model cards and summaries."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else
-                    round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return _plain(asdict(self))
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with floats rounded to 6 places and non-finite ones as None (strict JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else round(v, 6) if isinstance(v, float)
+                else v) for k, v in d.items()}
 
 
 def judge(measured: dict[str, Any] | None, min_quality: float | None, min_spread: float) -> Verdict:
@@ -115,8 +121,7 @@ def measure_edits(clip: Any, before: torch.Tensor, after: torch.Tensor, source: 
         per = image_scores(clip, before, after.clamp(-1, 1), [(source, target)], weights)
         out.update({k: float(per[k].float().mean()) for k in ("score", "direction", "structure", "background")})
         out["spread"] = output_spread(before, after)
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else round(v, 6) if isinstance(v, float)
-                else v) for k, v in out.items()}
+    return _plain(out)
 
 
 def choose(verdicts: list[Verdict]) -> int:
@@ -189,3 +194,13 @@ def status_of(quality: dict[str, Any]) -> str:
     if quality.get("passed", True):
         return "ok"
     return "ok (low quality, accepted)" if quality.get("accepted_low_quality") else "failed (quality)"
+
+
+def assess(measured: dict[str, Any] | None, check: QualityCheck, preset: Any) -> dict[str, Any]:
+    """The ``quality`` record of a model measured as ``measured`` (:func:`check_model`, :data:`DIVERGED`,
+    or None when nothing was checked: an empty record, which :func:`status_of` reads as "ok") under the
+    ``check``'s settings and the bar of the model ``preset``."""
+    if measured is None:
+        return {}
+    verdict = judge(measured, check.bar(preset), check.min_spread)
+    return quality_record(measured, verdict, check.accept_low_quality)

@@ -208,3 +208,27 @@ def test_finetune_many_plans_one_run_per_search_point_and_seed(tmp_path):
     assert [lp["finetune"]["seed"] for lp in loops] == [0, 1, 0, 1]
     assert all({k: lp["finetune"][k] for k in KNOBS} == {k: r[k] for k in KNOBS}
                for lp, r in zip(loops, row["restarts"], strict=True))
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_copy_model_moves_a_folder_with_its_card_last_on_any_filesystem(tmp_path, where):
+    """How a kept restart reaches OUT/NAME (or OUT/NAME.failed), local or at an fsspec URL."""
+    import fsspec
+
+    from dclip_ray.finetune import copy_model, remove_model
+
+    root = str(tmp_path) if where == "local" else f"memory://copy-{os.getpid()}"
+    fs, base = fsspec.core.url_to_fs(root)
+    fs.makedirs(f"{base}/src", exist_ok=True)
+    fs.makedirs(f"{base}/dst", exist_ok=True)
+    fs.pipe({f"{base}/src/weights.safetensors": b"w" * 10, f"{base}/src/dclip.json": b'{"old": 1}',
+             f"{base}/dst/stale.bin": b"s"})
+    copy_model(f"{root}/src", f"{root}/dst", {"new": float("nan")})
+    names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(f"{base}/dst", detail=False))
+    assert names == ["dclip.json", "weights.safetensors"], "replaced whole, no temporary card left"
+    assert strict_json(fs.cat(f"{base}/dst/dclip.json").decode()) == {"new": None}
+    copy_model(f"{root}/dst", f"{root}/dst", {"again": 2})
+    assert json.loads(fs.cat(f"{base}/dst/dclip.json")) == {"again": 2} and fs.exists(f"{base}/dst/weights.safetensors")
+    remove_model(f"{root}/dst")
+    remove_model(f"{root}/dst")  # absent: nothing to do
+    assert not fs.exists(f"{base}/dst")

@@ -13,6 +13,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import tempfile
@@ -26,11 +27,10 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from dclip_ray import plain
 from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
 from dclip_ray.config import QualityCheck, Resources, TrainingSets, resolve_finetune_config
 from dclip_ray.errors import ConfigError
-from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
+from dclip_ray.finetune import FinetuneConfig, copy_model, finetune, remove_model, save_finetuned
 from dclip_ray.hashing import config_sha256
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.losses import directional_clip_loss
@@ -40,11 +40,11 @@ from dclip_ray.models.face import load_face
 from dclip_ray.prompts import EditSpec, get_edit_preset, parse_prompt_file
 from dclip_ray.quality import (
     DIVERGED,
+    assess,
     check_model,
     choose,
     failed_path,
     judge,
-    quality_record,
     status_of,
     weights_finite,
 )
@@ -177,7 +177,7 @@ def train_loop(config: dict[str, Any]) -> None:
     quality = quality_score(clip, result.unet, base, x0, latents, fcfg)
     metrics = {"final_loss": result.final_loss, "quality_s_dir": quality, "resumed_from_step": result.resumed_from_step,
                "train_seconds": round(result.seconds, 2)}
-    finite = weights_finite(result.unet) and bool(torch.isfinite(torch.tensor(result.final_loss)))
+    finite = weights_finite(result.unet) and math.isfinite(result.final_loss)
     measured = None if finite else DIVERGED  # --check-images 0 checks nothing but divergence
     if n_check:
         measured = check_model(eps_fn_of(base.unet), eps_fn_of(result.unet), clip, x_check.to(device), fcfg,
@@ -404,40 +404,6 @@ RESTARTS_SUFFIX = ".restarts"
 ``OUT/NAME.failed``) and the folder is removed."""
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _remove(path: str) -> None:
-    if _is_remote(path):
-        fs, p = fsspec.core.url_to_fs(path)
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-    elif os.path.isdir(path.removeprefix("file://")):
-        import shutil
-
-        shutil.rmtree(path.removeprefix("file://"))
-
-
-def _place(src: str, dst: str, card: dict[str, Any]) -> None:
-    """Copy the model folder ``src`` to ``dst`` (replacing it; ``src == dst``: only the card) with ``card``
-    as its ``dclip.json``, written last (its presence marks the folder complete)."""
-    if src != dst:
-        _remove(dst)
-    fs, sp = fsspec.core.url_to_fs(src) if _is_remote(src) else (fsspec.filesystem("file"), src.removeprefix("file://"))
-    dfs, dp = fsspec.core.url_to_fs(dst) if _is_remote(dst) else (fsspec.filesystem("file"), dst.removeprefix("file://"))
-    dfs.makedirs(dp, exist_ok=True)
-    for name in sorted(fs.ls(sp, detail=False)) if src != dst else []:
-        base = posixpath.basename(name.rstrip("/"))
-        if base in ("dclip.json", "dclip.json.tmp"):
-            continue
-        with fs.open(name, "rb") as fi, dfs.open(posixpath.join(dp, base), "wb") as fo:
-            while chunk := fi.read(1 << 24):
-                fo.write(chunk)
-    with dfs.open(posixpath.join(dp, "dclip.json"), "w") as f:
-        f.write(plain.dumps(card))
-
-
 def _measured(card: dict[str, Any] | None) -> dict[str, Any] | None:
     return ((card or {}).get("quality") or {}).get("measured")
 
@@ -471,17 +437,16 @@ def _finish(row: dict[str, Any], job: FinetuneManyJob, preset: Any) -> None:
         row.update(status="failed", error=errors or "no restart produced a model")
         return
     measured = _measured(card)
-    quality = quality_record(measured, judge(measured, bar, min_spread), job.check.accept_low_quality) \
-        if measured else {}
+    quality = assess(measured, job.check, preset)
     status = status_of(quality)
     dst = failed_path(out_dir) if status == "failed (quality)" else out_dir
     card.update(config_sha256=h, quality=quality, restarts=rows, kept_restart=kept)
-    _place(src, dst, card)
+    copy_model(src, dst, card)
     if src != dst and src == failed_path(out_dir):
-        _remove(src)
-    _remove(f"{out_dir}{RESTARTS_SUFFIX}")
+        remove_model(src)
+    remove_model(f"{out_dir}{RESTARTS_SUFFIX}")
     if dst == out_dir:
-        _remove(failed_path(out_dir))  # an earlier failure of this prompt is stale now
+        remove_model(failed_path(out_dir))  # an earlier failure of this prompt is stale now
     m = card.get("metrics") or {}
     row.update(status=status, final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
                quality=quality, restarts=rows, resumed_from_step=m.get("resumed_from_step"),

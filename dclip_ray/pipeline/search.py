@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from typing import Any
 import torch
 from ray import tune
 
-from dclip_ray import plain
 from dclip_ray.config import FinetuneConfig, QualityCheck
 from dclip_ray.errors import ConfigError
 from dclip_ray.search import KNOBS, points_of
@@ -141,9 +139,10 @@ def finetune_trials(job: Any, search: SearchJob, progress: bool = True) -> dict[
     trial's model goes to ``job.out`` (``job.out + ".failed"`` when it fails the check, unless accepted),
     its card listing every trial. Returns the summary of :func:`~dclip_ray.jobs.run_finetune` plus
     ``trials`` (and ``search`` with ``--search``)."""
+    from dclip_ray.finetune import copy_model
     from dclip_ray.jobs import card_extra, read_images
     from dclip_ray.models.base import load_base, resolve_clip
-    from dclip_ray.quality import choose, failed_path, judge, quality_record, split_check, status_of
+    from dclip_ray.quality import assess, choose, failed_path, judge, split_check, status_of
 
     search.check_budget()
     cfg = job.train
@@ -160,28 +159,20 @@ def finetune_trials(job: Any, search: SearchJob, progress: bool = True) -> dict[
         for r, v in zip(rows, verdicts, strict=True):
             r.update(passed=v.passed, reason=v.reason)
         best = choose(verdicts)
-        quality = quality_record({k: rows[best].get(k) for k in ("score", "direction", "structure", "background",
-                                                                  "spread", "n_images", "held_aside", "finite")},
-                                 verdicts[best], search.check.accept_low_quality)
+        src = os.path.join(keep, str(best))
+        with open(os.path.join(src, "dclip.json")) as f:
+            card = json.load(f)
+        quality = assess(card["quality"]["measured"], search.check, base.preset)
         status = status_of(quality)
         where = failed_path(job.out) if status == "failed (quality)" else job.out
-        src = os.path.join(keep, str(best))
-        card = json.loads(open(os.path.join(src, "dclip.json")).read())
         trials = {"rows": [{k: r.get(k) for k in (*ROW_KEYS, "passed", "reason")} for r in rows], "chosen": best,
-                  "restarts": cfg.restarts, "score_clip": search.score_clip or card_extra(job, clip, [])["clip"],
+                  "restarts": cfg.restarts, "score_clip": search.score_clip or clip.name,
                   "score": "direction - 0.5 * (1 - structure) - 4 * background (dclip_ray.scoring)"}
         card.update(card_extra(job, clip, keys[:cfg.n_train]), quality=quality, trials=trials)
         if search.trials > 1:
             card["search"] = {"knobs": list(KNOBS), "chosen": {k: rows[best][k] for k in KNOBS},
                               "score_keys": keys[cfg.n_train:] if held else []}
-        if os.path.isdir(where):
-            shutil.rmtree(where)
-        os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
-        shutil.copytree(src, where, ignore=shutil.ignore_patterns("dclip.json"))
-        tmp = os.path.join(where, "dclip.json.tmp")
-        with open(tmp, "w") as f:
-            f.write(plain.dumps(card))
-        os.replace(tmp, os.path.join(where, "dclip.json"))  # the card last: it marks the folder complete
+        copy_model(src, where, card)  # the card last: it marks the folder complete
     chosen = rows[best]
     summary = {"status": status, "model_path": where, "source": cfg.source, "target": cfg.target,
                "n_train": len(x_train), "final_loss": chosen["final_loss"], "seconds": chosen["seconds"],
