@@ -83,7 +83,7 @@ def toy_shards(root: Path, n: int, shard_size: int, seed: int = 0) -> str:
 
     folder = root / f"data_{n}_{shard_size}_{seed}"
     if not (folder / ".done").exists():
-        write_shards(str(folder), n, seed=seed, shard_size=shard_size)
+        write_shards(str(folder), n, seed=seed, shard_size=shard_size, overwrite=True)  # a cache: redo a half write
         (folder / ".done").write_text("")
     return str(folder)
 

@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
+from dclip_ray.cpu import use_free_cores
 from dclip_ray.diffusion import EpsFn, Schedule, add_noise, generate
 from dclip_ray.edit import generate_images, invert_images
 from dclip_ray.errors import ConfigError
 from dclip_ray.evaluation.report import RUN_FILE, save_grid
 from dclip_ray.io.images import encode_png
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.jobs import read_images
 from dclip_ray.mixing import strength_eps_fn
 from dclip_ray.models import eps_fn_of, load_unet
@@ -175,6 +177,8 @@ def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
     """Run :func:`translate` on the images of ``job.images``; write ``{out}/{key}.png`` (the final edit),
     ``{out}/domain/{key}.png`` (step 1), optionally ``grid.png`` (input / domain / edited rows) and the
     summary ``dclip_run.json``; return the summary."""
+    check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned})
+    use_free_cores()
     base = load_base(job.model, job.preset)
     t0_edit = job.t0_edit
     ft_eps = None

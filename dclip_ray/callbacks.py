@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from dclip_ray.errors import ConfigError
+from dclip_ray.progress import progress as progress_counter
 
 if TYPE_CHECKING:
     from dclip_ray.finetune import TrainState
@@ -69,16 +68,19 @@ def emit(callbacks: Iterable[Callback], hook: str, *args: Any) -> None:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over optimiser steps (``total`` of them; a resumed run starts at ``state.step``)."""
+    """Progress over ``total`` optimiser steps with the last loss: a bar on a terminal, a plain line
+    every 30 s off it (:func:`dclip_ray.progress.progress`); a resumed run starts at ``state.step``."""
 
     def __init__(self, total: int, desc: str, disable: bool = False) -> None:
         self.total, self.desc, self.disable = total, desc, disable
         self.bar: Any = None
 
     def on_train_begin(self, state: TrainState) -> None:
-        self.bar = tqdm(total=self.total, initial=state.step, disable=self.disable, desc=self.desc)
+        self.bar = progress_counter(self.total, self.desc, enabled=not self.disable, unit="steps", initial=state.step)
 
     def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=float(metrics["loss"]), refresh=False)
         self.bar.update(1)
 
     def on_train_end(self, state: TrainState) -> None:

@@ -91,7 +91,7 @@ class FinetuneConfig:
                            cli="n-train", prompt="n_train", lo=1)
     epochs: int = setting(5, "Epochs over the training images.", cli="epochs", prompt="epochs", lo=1)
     batch_size: int = setting(1, "Images per optimiser step.", cli="batch-size", prompt="batch", lo=1)
-    lr: float = setting(2e-6, "Adam learning rate (the paper's default; the toy world uses 5e-5).", cli="lr",
+    lr: float = setting(2e-6, "Adam learning rate.", cli="lr",
                         prompt="lr", lo=0, lo_strict=True)
     lr_gamma: float = setting(1.2, "Learning-rate factor applied after every epoch.", cli="lr-gamma",
                               prompt="lr_gamma", lo=0, lo_strict=True)

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.progress import inner_steps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``eps_fn(x_t: [B,C,H,W], t: int64 [B]) -> eps: [B,C,H,W]``."""
@@ -170,7 +170,7 @@ def _walk(
     disable: bool,
     desc: str,
 ) -> torch.Tensor:
-    for i, (t, t_next) in enumerate(tqdm(pairs, disable=disable, desc=desc, leave=False)):
+    for i, (t, t_next) in enumerate(inner_steps(pairs, desc, enabled=not disable)):
         x_next, x0_pred, eps = ddim_step(eps_fn, x, t, t_next, schedule, eta=eta, generator=generator)
         if callback is not None:
             callback({"i": i, "t": t, "t_next": t_next, "x": x, "x_next": x_next, "x0_pred": x0_pred, "eps": eps})

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 
 from dclip_ray.config import QualityCheck
+from dclip_ray.cpu import use_free_cores
 from dclip_ray.edit import invert_images, latent_optimization
 from dclip_ray.errors import InputFileError
 from dclip_ray.evaluation.report import save_grid
 from dclip_ray.finetune import FinetuneConfig, finetune, save_finetuned
 from dclip_ray.io.images import ImageError, encode_png, load_image_tensor
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.sources import duplicate_reason, iter_records
 from dclip_ray.losses import Augment
 from dclip_ray.models import eps_fn_of, load_face
@@ -129,6 +131,11 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     ``job.check.check_images`` images (:mod:`dclip_ray.quality`), save it to ``job.out`` (to
     ``job.out + ".failed"`` when it fails the check, unless accepted); return a summary whose ``status`` is
     "ok", "ok (low quality, accepted)" or "failed (quality)" and whose ``quality`` holds the check."""
+    check_outputs({"--out": job.out, "--out (a model that fails its check)": failed_path(job.out),
+                   "--checkpoint-dir": job.checkpoint_dir, "--tensorboard": job.tensorboard_dir},
+                  {"--images": job.images, "--model": job.model, "--clip-weights": job.clip_weights,
+                   "--face-weights": job.face_weights})
+    use_free_cores()
     base = load_base(job.model, job.preset)
     clip = resolve_clip(job.clip, job.clip_weights, base)
     face = load_face(job.face_weights) if job.train.w_id > 0 else None
@@ -183,6 +190,8 @@ class LatentOptimJob:
 
 def run_latent_optim(job: LatentOptimJob, progress: bool = True) -> dict[str, Any]:
     """The latent-optimisation baseline: optimise each image's x_t0 through the frozen model."""
+    check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--clip-weights": job.clip_weights})
+    use_free_cores()
     base = load_base(job.model, job.preset)
     clip = resolve_clip(job.clip, job.clip_weights, base)
     t0 = job.t0 or (base.preset.t0 if base.preset else 500)

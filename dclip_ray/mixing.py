@@ -251,10 +251,11 @@ def load_mix_spec(path: str) -> MixSpec:
     import yaml
 
     from dclip_ray.errors import InputFileError
+    from dclip_ray.yamlfile import load_yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f, f"mix file {path}")
     except FileNotFoundError:
         raise InputFileError(f"mix file {path} not found; pass a YAML file with 'models' and 'gamma'") from None
     except (OSError, yaml.YAMLError) as e:

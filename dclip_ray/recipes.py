@@ -64,3 +64,9 @@ def get_recipe(name: str) -> Recipe:
     if name not in table:
         raise ConfigError(f"unknown recipe {name!r}; use one of {', '.join(table)} (`dclip-ray recipes list`)")
     return table[name]
+
+
+def recipe_values(key: str) -> dict[str, Any]:
+    """``{recipe name: value}`` of the prompt-line key ``key`` in every recipe that sets it (the full
+    fine-tuning's value; LoRA's differences are in ``Recipe.lora``), in table order."""
+    return {r.name: r.settings[key] for r in list_recipes() if key in r.settings}

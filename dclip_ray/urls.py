@@ -8,6 +8,7 @@ contains URLs) before anything is printed, logged or stored (markers, manifests,
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # query parameters that carry secrets: AWS SigV2/SigV4 presigned URLs, GCS signed URLs, Azure SAS, OAuth
 SECRET_PARAMS = (
@@ -42,6 +43,23 @@ def redact(text: object) -> str:
     return _QUERY.sub(_query_sub, s)
 
 
-def redact_opt(text: str | None) -> str | None:
-    """:func:`redact` that keeps None as None (for optional fields of markers and cards)."""
-    return None if text is None else redact(text)
+def redact_data(obj: Any) -> Any:
+    """JSON-able ``obj`` (dicts, lists, scalars) with :func:`redact` applied to every string in it,
+    keys included: the one rule for a record a run writes (the ledger, ``--json``)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_data(v) for v in obj]
+    return obj
+
+
+_DATA_URI = re.compile(r"(data:[a-z]+/[a-z0-9.+-]+;base64,[A-Za-z0-9+/=]*)")
+
+
+def redact_html(page: str) -> str:
+    """An HTML page with :func:`redact` applied to all its text but its inline ``data:`` images (whose
+    base64 could look like a secret query parameter)."""
+    parts = _DATA_URI.split(page)
+    return "".join(p if i % 2 else redact(p) for i, p in enumerate(parts))

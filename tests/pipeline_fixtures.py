@@ -64,6 +64,9 @@ def interrupted_run(tmp_path, target: str, argv: list[str], sig: int) -> tuple[i
     """Run ``dclip-ray ARGV`` in a subprocess (cwd ``tmp_path``) whose function ``target`` (``module.name``)
     sleeps; send ``sig`` once it sleeps. Returns ``(exit code, stdout, stderr)``."""
     ready = tmp_path / "ready"
+    for opt in ("--input", "--images", "--finetuned"):  # the CLI refuses a missing input before it starts
+        if opt in argv:
+            (tmp_path / argv[argv.index(opt) + 1]).mkdir(parents=True, exist_ok=True)
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, str(ready), target, *argv], cwd=str(tmp_path),
@@ -110,8 +113,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_inputs(root: Path, n: int = 16, shard_size: int = 8) -> tuple[str, dict[str, list[str]]]:
-    """Toy shards ``00000..`` plus ``bad.tar`` (2 good keys, 4 bad ones) and ``cut.tar`` (truncated).
+def make_inputs(root: Path, n: int = 16, shard_size: int = 8, cut: bool = False) -> tuple[str, dict[str, list[str]]]:
+    """Toy shards ``00000..`` plus ``bad.tar`` (2 good keys, 4 bad ones) and, with ``cut``, ``cut.tar``
+    (truncated inside its second member: an unreadable shard, never committed; tests/test_hostile.py).
 
     Returns (input folder, {shard: keys in order}).
     """
@@ -131,16 +135,17 @@ def make_inputs(root: Path, n: int = 16, shard_size: int = 8) -> tuple[str, dict
         tar.addfile(link)
         _add(tar, "noimg.txt", b"only a caption")
         _add(tar, "ok2.png", png2)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        _add(tar, "c1.png", png)
-        _add(tar, "c2.png", png2 * 40)
-        _add(tar, "c3.png", png)
-    (data / "cut.tar").write_bytes(buf.getvalue()[: 512 * 3 + len(png) + 700])
     keys = {f"{i:05d}": [f"0_{j:06d}" for j in range(i * shard_size, min(n, (i + 1) * shard_size))]
             for i in range((n + shard_size - 1) // shard_size)}
     keys["bad"] = ["ok1", "zero", "trunc", "link", "noimg", "ok2"]
-    keys["cut"] = ["c1", "c2"]
+    if cut:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            _add(tar, "c1.png", png)
+            _add(tar, "c2.png", png2 * 40)
+            _add(tar, "c3.png", png)
+        (data / "cut.tar").write_bytes(buf.getvalue()[: 512 * 3 + len(png) + 700])
+        keys["cut"] = ["c1", "c2"]
     return str(data), keys
 
 

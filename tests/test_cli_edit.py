@@ -72,13 +72,14 @@ def test_finetune_edit_latent_optim_commands(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_1_with_one_line(tmp_path, capsys):
-    rc = main(["finetune", "--model", "toy_shapes", "--source", "a", "--target", "b", "--images", str(tmp_path / "none"),
+    rc = main(["finetune", "--model", "toy_shapes", "--source", "a", "--target", "b", "--images", str(tmp_path),
                "--out", str(tmp_path / "ft"), "--mode", "fast"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "mode" in err[0]
     rc = main(["edit", "--model", "toy_shapes", "--finetuned", str(tmp_path), "--images", str(tmp_path / "none"),
                "--out", str(tmp_path / "e")])
-    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == [f"error: --images {tmp_path / 'none'}: no such file or folder; check the path"]
 
 
 def test_unknown_option_is_a_usage_error_not_a_traceback(capsys):

@@ -2,7 +2,9 @@
 every command's `--help` is a valid command line (known options, valid values), checked in `make test`;
 the README's toy-world blocks run end to end, in order, in a temporary folder, in `make test-slow`
 (the fine-tunings take minutes). Lines that need a real checkpoint, a cluster or a report folder of
-your own (celeba_hq.ckpt, --address, submit/status, RUN_DIR) are parsed but not run."""
+your own (celeba_hq.ckpt, --address, submit/status) are parsed but not run. The walk writes the prompt
+file from the README's `cat > prompts.txt <<'EOF'` block, and its `eval` checks that the inputs an
+edit was made from are still the ones it reads (make-data refuses to write over them)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import typer
 from dclip_ray.cli import app, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-NOT_RUNNABLE = ("celeba", "ViT-B-16", "--address", "submit ", "status ", "RUN_DIR", "nightly-restyle", "faces/",
+NOT_RUNNABLE = ("celeba", "ViT-B-16", "--address", "submit ", "status ", "nightly-restyle", "faces/",
                 "convert ", "/shared/")
 
 
@@ -41,9 +43,14 @@ def argv_of(line: str) -> list[str]:
     return shlex.split(line, comments=True)[1:]
 
 
+UNCONTINUED: list[str] = []
+"""Help example lines continued on the next line without a trailing backslash (found by :func:`help_examples`)."""
+
+
 def help_examples() -> list[tuple[str, str]]:
     """``(command, example line)`` of every `dclip-ray` line in every command's epilog; lines starting with
-    ``--`` continue the line above; a trailing ``   (remark)`` is dropped."""
+    ``--`` continue the line above (which ends in a backslash, as a shell needs); a trailing ``   (remark)``
+    is dropped."""
     root = typer.main.get_command(app)
     found = []
 
@@ -56,7 +63,9 @@ def help_examples() -> list[tuple[str, str]]:
         for raw in (cmd.epilog or "").replace("\b", "").splitlines():
             text = raw.strip()
             if text.startswith("--") and lines:
-                lines[-1] += " " + text
+                if not lines[-1].endswith("\\"):
+                    UNCONTINUED.append(f"{name}: {lines[-1]}")  # a shell would run the first line alone
+                lines[-1] = lines[-1].removesuffix("\\").rstrip() + " " + text
             elif "dclip-ray " in text and (text.startswith("dclip-ray ") or ": dclip-ray " in text):
                 lines.append(text[text.index("dclip-ray "):])
         found.extend((name, re.split(r"\s{2,}\(", ln)[0]) for ln in lines)
@@ -98,10 +107,14 @@ def test_every_help_example_is_a_valid_command_line(command, line):
     parses(argv_of(line))  # (an example may first make its input: `toyworld make-data ...`)
 
 
+def test_help_examples_split_over_lines_end_in_a_backslash():
+    assert UNCONTINUED == []
+
+
 def test_help_keeps_brackets_and_prints_examples_line_by_line(capsys):
     assert main(["restyle", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "mix.yaml: models: [models/blue, models/green]" in out, "square brackets survive"
+    assert "  models: [models/blue, models/green]\n" in out, "square brackets survive"
     assert "dclip-ray restyle --input toy/ --model models/blue --out restyled/ --n-gen 20\n" in out
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("dclip-ray ")
 
@@ -120,13 +133,15 @@ def test_the_readme_toy_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     """Every runnable README command, in README order, in one temporary folder: exit code 0."""
     monkeypatch.chdir(tmp_path)
     blocks = readme_blocks()
-    prompts = next(text for lang, text in blocks if lang == "" and "name=blue" in text and "name=square" in text)
-    (tmp_path / "prompts.txt").write_text(prompts)
+    heredocs = [m for _, text in blocks for m in re.findall(r"^cat > (\S+) <<'EOF'\n(.*?)^EOF$", text, re.S | re.M)]
+    assert [name for name, _ in heredocs] == ["prompts.txt"], "the README writes its prompt file in its walk"
     ran = []
     try:
         for lang, text in blocks:
             if lang != "bash":
                 continue
+            for name, body in re.findall(r"^cat > (\S+) <<'EOF'\n(.*?)^EOF$", text, re.S | re.M):
+                (tmp_path / name).write_text(body)  # (the order within a block: written before its commands)
             for line in commands_in(text):
                 if any(m in line for m in NOT_RUNNABLE) or line.startswith(("dclip-ray run ", "dclip-ray demo")):
                     continue

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from dclip_ray.cli import main
-from dclip_ray.cli.app import progress_wanted
+from dclip_ray.cli.common import progress_wanted
 from dclip_ray.evaluation.metrics import judge_success
 from dclip_ray.toyworld import judge, sample_dataset
 from dclip_ray.toyworld.data import write_shards
@@ -34,11 +34,17 @@ class _Stderr:
         pass
 
 
-@pytest.mark.parametrize(("tty", "as_json", "quiet", "shown"), [
-    (True, False, False, True), (True, True, False, False), (True, False, True, False), (False, False, False, False)])
-def test_progress_shows_on_a_terminal_only_and_never_with_json_or_quiet(monkeypatch, tty, as_json, quiet, shown):
+@pytest.mark.parametrize(("tty", "as_json", "quiet", "kind"), [
+    (True, False, False, "bar"), (True, True, False, None), (True, False, True, None), (False, False, False, "lines"),
+    (False, True, False, None)])
+def test_progress_is_a_bar_on_a_terminal_plain_lines_off_it_and_never_with_json_or_quiet(monkeypatch, tty, as_json,
+                                                                                         quiet, kind):
+    from dclip_ray.progress import PlainProgress, progress
+
     monkeypatch.setattr("sys.stderr", _Stderr(tty))
-    assert progress_wanted(as_json, quiet) is shown
+    with progress(10, "x", enabled=progress_wanted(as_json, quiet)) as bar:
+        shown = None if getattr(bar, "disable", False) else ("lines" if isinstance(bar, PlainProgress) else "bar")
+    assert shown == kind
 
 
 def test_every_long_command_has_quiet():

@@ -48,12 +48,12 @@ def test_precompute_restyle_three_models_verify_and_rerun(ray_local, world, tmp_
     rc, pre = run_json(capsys, ["precompute", "--model", world["base"], "--input", world["data"], "--t0", str(T0),
                                 "--n-inv", str(N_INV), "--out", lat, "--batch-size", "4"])
     assert rc == 2, "bad members are per-item errors"
-    assert pre["n_images"] == 19 and pre["n_errors"] == 5 and len(pre["shards"]) == 4
+    assert pre["n_images"] == 18 and pre["n_errors"] == 4 and len(pre["shards"]) == 3
     for k, reason in BAD_REASONS.items():
         assert reason in pre["errors"][k]
     rc, again = run_json(capsys, ["precompute", "--model", world["base"], "--input", world["data"], "--t0", str(T0),
                                   "--n-inv", str(N_INV), "--out", lat])
-    assert rc == 2 and again["n_skipped"] == 4 and again["n_images"] == 0, "committed shards are skipped"
+    assert rc == 2 and again["n_skipped"] == 3 and again["n_images"] == 0, "committed shards are skipped"
 
     argv = ["restyle", "--input", world["data"], "--out", out, "--latents", lat, "--n-inv", str(N_INV),
             "--n-gen", str(N_GEN), "--batch-size", "4"]
@@ -61,12 +61,12 @@ def test_precompute_restyle_three_models_verify_and_rerun(ray_local, world, tmp_
         argv += ["--model", m]
     rc, plan = run_json(capsys, argv + ["--dry-run"])
     assert rc == 0 and not os.path.exists(out)
-    assert plan["images"] == 24 and plan["unet_evals"] == (24 - 19) * (N_INV - 1) + 24 * N_GEN * 3
+    assert plan["images"] == 22 and plan["unet_evals"] == (22 - 18) * (N_INV - 1) + 22 * N_GEN * 3
 
     rc, s = run_json(capsys, argv)
-    assert rc == 2 and s["n_images"] == 19 and s["n_errors"] == 5
+    assert rc == 2 and s["n_images"] == 18 and s["n_errors"] == 4
     assert s["inv_evals"] == 0, "every good image came from the latent cache"
-    assert s["gen_evals"] == 19 * N_GEN * 3
+    assert s["gen_evals"] == 18 * N_GEN * 3
     assert main(["verify", out, "--input", world["data"]]) == 0
 
     ft1 = os.path.join(out, "ft1")
@@ -80,7 +80,7 @@ def test_precompute_restyle_three_models_verify_and_rerun(ray_local, world, tmp_
 
     before = snapshot(out)
     rc, s2 = run_json(capsys, argv)
-    assert rc == 2 and s2["n_skipped"] == 4 and s2["gen_evals"] == 0
+    assert rc == 2 and s2["n_skipped"] == 3 and s2["gen_evals"] == 0
     assert snapshot(out) == before, "a re-run leaves committed shards byte-identical (and untouched)"
 
 
@@ -130,3 +130,48 @@ def test_a_row_lost_after_its_commit_still_counts_the_shards_images(ray_local, w
     assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
     assert [r["shard"] for r in s["shards"] if r.get("done_by")], "the retried row says who committed it"
     assert verify(out, inputs).ok
+
+
+def test_an_unreadable_shard_fails_its_shard_with_exit_2_and_is_retried(ray_local, world, tmp_path, capsys):
+    """Issue 30 item 1 through the commands: a 0-byte shard and a cut one among good shards were
+    committed as done (exit 0, verify OK); now they are listed as unreadable, exit 2, tried again."""
+    from pipeline_fixtures import make_inputs
+
+    data, _ = make_inputs(tmp_path / "in", n=8, shard_size=8, cut=True)
+    (tmp_path / "in" / "data" / "empty.tar").write_bytes(b"")
+    lat, out = str(tmp_path / "lat"), str(tmp_path / "out")
+    rc, pre = run_json(capsys, ["precompute", "--model", world["base"], "--input", data, "--t0", str(T0),
+                                "--n-inv", str(N_INV), "--out", lat])
+    assert rc == 2 and sorted(pre["unreadable"]) == ["cut", "empty"] and pre["n_images"] == 8 + 2
+    argv = ["restyle", "--input", data, "--out", out, "--latents", lat, "--model", world["fts"][0],
+            "--n-inv", str(N_INV), "--n-gen", str(N_GEN)]
+    rc, s = run_json(capsys, argv)
+    assert rc == 2 and sorted(s["unreadable"]) == ["cut", "empty"] and s["n_images"] == 8 + 2
+    assert main(["verify", out, "--input", data]) == 2
+    rc, again = run_json(capsys, argv)
+    assert rc == 2 and sorted(r["shard"] for r in again["shards"] if not r.get("skipped")) == ["cut", "empty"]
+
+
+def test_a_shard_that_cannot_be_written_aborts_with_exit_3_and_the_rest_is_committed(ray_local, world, tmp_path,
+                                                                                     capsys):
+    """Issue 30 item 15: a read-only store or a full disk gave exit 1 ("nothing started") after shards were
+    committed. A write that fails is the run's abort (exit 3); the other shards are committed, a re-run
+    resumes."""
+    from dclip_ray.io.latents import LatentKey
+    from dclip_ray.models.cache import cached_base
+
+    lat = tmp_path / "lat"
+    key = LatentKey(cached_base(world["base"]).sha256, T0, N_INV, 32)
+    blocker = lat / key.digest / "00001.safetensors"
+    blocker.mkdir(parents=True)  # a folder where the shard's file goes: its write fails, as on a full disk
+    argv = ["precompute", "--model", world["base"], "--input", world["data"], "--t0", str(T0), "--n-inv", str(N_INV),
+            "--out", str(lat)]
+    capsys.readouterr()
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 3 shard(s) could not be written (e.g. 00001" in err[0], err
+    assert (lat / key.digest / "00000_stats.json").exists() and not (lat / key.digest / "00001_stats.json").exists()
+    blocker.rmdir()
+    rc, again = run_json(capsys, argv)
+    assert rc == 2 and again["n_skipped"] == 2 and [r["shard"] for r in again["shards"] if not r.get("skipped")] == [
+        "00001"]

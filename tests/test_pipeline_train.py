@@ -112,7 +112,7 @@ def test_finetune_two_prompts_at_once_then_restyle(ray_train, clip_weights, tmp_
     argv = ["restyle", "--input", data, "--out", out, "--latents", lat, "--n-inv", str(N_INV), "--n-gen", str(N_GEN),
             "--model", os.path.join(models, "blue"), "--model", os.path.join(models, "green")]
     rc, r = run_json(capsys, argv)
-    assert rc == 2 and r["n_images"] == 19 and r["n_errors"] == 5 and r["inv_evals"] == 0
+    assert rc == 2 and r["n_images"] == 18 and r["n_errors"] == 4 and r["inv_evals"] == 0
     assert main(["verify", out, "--input", data]) == 0
     assert sorted(os.listdir(out)) == ["blue", "green", "restyle.json"]
     errs = {x.key: x.error for x in read_manifest(os.path.join(out, "green", "bad.parquet")) if x.status == "error"}
@@ -154,8 +154,8 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     for m in fts:
         argv += ["--model", m]
     rc, r = run_json(capsys, argv)
-    n_good = 256 + 2 + 1
-    assert rc == 2 and r["n_images"] == n_good and r["n_errors"] == 5
+    n_good = 256 + 2
+    assert rc == 2 and r["n_images"] == n_good and r["n_errors"] == 4
     assert r["inv_evals"] == n_good * (N_INV - 1), "3 models: each image inverted once, not three times"
     assert r["gen_evals"] == n_good * N_GEN * 3
     assert main(["verify", out, "--input", data]) == 0

@@ -57,8 +57,6 @@ def test_precompute_shard_reasons_counts_and_skip(world, tmp_path):
     stored = LatentStore(str(tmp_path), key).read("bad")
     assert stored.keys == ["ok1", "ok2"] and stored.latents.shape == (2, 3, 32, 32)
     assert stored.recon_psnr.shape == (2,) and stored.source == shards["bad"]
-    cut = precompute_shard(world["base"], None, "cut", shards["cut"], str(tmp_path), key)
-    assert cut["n_ok"] == 1 and "truncated" in cut["errors"]["c2"] and "truncated or corrupt" in cut["truncated"]
     again = precompute_shard(world["base"], None, "bad", shards["bad"], str(tmp_path), key)
     assert again["skipped"] and again["unet_evals"] == 0 and again["n_error"] == 4
     with pytest.raises(ConfigError, match="sha256"):
@@ -71,8 +69,8 @@ def test_three_models_invert_each_image_once_and_every_key_is_there_once(world, 
     cfg = build_restyle_config(out, models=world["fts"], t0=None, n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     assert cfg.base == world["base"] and cfg.t0 == T0, "base model and t0 come from the models' cards"
     results = restyle_all(cfg, world["data"])
-    n_good = 16 + 2 + 1
-    assert sum(r["n_ok"] for r in results) == n_good and sum(r["n_error"] for r in results) == 4 + 1
+    n_good = 16 + 2
+    assert sum(r["n_ok"] for r in results) == n_good and sum(r["n_error"] for r in results) == 4
     assert sum(r["inv_evals"] for r in results) == n_good * (N_INV - 1), "one inversion per image, not three"
     assert sum(r["gen_evals"] for r in results) == n_good * N_GEN * 3, "strength 1: only the fine-tuned model runs"
     report = verify(out, world["data"])
@@ -104,7 +102,7 @@ def test_cached_latents_are_used_and_a_changed_key_never_reuses_them(world, tmp_
     cfg = build_restyle_config(str(tmp_path / "a"), models=world["fts"][:1], n_inv_steps=N_INV,
                                     n_gen_steps=N_GEN, latents=lat, batch_size=4)
     res = restyle_all(cfg, world["data"])
-    assert sum(r["inv_evals"] for r in res) == 0 and sum(r["n_cached"] for r in res) == 19
+    assert sum(r["inv_evals"] for r in res) == 0 and sum(r["n_cached"] for r in res) == 18
     fresh = build_restyle_config(str(tmp_path / "b"), models=world["fts"][:1], n_inv_steps=N_INV,
                                       n_gen_steps=N_GEN, batch_size=4)
     restyle_all(fresh, world["data"])
@@ -157,22 +155,22 @@ def test_verify_reports_every_kind_of_discrepancy(world, tmp_path):
     write_manifest(rows[1:] + [rows[2]], f"{out}/00000.parquet")  # one key lost, one duplicated
     write_manifest([ManifestRow(r.key, r.shard, r.status, r.error, "0" * 64 if r.key == "ok1" else r.sha256, r.metrics)
                     for r in read_manifest(f"{out}/bad.parquet")], f"{out}/bad.parquet")
-    os.remove(f"{out}/cut_stats.json")
+    os.remove(f"{out}/00001_stats.json")
     problems = "\n".join(verify(out, world["data"]).problems)
     assert "missing from the manifest" in problems and "more than once" in problems
     assert "'ok1' image sha256 differs" in problems
-    assert "cut: not committed" in problems
+    assert "00001: not committed" in problems
 
 
 def test_dry_run_plan_counts_images_and_unet_evaluations(world, tmp_path):
     mix = {"models": world["fts"][:2], "gamma": {"type": "constant", "weights": [0.5, 0.5]}}
     cfg = build_restyle_config(str(tmp_path / "m"), mix=mix, n_inv_steps=N_INV, n_gen_steps=N_GEN)
     p = restyle_plan(cfg, input_shards(world["data"]))
-    n_keys = 16 + 6 + 2
+    n_keys = 16 + 6
     assert p["images"] == n_keys and not os.path.exists(tmp_path / "m")
     assert p["unet_evals"] == n_keys * (N_INV - 1) + n_keys * N_GEN * 2, "a 50/50 mix runs both models per step"
     res = restyle_all(cfg, world["data"])
-    assert sum(r["gen_evals"] for r in res) == 19 * N_GEN * 2
+    assert sum(r["gen_evals"] for r in res) == 18 * N_GEN * 2
 
 
 def test_restyle_config_errors(world, tmp_path):
@@ -208,7 +206,7 @@ def test_cli_dry_run_with_a_mix_file_starts_nothing_and_usage_errors_exit_1(worl
     assert rc == 0 and not sys.modules["ray"].is_initialized(), "a dry run starts no Ray"
     assert plan["variants"][0]["description"]["mix"]["models"] == world["fts"][:2], "paths relative to the mix file"
     # generation steps t = 200, 100, 0: one model above t=150, both below
-    assert plan["unet_evals"] == 24 * 3 + 24 * (1 + 2 + 2) and not os.path.exists(tmp_path / "o")
+    assert plan["unet_evals"] == 22 * 3 + 22 * (1 + 2 + 2) and not os.path.exists(tmp_path / "o")
     assert main(["restyle", "--input", world["data"], "--out", str(tmp_path / "o"), "--model", world["fts"][0],
                  "--format", "gif"]) == 1
     assert main(["restyle", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--model",

@@ -225,7 +225,9 @@ def test_reasons_are_deterministic_so_two_clean_runs_write_the_same_manifest_byt
     assert d.error == "undecodable image: RuntimeError: decoder <object object> failed"
 
 
-def test_truncated_tar_keeps_the_keys_before_the_cut_and_says_so(models, tmp_path):
+def test_a_truncated_tar_is_an_error_of_its_shard_and_never_committed(models, tmp_path):
+    """Issue 30 item 1: the keys before the cut were committed as a done shard; the keys after it were
+    lost without an error. Now nothing of the shard is committed, the result says why, verify says so."""
     data = tmp_path / "data"
     data.mkdir()
     buf = io.BytesIO()
@@ -234,12 +236,12 @@ def test_truncated_tar_keeps_the_keys_before_the_cut_and_says_so(models, tmp_pat
             add(tar, f"k{i}.png", GOOD)
     assert len(GOOD) < 512, "each member: a 512-byte header + one 512-byte data block"
     (data / "cut.tar").write_bytes(buf.getvalue()[: 5 * 512 + len(GOOD) // 2])  # inside k2's data
-    [s] = restyle(models, str(data), str(tmp_path / "out"))
-    assert s["n_ok"] == 2 and s["n_error"] == 1 and "truncated or corrupt" in s["truncated"]
-    rows = read_manifest(str(tmp_path / "out" / "ft" / "cut.parquet"))
-    assert [(r.key, r.status) for r in rows] == [("k0", "ok"), ("k1", "ok"), ("k2", "error")]
-    assert "truncated" in rows[2].error
-    assert verify(str(tmp_path / "out"), str(data)).ok, "verify expects exactly the keys readable before the cut"
+    write_tar(data / "good.tar", [("g0.png", GOOD)])
+    s, good = restyle(models, str(data), str(tmp_path / "out"))
+    assert s["n_ok"] == 0 and "truncated or corrupt" in s["truncated"] and good["n_ok"] == 1
+    assert not os.path.exists(tmp_path / "out" / "ft" / "cut_stats.json")
+    report = verify(str(tmp_path / "out"), str(data))
+    assert not report.ok and any("cut cannot be read to its end" in p for p in report.problems)
 
 
 def test_duplicate_keys_across_shards_are_restyled_and_reported_by_verify(models, tmp_path, capsys):
@@ -606,8 +608,8 @@ def test_edit_is_restyle_on_one_machine_committed_shards_resume_and_verify(toy_i
     pngs = {p.name: p.read_bytes() for p in out.iterdir()}
     state = state_dir(str(out))
     assert first["n_edited"] == 4 and len(pngs) == 4 and first["shards"] == state
-    assert sorted(os.listdir(state)) == sorted(f"0000{i}{ext}" for i in (0, 1)
-                                               for ext in (".parquet", ".tar", "_stats.json"))
+    assert sorted(os.listdir(state)) == sorted([f"0000{i}{ext}" for i in (0, 1)
+                                                for ext in (".parquet", ".tar", "_stats.json")] + ["dclip_run.json", "written.json"])
     assert verify(state, str(single)).ok
     stamps = {f: os.path.getmtime(os.path.join(state, f)) for f in os.listdir(state)}
     assert main(toy_edit(out, str(single))) == 0

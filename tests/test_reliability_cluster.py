@@ -90,7 +90,7 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(tmp_path):
         assert not t.is_alive(), "the job finished after losing a node"
         assert "error" not in result, result.get("error")
         s = result["summary"]
-        assert s["n_images"] == 96 + 3 and s["n_errors"] == 5 and not s["failed"]
+        assert s["n_images"] == 96 + 2 and s["n_errors"] == 4 and not s["failed"]
         nodes = [r.get("node") for r in s["shards"]]
         # (a row of a shard committed on the worker may have been lost with the node and recomputed on
         # the head, so the worker's id need not appear here; the commits before removal prove it worked)

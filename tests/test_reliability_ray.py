@@ -88,7 +88,7 @@ def test_a_restyle_actor_sigkilled_mid_shard_loses_and_duplicates_nothing(ray_lo
     s = run_restyle(RestyleJob(cfg, inputs, actors=2, restyler_factory=partial(KillMidBatch, flag=str(flag))),
                     progress=False)
     assert flag.exists(), "an actor was SIGKILLed after its first batch"
-    assert s["n_images"] == 19 and s["n_errors"] == 5 and not s["failed"]
+    assert s["n_images"] == 18 and s["n_errors"] == 4 and not s["failed"]
     report = verify(out, inputs)
     assert report.ok, report.problems
     assert sum(x["n"] for x in report.shards) == sum(len(set(k)) for k in world["keys"].values())

@@ -97,7 +97,7 @@ def test_precompute_restyle_verify_on_s3_and_half_uploads_are_never_committed(s3
 
     fs = s3["fs"]
     shards = input_shards(s3["input"])
-    assert [n for n, _ in shards] == ["00000", "00001", "bad", "cut"] and shards[0][1].startswith("s3://")
+    assert [n for n, _ in shards] == ["00000", "00001", "bad"] and shards[0][1].startswith("s3://")
     base = cached_base(s3["base"])
     key = LatentKey(base.sha256, T0, N_INV, 32)
     lat = f"s3://{BUCKET}/latents"
@@ -107,8 +107,8 @@ def test_precompute_restyle_verify_on_s3_and_half_uploads_are_never_committed(s3
     cfg = build_restyle_config(out, models=[s3["ft"]], n_inv_steps=N_INV, n_gen_steps=N_GEN, latents=lat,
                                     batch_size=4)
     res = restyle_all(cfg, s3["input"])
-    assert sum(r["n_ok"] for r in res.values()) == 19 and sum(r["n_error"] for r in res.values()) == 5
-    assert sum(r["n_cached"] for r in res.values()) == 19 and sum(r["inv_evals"] for r in res.values()) == 0
+    assert sum(r["n_ok"] for r in res.values()) == 18 and sum(r["n_error"] for r in res.values()) == 4
+    assert sum(r["n_cached"] for r in res.values()) == 18 and sum(r["inv_evals"] for r in res.values()) == 0
     report = verify(out, s3["input"])
     assert report.ok, report.problems
     assert {r.key for r in read_manifest(f"{out}/ft/bad.parquet")} == set(s3["keys"]["bad"])
@@ -156,11 +156,11 @@ def test_the_cli_pipeline_on_ray_reads_and_writes_s3(s3, tmp_path, capsys):
         assert main(["precompute", "--model", s3["base"], "--input", s3["input"], "--t0", str(T0), "--n-inv",
                      str(N_INV), "--out", lat, "--json"]) == 2
         pre = json.loads(capsys.readouterr().out)
-        assert pre["n_images"] == 19 and pre["n_errors"] == 5
+        assert pre["n_images"] == 18 and pre["n_errors"] == 4
         assert main(["restyle", "--input", s3["input"], "--out", out, "--model", s3["ft"], "--latents", lat,
                      "--n-inv", str(N_INV), "--n-gen", str(N_GEN), "--json"]) == 2
         s = json.loads(capsys.readouterr().out)
-        assert s["n_images"] == 19 and s["inv_evals"] == 0 and not s["failed"]
+        assert s["n_images"] == 18 and s["inv_evals"] == 0 and not s["failed"]
         assert main(["verify", out, "--input", s3["input"]]) == 0
     finally:
         ray.shutdown()

@@ -6,6 +6,7 @@ Each command family lives in its own module and registers itself on :data:`app`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -15,21 +16,13 @@ from typing import Any
 import click
 import typer
 
-from dclip_ray.errors import EXIT_ABORTED, EXIT_USAGE, DclipError, DclipWarning, Interrupted
+from dclip_ray.errors import EXIT_ABORTED, EXIT_USAGE, DclipError, DclipWarning, InputFileError, Interrupted
 from dclip_ray.interrupts import interrupt_handlers
 from dclip_ray.urls import redact
 
-from . import apps as _apps  # noqa: F401  (each import registers its commands)
-from . import demo as _demo  # noqa: F401
-from . import edit as _edit  # noqa: F401
-from . import models as _models  # noqa: F401
-from . import pipeline as _pipeline  # noqa: F401
-from . import presets as _presets  # noqa: F401
-from . import toyworld as _toyworld  # noqa: F401
-from . import workflow as _workflow  # noqa: F401
-from .app import app, keep_epilog_lines
-
-keep_epilog_lines(app)
+from .common import app as _app
+from .common import keep_epilog_lines
+from .terminal import filter_native_logs
 
 try:  # newer typer vendors its own copy of click: its exceptions are distinct classes
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -42,6 +35,47 @@ _USAGE = (click.ClickException, _TyperClickException)
 
 __all__ = ["app", "main"]
 
+INPUT_OPTIONS = ("--images", "--input", "--finetuned", "--mix", "--before", "--after")
+"""Options that name an existing input on every command that has them: a local path among them that
+does not exist is refused before the commands (and torch) are imported."""
+
+_registered = False
+
+
+def _commands() -> typer.Typer:
+    """The application with every command registered (importing the command modules, and through them
+    torch, takes a few seconds: done after :func:`check_local_inputs`)."""
+    global _registered
+    if not _registered:
+        from . import apps, demo, edit, models, pipeline, presets, toyworld, workflow  # noqa: F401  (each registers)
+
+        keep_epilog_lines(_app)
+        _registered = True
+    return _app
+
+
+def __getattr__(name: str) -> Any:  # ``from dclip_ray.cli import app``: the app with its commands
+    if name == "app":
+        return _commands()
+    raise AttributeError(name)
+
+
+def check_local_inputs(args: list[str]) -> None:
+    """Refuse at once (:class:`InputFileError`, exit 1, naming the option as typed) a local path given to
+    one of :data:`INPUT_OPTIONS` that does not exist. URLs, globs and brace lists are left to the command."""
+    if "--help" in args:
+        return
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        opt, _, value = a.partition("=")
+        if opt not in INPUT_OPTIONS:
+            continue
+        if not value and a == opt:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value and "://" not in value and not any(c in value for c in "*?[{") and not os.path.exists(value):
+            raise InputFileError(f"{opt} {value}: no such file or folder; check the path")
+
 
 EXIT_KEYBOARD_INTERRUPT = 130  # what typer returns for a KeyboardInterrupt it caught itself
 
@@ -50,8 +84,16 @@ def _wants_json(args: list[str]) -> bool:
     return "--json" in (args[: args.index("--")] if "--" in args else args)
 
 
+MAX_MESSAGE = 2000
+"""The longest error message printed: a message echoing a huge value is cut (its start says what is wrong)."""
+
+
 def _fail(as_json: bool, code: int, message: str, status: str = "error") -> int:
-    """One line ``error: MESSAGE`` on stderr and, for ``--json``, ``{"status", "exit_code", "error"}`` on stdout."""
+    """One line ``error: MESSAGE`` on stderr and, for ``--json``, ``{"status", "exit_code", "error"}`` on stdout
+    (both cut to :data:`MAX_MESSAGE` characters, newlines made spaces)."""
+    message = " ".join(str(message).split("\n"))
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 40] + f" ... ({len(message):,} characters, cut)"
     print(f"error: {message}", file=sys.stderr)
     if as_json:
         print(json.dumps({"status": status, "exit_code": code, "error": message}))
@@ -93,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     (Ctrl-C) and SIGTERM print ``error: interrupted (SIGINT); re-run the same command to resume`` and
     give exit code 3 (aborted, a re-run resumes; a `finetune` without ``--checkpoint-dir`` says instead that
     nothing was saved and how to keep it next time). With ``--json`` every one of these failures also prints
-    ``{"status": "error" | "interrupted", "exit_code": N, "error": "..."}`` on stdout.
+    ``{"status": "error" | "interrupted", "exit_code": N, "error": "..."}`` on stdout. Run as the
+    ``dclip-ray`` process (``argv`` None), Ray's native log lines are kept off stderr unless ``--verbose``.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = _wants_json(args)
-    command = typer.main.get_command(app)
+    if argv is None and "--verbose" not in args:  # the process is ours (the console script): a terminal or a log
+        filter_native_logs(force=True)
     with interrupt_handlers(), _one_line_warnings():
         try:
+            check_local_inputs(args)
+            command = typer.main.get_command(_commands())
             rv = command.main(args=args, prog_name="dclip-ray", standalone_mode=False)
         except DclipError as e:  # a secret in a URL never reaches the terminal
             return _fail(as_json, e.exit_code, redact(e))

@@ -9,7 +9,6 @@ import math
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dclip_ray.applications import TranslateJob, run_translate
@@ -17,10 +16,9 @@ from dclip_ray.evaluation import EvalJob, evaluate
 from dclip_ray.evaluation.report import write_report
 from dclip_ray.models import trust_scope
 
-from .app import QUIET_HELP, app, progress_wanted
+from .common import QUIET_HELP, app, progress_wanted
 from .edit import _emit
-
-console = Console(stderr=True)
+from .terminal import to_stderr, to_stdout
 
 
 def _translate(kind: str, model: str, images: str, out: str, finetuned: str | None, preset: str | None, t0: int,
@@ -72,7 +70,7 @@ def translate(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
 ) -> None:
-    """Unseen -> unseen translation (paper Fig. 4a): noise to t0, generate into the trained domain (K times),
+    """Unseen -> unseen translation (paper, Figure 4a): noise to t0, generate into the trained domain (K times),
     then invert and edit with a fine-tuned model."""
     _translate("translate", model, images, out, finetuned, preset, t0, k, t0_edit, strength, n_inv, n_gen, n_domain,
                eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet)
@@ -107,7 +105,7 @@ def from_strokes(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
 ) -> None:
-    """Stroke-conditioned generation (paper Fig. 4b): a rough painting -> a clean image of the trained domain,
+    """Stroke-conditioned generation (paper, Figure 4b): a rough painting -> a clean image of the trained domain,
     optionally edited by a fine-tuned model."""
     _translate("from-strokes", model, images, out, finetuned, preset, t0, k, t0_edit, strength, n_inv, n_gen,
                n_domain, eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet)
@@ -131,16 +129,18 @@ def print_eval_summary(result: dict[str, Any]) -> None:
             continue
         n = str(s.get("n", "")) + (f" (+{s['n_inf']} inf)" if s.get("n_inf") else "")
         table.add_row(name, *(_fmt(s.get(c, "")) for c in ("mean", "std", "min", "max")), n)
-    Console().print(table)
+    to_stdout().print(table)
 
 
 @app.command("eval", epilog="""Example (toy world, judge + toy CLIP):\n
-  dclip-ray eval --before toy/ --after edited/ --source "red circle" --target "blue circle" --clip toy_clip
---judge-colour blue --out edited/eval.json\n
+  dclip-ray eval --before toy/ --after edited/ --source "red circle" --target "blue circle" --clip toy_clip \\
+    --judge-colour blue --out edited/eval.json\n
 Real model with another CLIP than the training one, FID/KID and identity:
-dclip-ray eval --before faces/ --after out/angry/ --source face --target "angry face" --clip clip_vit_b32
---clip-weights ViT-B-32.pt --face-weights vggface2.pt --inception-weights pt_inception-2015-12-05-6726825d.pth
---out eval.parquet""")
+  dclip-ray eval --before faces/ --after out/angry/ --source face --target "angry face" --clip clip_vit_b32 \\
+    --clip-weights ViT-B-32.pt --face-weights vggface2.pt --inception-weights pt_inception-2015-12-05-6726825d.pth \\
+    --out eval.parquet\n
+When --after was made by edit or restyle from shards under --before that changed since, eval refuses
+(exit 1): the pairs would compare the edits with other images.""")
 def eval_(
     before: str = typer.Option(..., help="Input images (folder or shards); matched to --after by key."),
     after: str = typer.Option(..., help="Edited images (folder or shards, e.g. a restyle variant folder)."),
@@ -171,9 +171,9 @@ def eval_(
     else:
         print_eval_summary(result)
         if result.get("out"):
-            console.print(f"metrics written to {result['out']}")
+            to_stderr().print(f"metrics written to {result['out']}")
     for err in result["errors"]:
-        console.print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
+        to_stderr().print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
     raise typer.Exit(2 if result["errors"] else 0)
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dclip_ray import plain
 from dclip_ray.demo import run_demo
 
-from .app import app
+from .common import QUIET_HELP, app, progress_wanted
+from .terminal import to_stdout
 
 
 @app.command(epilog="Example: dclip-ray demo --out demo-out   (CPU, about a minute; what `make demo` runs)")
@@ -19,10 +19,10 @@ def demo(
     n_eval: int = typer.Option(16, help="Held-out images to edit and judge."),
     epochs: int = typer.Option(None, help="Override the demo's epochs."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Fine-tune the bundled toy DDPM for "red circle" -> "blue circle", edit held-out images, judge them."""
-    summary = run_demo(out, n_train, n_eval, epochs, progress=not quiet)
+    summary = run_demo(out, n_train, n_eval, epochs, progress=progress_wanted(as_json, quiet))
     code = 0 if summary["check"].startswith("passed") else 2  # the model failed its check: say so in the code
     if as_json:
         print(plain.dumps(summary))
@@ -30,5 +30,5 @@ def demo(
     table = Table(title="dclip-ray demo (toy world)", show_header=False)
     for k, v in summary.items():
         table.add_row(k, str(v))
-    Console().print(table)
+    to_stdout().print(table)
     raise typer.Exit(code)

@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dclip_ray import plain
@@ -15,11 +14,10 @@ from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent
 from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
-from .app import QUIET_HELP, app, progress_wanted
+from .common import QUIET_HELP, app, mix_example, progress_wanted
 from .pipeline import FACE_SCORE_HELP, SCORE_CLIP_HELP, print_scores
 from .settings import config_options, finetune_options
-
-console = Console(stderr=True)
+from .terminal import to_stderr, to_stdout
 
 
 def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
@@ -32,7 +30,7 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
                 continue
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         table.add_row("errors", str(len(summary.get("errors", []))))
-        Console().print(table)
+        to_stdout().print(table)
         if summary.get("trials"):
             _print_trials(summary["trials"])
         if summary.get("quality"):
@@ -40,17 +38,17 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
         if summary.get("scores"):
             print_scores({"edit": summary["scores"]}, as_json)
     for w in summary.get("warnings", []):
-        console.print(f"[yellow]warning[/] {w}")
+        to_stderr().print(f"[yellow]warning[/] {w}")
     q = summary.get("quality") or {}
     if q.get("reason"):
         kept = ("kept anyway (--accept-low-quality)" if q.get("accepted_low_quality") else
                 f"saved apart in {summary['model_path']} for inspection; try --restarts 3, or --accept-low-quality")
-        console.print(f"[{'yellow' if q.get('accepted_low_quality') else 'red'}]the model failed its check[/]: "
+        to_stderr().print(f"[{'yellow' if q.get('accepted_low_quality') else 'red'}]the model failed its check[/]: "
                       f"{q['reason']}; {kept}")
     for r in summary.get("rejected", []):
-        console.print(f"[yellow]rejected[/] {r['key']}: {r['reason']}")
+        to_stderr().print(f"[yellow]rejected[/] {r['key']}: {r['reason']}")
     for err in summary.get("errors", []):
-        console.print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
+        to_stderr().print(f"[yellow]skipped[/] {err['key']} ({err['shard']}): {err['error']}")
     return 2 if summary.get("errors") or summary.get("status") == "failed (quality)" else 0
 
 
@@ -63,7 +61,7 @@ def _print_trials(trials: dict[str, Any]) -> None:
     for i, r in enumerate(trials["rows"]):
         table.add_row("*" if i == trials["chosen"] else "",
                       *(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))
-    Console().print(table)
+    to_stdout().print(table)
 
 
 def _print_quality(q: dict[str, Any]) -> None:
@@ -75,7 +73,7 @@ def _print_quality(q: dict[str, Any]) -> None:
     table.add_row("bar (--min-quality)", "none" if q.get("min_quality") is None else f"{q['min_quality']:g}")
     table.add_row("--min-spread", f"{q.get('min_spread'):g}")
     table.add_row("passed", str(q.get("passed")))
-    Console().print(table)
+    to_stdout().print(table)
 
 
 @app.command(epilog="""Example (the toy world, CPU, about a minute):\n
@@ -90,13 +88,14 @@ Every model is checked on --check-images images it was not trained on (after the
 its edits' judge-free score against --min-quality (toy_shapes: its preset's bar) and whether its outputs
 still depend on their inputs (--min-spread). A model that fails goes to OUT.failed and the exit code is 2
 (--accept-low-quality keeps it). Three fine-tunings from seeds 0, 1, 2 side by side on Ray, the best kept:
-  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ \\
     --out ft/blue --restarts 3\n
 Search around the recipe with Ray Tune, scored the same way (every trial goes into dclip.json):
-  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/
+  dclip-ray finetune --model toy_shapes --source "red circle" --target "blue circle" --images toy/ \\
     --out ft/blue --n-train 8 --search\n
-Real model: dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt
---source face --target "angry face" --images faces/ --out ft/angry --t0 500""")
+Real model:
+  dclip-ray finetune --model celeba_hq.ckpt --preset celeba_hq --clip clip_vit_b16 --clip-weights ViT-B-16.pt \\
+    --source face --target "angry face" --images faces/ --out ft/angry --t0 500""")
 @finetune_options()
 @config_options(QualityCheck, "quality")
 def finetune(
@@ -150,8 +149,7 @@ def finetune(
 @app.command(epilog="""Example: dclip-ray edit --model toy_shapes --finetuned ft/blue --images toy/ --out edited/ --grid\n
 Half-strength edit: add --strength 0.5; more steps: --n-gen 40 (the paper's test setting).\n
 Two attributes at once (eq. 14): dclip-ray edit --model toy_shapes --mix mix.yaml --images toy/ --out both/\n
-mix.yaml: models: [ft/blue, ft/square]; gamma: {type: constant, weights: [0.5, 0.5]}
-(or type: ramp / piecewise with weights per step range, see docs/DESIGN.md).""")
+""" + mix_example("ft/blue", "ft/square"))
 @config_options(RestyleSettings, "settings", exclude=("image_format", "route"))
 def edit(
     model: str = typer.Option(..., help="The ORIGINAL base UNet (used for inversion)."),
@@ -181,8 +179,9 @@ def edit(
     raise typer.Exit(_emit(summary, as_json, "edit"))
 
 
-@app.command("latent-optim", epilog="""Example: dclip-ray latent-optim --model toy_shapes --source "red circle"
---target "blue circle" --images toy/ --out lo/ --grid""")
+@app.command("latent-optim", epilog="""Example (the first --limit images, 8 unless told otherwise):\n
+  dclip-ray latent-optim --model toy_shapes --source "red circle" --target "blue circle" \\
+    --images toy/ --out lo/ --grid""")
 def latent_optim(
     model: str = typer.Option(..., help="Base UNet (kept frozen)."),
     source: str = typer.Option(..., help="Source text."),
@@ -205,7 +204,7 @@ def latent_optim(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
 ) -> None:
-    """The paper's baseline (Fig. 9): optimise each image's latent x_t0 with the CLIP loss, model frozen."""
+    """The paper's baseline (Figure 9): optimise each image's latent x_t0 with the CLIP loss, model frozen."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     job = LatentOptimJob(model=model, source=source, target=target, images=images, out=out, preset=preset,
                          clip=clip, clip_weights=clip_weights, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .app import app
+from .common import app
+from .terminal import to_stdout
 
 models_app = typer.Typer(help="Model presets (UNet and CLIP) and where to get their checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -17,7 +18,6 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print the pre
     """Show the model presets, with where to get each checkpoint."""
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from dclip_ray.models import get_preset, list_presets
@@ -42,7 +42,7 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print the pre
             name, p.kind, fmt, str(p.resolution or ""), str(p.t0 or ""), p.recommended_clip or "",
             "yes" if p.face_loss else "", where,
         )
-    Console(width=160).print(table)
+    to_stdout(width=160).print(table)
 
 
 @app.command("convert")

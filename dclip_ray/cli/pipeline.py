@@ -11,15 +11,15 @@ import os
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dclip_ray import plain
 from dclip_ray.config import PrecomputeConfig, QualityCheck, Resources, RestyleSettings, TrainingSets
 from dclip_ray.models.trust import trust_scope
 
-from .app import QUIET_HELP, app, progress_wanted
+from .common import QUIET_HELP, app, mix_example, progress_wanted
 from .settings import config_options, finetune_options
+from .terminal import to_stderr, to_stdout
 
 TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
               "trusted files only.")
@@ -29,7 +29,6 @@ FACE_SCORE_HELP = ("Local InceptionResnetV1 weights (facenet-pytorch, VGGFace2):
 SCORE_CLIP_HELP = ("CLIP that scores every edit per image in the manifest (default: the one the models were "
                    "fine-tuned with, from their dclip.json); --min-score rejects by that score.")
 
-err = Console(stderr=True)
 
 
 def _setup(verbose: bool) -> None:
@@ -81,12 +80,25 @@ def precompute(
         for c in ("shard", "status", "images", "errors", "seconds"):
             t.add_column(c)
         for r in s["shards"]:
-            t.add_row(r["shard"], "skipped (committed)" if r.get("skipped") else "done", _fmt(r.get("n_ok")),
-                      _fmt(r.get("n_error")), _fmt(r.get("seconds")))
-        Console().print(t)
+            t.add_row(r["shard"], _shard_status(r), _fmt(r.get("n_ok")), _fmt(r.get("n_error")), _fmt(r.get("seconds")))
+        to_stdout().print(t)
     for key, reason in list(s["errors"].items())[:20]:
-        err.print(f"[yellow]error[/] {key}: {reason}")
-    raise typer.Exit(2 if s["n_errors"] else 0)
+        to_stderr().print(f"[yellow]error[/] {key}: {reason}")
+    _print_unreadable(s["unreadable"])
+    raise typer.Exit(2 if s["n_errors"] or s["unreadable"] else 0)
+
+
+def _shard_status(r: dict[str, Any]) -> str:
+    if r.get("truncated") and not r.get("skipped"):
+        return "UNREADABLE (not committed)"
+    return ("re-sorted (--min-score)" if r.get("rethresholded") else "skipped (committed)" if r.get("skipped")
+            else "done")
+
+
+def _print_unreadable(unreadable: dict[str, str]) -> None:
+    for shard, why in unreadable.items():
+        to_stderr().print(f"[red]unreadable[/] input shard {shard}: {why}; nothing of it is committed: fix or "
+                          "replace the file, then re-run", markup=True, highlight=False)
 
 
 @app.command("finetune-many", epilog="""Example (toy world):\n
@@ -144,12 +156,12 @@ def finetune_many(
             runs = f" ({len(r['restarts'])} restarts)" if len(r.get("restarts") or []) > 1 else ""
             t.add_row(f"{r['name']}: {r['source']} -> {r['target']}", r["status"] + runs, chosen,
                       _fmt(r["final_loss"]), _fmt(m.get("score")), _fmt(m.get("spread")), r["model_path"])
-        Console().print(t)
+        to_stdout().print(t)
     for w in s.get("warnings", []):
-        err.print(f"[yellow]warning[/] {w}")
+        to_stderr().print(f"[yellow]warning[/] {w}")
     for r in s["prompts"]:
         if r.get("error"):
-            err.print(f"[red]failed[/] {r['name']}: {r['error']}")
+            to_stderr().print(f"[red]failed[/] {r['name']}: {r['error']}")
     raise typer.Exit(2 if s["n_failed"] else 0)
 
 
@@ -163,7 +175,7 @@ def _read_mix(path: str) -> dict[str, Any]:
   dclip-ray restyle --input toy/ --model models/blue --out restyled/ --n-gen 20\n
   dclip-ray restyle --input toy/ --model models/blue --model models/green --out restyled/   (one inversion, 2 outputs)\n
   dclip-ray restyle --input toy/ --mix mix.yaml --out mixed/ --dry-run\n
-mix.yaml: models: [models/blue, models/green]; gamma: {type: constant, weights: [0.5, 0.5]}""")
+""" + mix_example("models/blue", "models/green"))
 @config_options(RestyleSettings, "settings")
 @config_options(Resources, "resources", only=("actors", "cpus_per_actor", "gpus_per_actor", "shard_timeout"))
 def restyle(
@@ -230,7 +242,7 @@ def print_scores(scores: dict[str, dict[str, Any]], as_json: bool) -> None:
         low = ", ".join(f"{x['key']}: {x['score']:.3f}" for x in d["lowest"][:3])
         t.add_row(name, str(d["n"]), *(_fmt(d[k]) for k in ("mean", "min", "p10", "p50", "p90")),
                   str(d["n_rejected"]), low)
-    Console().print(t)
+    to_stdout().print(t)
 
 
 def _print_plan(p: dict[str, Any], as_json: bool) -> None:
@@ -245,9 +257,9 @@ def _print_plan(p: dict[str, Any], as_json: bool) -> None:
         for r in p["shards"]:
             t.add_row(r["shard"], str(r["images"]), str(r["cached_latents"]), "yes" if r["committed"] else "no",
                       str(r["unet_evals"]))
-        Console().print(t)
+        to_stdout().print(t)
     for w in p["warnings"]:
-        err.print(f"[yellow]warning[/] {w}")
+        to_stderr().print(f"[yellow]warning[/] {w}")
 
 
 def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
@@ -260,26 +272,25 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
         for c in ("shard", "status", "ok", "errors", "routed away", "inversions", "cached", "seconds"):
             t.add_column(c)
         for r in s["shards"]:
-            status = ("re-sorted (--min-score)" if r.get("rethresholded")
-                      else "skipped (committed)" if r.get("skipped") else "done")
-            t.add_row(r["shard"], status, _fmt(r.get("n_ok")),
+            t.add_row(r["shard"], _shard_status(r), _fmt(r.get("n_ok")),
                       _fmt(r.get("n_error")), _fmt(r.get("n_routed")), _fmt(r.get("inv_evals")),
                       _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
-        Console().print(t)
+        to_stdout().print(t)
     for w in s["warnings"]:
-        err.print(f"[yellow]warning[/] {w}")
+        to_stderr().print(f"[yellow]warning[/] {w}")
     if s["n_stale_latents"]:
-        err.print(f"[yellow]warning[/] {s['n_stale_latents']} cached latent(s) were of older image bytes under the same "
+        to_stderr().print(f"[yellow]warning[/] {s['n_stale_latents']} cached latent(s) were of older image bytes under the same "
                   "key and were not used (the images were inverted again); re-run precompute to refresh the store")
     print_scores(s.get("scores") or {}, as_json)
     if s["n_errors"]:
-        err.print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
+        to_stderr().print(f"[yellow]{s['n_errors']} input key(s) could not be restyled[/]: see the error rows of the *.parquet manifests")
     if s.get("n_rejected"):
-        err.print(f"[yellow]{s['n_rejected']} edit(s) scored under --min-score {s['min_score']:g} were rejected[/]: "
+        to_stderr().print(f"[yellow]{s['n_rejected']} edit(s) scored under --min-score {s['min_score']:g} were rejected[/]: "
                   "their rows say 'rejected'; the images are in each output's rejected/ folder, not in the output")
     for shard, why in s["stuck"].items():
-        err.print(f"[red]stuck[/] shard {shard}: {why}; it is not committed: re-run the same command to retry it")
-    return 2 if s["n_errors"] or s["stuck"] else 0
+        to_stderr().print(f"[red]stuck[/] shard {shard}: {why}; it is not committed: re-run the same command to retry it")
+    _print_unreadable(s["unreadable"])
+    return 2 if s["n_errors"] or s["stuck"] or s["unreadable"] else 0
 
 
 @app.command(epilog="Example: dclip-ray verify restyled/ --input toy/")
@@ -297,8 +308,8 @@ def verify(
     else:
         n = sum(s.get("n", 0) for s in r.shards)
         n_err = sum(s.get("n_error", 0) for s in r.shards)
-        Console().print(f"{len(r.outputs)} output folder(s), {len(r.shards)} shard(s), {n} keys ({n_err} error rows): "
+        to_stdout().print(f"{len(r.outputs)} output folder(s), {len(r.shards)} shard(s), {n} keys ({n_err} error rows): "
                         + ("[green]OK[/]" if r.ok else f"[red]{len(r.problems)} problem(s)[/]"))
         for p in r.problems[:50]:
-            err.print(f"[red]problem[/] {p}")
+            to_stderr().print(f"[red]problem[/] {p}")
     raise typer.Exit(0 if r.ok else 2)

@@ -9,7 +9,8 @@ import typer
 
 from dclip_ray.settings import settings_of
 
-from .app import app
+from .common import app
+from .terminal import to_stdout
 
 presets_app = typer.Typer(
     help="Edit presets: named CLIP prompt pairs (source -> target) with their recommended t0 and recipe.",
@@ -37,7 +38,6 @@ def list_cmd(
     if as_json:
         typer.echo(json.dumps([p.model_dump() for p in presets], indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     title = "dclip-ray edit presets" + (f" ({domain})" if domain else "")
@@ -50,7 +50,7 @@ def list_cmd(
     table.add_column("recipe", no_wrap=True)
     for p in presets:
         table.add_row(p.name, p.domain, p.source, p.target, str(p.t0), p.recipe)
-    console = Console(width=160)
+    console = to_stdout(width=160)
     console.print(table)
     console.print(f"{len(presets)} presets; `dclip-ray presets show NAME` for the notes and sources.")
 

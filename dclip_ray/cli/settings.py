@@ -20,12 +20,16 @@ import typer
 
 from dclip_ray.config import FinetuneConfig, SettingInfo, check_setting, settings_of
 from dclip_ray.errors import ConfigError
+from dclip_ray.recipes import recipe_values
 
 PREFIX = "setting__"
 
 
 def _help(s: SettingInfo) -> str:
     default = "none" if s.default in (None, "") else s.default
+    by_recipe = recipe_values(s.prompt) if s.prompt else {}
+    if by_recipe:  # the value a run gets is its recipe's: say so, not only the bare default
+        default = ("the recipe's (" + ", ".join(f"{k} {v}" for k, v in by_recipe.items()) + f"), else {default}")
     # parentheses, not brackets: Rich would read [...] as markup and drop it
     return f"{s.help} (default: {default}; prompt line: {s.prompt}=)" if s.prompt else f"{s.help} (default: {default})"
 

@@ -1,4 +1,5 @@
-"""Keep Ray's native log lines off the user's terminal (without ``--verbose``).
+"""What the user sees: consoles that suit a terminal and a log file alike (:func:`to_stdout`, :func:`to_stderr`), and
+Ray's native log lines kept off stderr (without ``--verbose``).
 
 Ray's C++ core worker in the driver process writes its own log lines straight to file descriptor 2
 (``[2026-12-02 01:21:55,290 E 25387 25387] core_worker.cc:2465: Actor ... has constructor arguments in
@@ -15,6 +16,7 @@ import os
 import re
 import sys
 import threading
+from typing import Any
 
 RAY_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
 """A native Ray log line (glog/spdlog format: time, level, pid, tid)."""
@@ -38,7 +40,7 @@ def _pump(read_fd: int, write_fd: int) -> None:
 
 def filter_native_logs(force: bool = False) -> bool:
     """Drop Ray's native log lines from fd 2 for the rest of the process, when stderr is a terminal (or
-    ``force``); Python's ``sys.stderr`` is re-pointed at the real stderr so it bypasses the filter.
+    ``force``: the CLI process itself, whose stderr may be a log file); Python's ``sys.stderr`` is re-pointed at the real stderr so it bypasses the filter.
     Returns True when the filter is (now) installed."""
     global _installed
     if _installed:
@@ -55,3 +57,29 @@ def filter_native_logs(force: bool = False) -> bool:
                                   encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
     _installed = True
     return True
+
+
+def _console(stderr: bool, width: int | None) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, width=width, highlight=False)
+    # off a terminal (a pipe, a file, CI): rich would assume 80 columns, wrap lines mid-path and cut
+    # table cells with '…'; a log wants each line whole and no colour codes
+    return Console(stderr=stderr, width=LOG_WIDTH, soft_wrap=True, no_color=True, highlight=False, emoji=False)
+
+
+LOG_WIDTH = 100_000
+"""Off a terminal the console is this wide: no line is wrapped and no table cell truncated."""
+
+
+def to_stdout(width: int | None = None) -> Any:
+    """A rich console on stdout for tables and summaries: as rich makes it on a terminal (``width``
+    columns when given); off a terminal no wrapping, no truncation, no colour."""
+    return _console(False, width)
+
+
+def to_stderr() -> Any:
+    """The same on stderr, for warnings and per-item problems."""
+    return _console(True, None)

@@ -9,7 +9,7 @@ import typer
 
 from dclip_ray.errors import ConfigError
 
-from .app import app
+from .common import app
 
 toyworld_app = typer.Typer(
     help="The embedded toy world: render data, train the tiny CLIP and DDPM, judge images.",
@@ -36,8 +36,11 @@ def make_data_cmd(
     style: Annotated[str, typer.Option("--style", help="clean (the trained domain), photo (the shapes on an "
                                        "unseen checkerboard: translate's input) or strokes (rough colour "
                                        "paintings: from-strokes' input)")] = "clean",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the .tar shards already in --out (without "
+                                            "it a non-empty --out is refused: edits made from the old images "
+                                            "would be paired with new ones)")] = False,
 ) -> None:
-    """Render N toy images (png + caption txt + json labels + mask.png) into WebDataset shards."""
+    """Render N toy images (png, caption, json labels, mask) into WebDataset shards in a new or empty folder."""
     from dclip_ray.toyworld.data import write_shards
 
     def names(v: str | None) -> list[str] | None:
@@ -54,7 +57,7 @@ def make_data_cmd(
                 raise ConfigError(f"--kinds {k!r}: expected 'COLOUR SHAPE', e.g. 'green triangle'")
             pairs.append((parts[0], parts[1]))
     urls = write_shards(out, n, seed=seed, shard_size=shard_size, colours=names(colours), shapes=names(shapes),
-                        kinds=pairs, captions=captions, style=style)
+                        kinds=pairs, captions=captions, style=style, overwrite=overwrite)
     typer.echo(f"wrote {n} images in {len(urls)} shard(s) under {out}")
 
 

@@ -9,14 +9,12 @@ import json
 import sys
 
 import typer
-from rich.console import Console
 
 from dclip_ray import plain
 
-from .app import QUIET_HELP, app, progress_wanted
+from .common import QUIET_HELP, app, progress_wanted
 from .pipeline import _setup
-
-err = Console(stderr=True)
+from .terminal import to_stderr, to_stdout
 
 SET_HELP = "Override a spec field, FIELD.PATH=VALUE (VALUE read as YAML); repeatable, e.g. --set finetune.epochs=2."
 
@@ -49,11 +47,11 @@ def run_cmd(
     from dclip_ray.pipeline.workflow_run import run_workflow
 
     record = run_workflow(s, progress=progress_wanted(as_json, quiet), verbose=verbose,
-                          log=None if as_json else (lambda m: err.print(m, highlight=False, markup=False)))
+                          log=None if as_json else (lambda m: to_stderr().print(m, highlight=False, markup=False)))
     if as_json:
         print(plain.dumps(record))
     else:
-        Console().print(f"run {record['run_id']}: [bold]{record['status']}[/] (exit {record['exit_code']}) in "
+        to_stdout().print(f"run {record['run_id']}: [bold]{record['status']}[/] (exit {record['exit_code']}) in "
                         f"{record['seconds']} s; record appended to {s.ledger}")
     raise typer.Exit(record["exit_code"])
 
@@ -83,13 +81,13 @@ def submit_cmd(
                     ship_code=ship_code, submission_id=submission_id, token_file=token_file, wait=wait)
     stream = sys.stderr if as_json else sys.stdout
     out = submit(job, write=lambda s: (stream.write(s), stream.flush()),
-                 warn=lambda m: err.print(f"[yellow]warning[/] {m}", highlight=False))
+                 warn=lambda m: to_stderr().print(f"[yellow]warning[/] {m}", highlight=False))
     if as_json:
         print(plain.dumps(out))
     elif wait:
-        Console().print(f"job {out['job_id']}: [bold]{out['status']}[/] (exit {out['exit_code']})")
+        to_stdout().print(f"job {out['job_id']}: [bold]{out['status']}[/] (exit {out['exit_code']})")
     else:
-        Console().print(f"submitted job {out['job_id']}; follow it with: dclip-ray status {out['job_id']} "
+        to_stdout().print(f"submitted job {out['job_id']}; follow it with: dclip-ray status {out['job_id']} "
                         f"--address {address}")
     raise typer.Exit(out["exit_code"] or 0)
 
@@ -113,6 +111,6 @@ def status_cmd(
     else:
         if logs:
             print(s["logs"], end="")
-        Console().print(f"job {job_id}: [bold]{s['status']}[/]" + (f" (exit {s['exit_code']})" if s["exit_code"] is not None
+        to_stdout().print(f"job {job_id}: [bold]{s['status']}[/]" + (f" (exit {s['exit_code']})" if s["exit_code"] is not None
                                                                    else "") + (f": {s['message']}" if s["message"] else ""))
     raise typer.Exit(s["exit_code"] or 0)

@@ -113,6 +113,7 @@ def evaluate(job: EvalJob) -> dict[str, Any]:
         raise ConfigError("give both --source and --target (the edit's text pair) or neither")
     if job.target is not None and job.clip is None:
         raise ConfigError("S_dir and the CLIP score need --clip (a CLIP preset or open_clip name, with --clip-weights)")
+    check_same_inputs(job.before, job.after)
     inception = M.load_inception(job.inception_weights) if job.inception_weights else None  # fail fast
     keys, before, after, info = load_pairs(job.before, job.after, job.size, job.limit)
     bs = job.batch_size
@@ -151,6 +152,26 @@ def evaluate(job: EvalJob) -> dict[str, Any]:
     if job.out:
         result["out"] = write_eval(result, job.out)
     return result
+
+
+def _within(url: str, root: str) -> bool:
+    a, r = _abs(url).rstrip("/"), _abs(root).rstrip("/")
+    return a == r or a.startswith(r + "/")
+
+
+def check_same_inputs(before: str, after: str) -> None:
+    """Refuse (:class:`ConfigError`, exit 1) to pair ``after``'s edits with ``before`` when ``after`` is an
+    edit or restyle output whose commit markers record input shards under ``before`` that changed (or
+    vanished) since the edits were made from them: the pairs would compare edits with other images.
+    Plain image folders and outputs of other inputs pass unchecked."""
+    from dclip_ray.stages.verify import changed_inputs
+
+    stale = [c for c in changed_inputs(after) if _within(c["input"], before)]
+    if stale:
+        c = stale[0]
+        raise ConfigError(f"--before {before}: {len(stale)} input shard(s) of --after {after} changed since the edits "
+                          f"were made (e.g. {c['input']} {c['problem']}); the pairs would compare edits with other "
+                          "images: re-run the edit on the current inputs, or pass the inputs it was made from")
 
 
 def _abs(url: str) -> str:

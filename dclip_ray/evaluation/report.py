@@ -28,12 +28,15 @@ import datetime as _dt
 import html
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dclip_ray import __version__
-from dclip_ray.errors import InputFileError
+from dclip_ray.errors import DclipWarning, InputFileError
+from dclip_ray.stages.verify import changed_inputs
+from dclip_ray.urls import redact_html
 
 from .report_discovery import (
     MARKER_FORMAT,
@@ -44,6 +47,7 @@ from .report_discovery import (
     find_local_outputs,
     find_model_cards,
     find_restyle_variants,
+    find_used_models,
     walk,
 )
 from .report_draw import CELL, image_grid, plot_curves, save_grid
@@ -74,6 +78,28 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _changed_inputs(folders: list[Path]) -> list[dict[str, str]]:
+    """The output shards among ``folders`` whose recorded input changed since; each also as one
+    ``warning:`` line (a :class:`DclipWarning`), since the page pairs those outputs with other images."""
+    stale = [c for d in folders for c in changed_inputs(str(d))]
+    if stale:
+        c = stale[0]
+        warnings.warn(DclipWarning(f"report: {len(stale)} output shard(s) were made from inputs that changed since "
+                                   f"(e.g. {c['input']} {c['problem']}): the page pairs those edits with other "
+                                   "images; re-run the edit on the current inputs"), stacklevel=2)
+    return stale
+
+
+def _stale_html(stale: list[dict[str, str]]) -> str:
+    if not stale:
+        return ""
+    items = "".join(f"<li>{html.escape(c['shard'])}: its input {html.escape(c['input'])} {html.escape(c['problem'])}"
+                    "</li>" for c in stale[:20])
+    more = f"<li>... and {len(stale) - 20} more</li>" if len(stale) > 20 else ""
+    return ("<div class='warn'><b>The inputs changed after these outputs were made.</b> Before/after pairs "
+            f"below show edits beside other images than they were made from:<ul>{items}{more}</ul></div>\n")
+
+
 def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any] | None = None) -> str:
     """Write ONE self-contained HTML page describing the run folder ``run_dir``; return its path.
 
@@ -87,10 +113,12 @@ def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any]
     if not root.is_dir():
         raise InputFileError(f"{run_dir}: not a folder; give the output folder of a dclip-ray command or run")
     dirs = walk(root)
-    cards = find_model_cards(dirs)
     variants = find_restyle_variants(dirs)
     evals = find_evals(dirs)
     locals_, other_dirs = find_local_outputs(dirs, evals)
+    cards = find_model_cards(dirs)
+    cards += find_used_models(dirs, cards, locals_)
+    stale = _changed_inputs([d for d, _ in locals_] + [d for d, _ in variants])
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     counts = (f"{len(cards)} fine-tuned model(s), {len(variants)} restyled output(s), {len(locals_)} edit output folder(s), "
               f"{len(evals)} evaluation(s)")
@@ -107,7 +135,8 @@ def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any]
             f"<title>dclip-ray report: {html.escape(root.resolve().name)}</title><style>{CSS}</style></head><body>\n"
             f"<h1>dclip-ray report: {html.escape(root.resolve().name)}</h1>\n"
             f"<p class='muted'>{html.escape(str(root.resolve()))} &middot; {now} &middot; dclip-ray {__version__}"
-            f" &middot; {counts}</p>\n" + "\n".join(sections) + "\n</body></html>\n")
+            f" &middot; {counts}</p>\n" + _stale_html(stale) + "\n".join(sections) + "\n</body></html>\n")
+    page = redact_html(page)  # a URL's credentials (a spec's input.url, a ledger line) never reach the page
     path = Path(out) if out else root / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

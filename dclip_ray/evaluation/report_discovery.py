@@ -91,6 +91,34 @@ def find_model_cards(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     return cards
 
 
+def find_used_models(dirs: list[Path], known: list[tuple[Path, dict[str, Any]]],
+                     outputs: list[tuple[Path, dict[str, Any] | None]]) -> list[tuple[Path, dict[str, Any]]]:
+    """``(folder, card)`` of the local fine-tuned models that the restyle runs among ``dirs`` (their
+    ``restyle.json`` names them) and the single-machine ``outputs`` (their summary's ``config``:
+    ``models`` or ``finetuned``) were made with, and that ``known`` (the cards found under the run
+    folder) lacks: an output folder holds no model, but its report shows how the models were made."""
+    named: list[str] = []
+    for d in dirs:
+        try:
+            decl = read_json(d / "restyle.json") if (d / "restyle.json").is_file() else None
+        except ValueError:
+            continue
+        for v in (decl or {}).get("variants") or []:
+            named += [str(m) for m in (v.get("models") or [] if isinstance(v, dict) else [])]
+    for _, summary in outputs:
+        config = (summary or {}).get("config") or {}
+        named += [str(m) for m in (config.get("models") or [config.get("finetuned")]) if m]
+    have = {d.resolve() for d, _ in known}
+    found = []
+    for m in named:
+        folder = Path(m)
+        if "://" in m or folder.resolve() in have or not (folder / "dclip.json").is_file():
+            continue
+        have.add(folder.resolve())
+        found.extend(find_model_cards([folder]))
+    return found
+
+
 def find_restyle_variants(dirs: list[Path]) -> list[tuple[Path, list[dict[str, Any]]]]:
     """``(folder, commit markers)`` of every folder holding `dclip-ray restyle` shard markers
     (``*_stats.json`` of format :data:`MARKER_FORMAT`)."""
@@ -128,13 +156,17 @@ def _resolved(p: Any) -> str | None:
 
 
 def _run_summaries(dirs: list[Path]) -> dict[Path, dict[str, Any] | None]:
+    """``{folder: summary}`` of the single-machine outputs: ``FOLDER/dclip_run.json`` (translate), or
+    ``.FOLDER.edit/dclip_run.json`` beside it (edit keeps FOLDER for the images alone)."""
     runs: dict[Path, dict[str, Any] | None] = {}
     for d in dirs:
-        if (d / RUN_FILE).is_file():
-            try:
-                runs[d] = read_json(d / RUN_FILE)
-            except ValueError:
-                runs[d] = None
+        for f in (d / RUN_FILE, d.parent / f".{d.name}.edit" / RUN_FILE):
+            if f.is_file():
+                try:
+                    runs[d] = read_json(f)
+                except ValueError:
+                    runs[d] = None
+                break
     return runs
 
 

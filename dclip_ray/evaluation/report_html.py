@@ -17,12 +17,14 @@ from typing import Any
 log = logging.getLogger("dclip_ray.evaluation.report")  # the report's logger, whichever module logs
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;padding:0 24px;color:#222;max-width:1600px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 h3{font-size:15px;margin:18px 0 6px} .muted{color:#777;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:6px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
-pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:8px;font-size:12px;overflow:auto;max-height:320px}
+pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:8px;font-size:12px;overflow:auto;max-height:320px;
+white-space:pre-wrap;overflow-wrap:anywhere}
+.warn{background:#fff3cd;border:1px solid #d9a400;padding:8px 12px;margin:10px 0}
 img{image-rendering:pixelated;border:1px solid #ccc;margin:4px 0;max-width:100%;height:auto} .na{color:#a55;font-style:italic}
 """
 """The report's inline style sheet (the page loads nothing)."""

@@ -35,11 +35,34 @@ def _blank() -> Image.Image:
 # ---- fine-tuned models -----------------------------------------------------------------------------
 
 
+def folder_label(d: Path, root: Path) -> str:
+    """A folder's name in the report: relative to the run folder, or the folder's own name for the run
+    folder itself (never ".")."""
+    where = rel(d, root)
+    return where if where != "." else d.resolve().name
+
+
 def model_label(d: Path, root: Path, card: dict[str, Any]) -> str:
     """A model's name in the report: its folder relative to the run folder, or, for the run folder
     itself (a report of one fine-tuned model), the prompt name or the folder's own name (never ".")."""
     where = rel(d, root)
     return where if where != "." else str(card.get("prompt_name") or d.resolve().name)
+
+
+def check_label(card: dict[str, Any]) -> str:
+    """The model's check (:mod:`dclip_ray.quality`) in a few words: "passed, score 0.82", "FAILED: reason",
+    "accepted below the bar, score 0.47", or "not checked"."""
+    q = card.get("quality") or {}
+    measured = q.get("measured") or {}
+    if not q:
+        return "not checked"
+    score = measured.get("score")
+    scored = f"score {score:.3g}" if isinstance(score, (int, float)) else "no score"
+    if q.get("passed"):
+        return f"passed, {scored}"
+    if q.get("accepted_low_quality"):
+        return f"accepted below the bar, {scored}"
+    return f"FAILED: {q.get('reason') or scored}"
 
 
 def _loss_curve_html(root: Path, d: Path, c: dict[str, Any]) -> str:
@@ -66,9 +89,13 @@ def models_html(root: Path, cards: list[tuple[Path, dict[str, Any]]]) -> str:
     for d, c in cards:
         m = c.get("metrics") or {}
         rows.append([model_label(d, root, c), c.get("source"), c.get("target"), (c.get("config") or {}).get("t0"),
-                     (c.get("config") or {}).get("epochs"), c.get("final_loss"), m.get("quality_s_dir"),
-                     c.get("train_seconds")])
-    parts = [table(rows, ["model", "source", "target", "t0", "epochs", "final loss", "S_dir (train)", "seconds"])]
+                     (c.get("config") or {}).get("epochs"), c.get("final_loss"), check_label(c),
+                     m.get("quality_s_dir"), c.get("train_seconds")])
+    head = ["model", "source", "target", "t0", "epochs", "final loss", "check (held-aside edits)",
+            "S_dir (training images)", "seconds"]
+    if all(r[7] is None for r in rows):  # only finetune-many measures it: no empty column
+        rows, head = [r[:7] + r[8:] for r in rows], head[:7] + head[8:]
+    parts = [table(rows, head)]
     for d, c in cards:
         parts.append(f"<h3>{html.escape(model_label(d, root, c))}: {html.escape(str(c.get('source')))} &rarr; "
                      f"{html.escape(str(c.get('target')))}</h3>")
@@ -96,7 +123,7 @@ def restyle_html(root: Path, variants: list[tuple[Path, list[dict[str, Any]]]]) 
         n_rej = sum(int(m.get("n_rejected", 0)) for m in markers)
         routed = f", {n_skip} routed to other models (skipped)" if n_skip else ""
         rejected = f", {n_rej} rejected (scored under --min-score)" if n_rej else ""
-        parts.append(f"<h3>{html.escape(rel(d, root))}</h3><p>{len(markers)} committed shard(s), {n_ok} images ok, "
+        parts.append(f"<h3>{html.escape(folder_label(d, root))}</h3><p>{len(markers)} committed shard(s), {n_ok} images ok, "
                      f"{n_err} errors{routed}{rejected}</p>")
         parts.append(scores_html(d, markers))
         first = next((m for m in markers if m.get("n_ok")), markers[0])  # a shard routed away whole has no image
@@ -194,7 +221,7 @@ def local_html(root: Path, outputs: list[tuple[Path, dict[str, Any] | None]]) ->
     parts = []
     for d, summary in outputs:
         title = (summary or {}).get("kind", "images")
-        parts.append(f"<h3>{html.escape(rel(d, root))} ({html.escape(str(title))})</h3>")
+        parts.append(f"<h3>{html.escape(folder_label(d, root))} ({html.escape(str(title))})</h3>")
         after = {p.stem: img for p in sorted(d.glob("*.png"))[: MAX_IMAGES + 1]
                  if p.name != "grid.png" and (img := decode(p.read_bytes())) is not None}
         rows = _local_rows(d, summary, after, list(after)[:MAX_IMAGES])

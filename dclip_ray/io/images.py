@@ -18,6 +18,12 @@ from PIL import Image, ImageOps
 
 ResizePolicy = Literal["center-crop", "resize", "pad"]
 MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit, enforced explicitly here
+MAX_DECODE_BYTES = 256 * 2**20
+"""The most memory one decode may take: its raw pixels plus the RGB copy every image ends as. Counting
+pixels alone let a 184 KB 16-bit PNG of 9400x9400 through, which took about 2 GB to decode; 256 MiB
+still admits an 8-bit RGB photo of 6700x6700."""
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                    "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
 # 16-bit grayscale (PNG opens as I;16, some decoders give I): 0..65535 -> 0..255 by a fixed factor
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 SIXTEEN_TO_EIGHT = 257.0  # 65535 / 255
@@ -42,13 +48,29 @@ def clean_reason(text: str) -> str:
     return " ".join(text.split())
 
 
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """Memory (bytes) a decode of a ``width`` x ``height`` image in PIL ``mode`` takes: its raw pixels
+    (4 bytes a pixel for modes not listed, e.g. RGBA, CMYK, I, F) plus the final RGB copy."""
+    return width * height * (_BYTES_PER_PIXEL.get(mode, 4) + 3)
+
+
+def _sixteen_to_eight(arr: np.ndarray, rows: int = 256) -> np.ndarray:
+    """16-bit (or 32-bit ``I``) values [H,W] -> uint8 by the fixed factor 257, rounded and clipped,
+    ``rows`` rows at a time (a float64 copy of a whole large image took gigabytes)."""
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for i in range(0, arr.shape[0], rows):
+        block = arr[i : i + rows].astype(np.int64)
+        out[i : i + rows] = np.clip((block + 128) // 257, 0, 255)
+    return out
+
+
 def decode_image(data: bytes, min_size: int = 8) -> Image.Image:
     """Decode image bytes to an RGB PIL image; raises :class:`ImageError` with the reason.
 
     Handles grayscale, palette, CMYK, 16-bit and alpha images (alpha is composited on white) and
     applies the EXIF orientation. 16-bit values (and mode ``I``, read as 16-bit) are divided by 257
-    (65535 -> 255), whatever the image's maximum. Zero-byte, truncated, undecodable, oversized (decompression bomb)
-    and too-small images are errors.
+    (65535 -> 255), whatever the image's maximum. Zero-byte, truncated, undecodable, oversized (decompression bomb:
+    over :data:`MAX_PIXELS`, or over :data:`MAX_DECODE_BYTES` of memory to decode) and too-small images are errors.
     """
     if not data:
         raise ImageError("zero-byte image")
@@ -59,6 +81,10 @@ def decode_image(data: bytes, min_size: int = 8) -> Image.Image:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"image of {w}x{h} pixels exceeds the decompression-bomb limit {MAX_PIXELS}")
+            need = decode_bytes(w, h, img.mode)
+            if need > MAX_DECODE_BYTES:
+                raise ImageError(f"image of {w}x{h} pixels in mode {img.mode} needs {need / 2**20:.0f} MiB to decode, "
+                                 f"over the limit of {MAX_DECODE_BYTES / 2**20:.0f} MiB (a decompression bomb?)")
             img.load()
     except ImageError:
         raise
@@ -71,8 +97,7 @@ def decode_image(data: bytes, min_size: int = 8) -> Image.Image:
         raise ImageError(f"image of {img.size[0]}x{img.size[1]} is smaller than the minimum {min_size} px")
     img = ImageOps.exif_transpose(img)
     if img.mode in SIXTEEN_BIT_MODES:  # a fixed scale: a pixel's brightness never depends on the others
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(arr / SIXTEEN_TO_EIGHT), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(_sixteen_to_eight(np.asarray(img)), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):

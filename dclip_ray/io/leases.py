@@ -5,6 +5,7 @@ and renews it while it works (:class:`LeaseKeeper`); another run leaves a shard 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -14,6 +15,8 @@ from typing import Any
 import fsspec
 
 from dclip_ray.io.shards import is_local, put_bytes
+
+log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 120.0  # a lease not renewed for this long is dead (the run that held it crashed)
 
@@ -32,11 +35,13 @@ def lease_url(root: str, shard: str) -> str:
 
 
 def _read_lease(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """The lease's JSON object, or None when there is no file or it holds no JSON object."""
     try:
         with fs.open(path, "rb") as f:
-            return json.loads(f.read())
+            held = json.loads(f.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
+    return held if isinstance(held, dict) else None
 
 
 def _owner_gone(owner: str) -> bool:
@@ -53,9 +58,46 @@ def _owner_gone(owner: str) -> bool:
     return False
 
 
-def _live(held: dict[str, Any] | None, owner: str) -> bool:
-    return (held is not None and held.get("owner") != owner and float(held.get("expires", 0)) > time.time()
-            and not _owner_gone(str(held.get("owner"))))
+def _age(fs: fsspec.AbstractFileSystem, path: str) -> float | None:
+    """Seconds since the lease file was last written (None: no such file, or the store gives no time)."""
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, OSError):
+        return None
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("updated")
+    if stamp is None:
+        return None
+    if hasattr(stamp, "timestamp"):
+        stamp = stamp.timestamp()
+    try:
+        return max(0.0, time.time() - float(stamp))
+    except (TypeError, ValueError):
+        return None
+
+
+def _expires(held: dict[str, Any]) -> float:
+    try:
+        return float(held.get("expires", 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _live(held: dict[str, Any] | None, owner: str, age: float | None = None, ttl: float = LEASE_TTL_S) -> bool:
+    """A lease another run holds: not expired by its own word, not older than ``ttl`` since its file was
+    last written (a lease claiming a far expiry is not renewed by anyone after ``ttl``), its driver not
+    known to be gone."""
+    return (isinstance(held, dict) and held.get("owner") != owner and _expires(held) > time.time()
+            and (age is None or age < ttl) and not _owner_gone(str(held.get("owner"))))
+
+
+def _unreadable(age: float | None, ttl: float) -> dict[str, Any] | None:
+    """An existing lease file that cannot be read (empty, not JSON, cut): held for ``ttl`` after it was
+    written (a run may be writing it right now), then None: taken over, with a warning."""
+    if age is not None and age >= ttl:
+        log.warning("lease file unreadable and %.0f s old (over %.0f s): taken over", age, ttl)
+        return None
+    left = ttl - (age or 0.0)
+    return {"owner": "unknown (unreadable lease file)", "expires": time.time() + left}
 
 
 def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -> dict[str, Any] | None:
@@ -63,8 +105,10 @@ def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -
     None when taken, or the lease of the live run that holds it (``{"owner", "host", "pid", "expires"}``).
 
     A lease lives ``ttl`` seconds after it was last taken or renewed (:class:`LeaseKeeper` renews it
-    while a shard is worked on). An expired lease, one whose driver process is gone from this host, or
-    one of the same owner (a retried task of the same run) is taken over. On a local filesystem the
+    while a shard is worked on). An expired lease (by its ``expires`` or by its file's age: a far
+    ``expires`` nobody renews ends too), one whose driver process is gone from this host, one of the
+    same owner (a retried task of the same run), and a lease file that cannot be read once it is older
+    than ``ttl`` (with a warning) are taken over. On a local filesystem the
     lease is created atomically (``O_CREAT | O_EXCL``); on an object store the check and the write are
     two requests, so two runs starting on one shard in the same instant may both work on it. Either way
     every write is idempotent (deterministic names, marker last): a lease saves duplicate work, it is
@@ -74,14 +118,18 @@ def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     mine = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + ttl}
     data = json.dumps(mine, sort_keys=True).encode()
-    held = _read_lease(fs, path)
-    if _live(held, owner):
+    held, age = _read_lease(fs, path), _age(fs, path)
+    if _live(held, owner, age, ttl):
         return held
-    if is_local(fs) and held is None:
+    if held is None and age is not None:  # the file is there but says nothing readable
+        blocked = _unreadable(age, ttl)
+        if blocked is not None:
+            return blocked
+    elif is_local(fs) and held is None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:  # another run won the race
-            return _read_lease(fs, path) or {"owner": "unknown", "expires": time.time() + ttl}
+            return _read_lease(fs, path) or _unreadable(0.0, ttl)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return None
@@ -93,8 +141,10 @@ def live_lease(root: str, shard: str) -> dict[str, Any] | None:
     """The lease of ``shard`` under ``root`` while a live run holds it (not expired, its driver not
     gone from this host), else None."""
     fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
-    held = _read_lease(fs, path)
-    return held if _live(held, owner="") else None
+    held, age = _read_lease(fs, path), _age(fs, path)
+    if held is None:
+        return _unreadable(age, LEASE_TTL_S) if age is not None and age < LEASE_TTL_S else None
+    return held if _live(held, "", age) else None
 
 
 def release_lease(root: str, shard: str, owner: str) -> None:

@@ -57,8 +57,23 @@ def overlap(a: str, b: str) -> bool:
     return na is not None and nb is not None and (_within(na, nb) or _within(nb, na))
 
 
+def too_broad(location: str) -> str | None:
+    """Why a local output folder must not be ``location`` (a filesystem root, or a home folder itself:
+    the current user's, or any folder directly in /home or /Users, or /root), or None when it may be."""
+    if "://" in location and not location.startswith("file://"):
+        return None
+    path = os.path.realpath(os.path.expanduser(location.removeprefix("file://")))
+    if os.path.dirname(path) == path:
+        return "is a filesystem root"
+    homes = {os.path.realpath(os.path.expanduser("~")), "/root"}
+    if path in homes or os.path.dirname(path) in ("/home", "/Users"):
+        return "is a home folder itself"
+    return None
+
+
 def check_outputs(outputs: Mapping[str, str | None], inputs: Mapping[str, str | None]) -> None:
-    """Refuse output locations that equal, contain or sit inside an input location (or another output).
+    """Refuse output locations that are a filesystem root or a home folder (:func:`too_broad`), or that
+    equal, contain or sit inside an input location (or another output).
 
     ``outputs`` / ``inputs``: ``{label: location}`` with labels as the user wrote them (``"--out"``,
     ``"--input"``, ``"--model models/blue"``); None values are skipped. Raises :class:`ConfigError`
@@ -66,6 +81,11 @@ def check_outputs(outputs: Mapping[str, str | None], inputs: Mapping[str, str | 
     """
     outs = [(k, v) for k, v in outputs.items() if v]
     ins = [(k, v) for k, v in inputs.items() if v]
+    for label, out in outs:
+        why = too_broad(out)
+        if why:
+            raise ConfigError(f"{label} {redact(out)} {why}: dclip-ray writes folders and files there; give a "
+                              f"folder of its own, e.g. {redact(out).rstrip('/')}/dclip-out")
     for label, out in outs:
         for in_label, src in ins:
             if not overlap(out, src):

@@ -24,7 +24,7 @@ import os
 import posixpath
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, BinaryIO
 
 import fsspec
@@ -35,10 +35,25 @@ from dclip_ray.io.sources import split_member
 from dclip_ray.urls import redact
 
 
-def _check_key(key: str) -> None:
+def key_problem(key: str, exts: Iterable[str] = ("png",)) -> str | None:
+    """Why ``key`` cannot name the members ``key.EXT`` of an output tar (empty, a dot in its last part,
+    an absolute or '..' path, or a name too long for the tar format), or None when it can."""
     base = posixpath.basename(key)
     if not key or "." in base or key.startswith("/") or ".." in key.split("/"):
-        raise ConfigError(f"sample key {key!r} cannot name a WebDataset member (no dots, no absolute or '..' paths)")
+        return f"sample key {key!r} cannot name a WebDataset member (no dots, no absolute or '..' paths); rename it"
+    for ext in exts:
+        try:
+            tarfile.TarInfo(f"{key}.{ext}").tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        except ValueError as e:
+            shown = key if len(key) <= 80 else key[:60] + f"...({len(key)} characters)"
+            return f"sample key {shown!r} cannot be stored in a tar ({e}); shorten it"
+    return None
+
+
+def _check_key(key: str, exts: Iterable[str] = ("png",)) -> None:
+    problem = key_problem(key, exts)
+    if problem:
+        raise ConfigError(problem)
 
 
 class HashingFile:
@@ -95,8 +110,9 @@ class TarShardWriter:
         self._closed = False
 
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
-        """Add one sample: ``members`` maps extensions (``png``, ``txt``, ``json``) to bytes."""
-        _check_key(key)
+        """Add one sample: ``members`` maps extensions (``png``, ``txt``, ``json``) to bytes. A key that
+        cannot name its members (:func:`key_problem`) raises :class:`ConfigError` before anything is written."""
+        _check_key(key, members)
         for ext in sorted(members):
             data = members[ext]
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -175,18 +191,31 @@ class ShardWriter:
         self.rejected: TarShardWriter | None = None
         self.rows: list[ManifestRow] = []
 
-    def write(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> None:
-        """Add one sample (``members``: extension -> bytes) and its ok manifest ``row``."""
+    def write(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> bool:
+        """Add one sample (``members``: extension -> bytes) and its ok manifest ``row``; a key the tar
+        cannot store (:func:`key_problem`) becomes an error row instead (the rest of the shard goes on).
+        Returns True when the sample was written."""
+        problem = key_problem(key, members)
+        if problem:
+            self.error(key, problem)
+            return False
         self.tar.write(key, members)
         self.rows.append(row)
+        return True
 
-    def reject(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> None:
+    def reject(self, key: str, members: Mapping[str, bytes], row: ManifestRow) -> bool:
         """Keep one edited sample that scored under the bar in the rejected tar, with its rejected
-        manifest ``row`` (never in the output tar)."""
+        manifest ``row`` (never in the output tar); a key the tar cannot store becomes an error row.
+        Returns True when the sample was kept."""
+        problem = key_problem(key, members)
+        if problem:
+            self.error(key, problem)
+            return False
         if self.rejected is None:
             self.rejected = TarShardWriter(self.tmp_dir)
         self.rejected.write(key, members)
         self.rows.append(row)
+        return True
 
     def error(self, key: str, reason: str) -> None:
         """Add an error row for ``key`` (no sample)."""

@@ -70,7 +70,7 @@ def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
             elif fs.exists(p):
                 out.append(p)
             else:
-                raise InputFileError(f"{redact(p)}: no such file or folder; check the --input path or URL")
+                raise InputFileError(f"{redact(p)}: no such file or folder; check the path or URL")
         except InputFileError:
             raise
         except Exception as e:  # noqa: BLE001  (credentials, network, permissions)
@@ -106,14 +106,43 @@ def _record(key: str, shard: str, members: dict[str, bytes], errors: list[str]) 
     return rec
 
 
+def _check_tar_end(fs: fsspec.AbstractFileSystem, path: str, end: int) -> None:
+    """Raise :class:`tarfile.ReadError` unless a zero block (the end-of-archive marker) follows the last
+    member at byte ``end``: Python's tarfile takes a cut or garbled header as the end of the archive,
+    silently, so a tar cut between two members would read as a complete, shorter one."""
+    with fs.open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != len(block):
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {end} (cut or garbled there)")
+
+
+SPECIAL_FILE = "not a regular file (a FIFO, socket or device); refused: reading it could block forever"
+
+
+def _check_regular(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Raise :class:`InputFileError` for a local input that is not a regular file (a FIFO named like a
+    shard would block every read, and a thread stuck on it would keep the process alive)."""
+    if _is_local(fs):
+        try:
+            kind = fs.info(path).get("type")
+        except (FileNotFoundError, OSError):
+            return  # the open that follows says what is wrong
+        if kind not in ("file", "directory"):
+            raise InputFileError(f"{redact(path)}: {SPECIAL_FILE}")
+
+
 def iter_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[ImageRecord]:
     """Stream the keys of one tar shard in order. Non-file members (links, devices) and unsafe
     names give an error record; a truncated or corrupt tar raises :class:`InputFileError` after the
     keys read so far."""
+    _check_regular(fs, path)
     key, members, errors = None, {}, []
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            end = 0
             for m in tar:
+                end = tar.offset
                 if m.isdir():
                     continue
                 k, ext = split_member(m.name)
@@ -125,9 +154,14 @@ def iter_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[ImageRecord]:
                     errors.append(f"unsafe member name {m.name!r} refused")
                 elif not m.isfile():
                     errors.append(f"member {m.name!r} is not a regular file (link or device) and was refused")
+                elif ext in members:  # the same member twice in a row: two samples under one key, one lost
+                    errors.append(f"member {m.name!r} appears twice in a row: two samples share key {k!r} "
+                                  "(none is used); rename one")
                 else:
                     fobj = tar.extractfile(m)
                     members[ext] = fobj.read() if fobj is not None else b""
+            end = tar.offset
+        _check_tar_end(fs, path, end)
     except (tarfile.TarError, EOFError, OSError) as e:
         if key is not None:
             yield _record(key, path, members, errors + [f"shard truncated or corrupt here: {redact(e)}"])
@@ -139,11 +173,15 @@ def iter_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[ImageRecord]:
 def iter_folder(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[ImageRecord]:
     """Every image file under ``folder`` (recursive, sorted); the key is the relative path without
     its extension, dots replaced by ``_`` (WebDataset keys cannot contain dots)."""
-    files = sorted(p for p in fs.find(folder) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+    found = fs.find(folder, detail=True)
+    files = sorted(p for p in found if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
     for p in files:
         rel = posixpath.relpath(p, folder)
         stem, _, ext = rel.rpartition(".")
         key = stem.replace(".", "_")
+        if found[p].get("type") not in ("file", None):  # a FIFO would block the read forever
+            yield ImageRecord(key=key, shard=folder, error=SPECIAL_FILE)
+            continue
         try:
             data = fs.cat_file(p)
             yield ImageRecord(key=key, shard=folder, image=data, image_ext=ext.lower())
@@ -190,9 +228,15 @@ def shard_fingerprint(path: str) -> str:
     try:
         if fs.isdir(p):
             h = hashlib.sha256()
-            for f in sorted(x for x in fs.find(p) if x.rsplit(".", 1)[-1].lower() in IMAGE_EXTS):
-                h.update(f"{posixpath.relpath(f, p)}\0{_sha256_of(fs, f)}\n".encode())
+            found = fs.find(p, detail=True)
+            for f in sorted(x for x in found if x.rsplit(".", 1)[-1].lower() in IMAGE_EXTS):
+                special = found[f].get("type") not in ("file", None)  # never opened: it could block
+                h.update(f"{posixpath.relpath(f, p)}\0{'special' if special else _sha256_of(fs, f)}\n".encode())
             return f"sha256:{h.hexdigest()}"
+        try:
+            _check_regular(fs, p)
+        except InputFileError:  # never opened; the stage that reads it reports the shard as unreadable
+            return f"special:{posixpath.basename(p)}"
         if not _is_local(fs):
             info = fs.info(p)
             tag = next((info.get(k) for k in ("ETag", "etag", "md5Hash", "crc32c") if info.get(k)), None)

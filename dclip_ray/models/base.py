@@ -82,9 +82,34 @@ def read_card(finetuned: str) -> dict[str, Any]:
             return {}
         text, where = path.read_text(), str(path)
     try:
-        return json.loads(text)
+        card = json.loads(text)
     except ValueError as e:
         raise InputFileError(f"{where}: not valid JSON ({e}); re-save the fine-tuned model") from None
+    check_card(card, where)
+    return card
+
+
+CARD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "source": str, "target": str, "base_model": str, "base_model_sha256": str, "prompt_name": str,
+    "quality": dict, "metrics": dict, "format": str}
+"""The model-card fields every reader relies on, and their JSON types (others pass as they are)."""
+
+
+def check_card(card: Any, where: str) -> None:
+    """Raise :class:`InputFileError` naming the field when a model card is not a JSON object, a field of
+    :data:`CARD_TYPES` has another type, or ``config.t0`` is not a step in 1..999."""
+    if not isinstance(card, dict):
+        raise InputFileError(f"{where}: expected a JSON object (the model card), got {type(card).__name__}; "
+                             "re-save the fine-tuned model")
+    for name, kind in CARD_TYPES.items():
+        if name in card and card[name] is not None and not isinstance(card[name], kind):
+            raise InputFileError(f"{where}: field {name!r} should be {getattr(kind, '__name__', 'another type')}, got "
+                                 f"{type(card[name]).__name__}; re-save the fine-tuned model")
+    t0 = (card.get("config") or {}).get("t0")
+    if t0 is not None and (isinstance(t0, bool) or not isinstance(t0, int) or not 1 <= t0 <= 999):
+        shown = repr(t0) if len(repr(t0)) <= 40 else repr(t0)[:37] + "..."
+        raise InputFileError(f"{where}: config.t0 should be a step in 1..999, got {shown}; re-save the fine-tuned "
+                             "model")
 
 
 def edit_t0(explicit: int | None, folders: list[str], preset: Any = None, fallback: int = 500) -> int:

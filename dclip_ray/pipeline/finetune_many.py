@@ -25,7 +25,6 @@ from typing import Any
 import fsspec
 import ray
 import torch
-from tqdm.auto import tqdm
 
 from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
 from dclip_ray.config import QualityCheck, Resources, TrainingSets, resolve_finetune_config
@@ -37,6 +36,7 @@ from dclip_ray.losses import directional_clip_loss
 from dclip_ray.models.base import read_card, resolve_clip
 from dclip_ray.models.cache import cached_base
 from dclip_ray.models.face import load_face
+from dclip_ray.progress import progress as progress_counter
 from dclip_ray.prompts import EditSpec, get_edit_preset, parse_prompt_file
 from dclip_ray.quality import (
     DIVERGED,
@@ -331,6 +331,7 @@ def choose_training_sets(specs: list[EditSpec], fcfgs: dict[str, FinetuneConfig]
     todo = []
     for s in specs:
         if s.images is not None:
+            check_outputs({"--out": job.out}, {f"prompt {s.name}'s images=": s.images})
             out[s.name] = {"keys": None, "images": absolute(s.images), "by": {"images=": 1}}
         elif job.training_sets.select == "first":
             out[s.name] = {"keys": None, "images": None, "by": {"first": 1}}
@@ -465,7 +466,7 @@ def _train(job: FinetuneManyJob, launches: list[tuple[dict[str, Any], dict[str, 
     left = {}
     for row, _ in launches:
         left[row["name"]] = left.get(row["name"], 0) + 1
-    with tqdm(total=len(launches), desc="fine-tunings", disable=not progress) as bar:
+    with progress_counter(len(launches), "finetune-many", enabled=progress, unit="fine-tunings") as bar:
         while queue or running:
             while queue and len(running) < limit:
                 row, loop = queue.pop(0)

@@ -9,15 +9,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
-from tqdm.auto import tqdm
 
 from dclip_ray.config import PrecomputeConfig, Resources
+from dclip_ray.errors import AbortedError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import new_owner
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.models.cache import cached_base
+from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.checks import check_out_folder, check_steps
-from dclip_ray.stages.common import await_leased, raise_if_leased, set_threads
+from dclip_ray.stages.common import await_leased, raise_if_leased, set_threads, unreadable_shards
 from dclip_ray.stages.inputs import absolute, fingerprints, input_shards
 from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
@@ -96,12 +97,24 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
         if job.resources.gpus_per_task:
             opts["num_gpus"] = job.resources.gpus_per_task
         owner = new_owner()
-        pending = [_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner) for n, p in todo]
-        with tqdm(total=len(pending), desc="precompute shards", disable=not progress) as bar:
+        refs = {_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner): n for n, p in todo}
+        pending = list(refs)
+        failed: dict[str, str] = {}
+        with progress_counter(len(pending), "precompute", enabled=progress, unit="shards") as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                results.extend(ray.get(done))
+                for ref in done:
+                    try:
+                        results.append(ray.get(ref))
+                    except Exception as e:  # noqa: BLE001  (a full disk, a read-only store: the others go on)
+                        cause = getattr(e, "cause", None) or e
+                        failed[refs[ref]] = redact(f"{type(cause).__name__}: {cause}".splitlines()[0])[:300]
                 bar.update(len(done))
+        if failed:  # work was done and committed: not a configuration error (exit 1) but an aborted run
+            first = next(iter(failed.items()))
+            raise AbortedError(f"{len(failed)} of {len(todo)} shard(s) could not be written (e.g. {first[0]}: "
+                               f"{first[1]}); the others are committed: fix the cause (disk space, permissions) "
+                               "and re-run the same command to resume")
     results.sort(key=lambda r: r["shard"])
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
     if leased:  # another run is inverting them: wait for it, as this run would have done the work itself
@@ -113,6 +126,6 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     summary = {"store": redact(store.dir), "key": key.fields(), "shards": results,
             "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
             "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),
-            "leased": leased}
+            "leased": leased, "unreadable": unreadable_shards(results)}
     raise_if_leased(leased)
     return summary

@@ -21,12 +21,18 @@ from typing import Any
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.io.leases import new_owner
 from dclip_ray.io.shards import read_marker, shard_urls
-from dclip_ray.stages.common import RestyleResult, await_leased, raise_if_leased, set_threads
+from dclip_ray.progress import progress as progress_counter
+from dclip_ray.stages.common import (
+    RestyleResult,
+    await_leased,
+    raise_if_leased,
+    set_threads,
+    unreadable_shards,
+)
 from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards
 from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, score_summary, shard_done
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
@@ -197,7 +203,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                             fn_constructor_args=(actor_cfg, job.cpus_per_actor, job.shard_timeout, new_owner(), factory),
                             compute=_pool(min(job.actors, len(todo))),
                             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
-        with tqdm(total=len(todo), desc="restyle shards", disable=not progress) as bar:
+        with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
             for row in ds.iter_rows():
                 results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
                 bar.update(1)
@@ -223,7 +229,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         "n_skipped": sum(1 for r in results if r.get("skipped")),
         "n_routed": sum(r.get("n_routed", 0) for r in results), "route": cfg.route, "t0s": cfg.t0s(),
         "inv_evals": sum(r.get("inv_evals", 0) for r in results), "gen_evals": sum(r.get("gen_evals", 0) for r in results),
-        "failed": failed,
+        "failed": failed, "unreadable": unreadable_shards(results),
     }
     if failed:
         first = next(iter(failed.items()))

@@ -39,8 +39,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         except ConnectionError as e:
             raise ConfigError(f"cannot reach the Ray cluster at {address}: {e}; check --address / RAY_ADDRESS") from None
         rearm()  # ray.init replaced the CLI's SIGTERM handler (one line, exit 3): its own exits 1 or aborts
+        if not verbose:
+            quiet_raylet_messages()
     quiet_ray_data(verbose)
     return dict(ray.cluster_resources())
+
+
+def quiet_raylet_messages() -> None:
+    """Send the messages Ray's raylet pushes to the driver (``(raylet) WARNING: N PYTHON worker processes
+    have been started ...``, printed by Ray on **stdout**, with ANSI colours) to the ``ray`` logger at
+    WARNING instead, which stays silent without ``--verbose``: stdout holds only what our commands print
+    (tables, ``--json``). What those messages are about (a worker killed, a task failed) reaches the user
+    through the task's own error. Ray's driver thread looks the printer up by name at each message, so
+    replacing the module function is enough; other streams (``autoscaler``) pass through unchanged."""
+    from ray._private import worker as ray_worker
+
+    original = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            for line in data.get("lines") or []:
+                logging.getLogger("ray").warning("raylet: %s", line)
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream.__wrapped__ = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_ray_data(verbose: bool) -> None:

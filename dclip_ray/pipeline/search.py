@@ -29,6 +29,7 @@ from ray import tune
 
 from dclip_ray.config import FinetuneConfig, QualityCheck
 from dclip_ray.errors import ConfigError
+from dclip_ray.progress import progress as progress_counter
 from dclip_ray.search import KNOBS, points_of
 
 from .runtime import init_ray
@@ -102,11 +103,25 @@ def _trial(config: dict[str, Any], job: SearchJob, cfg: FinetuneConfig, x_train:
         tune.report({"row": json.dumps(row)}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+class _CountTrials(tune.Callback):
+    """Counts finished trials on the driver's progress (a bar, or plain lines off a terminal)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.bar.update(1)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.bar.update(1)
+
+
 def run_trials(job: SearchJob, cfg: FinetuneConfig, x_train: torch.Tensor, x_check: torch.Tensor,
-               held_aside: bool, keep: str) -> list[dict[str, Any]]:
+               held_aside: bool, keep: str, progress: bool = False) -> list[dict[str, Any]]:
     """Run every trial (:func:`points_of`) on Ray Tune; each fine-tunes on ``x_train`` and is measured on
     ``x_check`` ([N,3,H,W] in [-1,1]). Returns one row per trial, in point order (:data:`ROW_KEYS` and the
-    measurement), and copies each trial's saved model to ``keep/{i}`` (a local folder)."""
+    measurement), and copies each trial's saved model to ``keep/{i}`` (a local folder). ``progress``:
+    count the finished trials (:func:`dclip_ray.progress.progress`)."""
     job.check_budget()
     init_ray(job.address, job.num_cpus, verbose=job.verbose)
     points = points_of(cfg, job.trials, job.seed)
@@ -114,11 +129,13 @@ def run_trials(job: SearchJob, cfg: FinetuneConfig, x_train: torch.Tensor, x_che
         tune.with_parameters(_trial, job=job, cfg=cfg, x_train=x_train, x_check=x_check, held_aside=held_aside),
         {"cpu": job.cpus_per_trial})
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="dclip-search-") as storage:
+    with tempfile.TemporaryDirectory(prefix="dclip-search-") as storage, \
+            progress_counter(len(points), "finetune trials", enabled=progress, unit="fine-tunings") as bar:
         tuner = tune.Tuner(
             trainable, param_space={"point": tune.grid_search(points)},
             tune_config=tune.TuneConfig(max_concurrent_trials=job.max_concurrent),
-            run_config=tune.RunConfig(storage_path=os.path.abspath(storage), name="search", verbose=0))
+            run_config=tune.RunConfig(storage_path=os.path.abspath(storage), name="search", verbose=0,
+                                      callbacks=[_CountTrials(bar)]))
         with contextlib.redirect_stdout(sys.stderr if job.verbose else io.StringIO()):  # stdout: --json only
             grid = tuner.fit()
         for r in grid:
@@ -153,7 +170,7 @@ def finetune_trials(job: Any, search: SearchJob, progress: bool = True) -> dict[
     warnings = [] if held else [f"{job.images} has no image beyond the {cfg.n_train} trained on: the trials were "
                                 "compared on training images (add images to hold some aside)"]
     with tempfile.TemporaryDirectory(prefix="dclip-trials-") as keep:
-        rows = run_trials(search, cfg, x_train, x_check, held, keep)
+        rows = run_trials(search, cfg, x_train, x_check, held, keep, progress=progress)
         bar = search.check.bar(base.preset)
         verdicts = [judge(r, bar, search.check.min_spread) for r in rows]
         for r, v in zip(rows, verdicts, strict=True):

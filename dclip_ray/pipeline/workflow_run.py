@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 
 from dclip_ray.errors import EXIT_ABORTED, EXIT_ITEM_ERRORS, EXIT_OK, ConfigError, DclipError, Interrupted
+from dclip_ray.urls import redact_data
 from dclip_ray.workflow.spec import WorkflowSpec
 
 STATUS_OF_CODE = {0: "ok", 1: "config_error", 2: "finished_with_errors", 3: "aborted"}
@@ -39,7 +40,7 @@ def _now() -> str:
 def append_ledger(ledger: str, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line to ``ledger`` (local path or fsspec URL; remote files are
     rewritten whole since object stores cannot append)."""
-    line = json.dumps(record, default=str, sort_keys=False) + "\n"
+    line = json.dumps(redact_data(record), default=str, sort_keys=False) + "\n"  # no secret of a URL
     fs, path = fsspec.core.url_to_fs(ledger)
     fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -72,7 +73,10 @@ def ensure_toyworld_input(spec: WorkflowSpec) -> int:
     names = [f"{i:05d}.tar" for i in range((tw.n + tw.shard_size - 1) // tw.shard_size)]
     if all(fs.exists(f"{root.rstrip('/')}/{n}") for n in names):
         return 0
-    return len(write_shards(spec.input_url, tw.n, seed=tw.seed, shard_size=tw.shard_size, kinds=tw.kind_pairs()))
+    # the render is deterministic: shards already there are rewritten byte for byte (their fingerprints,
+    # and so their committed work, stay), the missing ones are added
+    return len(write_shards(spec.input_url, tw.n, seed=tw.seed, shard_size=tw.shard_size, kinds=tw.kind_pairs(),
+                            overwrite=True))
 
 
 def preflight(spec: WorkflowSpec) -> None:
@@ -135,7 +139,14 @@ def _check_locations(spec: WorkflowSpec) -> None:
 
     where = spec.source or spec.name
     given_input = {"input.url": spec.input.url} if spec.input.url else {}
+    read = {**given_input, "model": spec.model, "prompts.file": spec.prompts.file,
+            "latents store": spec.latent_store, "models folder": spec.models_dir, "restyled folder": spec.restyled_dir}
     try:
+        # the files a run writes beside its folders: never inside (or onto) what any step reads
+        check_outputs({"outputs.ledger": spec.ledger}, read)
+        if spec.outputs.report:
+            check_outputs({"the report": os.path.join(spec.outputs.root, "report.html")}, {**given_input,
+                                                                                        "model": spec.model})
         check_outputs({"latents store": spec.latent_store}, {**given_input, "model": spec.model})
         check_outputs({"models folder": spec.models_dir}, {**given_input, "model": spec.model,
                                                            "latents store": spec.latent_store})
@@ -160,7 +171,7 @@ def _step_precompute(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[
                         num_cpus=spec.ray.num_cpus, verbose=verbose)
     s = run_precompute(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
-            "images": s["n_images"], "errors": s["n_errors"], "store": s["store"]}
+            "images": s["n_images"], "errors": s["n_errors"], "store": s["store"], "unreadable": s["unreadable"]}
 
 
 def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[str, Any]:
@@ -230,7 +241,8 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
                      verbose=verbose, shard_timeout=res.shard_timeout)
     s = run_restyle(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
-            "images": s["n_images"], "errors": s["n_errors"], "rejected": s["n_rejected"], "min_score": s["min_score"],
+            "images": s["n_images"], "errors": s["n_errors"], "unreadable": s["unreadable"], "rejected": s["n_rejected"],
+            "min_score": s["min_score"],
             "scores": {k: {f: v[f] for f in ("n", "mean", "p10", "p50", "p90", "n_rejected")}
                        for k, v in s["scores"].items()},
             "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"],
@@ -316,6 +328,9 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
     finally:
         record["end"] = _now()
         record["seconds"] = round(time.time() - t_start, 2)
+        clean = redact_data(record)  # the record --json prints is the one written: no secret of a URL
+        record.clear()
+        record.update(clean)
         append_ledger(spec.ledger, record)
     return record
 
@@ -352,8 +367,8 @@ def _run_steps(spec: WorkflowSpec, step: Step, steps: dict[str, Any], verbose: b
     # once, with the dashboard on (Ray Train needs it); every step then uses this Ray
     init_ray(spec.ray.address, spec.ray.num_cpus, dashboard=True, verbose=verbose)
     pre = step("precompute", lambda: _step_precompute(spec, verbose, progress))
-    if pre["errors"]:
-        pre["status"] = "finished with per-item errors"
+    if pre["errors"] or pre.get("unreadable"):
+        pre["status"] = "finished with per-item errors" + (" and unreadable input shards" if pre.get("unreadable") else "")
         code = max(code, EXIT_ITEM_ERRORS)
     ft = step("finetune", lambda: _step_finetune(spec, verbose, progress))
     ok_models = {n for n, m in ft["models"].items() if m["status"].startswith(("ok", "skipped"))}
@@ -365,8 +380,8 @@ def _run_steps(spec: WorkflowSpec, step: Step, steps: dict[str, Any], verbose: b
         ft["status"] = f"{ft['failed']} prompt(s) failed; re-run to resume them"
         code = max(code, EXIT_ABORTED)
     rs = step("restyle", lambda: _step_restyle(spec, ok_models, verbose, progress))
-    if rs.get("errors"):
-        rs["status"] = "finished with per-item errors"
+    if rs.get("errors") or rs.get("unreadable"):
+        rs["status"] = "finished with per-item errors" + (" and unreadable input shards" if rs.get("unreadable") else "")
         code = max(code, EXIT_ITEM_ERRORS)
     if rs.get("processed") is None or str(rs.get("status", "")).startswith("skipped"):
         steps["verify"] = {"status": "skipped (nothing restyled)"}

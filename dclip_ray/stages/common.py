@@ -19,7 +19,9 @@ from dclip_ray.io.leases import live_lease
 class ShardResult:
     """What one stage did with one input shard: ``n`` input keys, ``n_ok`` written, ``n_error`` error
     rows; ``skipped`` when it was already committed; ``leased`` names the other run that holds the shard
-    (then nothing was done); ``truncated`` the reason when the input tar ends early. Read it as a
+    (then nothing was done); ``truncated`` the reason when the input tar cannot be read to its end (empty,
+    truncated, corrupt): then nothing is committed, the shard is an error of the run (exit 2) and the
+    next run tries it again. Read it as a
     dataclass or like a mapping (``result["n_ok"]``); :meth:`as_dict` gives plain data (JSON, Ray)."""
 
     shard: str
@@ -44,6 +46,12 @@ class ShardResult:
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
         return asdict(self)
+
+
+def unreadable_shards(results: list[dict[str, Any]]) -> dict[str, str]:
+    """``{shard: reason}`` of the results (plain dicts) whose input could not be read to its end: not
+    committed, an error of the run (exit 2), tried again by the next one."""
+    return {r["shard"]: r["truncated"] for r in results if r.get("truncated") and not r.get("skipped")}
 
 
 @dataclass

@@ -85,12 +85,38 @@ def limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple
 
 
 def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, str]:
-    """``{shard name: content fingerprint}`` of input shards, read in parallel threads (I/O bound)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """``{shard name: content fingerprint}`` of input shards, read in parallel threads (I/O bound).
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
-        prints = list(pool.map(shard_fingerprint, [p for _, p in shards]))
-    return {n: f for (n, _), f in zip(shards, prints, strict=True)}
+    The threads are daemons: a read that blocks (a dead network mount) never keeps the process alive
+    after SIGINT/SIGTERM, which interrupt the wait. The first error is raised."""
+    import threading
+
+    paths = [p for _, p in shards]
+    prints: list[str | None] = [None] * len(paths)
+    errors: list[BaseException | None] = [None] * len(paths)
+    todo = iter(range(len(paths)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                prints[i] = shard_fingerprint(paths[i])
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+                errors[i] = e
+
+    pool = [threading.Thread(target=work, daemon=True, name="fingerprint") for _ in range(max(1, min(threads, len(paths))))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return {n: str(f) for (n, _), f in zip(shards, prints, strict=True)}
 
 
 @dataclass

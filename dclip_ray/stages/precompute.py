@@ -131,6 +131,9 @@ def _invert_shard(base: BaseModel, shard: str, path: str, store: LatentStore, ba
             errors[k] = duplicate_reason(k, n)
             acc.shas.pop(k, None)
     truncated = status.get("truncated")
+    if truncated:  # keys that cannot be read: an error of the shard, never "done" (the next run tries again)
+        return PrecomputeResult(shard, n=len(keys) + len(errors), truncated=truncated, unet_evals=eps.evals,
+                                seconds=round(time.perf_counter() - start, 3))
     store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated},
                 image_sha256=acc.shas, source_fingerprint=fingerprint)
     return PrecomputeResult(shard, n=len(keys) + len(errors), n_ok=len(keys), n_error=len(errors), errors=errors,

@@ -348,6 +348,9 @@ class ShardRestyler:
                     self.on_batch(len(pending))
             for w in writers:
                 w.drop({k: duplicate_reason(k, n) for k, n in state.dups.items()})
+            if state.status.get("truncated"):  # keys that cannot be read: an error of the shard, never "done"
+                return RestyleResult(shard, n=len(writers[0].rows), truncated=state.status["truncated"],
+                                     seconds=round(time.perf_counter() - start, 3), started=round(started, 3))
             self._commit(path, writers, state, fingerprint)
         finally:
             for w in writers:

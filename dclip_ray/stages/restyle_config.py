@@ -169,13 +169,14 @@ DECLARATION = "restyle.json"
 
 
 def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
-    """Write ``ROOT/restyle.json``: the variants written under ROOT (name, folder relative to ROOT) and
-    the input, so that ``verify`` checks every declared variant (a deleted variant folder is a problem).
+    """Write ``ROOT/restyle.json``: the variants written under ROOT (name, folder relative to ROOT, the
+    fine-tuned model folders it combines, absolute) and the input, so that ``verify`` checks every declared variant (a deleted variant folder is a problem).
     Variants another restyle of the same input declared there stay declared (two runs of other models
     into one ROOT)."""
     root = (cfg.root or cfg.variants[0].out).rstrip("/")
     variants = [{"name": v.name, "folder": posixpath.relpath(v.out, root) if "://" not in v.out
-                 else v.out[len(root):].strip("/") or "."} for v in cfg.variants]
+                 else v.out[len(root):].strip("/") or ".",
+                 "models": [redact(absolute(cfg.finetuned[i - 1])) for i in v.models if i > 0]} for v in cfg.variants]
     url = f"{root}/{DECLARATION}"
     old: bytes | None = None
     try:

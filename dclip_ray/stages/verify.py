@@ -236,7 +236,12 @@ def verify(out: str, input_url: str, folders: list[str] | None = None) -> Verify
     report = VerifyReport(outputs=folders or output_folders(out))
     shards = input_shards(input_url)
     names = {n for n, _ in shards}
-    expected = {name: shard_keys(path)[0] for name, path in shards}
+    read = {name: shard_keys(path) for name, path in shards}
+    expected = {name: keys for name, (keys, _) in read.items()}
+    for name, (keys, broken) in read.items():
+        if broken:  # its outputs were never committed; the keys after the break are unknown
+            report.problems.append(f"input shard {name} cannot be read to its end ({broken}): {len(keys)} key(s) "
+                                   "before the break; fix or replace the file and re-run restyle")
     prints = {name: shard_fingerprint(path) for name, path in shards}
     homes: dict[str, list[str]] = {}
     for name, keys in expected.items():
@@ -259,3 +264,48 @@ def verify(out: str, input_url: str, folders: list[str] | None = None) -> Verify
             report.problems.extend(problems)
         report.problems.extend(_strays(folder, names, homes))
     return report
+
+
+def _marker_roots(folder: str) -> list[str]:
+    """The folders holding ``folder``'s commit markers: itself (a restyle variant), its declared or found
+    variant folders (a restyle OUT), or edit's hidden ``.NAME.edit/`` beside it (an edit OUT)."""
+    from .edit import state_dir
+
+    if list_markers(folder):
+        return [folder]
+    if "://" not in folder:
+        hidden = state_dir(folder)
+        if list_markers(hidden):
+            return [hidden]
+    try:
+        variants = declared_folders(folder) or output_folders(folder)
+    except InputFileError:  # plain images: no commit marker anywhere
+        return []
+    return [f for f in variants if f != folder and list_markers(f)]
+
+
+def changed_inputs(folder: str) -> list[dict[str, str]]:
+    """The output shards of ``folder`` (an edit ``--out``, a restyle OUT or one of its variant folders)
+    whose input shard, as recorded in their commit marker (``source``), now holds other bytes than they
+    were made from (``source_fingerprint``), or is gone: ``{"shard", "input", "problem"}`` each, with
+    ``problem`` a phrase ("changed after it was made (other image bytes)" or "is gone or unreadable").
+    [] when every recorded input is unchanged, or when ``folder`` has no commit markers (plain images).
+    What ``eval`` and ``report`` check before pairing outputs with inputs by key."""
+    found: list[dict[str, str]] = []
+    now: dict[str, str | None] = {}
+    for root in _marker_roots(folder):
+        for shard in list_markers(root):
+            marker = read_marker(shard_urls(root, shard)["marker"]) or {}
+            source, made_from = marker.get("source"), marker.get("source_fingerprint")
+            if not source or not made_from or "***" in str(source):
+                continue  # nothing recorded (older outputs) or a redacted URL that cannot be opened again
+            if source not in now:
+                try:
+                    now[source] = shard_fingerprint(source)
+                except InputFileError:
+                    now[source] = None
+            if now[source] != made_from:
+                found.append({"shard": f"{root}/{shard}", "input": str(source),
+                              "problem": "is gone or unreadable" if now[source] is None
+                              else "changed after it was made (other image bytes)"})
+    return found

@@ -54,7 +54,7 @@ def _styled(s: Any, style: str) -> Any:
 
 def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colours: list[str] | None = None,
                  shapes: list[str] | None = None, kinds: list[tuple[str, str]] | None = None,
-                 captions: bool = True, style: str = "clean") -> list[str]:
+                 captions: bool = True, style: str = "clean", overwrite: bool = False) -> list[str]:
     """Render ``n`` examples from ``seed`` and write them as WebDataset shards under ``out``.
 
     ``colours`` / ``shapes``: restrict the classes (default: all four colours and three shapes);
@@ -64,7 +64,12 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
     (rough colour-block paintings of each colour; no shape): the inputs of ``translate`` and
     ``from-strokes`` (:mod:`dclip_ray.toyworld.unseen`).
 
-    Returns the shard URLs in order. Raises :class:`ConfigError` for ``n < 1`` or ``shard_size < 1``.
+    ``out`` must be empty or absent: a dataset is never written over another one (whose edits would then
+    be paired with the wrong inputs); ``overwrite`` removes the ``.tar`` shards already there first (other
+    files are left alone).
+
+    Returns the shard URLs in order. Raises :class:`ConfigError` for ``n < 1``, ``shard_size < 1`` or a
+    non-empty ``out`` without ``overwrite``.
     """
     import webdataset as wds
 
@@ -74,8 +79,15 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
         raise ConfigError(f"make-data: --shard-size must be >= 1, got {shard_size}")
     if style not in ("clean", "photo", "strokes"):
         raise ConfigError(f"make-data: --style {style!r}: expected clean, photo or strokes")
-    samples = [_styled(s, style) for s in sample_dataset(n, seed, colours=colours, shapes=shapes, kinds=kinds)]
     fs, root = fsspec.core.url_to_fs(out)
+    present = fs.ls(root, detail=False) if fs.isdir(root) else []
+    if present and not overwrite:
+        raise ConfigError(f"make-data: --out {out} is not empty ({len(present)} file(s) or folder(s)); choose a new folder, or "
+                          "pass --overwrite to replace the shards there (edits made from them no longer match)")
+    for old in present:
+        if old.endswith(".tar") and fs.isfile(old):
+            fs.rm(old)
+    samples = [_styled(s, style) for s in sample_dataset(n, seed, colours=colours, shapes=shapes, kinds=kinds)]
     fs.makedirs(root, exist_ok=True)
     urls = []
     for shard, start in enumerate(range(0, n, shard_size)):

@@ -11,6 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.io.locations import too_broad
+from dclip_ray.yamlfile import load_yaml
 
 from .messages import fail, message
 from .spec import WorkflowSpec
@@ -49,7 +51,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None, origin: st
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected FIELD.PATH=VALUE, e.g. --set finetune.epochs=2")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = load_yaml(value, f"--set {key}") if value.strip() else None
         except yaml.YAMLError:
             parsed = value
         node: Any = raw
@@ -81,6 +83,12 @@ def parse_spec(raw: Any, origin: str = "spec", here: str | None = None) -> Workf
         where, msg = message(e.errors()[0], WorkflowSpec)
         raise fail(origin, where, msg) from None
     spec = _resolve_paths(spec, os.path.abspath(here or os.getcwd()))
+    for section, name in (("outputs", "root"), ("outputs", "models"), ("outputs", "restyled"), ("latents", "store")):
+        value = getattr(getattr(spec, section), name)
+        why = too_broad(value) if isinstance(value, str) else None
+        if why:
+            raise fail(origin, f"{section}.{name}", f"{value} {why}: every run writes folders and files there; "
+                                                    "give a folder of its own")
     _check_prompts(spec, origin)
     return spec
 
@@ -132,7 +140,7 @@ def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) 
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = load_yaml(f, f"workflow spec {path}")
     except FileNotFoundError:
         raise InputFileError(f"workflow spec {path} not found; see workflows/toy.yaml for an example") from None
     except IsADirectoryError:
