@@ -85,3 +85,10 @@ class DieAfterCommit(ShardRestyler):
         if first_time(self.flag):
             os._exit(1)
         return result
+
+
+class CannotLoad(ShardRestyler):
+    """A worker whose models cannot be loaded (the model folder was deleted after the driver's checks)."""
+
+    def __init__(self, cfg: RestyleConfig, **_: Any):
+        raise FileNotFoundError(f"{cfg.finetuned[0]}/diffusion_pytorch_model.safetensors: no such file (deleted)")

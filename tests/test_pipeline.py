@@ -132,6 +132,7 @@ def test_a_row_lost_after_its_commit_still_counts_the_shards_images(ray_local, w
     assert verify(out, inputs).ok
 
 
+@pytest.mark.slow  # the Ray CLI path of tests/test_hostile.py's rules (make test-slow, CI)
 def test_an_unreadable_shard_fails_its_shard_with_exit_2_and_is_retried(ray_local, world, tmp_path, capsys):
     """Issue 30 item 1 through the commands: a 0-byte shard and a cut one among good shards were
     committed as done (exit 0, verify OK); now they are listed as unreadable, exit 2, tried again."""
@@ -152,6 +153,7 @@ def test_an_unreadable_shard_fails_its_shard_with_exit_2_and_is_retried(ray_loca
     assert rc == 2 and sorted(r["shard"] for r in again["shards"] if not r.get("skipped")) == ["cut", "empty"]
 
 
+@pytest.mark.slow  # the Ray CLI path of tests/test_hostile.py's rules (make test-slow, CI)
 def test_a_shard_that_cannot_be_written_aborts_with_exit_3_and_the_rest_is_committed(ray_local, world, tmp_path,
                                                                                      capsys):
     """Issue 30 item 15: a read-only store or a full disk gave exit 1 ("nothing started") after shards were
@@ -175,3 +177,19 @@ def test_a_shard_that_cannot_be_written_aborts_with_exit_3_and_the_rest_is_commi
     rc, again = run_json(capsys, argv)
     assert rc == 2 and again["n_skipped"] == 2 and [r["shard"] for r in again["shards"] if not r.get("skipped")] == [
         "00001"]
+
+
+@pytest.mark.slow  # the Ray CLI path of tests/test_hostile.py's rules (make test-slow, CI)
+def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, world, tmp_path):
+    """Issue 30 item 15: a model folder deleted while restyle ran gave an ActorDiedError traceback."""
+    from fault_restylers import CannotLoad
+
+    from dclip_ray.errors import AbortedError
+    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
+    cfg = build_restyle_config(str(tmp_path / "out"), models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN)
+    with pytest.raises(AbortedError) as e:
+        run_restyle(RestyleJob(cfg, world["data"], actors=1, restyler_factory=CannotLoad), progress=False)
+    msg = str(e.value)
+    assert "the restyle workers stopped" in msg and "no such file (deleted)" in msg and "\n" not in msg, msg

@@ -14,6 +14,7 @@ that Ray Data's own tasks are never starved (../shared/REFERENCE.md sec. 5).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -60,6 +61,26 @@ class RestyleJob:
     shard_timeout: float | None = None
     require_latents: bool = False
     restyler_factory: Callable[[RestyleConfig], ShardRestyler] | None = None
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*")
+
+
+def _first_cause(e: BaseException) -> str:
+    """The original error of a Ray failure as one short line. Ray wraps it in several layers (a Ray Data
+    ``SystemException`` with no text, an ``ActorDiedError`` whose text ends with the worker's traceback);
+    the last ``SomeError: message`` line of the first layer that has one is the cause."""
+    chain: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and x not in chain and len(chain) < 10:
+        chain.append(x)
+        x = getattr(x, "cause", None) or x.__cause__ or x.__context__
+    for x in chain:
+        lines = [ln.strip() for ln in str(x).splitlines() if _ERROR_LINE.match(ln.strip())]
+        if lines:
+            return redact(lines[-1])[:300]
+    text = next((ln.strip() for x in chain for ln in str(x).splitlines() if ln.strip()), "")
+    return redact(f"{type(e).__name__}: {text}")[:300]
 
 
 def _run_with_timeout(fn: Callable[[], RestyleResult], timeout: float | None) -> RestyleResult | None:
@@ -204,9 +225,16 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                             compute=_pool(min(job.actors, len(todo))),
                             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
         with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
-            for row in ds.iter_rows():
-                results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-                bar.update(1)
+            try:
+                for row in ds.iter_rows():
+                    results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+                    bar.update(1)
+            except (ray.exceptions.RayError, RuntimeError, OSError, ValueError) as e:
+                # the workers themselves failed (an actor that cannot load a model deleted after the checks,
+                # a node lost for good): the shards they committed stay, the others are redone by a re-run
+                raise AbortedError(f"the restyle workers stopped after {len(results)} of {len(todo)} shard(s): "
+                                   f"{_first_cause(e)}; committed shards are kept: fix the cause and re-run the same "
+                                   "command to resume") from None
     results.sort(key=lambda r: r["shard"])
     failed = {r["shard"]: r["failed"] for r in results if r.get("failed")}
     stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
