@@ -94,6 +94,13 @@ def make_world(root: Path, t0: int) -> dict:
     return {"root": root, "data": data, "keys": keys, "base": base, "fts": fts}
 
 
+def tiny_models(root: Path, t0: int) -> dict[str, str]:
+    """``{"base", "ft"}``: a random tiny base UNet and a random "fine-tuned" one whose card names it and ``t0``."""
+    torch.set_num_threads(1)
+    base = tiny_unet_dir(root / "base", 0)
+    return {"base": base, "ft": tiny_unet_dir(root / "ft", 1, {"base_model": base, "config": {"t0": t0}})}
+
+
 def tiny_unet_dir(path: Path, seed: int, card: dict | None = None) -> str:
     """A random 32x32 UNet2DModel saved as a diffusers folder (+ scheduler config, optional dclip.json)."""
     torch.manual_seed(seed)

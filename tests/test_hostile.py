@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from pipeline_fixtures import tiny_unet_dir
+from pipeline_fixtures import tiny_models
 
 from dclip_ray.cli import main
 from dclip_ray.io.images import MAX_DECODE_BYTES, ImageError, decode_bytes, decode_image
@@ -45,11 +44,7 @@ def write_tar(path, members: list[tuple[str, bytes]]) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("models")
-    base = tiny_unet_dir(root / "base", 0)
-    ft = tiny_unet_dir(root / "ft", 1, {"base_model": base, "config": {"t0": T0}})
-    return {"base": base, "ft": ft}
+    return tiny_models(tmp_path_factory.mktemp("models"), T0)
 
 
 def unreadable_inputs(root) -> tuple[str, dict[str, str]]:
@@ -184,7 +179,6 @@ h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
 @pytest.mark.parametrize("where", ["spec-top", "spec-value", "mix", "set"])
 def test_yaml_aliases_that_expand_a_small_file_into_gigabytes_are_refused_at_once(tmp_path, capsys, where):
     """A few hundred bytes whose aliases expand inside a value took 13.4 GB and printed a 2.1 GB line."""
-    import resource
     import time
 
     value = "[" + ", ".join(["*h"] * 10) + "]"
@@ -201,12 +195,10 @@ def test_yaml_aliases_that_expand_a_small_file_into_gigabytes_are_refused_at_onc
         (tmp_path / "s.yaml").write_text("name: t\ninput: {toyworld: {n: 4}}\nmodel: toy_shapes\n")
         argv = ["run", str(tmp_path / "s.yaml"), "--check", "--set",
                 "finetune.epochs=" + "{" + BOMB.replace("\n", ", ").rstrip(", ") + "}"]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert time.monotonic() - start < 30
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 500 * 2**20
+    assert time.monotonic() - start < 30  # expanded, the bomb takes minutes and gigabytes
     assert len(err) < 3000 and err.count("\n") == 1, err[:500]
     if where != "set":
         assert "expands to more than" in err, err

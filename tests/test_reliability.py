@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pipeline_fixtures import interrupted_run, tiny_unet_dir
+from pipeline_fixtures import interrupted_run, tiny_models
 
 from dclip_ray.cli import main
 from dclip_ray.io.manifest import read_manifest
@@ -70,11 +69,7 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("models")
-    base = tiny_unet_dir(root / "base", 0)
-    ft = tiny_unet_dir(root / "ft", 1, {"base_model": base, "config": {"t0": T0}})
-    return {"base": base, "ft": ft}
+    return tiny_models(tmp_path_factory.mktemp("models"), T0)
 
 
 def restyle(models, data: str, out: str) -> list[dict]:

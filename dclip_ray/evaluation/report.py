@@ -81,7 +81,8 @@ log = logging.getLogger(__name__)
 def _changed_inputs(folders: list[Path]) -> list[dict[str, str]]:
     """The output shards among ``folders`` whose recorded input changed since; each also as one
     ``warning:`` line (a :class:`DclipWarning`), since the page pairs those outputs with other images."""
-    stale = [c for d in folders for c in changed_inputs(str(d))]
+    known: dict[str, str | None] = {}  # the variants of one restyle share their inputs: hash each once
+    stale = [c for d in folders for c in changed_inputs(str(d), known)]
     if stale:
         c = stale[0]
         warnings.warn(DclipWarning(f"report: {len(stale)} output shard(s) were made from inputs that changed since "

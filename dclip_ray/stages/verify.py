@@ -284,15 +284,16 @@ def _marker_roots(folder: str) -> list[str]:
     return [f for f in variants if f != folder and list_markers(f)]
 
 
-def changed_inputs(folder: str) -> list[dict[str, str]]:
+def changed_inputs(folder: str, known: dict[str, str | None] | None = None) -> list[dict[str, str]]:
     """The output shards of ``folder`` (an edit ``--out``, a restyle OUT or one of its variant folders)
     whose input shard, as recorded in their commit marker (``source``), now holds other bytes than they
     were made from (``source_fingerprint``), or is gone: ``{"shard", "input", "problem"}`` each, with
     ``problem`` a phrase ("changed after it was made (other image bytes)" or "is gone or unreadable").
     [] when every recorded input is unchanged, or when ``folder`` has no commit markers (plain images).
-    What ``eval`` and ``report`` check before pairing outputs with inputs by key."""
+    What ``eval`` and ``report`` check before pairing outputs with inputs by key. ``known``: input ->
+    current fingerprint, shared between calls so that variants of one input hash it once."""
     found: list[dict[str, str]] = []
-    now: dict[str, str | None] = {}
+    now: dict[str, str | None] = {} if known is None else known
     for root in _marker_roots(folder):
         for shard in list_markers(root):
             marker = read_marker(shard_urls(root, shard)["marker"]) or {}
