@@ -35,6 +35,17 @@ def tree(folder) -> dict[str, bytes]:
     return dict(sorted(out.items()))
 
 
+def stamps(folder) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (relative path -> (mtime_ns, size)): equal before and after a command
+    means the command wrote nothing there (no training run, no checkpoint, no rewritten card)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), folder)] = (st.st_mtime_ns, st.st_size)
+    return dict(sorted(out.items()))
+
+
 def random_clip_weights(folder: Path) -> str:
     """The toy CLIP architecture with random weights (seed 0), saved as safetensors; returns the path."""
     name, config_folder, _ = toy_clip_paths()

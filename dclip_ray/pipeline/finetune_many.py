@@ -363,8 +363,9 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: Finetune
     """One prompt's summary row and the Train loop configs of its fine-tunings still to run: the
     ``search_trials`` knob points around the recipe, each at seeds ``fcfg.seed .. + restarts - 1``
     (:func:`~dclip_ray.search.points_of`; each trains into ``OUT/NAME.restarts/I-seed-S``). None to run: a model
-    of this exact config is already at ``OUT/NAME`` (``skipped (done)``) or its restarts are all trained
-    and only wait to be judged (:func:`_finish`, called at once)."""
+    of this exact config is already at ``OUT/NAME`` (``skipped (done)``), or at ``OUT/NAME.failed`` (judged
+    again, never re-trained), or its restarts are all trained and only wait to be judged (:func:`_finish`,
+    called at once)."""
     out_dir = f"{job.out.rstrip('/')}/{spec.name}"
     images = chosen["images"] or job.images
     all_keys = chosen["keys"]
@@ -382,6 +383,8 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: Finetune
         row.update(status="skipped (done)", final_loss=card.get("final_loss"), quality_s_dir=m.get("quality_s_dir"),
                    quality=card.get("quality") or {})
         return row, []
+    if _existing(failed_path(out_dir), h) is not None:
+        return row, []  # failed before with this config: _finish judges its stored measurement again
     loops = []
     for i, point in enumerate(points_of(fcfg, fcfg.search_trials, fcfg.seed)):
         rcfg = with_knobs(fcfg, point)
