@@ -22,11 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from dclip_ray.search import spearman
 from dclip_ray.toyworld.pairs import EVALUATION, TUNING, EditPair
-from dclip_ray.toyworld.protocol import ToyProtocol, judge_quality, meets_goals, search_trials
+from dclip_ray.toyworld.protocol import (
+    ToyProtocol,
+    judge_quality,
+    kept_of,
+    meets_goals,
+    run_key,
+    search_trials,
+)
 
 from . import _common as c
 
@@ -66,35 +75,151 @@ def _search_rows(proto: ToyProtocol, pairs: list[EditPair], n_trials: int) -> tu
     return rows, ratios
 
 
-def run(out_dir: Any, quick: bool) -> dict[str, Any]:
-    """The suite: evaluation sample x seeds, then the search table (see the module docstring)."""
+RUNS = "recipes_runs.jsonl"
+"""One JSON line per protocol fine-tuning (:meth:`ToyProtocol.checked`) in ``--out``, appended as each ends:
+the table resumes across runs and each row names the commit that made it."""
+
+
+def commit() -> str:
+    """The checkout's short commit, with ``+`` when the working tree has changes ("?" outside git)."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")) if head else "?"
+
+
+def load_runs(path: Path) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """The stored fine-tunings by ``(pair, seed, run key)`` (the last line wins)."""
+    runs = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                runs[r["pair"], r["seed"], r["key"]] = r
+    return runs
+
+
+def needed(proto: ToyProtocol, pairs: list[EditPair], seeds: tuple[int, ...], over: dict[str, Any],
+           restarts: int | None = None) -> list[tuple[EditPair, int, int, list[tuple[int, str]]]]:
+    """Per (pair, seed) row: ``(pair, seed, N, [(fine-tuning seed, run key)])``, N the restarts a user gets
+    (the recipe's, or ``restarts``) from seeds seed..seed+N-1."""
+    rows = []
+    for p in pairs:
+        for s in seeds:
+            n = restarts or proto.config(p, s, over).restarts
+            rows.append((p, s, n, [(s + i, run_key(proto.config(p, s + i, over))) for i in range(n)]))
+    return rows
+
+
+def table(rows: list[tuple[EditPair, int, int, list[tuple[int, str]]]], runs: dict[tuple[str, int, str], Any],
+          bar: float | None, min_spread: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The table's rows (a row whose fine-tunings are not all stored says so) and its counts."""
+    out, done = [], []
+    for p, s, n, want in rows:
+        have = [runs.get((p.name, ts, k)) for ts, k in want]
+        if any(h is None for h in have):
+            out.append({"pair": p.name, "recipe": p.recipe, "seed": s, "restarts": n,
+                        "goals": f"not run yet ({sum(h is not None for h in have)} of {n} fine-tunings stored)"})
+            continue
+        runs_ = [h for h in have if h is not None]
+        kept = runs_[kept_of(runs_, bar, min_spread)]
+        row = _row({**kept, "seed": s, "pair": p.name, "kind": p.kind})
+        row.update(restarts=n, kept_seed=kept["seed"], adapter=kept.get("adapter", "full"),
+                   check_scores=" ".join(f"{(h['check'].get('score') or float('nan')):.2f}" for h in runs_),
+                   seconds=round(sum(h["seconds"] for h in runs_), 1),
+                   commit=" ".join(sorted({h.get("commit", "?") for h in runs_})))
+        out.append(row)
+        done.append({**kept, "kind": p.kind, "pair": p.name, "seed": s})
+    met = [not meets_goals(r) for r in done]
+    by_pair: dict[str, list[bool]] = {}
+    for r, ok in zip(done, met, strict=True):
+        by_pair.setdefault(r["pair"], []).append(ok)
+    counts = {"pair_seeds": len(rows), "pair_seeds_done": len(done), "pair_seeds_meeting_goals": sum(met),
+              "pairs_failing_every_seed": sum(not any(v) for v in by_pair.values()),
+              "mean_seconds_per_row": round(sum(float(r["seconds"]) for r in out if "seconds" in r) / max(1, len(done)), 1)}
+    for kind in ("colour", "shape"):
+        mine = [r for r in done if r["kind"] == kind]
+        if mine:
+            counts[f"{kind}_success_mean"] = round(sum(r["success"] for r in mine) / len(mine), 3)
+            counts[f"{kind}_background_mean"] = round(sum(r["background"] for r in mine) / len(mine), 2)
+    return out, counts
+
+
+def fill(proto: ToyProtocol, path: Path, rows: list[Any], over: dict[str, Any], budget_s: float | None = None,
+         worker: tuple[int, int] = (0, 1), log: Any = None) -> int:
+    """Run the fine-tunings ``rows`` need and ``path`` lacks (this worker's share: index % N == I), each
+    appended as it ends, until ``budget_s`` is spent; returns how many ran."""
+    stored, version = load_runs(path), commit()
+    todo = list(dict.fromkeys((p, ts, k) for p, _, _, want in rows for ts, k in want))
+    todo = [t for i, t in enumerate(x for x in todo if (x[0].name, x[1], x[2]) not in stored)
+            if i % worker[1] == worker[0]]
+    start, ran = time.perf_counter(), 0
+    for p, ts, k in todo:
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+        r = {**proto.checked(p, ts, over), "commit": version}
+        if r["key"] != k:
+            raise RuntimeError(f"run key of {p.name} seed {ts} changed: {r['key']} != {k}")
+        with path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        ran += 1
+        if log:
+            log(json.dumps(_row({**r})))
+    return ran
+
+
+def run(out_dir: Any, quick: bool, budget_s: float | None = 3600.0) -> dict[str, Any]:
+    """The suite: every evaluation pair at fine-tuning seeds 0 and 1 with the defaults a user gets
+    (restarts included), resuming from ``out_dir``/:data:`RUNS` and running at most ``budget_s`` of new
+    fine-tunings per call (the rest on the next run); the same table at restarts=1 from the same runs."""
+    from dclip_ray.config import QualityCheck
+
     proto = ToyProtocol(n_eval=8 if quick else 32)
-    pairs = sample(EVALUATION, {"colour": 1, "shape": 1} if quick else SAMPLE)
+    pairs = sample(EVALUATION, {"colour": 1, "shape": 1}) if quick else list(EVALUATION)
     seeds = (0,) if quick else SEEDS
     over = {"epochs": 1} if quick else {}
-    results = [proto.run(p, s, over) for p in pairs for s in seeds]
-    rows = [_row(r) for r in results]
-    missed = [p for p in pairs if any(meets_goals(r) for r in results if r["pair"] == p.name)]
-    to_search = (missed or pairs)[:1 if quick else 2]
-    search, ratios = ([], {}) if quick else _search_rows(proto, to_search, SEARCH_TRIALS)
-    met = sum(all(not meets_goals(r) for r in results if r["pair"] == p.name) for p in pairs)
-    return {"settings": {"machine": c.machine(), "pairs": [p.name for p in pairs], "seeds": list(seeds),
-                         "n_train": proto.n_train, "n_eval": proto.n_eval, "search_trials": SEARCH_TRIALS},
-            "tables": {"held-out pairs (evaluation set)": rows, "search (trials judged too)": search},
-            "ratios": {"pairs_meeting_goals_on_every_seed": met, "pairs": len(pairs), **ratios}}
+    path = Path(out_dir) / ("recipes_runs_quick.jsonl" if quick else RUNS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = needed(proto, pairs, seeds, over)
+    fill(proto, path, rows, over, None if quick else budget_s)
+    check = QualityCheck()
+    runs = load_runs(path)
+    bar = check.bar(proto.preset)
+    defaults, counts = table(rows, runs, bar, check.min_spread)
+    single, counts1 = table(needed(proto, pairs, seeds, over, restarts=1), runs, bar, check.min_spread)
+    return {"settings": {"machine": c.machine(), "pairs": len(pairs), "seeds": list(seeds), "n_train": proto.n_train,
+                         "n_eval": proto.n_eval, "check_bar": bar, "runs_file": str(path)},
+            "tables": {"evaluation pairs, the defaults (restarts included)": defaults,
+                       "evaluation pairs, one fine-tuning each (restarts=1)": single},
+            "ratios": {**counts, **{f"restarts1_{k}": v for k, v in counts1.items()}}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Tuning runs: one JSON line per (pair, seed) with the recipe and the overrides given."""
+    """Standalone: fill the table's runs (``--worker I/N`` shares them between processes) and print it;
+    ``--search`` prints the search table instead."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.recipes_bench")
-    ap.add_argument("--set", choices=("tuning", "evaluation"), default="tuning")
+    ap.add_argument("--set", choices=("tuning", "evaluation"), default="evaluation")
     ap.add_argument("--kind", choices=("colour", "shape"), default=None)
     ap.add_argument("--pairs", type=int, default=None, help="the first N pairs of the set (per kind)")
     ap.add_argument("--names", nargs="+", default=None, help="only these pairs (e.g. red_circle-to-blue_circle)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--restarts", type=int, default=None, help="the table at N restarts (default: the recipe's)")
     ap.add_argument("--set-value", action="append", default=[], help="FIELD=VALUE of FinetuneConfig")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default="bench-out", help="folder of the runs file (resumed)")
+    ap.add_argument("--runs-file", default=RUNS)
+    ap.add_argument("--worker", default="0/1", help="I/N: run every N-th missing fine-tuning from the I-th")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (2 workers x 1 thread on 2 cores)")
+    ap.add_argument("--budget-min", type=float, default=None, help="stop starting fine-tunings after this")
+    ap.add_argument("--table-only", action="store_true", help="print the table from the stored runs")
+    ap.add_argument("--search", action="store_true", help="the search table on the chosen pairs (seed 0)")
     a = ap.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     pairs = [p for p in (TUNING if a.set == "tuning" else EVALUATION) if a.kind in (None, p.kind)]
     if a.pairs:
         pairs = sample(pairs, {k: a.pairs for k in ("colour", "shape")})
@@ -103,14 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v
             for k, v in (x.split("=", 1) for x in a.set_value)}
     proto = ToyProtocol()
-    for p in pairs:
-        for s in a.seeds:
-            r = proto.run(p, s, over)
-            line = json.dumps({**_row(r), "overrides": over})
-            print(line, flush=True)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(line + "\n")
+    if a.search:
+        search, ratios = _search_rows(proto, pairs, SEARCH_TRIALS)
+        print(json.dumps({"search": search, "ratios": ratios}, indent=1))
+        return 0
+    from dclip_ray.config import QualityCheck
+
+    path = Path(a.out) / a.runs_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = needed(proto, pairs, tuple(a.seeds), over, a.restarts)
+    if not a.table_only:
+        i, n = (int(x) for x in a.worker.split("/"))
+        fill(proto, path, rows, over, a.budget_min * 60 if a.budget_min else None, (i, n), log=print)
+    check = QualityCheck()
+    out, counts = table(rows, load_runs(path), check.bar(proto.preset), check.min_spread)
+    print(json.dumps({"table": out, "counts": counts, "overrides": over}, indent=1))
     return 0
 
 

@@ -4,6 +4,7 @@ images of its source, edit 32 other images of the source, judge them from pixels
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -78,6 +79,60 @@ class ToyProtocol:
         res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
         edits = generate_images(eps_fn_of(res.unet), lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
         return cfg, x_eval, edits, masks
+
+
+    def config(self, pair: EditPair, seed: int = 0, overrides: dict[str, Any] | None = None) -> Any:
+        """The :class:`~dclip_ray.config.FinetuneConfig` a user gets for ``pair`` (its recipe, the model
+        preset's defaults) with ``overrides`` at fine-tuning ``seed``."""
+        return resolve_finetune_config(pair.source, pair.target, {**(overrides or {}), "seed": seed},
+                                       {"recipe": pair.recipe, "n_train": self.n_train}, preset=self.preset)
+
+    def checked(self, pair: EditPair, seed: int = 0, overrides: dict[str, Any] | None = None,
+                n_check: int = 8) -> dict[str, Any]:
+        """One fine-tuning of ``pair`` at ``seed`` (its restarts setting ignored: one seed), measured as
+        finetune's check measures it (:func:`dclip_ray.quality.check_model`: edits of ``n_check`` renders
+        of the source neither trained on nor judged, render seed :data:`SCORE_SEED`, judge-free) AND
+        judged from pixels on the held-out images: the :meth:`run` fields plus ``check`` (the
+        measurement) and ``key`` (:func:`run_key`)."""
+        from dclip_ray.edit import generate_images, invert_images
+        from dclip_ray.finetune import finetune
+        from dclip_ray.models import eps_fn_of
+        from dclip_ray.quality import check_model, weights_finite
+
+        start = time.perf_counter()
+        cfg = self.config(pair, seed, overrides)
+        x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0)
+        x_check = _images(sample_dataset(n_check, SCORE_SEED, colours=[pair.colour], shapes=[pair.shape]))
+        if (pair.source, cfg.t0, "check") not in self._latents:
+            lat = invert_images(eps_fn_of(self.unet), x_check, cfg.t0, cfg.n_inv_steps, self.schedule)
+            self._latents[pair.source, cfg.t0, "check"] = (lat, lat)
+        lat_check = self._latents[pair.source, cfg.t0, "check"][0]
+        res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
+        eps = eps_fn_of(res.unet)
+        finite = weights_finite(res.unet) and math.isfinite(res.final_loss)
+        measured = check_model(None, eps, self.clip, x_check, cfg, self.schedule, finite=finite, latents=lat_check)
+        edits = generate_images(eps, lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
+        judged = judge_edit(pair, edits, masks)
+        return {"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe, "adapter": cfg.adapter,
+                "overrides": dict(overrides or {}), "key": run_key(cfg), **asdict(judged), "check": measured,
+                "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_key(cfg: Any) -> str:
+    """What makes two protocol fine-tunings the same (12 hex): the config's sha256 without the settings
+    that choose AMONG fine-tunings (``restarts``, ``search_trials``), so restarts reuse single runs."""
+    from dclip_ray.hashing import config_sha256
+
+    own = {k: v for k, v in asdict(cfg).items() if k not in ("restarts", "search_trials")}
+    return config_sha256(own)[:12]
+
+
+def kept_of(runs: list[dict[str, Any]], bar: float | None, min_spread: float) -> int:
+    """Which of a prompt's restarts (:meth:`ToyProtocol.checked` rows, seeds s..s+N-1) finetune keeps:
+    :func:`dclip_ray.quality.choose` over their check verdicts (the best-scored that passed, else the best)."""
+    from dclip_ray.quality import choose, judge
+
+    return choose([judge(r["check"], bar, min_spread) for r in runs])
 
 
 def meets_goals(row: dict[str, Any]) -> list[str]:
