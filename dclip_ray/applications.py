@@ -171,12 +171,90 @@ class TranslateJob:
     batch_size: int = 16
     grid: bool = False
     kind: str = "translate"
+    score_clip: str | None = None
+    score_clip_weights: str | None = None
+    min_score: float | None = None
+    trust_checkpoint: bool = False
+
+
+SCORES_FILE = "scores.parquet"
+"""In a translate OUT with a fine-tuned model: one manifest row per input key (ok, rejected or error) with
+the edit's per-image scores (:data:`dclip_ray.io.manifest.SCORE_COLUMNS`)."""
+
+REJECTED_DIR = "rejected"
+"""``OUT/rejected/{key}.png``: an edit scored under ``--min-score``, kept for inspection, never in OUT."""
+
+
+def _scorer(job: TranslateJob) -> tuple[Any, list[list[str]], list[str]]:
+    """``(CLIP or None, [[source, target]], warnings)``: what scores the final edits, checked before any
+    work. The edit is the fine-tuned model's (its card's source and target); the CLIP is ``--score-clip``,
+    else the card's. ``--min-score`` needs both (:class:`ConfigError`); without it a missing one turns
+    scoring off with a warning."""
+    from dclip_ray.errors import DclipError
+    from dclip_ray.models.clip import check_clip, load_clip
+    from dclip_ray.stages.restyle_config import card_clip_of, card_edits
+
+    if not job.finetuned:
+        if job.min_score is not None:
+            raise ConfigError(f"--min-score {job.min_score:g} scores the fine-tuned model's edits: pass --finetuned")
+        return None, [], []
+    edits = card_edits(job.finetuned)
+    name, weights = (job.score_clip, job.score_clip_weights) if job.score_clip else card_clip_of(job.finetuned)
+    problem = ("its dclip.json names no source and target" if not edits else
+               "no CLIP is known: pass --score-clip NAME (and --score-clip-weights PATH)" if not name else None)
+    if problem is None:
+        try:
+            check_clip(str(name), weights, job.trust_checkpoint)
+        except DclipError as e:
+            problem = f"its CLIP {name} cannot be loaded ({e})"
+    if problem is not None:
+        if job.min_score is not None:
+            raise ConfigError(f"--min-score {job.min_score:g}: the edits of {job.finetuned} cannot be scored: {problem}")
+        return None, [], [f"the edits are not scored: {problem}"]
+    return load_clip(str(name), weights=weights), edits, []
+
+
+def _write_scored(job: TranslateJob, out: Path, keys: list[str], domain: torch.Tensor, edited: torch.Tensor,
+                  errors: list[dict[str, Any]], clip: Any, edits: list[list[str]]) -> dict[str, Any]:
+    """Write each final image (``OUT/{key}.png``, or ``OUT/rejected/{key}.png`` when scored under
+    ``--min-score``) and, when scored, the manifest :data:`SCORES_FILE`; returns the summary's score fields.
+    The edit scored is step 2 (``domain`` [N,3,H,W] -> ``edited``, both in [-1,1]): the part the fine-tuned
+    model made."""
+    from dclip_ray.io.manifest import ManifestRow, write_manifest
+    from dclip_ray.scoring import ScoreStats, image_scores, rows_of
+
+    rows = rows_of(image_scores(clip, domain, edited.clamp(-1, 1), edits)) if clip is not None else [{}] * len(keys)
+    stats, manifest, rejected = ScoreStats(), [], []
+    for key, xe, sc in zip(keys, edited, rows, strict=True):
+        data = encode_png(xe)
+        low = job.min_score is not None and sc.get("score", float("inf")) < job.min_score
+        dest = (out / REJECTED_DIR if low else out) / f"{key}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        (out / (f"{key}.png" if low else f"{REJECTED_DIR}/{key}.png")).unlink(missing_ok=True)
+        if "score" in sc:
+            stats.add(sc["score"], "", key, rejected=low)
+        sha = hashlib.sha256(data).hexdigest()
+        if low:
+            reason = f"edit scored {sc['score']:.4f} < --min-score {job.min_score:g}"
+            rejected.append({"key": key, "score": sc["score"], "reason": reason})
+            manifest.append(ManifestRow(key, "", "rejected", reason, sha, scores=sc))
+        else:
+            manifest.append(ManifestRow(key, "", "ok", None, sha, scores=sc))
+    if clip is None:
+        return {}
+    manifest += [ManifestRow(str(e["key"]), str(e.get("shard") or ""), "error", str(e["error"])) for e in errors]
+    write_manifest(manifest, str(out / SCORES_FILE))
+    return {"scores": stats.summary(), "scored_edit": edits, "n_rejected": len(rejected), "rejected": rejected,
+            "min_score": job.min_score, "manifest": str(out / SCORES_FILE)}
 
 
 def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
     """Run :func:`translate` on the images of ``job.images``; write ``{out}/{key}.png`` (the final edit),
     ``{out}/domain/{key}.png`` (step 1), optionally ``grid.png`` (input / domain / edited rows) and the
-    summary ``dclip_run.json``; return the summary."""
+    summary ``dclip_run.json``; return the summary. With a fine-tuned model every final edit is scored
+    (step 1 -> final, the card's source -> target; :data:`SCORES_FILE`), and one under ``min_score`` goes
+    to ``{out}/rejected/`` instead (``n_images`` counts the images in OUT)."""
     check_outputs({"--out": job.out}, {"--images": job.images, "--model": job.model, "--finetuned": job.finetuned})
     use_free_cores()
     base = load_base(job.model, job.preset)
@@ -189,17 +267,23 @@ def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
                                 job.strength)
     if not 1 <= job.t0 < base.schedule.num_timesteps:
         raise ConfigError(f"--t0 {job.t0} must be in [1, {base.schedule.num_timesteps - 1}]")
+    clip, edits, warnings = _scorer(job)
     keys, x0, errors = read_images(job.images, base.resolution, job.limit)
     res = translate(eps_fn_of(base.unet), x0, job.t0, base.schedule, finetuned=ft_eps, k=job.k, t0_edit=t0_edit,
                     n_inv_steps=job.n_inv_steps, n_gen_steps=job.n_gen_steps, n_domain_steps=job.n_domain_steps,
                     eta=job.eta, seed=job.seed, batch_size=job.batch_size, disable=not progress)
     out = Path(job.out)
     (out / "domain").mkdir(parents=True, exist_ok=True)
-    for key, xd, xe in zip(keys, res.domain, res.edited, strict=True):
-        (out / f"{key}.png").write_bytes(encode_png(xe))
+    if job.min_score is not None:
+        (out / REJECTED_DIR).mkdir(exist_ok=True)
+    for key, xd in zip(keys, res.domain, strict=True):
         (out / "domain" / f"{key}.png").write_bytes(encode_png(xd))
-    summary: dict[str, Any] = {"kind": job.kind, "out": str(out), "n_images": len(keys),
+    scored = _write_scored(job, out, keys, res.domain, res.edited, errors, clip, edits)
+    for w in warnings:
+        log.warning("%s", w)
+    summary: dict[str, Any] = {"kind": job.kind, "out": str(out), "n_images": len(keys) - scored.get("n_rejected", 0),
                                "t0": job.t0, "t0_edit": t0_edit or job.t0, "k": job.k, "errors": errors,
+                               **scored, "warnings": warnings,
                                "config": {**asdict(job), "images": job.images if "://" in job.images
                                           else os.path.abspath(job.images)}}
     if job.grid:

@@ -181,11 +181,12 @@ def _preset_value(preset: Any, name: str) -> Any:
 
 def recipe_settings(name: str, adapter: str | None = None) -> dict[str, Any]:
     """The recipe ``name``'s settings as ``{FinetuneConfig field: value}`` (with its ``lora`` values when
-    ``adapter`` is "lora"), each checked by its declared rule (:class:`ConfigError` naming the recipe
-    and the key otherwise)."""
+    the adapter is "lora": ``adapter`` as given, else the recipe's own ``adapter``), each checked by its
+    declared rule (:class:`ConfigError` naming the recipe and the key otherwise)."""
     by_key = {s.prompt: s for s in settings_of(FinetuneConfig) if s.prompt}
     out = {}
     recipe = get_recipe(name)
+    adapter = adapter or recipe.settings.get("adapter")
     for key, value in {**recipe.settings, **(recipe.lora if adapter == "lora" else {})}.items():
         if key not in by_key or key == "recipe":
             raise ConfigError(f"recipe {name!r}: unknown setting {key!r}; use prompt-line keys ({', '.join(by_key)})")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_fixtures import tiny_unet_dir
+from pipeline_fixtures import SCHED, tiny_unet_dir
 
 from dclip_ray.applications import RUN_FILE, from_strokes, to_trained_domain, translate
 from dclip_ray.cli import main
@@ -107,3 +107,53 @@ def test_translate_and_from_strokes_commands(tmp_path, capsys):
 
     rc = main(["translate", "--model", "toy_shapes", "--images", str(src), "--out", str(tmp_path / "x"), "--k", "0"])
     assert rc == 1
+
+
+def test_translate_scores_every_final_edit_and_min_score_moves_low_ones_apart(base, tmp_path, capsys):
+    """With a fine-tuned model every final edit (step 1 -> final) gets its judge-free scores in
+    OUT/scores.parquet; --min-score moves an edit under it to OUT/rejected/ (never OUT) as a rejected row."""
+    from dclip_ray.applications import REJECTED_DIR, SCORES_FILE
+    from dclip_ray.io.manifest import read_manifest
+
+    torch.set_num_threads(1)
+    src = tmp_path / "strokes"
+    src.mkdir()
+    for i, c in enumerate(["red", "red", "red"]):
+        Image.fromarray(paint_strokes(c, i)).save(src / f"s{i}.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    card = {"source": "red circle", "target": "blue circle", "clip": "toy_clip", "config": {"t0": 250}}
+    same = tmp_path / "same"  # the base itself: step 2 reconstructs step 1, an edit that changes nothing
+    base.unet.save_pretrained(same)
+    (same / "scheduler_config.json").write_text(json.dumps(SCHED))
+    (same / "dclip.json").write_text(json.dumps(card))
+    noise = tiny_unet_dir(tmp_path / "noise", 1, card)  # random weights: its "edits" are noise
+
+    def run(ft: str, out: str, *extra: str) -> tuple[int, dict]:
+        rc = main(["translate", "--model", "toy_shapes", "--finetuned", ft, "--images", str(src), "--out",
+                   str(tmp_path / out), "--n-inv", "10", "--n-gen", "10", "--n-domain", "10", "--json", *extra])
+        return rc, json.loads(capsys.readouterr().out)
+
+    rc, kept = run(str(same), "kept")
+    assert rc == 2 and len(kept["errors"]) == 1, "the broken file is an error row"
+    rows = {r.key: r for r in read_manifest(str(tmp_path / "kept" / SCORES_FILE))}
+    assert sorted(rows) == ["broken", "s0", "s1", "s2"] and rows["broken"].status == "error"
+    assert all(rows[k].status == "ok" and set(rows[k].scores) >= {"score", "direction", "structure", "background"}
+               for k in ("s0", "s1", "s2"))
+    assert all(rows[k].scores["structure"] > 0.8 for k in ("s0", "s1", "s2")), "a reconstruction keeps the structure"
+    assert kept["scores"]["n"] == 3 and kept["n_rejected"] == 0 and kept["scored_edit"] == [["red circle", "blue circle"]]
+
+    rc, bad = run(noise, "bad")
+    worst_kept = min(r.scores["score"] for r in rows.values() if r.status == "ok")
+    assert bad["scores"]["max"] < worst_kept, "noise scores under every reconstruction"
+    bar = (bad["scores"]["max"] + worst_kept) / 2
+    rc, rej = run(noise, "bad", "--min-score", f"{bar:.4f}")
+    assert rc == 2 and rej["n_rejected"] == 3 and rej["n_images"] == 0
+    assert sorted(p.name for p in (tmp_path / "bad").glob("*.png")) == [], "a rejected edit is never in OUT"
+    assert sorted(p.name for p in (tmp_path / "bad" / REJECTED_DIR).iterdir()) == ["s0.png", "s1.png", "s2.png"]
+    assert {r.status for r in read_manifest(str(tmp_path / "bad" / SCORES_FILE)) if r.key != "broken"} == {"rejected"}
+    rc, again = run(str(same), "bad", "--min-score", f"{bar:.4f}")
+    assert again["n_rejected"] == 0 and not list((tmp_path / "bad" / REJECTED_DIR).iterdir()), \
+        "an edit kept now leaves rejected/"
+
+    assert main(["translate", "--model", "toy_shapes", "--images", str(src), "--out", str(tmp_path / "x"),
+                 "--min-score", "0.5"]) == 1, "--min-score without --finetuned has no edit to score"

@@ -140,6 +140,17 @@ def test_the_toy_model_gives_a_shape_change_the_shape_recipe(source, target, rec
     assert (c.w_edge, c.refine_from, c.aug_flip) == (0.0, 0, "hv"), "no colour-recipe edge loss in a shape edit"
 
 
+def test_a_recipe_that_names_lora_takes_its_lora_values_unless_the_run_says_full(monkeypatch):
+    import dclip_ray.recipes as recipes
+
+    table = {**recipes._load(), "shape": recipes.Recipe("shape", "", "", {"adapter": "lora", "lr": 5e-5}, {"lr": 5e-4})}
+    monkeypatch.setattr(recipes, "_load", lambda: table)
+    c = resolve_finetune_config("a", "b", {"recipe": "shape"})
+    assert (c.adapter, c.lr) == ("lora", 5e-4), "the recipe's own adapter brings its lora values"
+    c = resolve_finetune_config("a", "b", {"recipe": "shape", "adapter": "full"})
+    assert (c.adapter, c.lr) == ("full", 5e-5), "adapter=full on the line: the full model's values"
+
+
 def test_a_lora_run_takes_the_recipes_lora_values():
     c = resolve_finetune_config("a", "b", {"adapter": "lora"}, preset=TOY)  # the model preset's recipe
     assert (c.recipe, c.adapter, c.lr) == ("colour", "lora", float(get_recipe("colour").lora["lr"]))

@@ -24,12 +24,14 @@ from .terminal import to_stderr, to_stdout
 def _translate(kind: str, model: str, images: str, out: str, finetuned: str | None, preset: str | None, t0: int,
                k: int, t0_edit: int | None, strength: float, n_inv: int, n_gen: int, n_domain: int | None, eta: float,
                seed: int, limit: int | None, batch_size: int, grid: bool, as_json: bool, verbose: bool,
-               trust: bool, quiet: bool = False) -> None:
+               trust: bool, quiet: bool, score_clip: str | None, score_clip_weights: str | None,
+               min_score: float | None) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
     job = TranslateJob(model=model, images=images, out=out, finetuned=finetuned, preset=preset, t0=t0, k=k,
                        t0_edit=t0_edit, strength=strength, n_inv_steps=n_inv, n_gen_steps=n_gen,
                        n_domain_steps=n_domain, eta=eta, seed=seed, limit=limit, batch_size=batch_size, grid=grid,
-                       kind=kind)
+                       kind=kind, score_clip=score_clip, score_clip_weights=score_clip_weights, min_score=min_score,
+                       trust_checkpoint=trust)
     with trust_scope(trust):
         summary = run_translate(job, progress=progress_wanted(as_json, quiet))
     raise typer.Exit(_emit(summary, as_json, kind))
@@ -38,6 +40,10 @@ def _translate(kind: str, model: str, images: str, out: str, finetuned: str | No
 _MODEL = "The ORIGINAL base UNet: preset name (toy_shapes), diffusers folder, .ckpt/.pt or URL."
 _TRUST = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted "
           "files only.")
+_SCORE_CLIP = ("CLIP that scores every final edit (step 1 -> final, the fine-tuned model's source -> target) into "
+               "OUT/scores.parquet (default: the CLIP the model was fine-tuned with, from its dclip.json).")
+_MIN_SCORE = ("With --finetuned: an edit scored under this goes to OUT/rejected/{key}.png, never OUT (a "
+              "'rejected' row with its scores in OUT/scores.parquet).")
 _FT = "Fine-tuned model folder for the final edit (default: none, the original model reconstructs step 1)."
 
 
@@ -69,11 +75,15 @@ def translate(
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
+    score_clip: str = typer.Option(None, help=_SCORE_CLIP),
+    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
+    min_score: float = typer.Option(None, help=_MIN_SCORE),
 ) -> None:
     """Unseen -> unseen translation (paper, Figure 4a): noise to t0, generate into the trained domain (K times),
     then invert and edit with a fine-tuned model."""
     _translate("translate", model, images, out, finetuned, preset, t0, k, t0_edit, strength, n_inv, n_gen, n_domain,
-               eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet)
+               eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet, score_clip,
+               score_clip_weights, min_score)
 
 
 @app.command("from-strokes", epilog="""Example (toy world): rough colour blobs -> clean shapes -> edited:\n
@@ -104,11 +114,15 @@ def from_strokes(
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
+    score_clip: str = typer.Option(None, help=_SCORE_CLIP),
+    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
+    min_score: float = typer.Option(None, help=_MIN_SCORE),
 ) -> None:
     """Stroke-conditioned generation (paper, Figure 4b): a rough painting -> a clean image of the trained domain,
     optionally edited by a fine-tuned model."""
     _translate("from-strokes", model, images, out, finetuned, preset, t0, k, t0_edit, strength, n_inv, n_gen,
-               n_domain, eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet)
+               n_domain, eta, seed, limit, batch_size, grid, as_json, verbose, trust_checkpoint, quiet, score_clip,
+               score_clip_weights, min_score)
 
 
 def _fmt(v: Any) -> str:
