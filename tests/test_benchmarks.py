@@ -156,13 +156,41 @@ def test_finetune_quick_efficient_mode_uses_less_memory_than_full() -> None:
 
 @pytest.mark.slow
 def test_recipes_quick(tmp_path: Path) -> None:
-    """The held-out protocol at smoke size: one colour and one shape evaluation pair, 1 epoch, 8 images."""
+    """The held-out protocol at smoke size: one colour and one shape evaluation pair, 1 epoch, 8 images;
+    a second run resumes from the stored runs and trains nothing."""
     res = recipes_bench.run(tmp_path, quick=True)
-    rows = res["tables"]["held-out pairs (evaluation set)"]
+    rows = res["tables"]["evaluation pairs, the defaults (restarts included)"]
     assert [r["recipe"] for r in rows] == ["colour", "shape-upright"] and all(r["seed"] == 0 for r in rows)
-    assert all(0 <= r["success"] <= 1 and r["goals"] for r in rows)
-    assert res["ratios"]["pairs"] == 2 and 0 <= res["ratios"]["pairs_meeting_goals_on_every_seed"] <= 2
+    assert all(0 <= r["success"] <= 1 and r["goals"] and r["commit"] for r in rows)
+    assert res["ratios"]["pair_seeds_done"] == 2 and 0 <= res["ratios"]["pair_seeds_meeting_goals"] <= 2
+    runs = tmp_path / "recipes_runs_quick.jsonl"
+    n = len(runs.read_text().splitlines())
+    assert recipes_bench.run(tmp_path, quick=True)["tables"] == res["tables"]
+    assert len(runs.read_text().splitlines()) == n, "stored runs are reused"
 
+
+def test_recipes_table_keeps_the_restart_the_check_keeps() -> None:
+    """By hand: a (pair, seed) row of N restarts is judged on the run finetune's check would keep (the
+    best-scored that passed), the judge's numbers are that run's, and a row missing a run says so."""
+    from dclip_ray.toyworld.pairs import EVALUATION
+
+    pair = EVALUATION[0]
+
+    def run(seed: int, score: float, spread: float, success: float) -> dict:
+        check = {"n_images": 8, "held_aside": True, "finite": True, "score": score, "direction": score,
+                 "structure": 1.0, "background": 0.0, "spread": spread}
+        return {"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": "colour", "key": f"k{seed}",
+                "success": success, "iou": 0.9, "background": 1.0, "reads": {}, "seconds": 10.0, "check": check,
+                "commit": "abc"}
+
+    runs = {(pair.name, s, f"k{s}"): r for s, r in enumerate([run(0, 0.9, 0.01, 0.0), run(1, 0.6, 0.8, 1.0),
+                                                              run(2, 0.7, 0.9, 0.5)])}
+    rows = [(pair, 0, 2, [(0, "k0"), (1, "k1")]), (pair, 1, 2, [(1, "k1"), (2, "k2")]), (pair, 2, 2, [(2, "k2"), (3, "k3")])]
+    out, counts = recipes_bench.table(rows, runs, bar=0.5, min_spread=0.3)
+    assert out[0]["kept_seed"] == 1 and out[0]["success"] == 1.0, "seed 0 collapsed (spread 0.01): not kept"
+    assert out[1]["kept_seed"] == 2 and out[1]["success"] == 0.5, "both passed: the higher check score"
+    assert out[2]["goals"].startswith("not run yet (1 of 2")
+    assert counts["pair_seeds_done"] == 2 and counts["pair_seeds_meeting_goals"] == 1
 
 
 def test_score_analysis_by_hand() -> None:

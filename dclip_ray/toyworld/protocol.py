@@ -119,11 +119,15 @@ class ToyProtocol:
 
 
 def run_key(cfg: Any) -> str:
-    """What makes two protocol fine-tunings the same (12 hex): the config's sha256 without the settings
-    that choose AMONG fine-tunings (``restarts``, ``search_trials``), so restarts reuse single runs."""
+    """What makes two protocol fine-tunings the same (12 hex): the sha256 of the config's settings that
+    differ from their declared defaults, without those that choose AMONG fine-tunings (``restarts``,
+    ``search_trials``): restarts reuse single runs, and a new setting (at its default) keeps stored runs."""
+    from dataclasses import fields
+
     from dclip_ray.hashing import config_sha256
 
-    own = {k: v for k, v in asdict(cfg).items() if k not in ("restarts", "search_trials")}
+    own = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+           if f.name not in ("restarts", "search_trials") and getattr(cfg, f.name) != f.default}
     return config_sha256(own)[:12]
 
 
