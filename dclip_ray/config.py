@@ -382,13 +382,23 @@ class Resources:
     def __post_init__(self) -> None:
         validate_settings(self)
 
-    def restyle_actors(self, cpus: int, gpus: int = 0) -> tuple[int, float]:
-        """(actors, CPUs per actor) on a cluster of ``cpus`` CPUs and ``gpus`` GPUs: the given values, else
-        one actor per CPU (per GPU with ``gpus_per_actor``), each taking 0.5 CPU when they take every CPU
-        so that Ray Data's read tasks are never starved (a pool claiming every CPU hangs)."""
-        actors = self.actors or (max(1, gpus) if self.gpus_per_actor else max(1, cpus))
-        per_actor = self.cpus_per_actor if self.cpus_per_actor is not None else (0.5 if actors >= cpus else 1.0)
-        return actors, per_actor
+    def restyle_pool(self, cpus: float, gpus: float = 0.0) -> tuple[int, float, str]:
+        """``(actors, CPUs per actor, why)`` of the restyle actor pool on a cluster of ``cpus`` CPUs and
+        ``gpus`` GPUs (all its nodes: ``ray.cluster_resources()``, read after Ray is up): ``--actors``
+        when given, else one actor per ``--gpus-per-actor`` GPUs with it, else one per CPU. Each actor
+        takes ``--cpus-per-actor``, else 0.5 CPU when the actors take every CPU (Ray Data's read tasks are
+        never starved: a pool claiming every CPU hangs), else 1. ``why`` says which rule chose, in words."""
+        cpus_n = max(1, int(cpus))
+        if self.actors:
+            actors, why = self.actors, f"--actors {self.actors}"
+        elif self.gpus_per_actor:
+            actors = max(1, int(gpus // self.gpus_per_actor))
+            why = (f"one per {self.gpus_per_actor:g} GPU of the cluster's {gpus:g}" if gpus else
+                   "no GPU in the cluster yet: 1 (it starts when a GPU node joins)")
+        else:
+            actors, why = cpus_n, f"one per CPU of the cluster's {cpus:g}"
+        per_actor = self.cpus_per_actor if self.cpus_per_actor is not None else (0.5 if actors >= cpus_n else 1.0)
+        return actors, per_actor, f"{why}, {per_actor:g} CPU each"
 
 
 CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, TrainingSets, QualityCheck, RestyleSettings,

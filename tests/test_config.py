@@ -212,10 +212,19 @@ def test_finetune_many_takes_the_identity_loss_with_face_weights():
     assert cfg.w_id == 0.5
 
 
-def test_restyle_actors_follow_the_declared_resources():
+def test_the_restyle_pool_is_sized_from_the_cluster_by_one_rule():
+    """Cluster CPUs/GPUs in, (actors, CPUs per actor, why) out: one per CPU (half a CPU each when they
+    take every CPU), one per --gpus-per-actor GPUs, or --actors; the reason names the rule."""
     from dclip_ray.config import Resources
 
-    assert Resources().restyle_actors(4) == (4, 0.5), "one actor per CPU, each half a CPU: reads are never starved"
-    assert Resources(actors=2).restyle_actors(4) == (2, 1.0)
-    assert Resources(gpus_per_actor=1.0).restyle_actors(16, gpus=2) == (2, 1.0)
-    assert Resources(actors=3, cpus_per_actor=2.0).restyle_actors(4) == (3, 2.0)
+    assert Resources().restyle_pool(4)[:2] == (4, 0.5), "one actor per CPU, each half a CPU: reads are never starved"
+    assert Resources().restyle_pool(64)[0] == 64, "a cluster's CPUs, not the driver's"
+    assert Resources(actors=2).restyle_pool(4)[:2] == (2, 1.0)
+    assert Resources(gpus_per_actor=1.0).restyle_pool(16, gpus=2)[:2] == (2, 1.0)
+    assert Resources(gpus_per_actor=0.5).restyle_pool(16, gpus=4)[0] == 8, "two actors share each GPU"
+    actors, _, why = Resources(gpus_per_actor=1.0).restyle_pool(16, gpus=0)
+    assert actors == 1 and "no GPU" in why
+    assert Resources(actors=3, cpus_per_actor=2.0).restyle_pool(4)[:2] == (3, 2.0)
+    assert "one per CPU of the cluster's 64" in Resources().restyle_pool(64)[2]
+
+

@@ -1,7 +1,7 @@
 """`dclip-ray submit workflows/toy.yaml` against a real two-node Ray cluster on loopback (slow: ~6 min on 2 CPUs).
 
 The test starts a head (`ray start --head --block`, 1 CPU) and a second node (`ray start --block
---address=...`, 2 CPUs) with token authentication on (`RAY_AUTH_MODE=token`, the token in a file of
+--address=...`, 4 logical CPUs on this 2-core machine) with token authentication on (`RAY_AUTH_MODE=token`, the token in a file of
 the test's own, passed as `RAY_AUTH_TOKEN_PATH`), every port chosen free, the dashboard on 127.0.0.1,
 and a temp dir of its own; it never calls `ray stop` (that would stop every Ray on the machine). Each
 `ray start --block` runs in a new session; the finalizer terminates both and then kills, by pid, any
@@ -128,19 +128,20 @@ def cluster():
             env=env, start_new_session=True, stdout=open(f"{tmp}/head.log", "w"), stderr=subprocess.STDOUT))
         wait_dashboard(dash)
         procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--temp-dir={tmp}/rw", *common,
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4", f"--temp-dir={tmp}/rw", *common,
              *node_ports()],
             env=env, start_new_session=True, stdout=open(f"{tmp}/worker.log", "w"), stderr=subprocess.STDOUT))
         start = time.time()
         while time.time() - start < 90:
             st = subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True,
                                 text=True)
-            if "0.0/3.0 CPU" in st.stdout:
+            if "0.0/5.0 CPU" in st.stdout:
                 break
             time.sleep(2)
         else:
             raise TimeoutError(f"the second node did not join: {st.stdout[-500:]} {st.stderr[-500:]}")
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp, "procs": procs}
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env, "tmp": tmp,
+               "procs": procs}
     finally:
         try:
             stop_sessions(procs)
@@ -210,3 +211,29 @@ def test_submit_without_the_token_is_refused_in_one_line(cluster, tmp_path):
     bad = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
     res = dclip(["status", "raysubmit_x", "--address", cluster["address"]], bad, timeout=120)
     assert res.returncode == 1 and "the token sent was refused" in res.stderr and "not-the-token" not in res.stderr
+
+
+def test_restyle_at_an_address_sizes_its_pool_from_the_cluster_not_the_driver(cluster, tmp_path):
+    """The driver machine has 2 cores; the cluster has 5 CPUs (a 1-CPU head, a 4-CPU worker): `restyle
+    --address` starts one actor per cluster CPU and runs more shards at once than the driver has cores."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_fixtures import tiny_models
+
+    from dclip_ray.toyworld.data import write_shards
+
+    data = tmp_path / "data"
+    write_shards(str(data), 80, seed=0, shard_size=8)  # 10 shards
+    models = tiny_models(tmp_path / "m", 300)
+    args = ["restyle", "--input", str(data), "--model", models["ft"], "--out", str(tmp_path / "out"),
+            "--address", cluster["gcs"], "--n-inv", "40", "--n-gen", "40", "--json"]
+    plan = dclip([*args, "--dry-run"], cluster["env"], timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert json.loads(plan.stdout)["pool"]["actors"] == 5, "the dry run sizes the pool from the cluster"
+    run = dclip(args, cluster["env"], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    s = json.loads(run.stdout)
+    assert s["pool"]["actors"] == 5 and s["pool"]["cluster_cpus"] == 5 and "cluster's 5" in s["pool"]["why"]
+    assert s["n_images"] == 80 and len({r["node"] for r in s["shards"]}) == 2, "both nodes ran shards"
+    spans = [(r["started"], r["started"] + r["seconds"]) for r in s["shards"]]
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most >= 3, f"at most {most} shards ran at once on a 5-CPU cluster (the driver machine has 2 cores)"

@@ -218,8 +218,7 @@ def restyle(
                                preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint,
                                clip=clip, clip_weights=clip_weights, score_clip=score_clip,
                                score_clip_weights=score_clip_weights, face_weights=face_weights)
-    actors, per_actor = res.restyle_actors(os.cpu_count() or 1)
-    job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
+    job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=res.actors, cpus_per_actor=res.cpus_per_actor,
                      gpus_per_actor=res.gpus_per_actor, address=address, verbose=verbose,
                      shard_timeout=res.shard_timeout, require_latents=require_latents)
     with trust_scope(trust_checkpoint):
@@ -250,8 +249,10 @@ def _print_plan(p: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(plain.dumps(p))
     else:
+        pool = p["pool"]
         t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations (t0 "
-                  f"{', '.join(map(str, p['t0s']))}; route {p['route']})")
+                  f"{', '.join(map(str, p['t0s']))}; route {p['route']}); up to {pool['actors']} actor(s): "
+                  f"{pool['why']}")
         for c in ("shard", "images", "cached latents", "committed", "UNet evaluations"):
             t.add_column(c)
         for r in p["shards"]:
@@ -268,7 +269,9 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
     if as_json:
         print(plain.dumps(s))
     else:
-        t = Table(title=f"restyle -> {', '.join(s['outputs'])}")
+        pool = s.get("pool")
+        ran = f"; {pool['actors_started']} actor(s): {pool['why']}" if pool else ""
+        t = Table(title=f"restyle -> {', '.join(s['outputs'])}{ran}")
         for c in ("shard", "status", "ok", "errors", "routed away", "inversions", "cached", "seconds"):
             t.add_column(c)
         for r in s["shards"]:

@@ -52,8 +52,8 @@ class RestyleJob:
     config: RestyleConfig
     input: str
     limit: int | None = None
-    actors: int = 2
-    cpus_per_actor: float = 0.5
+    actors: int | None = None  # None: from the cluster's resources once Ray is up (:func:`pool_size`)
+    cpus_per_actor: float | None = None
     gpus_per_actor: float = 0.0
     address: str | None = None
     num_cpus: int | None = None
@@ -160,11 +160,32 @@ def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[
     return shards, prints, warnings
 
 
+def pool_size(job: RestyleJob, resources: dict[str, Any]) -> dict[str, Any]:
+    """The actor pool for ``resources`` (``ray.cluster_resources()``: every node of the cluster, never the
+    driver machine's cores): ``{"actors", "cpus_per_actor", "gpus_per_actor", "why", "cluster_cpus",
+    "cluster_gpus"}`` by :meth:`~dclip_ray.config.Resources.restyle_pool`, the one rule of the CLI and
+    the workflow."""
+    from dclip_ray.config import Resources
+
+    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    rule = Resources(actors=job.actors, cpus_per_actor=job.cpus_per_actor, gpus_per_actor=job.gpus_per_actor)
+    actors, per_actor, why = rule.restyle_pool(cpus, gpus)
+    return {"actors": actors, "cpus_per_actor": per_actor, "gpus_per_actor": job.gpus_per_actor, "why": why,
+            "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
 def plan(job: RestyleJob) -> dict[str, Any]:
     """``--dry-run``: shards, images and UNet evaluations the job would run (nothing is written); runs
-    every check the real run does first."""
+    every check the real run does first. ``pool``: the actors it would start, sized from the cluster at
+    ``--address`` (joined to read its resources) or, without one, from the local Ray it would start."""
+    import os
+
     shards, prints, warnings = check(job)
-    return {**restyle_plan(job.config, shards, prints), "warnings": warnings}
+    if job.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        resources = init_ray(job.address, job.num_cpus, verbose=job.verbose)
+    else:
+        resources = {"CPU": job.num_cpus or os.cpu_count() or 1}
+    return {**restyle_plan(job.config, shards, prints), "pool": pool_size(job, resources), "warnings": warnings}
 
 
 def _marked(cfg: RestyleConfig, shard: str) -> tuple[int, int, int]:
@@ -213,17 +234,20 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         if (n, p) not in todo:
             _, n_error, n_rejected = _marked(cfg, n)
             results.append(RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict())
+    pool = None
     if todo:
-        init_ray(job.address, job.num_cpus, verbose=job.verbose)
+        pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose))
+        pool["actors_started"] = min(pool["actors"], len(todo))
         cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
         actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
         factory = job.restyler_factory or ShardRestyler
         ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(GeneratorActor, batch_size=1,
-                            fn_constructor_args=(actor_cfg, job.cpus_per_actor, job.shard_timeout, new_owner(), factory),
-                            compute=_pool(min(job.actors, len(todo))),
-                            num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None)
+                            fn_constructor_args=(actor_cfg, pool["cpus_per_actor"], job.shard_timeout, new_owner(),
+                                                 factory),
+                            compute=_pool(pool["actors_started"]),
+                            num_cpus=pool["cpus_per_actor"], num_gpus=job.gpus_per_actor or None)
         with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
             try:
                 for row in ds.iter_rows():
@@ -257,7 +281,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         "n_skipped": sum(1 for r in results if r.get("skipped")),
         "n_routed": sum(r.get("n_routed", 0) for r in results), "route": cfg.route, "t0s": cfg.t0s(),
         "inv_evals": sum(r.get("inv_evals", 0) for r in results), "gen_evals": sum(r.get("gen_evals", 0) for r in results),
-        "failed": failed, "unreadable": unreadable_shards(results),
+        "failed": failed, "unreadable": unreadable_shards(results), "pool": pool,
     }
     if failed:
         first = next(iter(failed.items()))

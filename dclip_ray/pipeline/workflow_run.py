@@ -214,16 +214,6 @@ def restyle_plan(spec: WorkflowSpec, ok_models: set[str]) -> tuple[str, list[str
     return root, [f"{models_root}/{n}" for n in kept], None, [n for n in names if n not in ok_models]
 
 
-def _restyle_resources(spec: WorkflowSpec) -> tuple[int, float]:
-    """(actors, CPUs per actor): the spec's, else from the cluster's CPUs and GPUs
-    (:meth:`~dclip_ray.config.Resources.restyle_actors`)."""
-    import ray
-
-    res = ray.cluster_resources() if ray.is_initialized() else {}
-    cpus = max(1, int(res.get("CPU", os.cpu_count() or 1)))
-    return spec.resources().restyle_actors(cpus, int(res.get("GPU", 0)))
-
-
 def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progress: bool) -> dict[str, Any]:
     from dclip_ray.stages.restyle_config import build_restyle_config
 
@@ -235,8 +225,7 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
     rs, res = spec.restyle_settings(), spec.resources()
     cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, preset=spec.preset, settings=rs,
                                latents=spec.latent_store, clip=spec.finetune.clip, clip_weights=spec.finetune.clip_weights)
-    actors, per_actor = _restyle_resources(spec)
-    job = RestyleJob(config=cfg, input=spec.input_url, limit=rs.limit, actors=actors, cpus_per_actor=per_actor,
+    job = RestyleJob(config=cfg, input=spec.input_url, limit=rs.limit, actors=res.actors, cpus_per_actor=res.cpus_per_actor,
                      gpus_per_actor=res.gpus_per_actor, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
                      verbose=verbose, shard_timeout=res.shard_timeout)
     s = run_restyle(job, progress=progress)
@@ -246,7 +235,7 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
             "scores": {k: {f: v[f] for f in ("n", "mean", "p10", "p50", "p90", "n_rejected")}
                        for k, v in s["scores"].items()},
             "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"],
-            "outputs": s["outputs"], "left_out": left_out, "actors": actors, "cpus_per_actor": per_actor,
+            "outputs": s["outputs"], "left_out": left_out, "pool": s["pool"],
             "nodes": len({r["node"] for r in s["shards"] if r.get("node")})}
 
 
