@@ -122,3 +122,31 @@ def test_mix_file_loads_resolves_relative_models_and_names_bad_fields(tmp_path):
     (tmp_path / "broken.yaml").write_text("models: [a\n")
     with pytest.raises(InputFileError, match="not readable YAML"):
         load_mix_spec(str(tmp_path / "broken.yaml"))
+
+
+@pytest.mark.parametrize("gamma", [{"type": "constant", "weights": [0.25, 0.75]},
+                                   {"type": "ramp", "start": {"t": 500, "weights": [1, 0]},
+                                    "end": {"t": 0, "weights": [0, 1]}}])
+def test_restyle_and_edit_build_the_same_mix_at_a_strength(tmp_path, gamma):
+    """One builder for a mix's output: `restyle --mix M --strength 0.5` weights the base 0.5 beside the mix
+    as `edit --mix M --strength 0.5` does (restyle used to ignore the strength), and at strength 1 both
+    give the mix alone."""
+    from pipeline_fixtures import tiny_unet_dir
+
+    from dclip_ray.config import RestyleSettings
+    from dclip_ray.mixing import mix_from_data
+    from dclip_ray.stages.edit import EditJob, _variant
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
+    base = tiny_unet_dir(tmp_path / "base", 0)
+    models = [tiny_unet_dir(tmp_path / n, i, {"base_model": base, "config": {"t0": 300}, "source": "a", "target": n})
+              for i, n in enumerate(("b", "c"), start=1)]
+    mix = {"models": models, "gamma": gamma}
+    for r in (0.5, 1.0):
+        cfg = build_restyle_config(str(tmp_path / "out"), base=base, mix=mix, settings=RestyleSettings(strength=r))
+        edit = _variant(EditJob(model=base, finetuned=None, images="x", out="y", settings=RestyleSettings(strength=r)),
+                        mix_from_data(mix, "mix"), "state")
+        (v,) = cfg.variants
+        assert (v.models, v.gamma, v.description) == (edit.models, edit.gamma, edit.description)
+        assert v.models == ([0, 1, 2] if r < 1 else [1, 2])
+    assert gamma["type"] != "constant" or v.gamma == gamma

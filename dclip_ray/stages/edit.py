@@ -43,7 +43,7 @@ from dclip_ray.progress import progress as progress_counter
 from .checks import check_steps
 from .inputs import absolute, decode_shard, input_shards, limit_shards, shard_keys
 from .restyle import RestyleConfig, ShardRestyler, Variant, score_summary
-from .restyle_config import card_clip_of, card_edits, check_scoring
+from .restyle_config import card_clip_of, card_edits, check_scoring, mix_variant
 
 log = logging.getLogger(__name__)
 
@@ -146,28 +146,12 @@ class EditRestyler(ShardRestyler):
         return FolderWriter(v.out, shard, self.folder, self.claims)
 
 
-def _scaled(gamma: dict[str, Any], r: float) -> dict[str, Any]:
-    """A gamma spec over ``[base, m_1..m_M]`` giving ``(1 - r) * eps_base + r * mix``."""
-    def w(ws: list[float]) -> list[float]:
-        return [1.0 - r] + [r * float(x) for x in ws]
-
-    if gamma.get("type") == "constant":
-        return {**gamma, "weights": w(gamma["weights"])}
-    if gamma.get("type") == "piecewise":
-        return {**gamma, "table": {k: w(v) for k, v in gamma["table"].items()}}
-    return {**gamma, "start": {**gamma["start"], "weights": w(gamma["start"]["weights"])},
-            "end": {**gamma["end"], "weights": w(gamma["end"]["weights"])}}
-
-
 def _variant(job: EditJob, mix: MixSpec | None, state: str) -> Variant:
     r = job.settings.strength
     if mix is None:
         return Variant("edit", state, [0, 1], {"type": "constant", "weights": [1.0 - r, r]},
                        {"model": job.finetuned, "strength": r})
-    m = len(mix.models)
-    if r == 1.0:
-        return Variant("mix", state, list(range(1, m + 1)), dict(mix.gamma), {"mix": mix.as_dict()})
-    return Variant("mix", state, list(range(m + 1)), _scaled(dict(mix.gamma), r), {"mix": mix.as_dict(), "strength": r})
+    return mix_variant(mix, state, r)
 
 
 def _t0(job: EditJob, base: BaseModel, folders: list[str]) -> int:

@@ -138,10 +138,7 @@ def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, st
             raise ConfigError("give either --model or --mix, not both (the mix file lists its models)")
         spec = mix_from_data(mix, "mix")  # one weight per model, summing to 1 at every step
         finetuned = list(spec.models)
-        edits = [e for m in finetuned for e in card_edits(m)]
-        return [Variant("mix", f"{root}/mix", list(range(1, len(finetuned) + 1)), dict(spec.gamma),
-                        {"mix": spec.as_dict()}, edits=edits,
-                        sources=list(dict.fromkeys(e[0] for e in edits)))], finetuned
+        return [mix_variant(spec, f"{root}/mix", strength)], finetuned
     if not models:
         raise ConfigError("restyle needs --model FT_DIR (repeatable) or --mix MIX.yaml")
     finetuned = list(models)
@@ -156,6 +153,34 @@ def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, st
                                                                        "strength": strength},
                                 edits=edits, sources=[e[0] for e in edits]))
     return variants, finetuned
+
+
+def scaled_gamma(gamma: dict[str, Any], r: float) -> dict[str, Any]:
+    """A gamma spec over ``[m_1..m_M]`` made one over ``[base, m_1..m_M]`` giving ``(1 - r) * eps_base + r * mix``
+    (``r`` the edit strength in [0, 1])."""
+    def w(ws: list[float]) -> list[float]:
+        return [1.0 - r] + [r * float(x) for x in ws]
+
+    if gamma.get("type") == "constant":
+        return {**gamma, "weights": w(gamma["weights"])}
+    if gamma.get("type") == "piecewise":
+        return {**gamma, "table": {k: w(v) for k, v in gamma["table"].items()}}
+    return {**gamma, "start": {**gamma["start"], "weights": w(gamma["start"]["weights"])},
+            "end": {**gamma["end"], "weights": w(gamma["end"]["weights"])}}
+
+
+def mix_variant(spec: Any, out: str, strength: float = 1.0) -> Variant:
+    """The one output of a mix (:class:`~dclip_ray.mixing.MixSpec`) at edit ``strength`` r, for restyle and
+    edit alike: the models' gamma-weighted mix (eq. 14), and at r < 1 the base weighted ``1 - r`` beside
+    it; its edits are its models' cards' (source, target)."""
+    edits = [e for m in spec.models for e in card_edits(m)]
+    m = len(spec.models)
+    if strength == 1.0:
+        indices, gamma, meta = list(range(1, m + 1)), dict(spec.gamma), {"mix": spec.as_dict()}
+    else:
+        indices, gamma = list(range(m + 1)), scaled_gamma(dict(spec.gamma), strength)
+        meta = {"mix": spec.as_dict(), "strength": strength}
+    return Variant("mix", out, indices, gamma, meta, edits=edits, sources=list(dict.fromkeys(e[0] for e in edits)))
 
 
 def _t0_of(finetuned: list[str], t0: int | None, base: str | None, preset: str | None) -> int:
