@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-min", type=float, default=None, help="stop starting fine-tunings after this")
     ap.add_argument("--table-only", action="store_true", help="print the table from the stored runs")
     ap.add_argument("--search", action="store_true", help="the search table on the chosen pairs (seed 0)")
+    ap.add_argument("--markdown", action="store_true", help="print the table as README markdown")
     a = ap.parse_args(argv)
     if a.threads:
         import torch
@@ -242,8 +243,37 @@ def main(argv: list[str] | None = None) -> int:
         fill(proto, path, rows, over, a.budget_min * 60 if a.budget_min else None, (i, n), log=print)
     check = QualityCheck()
     out, counts = table(rows, load_runs(path), check.bar(proto.preset), check.min_spread)
-    print(json.dumps({"table": out, "counts": counts, "overrides": over}, indent=1))
+    if a.markdown:
+        print(markdown(out))
+        print(json.dumps(counts))
+    else:
+        print(json.dumps({"table": out, "counts": counts, "overrides": over}, indent=1))
     return 0
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table as README markdown: one line per pair, its seeds side by side (success / IoU /
+    background, the goals missed), the commit(s) that made it."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["pair"], []).append(r)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| pair | recipe | " + " | ".join(f"seed {s}" for s in seeds) + " | commit |",
+             "|---|---|" + "---|" * len(seeds) + "---|"]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None or "success" not in r:
+            return "not run yet"
+        head = f"{r['success']:.0%} / {r['iou']:.2f} / {r['background_255']:.1f}"
+        return head + ("" if r["goals"] == "met" else f" ({r['goals']})")
+
+    for pair, rs in by.items():
+        at = {r["seed"]: r for r in rs}
+        commits = sorted({c for r in rs for c in str(r.get("commit", "")).split() if c})
+        name = pair.replace("_", " ").replace("-to-", " -> ")
+        lines.append(f"| {name} | {rs[0]['recipe']} | " + " | ".join(cell(at.get(s)) for s in seeds)
+                     + f" | {' '.join(commits)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
