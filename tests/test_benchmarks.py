@@ -163,6 +163,8 @@ def test_recipes_quick(tmp_path: Path) -> None:
     assert [r["recipe"] for r in rows] == ["colour", "shape-upright"] and all(r["seed"] == 0 for r in rows)
     assert all(0 <= r["success"] <= 1 and r["goals"] and r["commit"] for r in rows)
     assert res["ratios"]["pair_seeds_done"] == 2 and 0 <= res["ratios"]["pair_seeds_meeting_goals"] <= 2
+    two = res["tables"]["evaluation pairs, restarts=2 (the check keeps the better)"]
+    assert all(r["restarts"] == 2 and r["kept_seed"] in (0, 1) for r in two)
     runs = tmp_path / "recipes_runs_quick.jsonl"
     n = len(runs.read_text().splitlines())
     assert recipes_bench.run(tmp_path, quick=True)["tables"] == res["tables"]
