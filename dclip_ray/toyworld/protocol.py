@@ -59,7 +59,7 @@ class ToyProtocol:
         fine-tuning ``seed``; returns the :class:`~dclip_ray.toyworld.pairs.PairResult` fields, the pair,
         seed, recipe, overrides and seconds."""
         start = time.perf_counter()
-        cfg, _, edits, masks = self.edits(pair, seed, overrides)
+        cfg, _, edits, masks = self._tuned(pair, seed, overrides)
         judged = judge_edit(pair, edits, masks)
         return {"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe,
                 "overrides": dict(overrides or {}), **asdict(judged), "seconds": round(time.perf_counter() - start, 1)}
@@ -68,18 +68,23 @@ class ToyProtocol:
               ) -> tuple[Any, torch.Tensor, torch.Tensor, np.ndarray]:
         """Fine-tune ``pair`` as :meth:`run` does and edit the held-out images: ``(FinetuneConfig, inputs
         [N,3,H,W] in [-1,1], edits [N,3,H,W] in [-1,1], source masks bool [N,H,W])``."""
+        cfg, _, edits, masks = self._tuned(pair, seed, overrides)
+        x_eval = _images(sample_dataset(self.n_eval, EVAL_SEED, colours=[pair.colour], shapes=[pair.shape]))
+        return cfg, x_eval, edits, masks
+
+    def _tuned(self, pair: EditPair, seed: int, overrides: dict[str, Any] | None,
+               ) -> tuple[Any, Any, torch.Tensor, np.ndarray]:
+        """``(FinetuneConfig, FinetuneResult, edits of the held-out images [N,3,H,W] in [-1,1], their
+        source masks)``: one fine-tuning of ``pair`` at ``seed``."""
         from dclip_ray.edit import generate_images
         from dclip_ray.finetune import finetune
         from dclip_ray.models import eps_fn_of
 
-        cfg = resolve_finetune_config(pair.source, pair.target, {**(overrides or {}), "seed": seed},
-                                      {"recipe": pair.recipe, "n_train": self.n_train}, preset=self.preset)
+        cfg = self.config(pair, seed, overrides)
         x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0)
-        x_eval = _images(sample_dataset(self.n_eval, EVAL_SEED, colours=[pair.colour], shapes=[pair.shape]))
         res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
         edits = generate_images(eps_fn_of(res.unet), lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
-        return cfg, x_eval, edits, masks
-
+        return cfg, res, edits, masks
 
     def config(self, pair: EditPair, seed: int = 0, overrides: dict[str, Any] | None = None) -> Any:
         """The :class:`~dclip_ray.config.FinetuneConfig` a user gets for ``pair`` (its recipe, the model
@@ -94,24 +99,15 @@ class ToyProtocol:
         of the source neither trained on nor judged, render seed :data:`SCORE_SEED`, judge-free) AND
         judged from pixels on the held-out images: the :meth:`run` fields plus ``check`` (the
         measurement) and ``key`` (:func:`run_key`)."""
-        from dclip_ray.edit import generate_images, invert_images
-        from dclip_ray.finetune import finetune
         from dclip_ray.models import eps_fn_of
         from dclip_ray.quality import check_model, weights_finite
 
         start = time.perf_counter()
-        cfg = self.config(pair, seed, overrides)
-        x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0)
+        cfg, res, edits, masks = self._tuned(pair, seed, overrides)
         x_check = _images(sample_dataset(n_check, SCORE_SEED, colours=[pair.colour], shapes=[pair.shape]))
-        if (pair.source, cfg.t0, "check") not in self._latents:
-            lat = invert_images(eps_fn_of(self.unet), x_check, cfg.t0, cfg.n_inv_steps, self.schedule)
-            self._latents[pair.source, cfg.t0, "check"] = (lat, lat)
-        lat_check = self._latents[pair.source, cfg.t0, "check"][0]
-        res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
-        eps = eps_fn_of(res.unet)
         finite = weights_finite(res.unet) and math.isfinite(res.final_loss)
-        measured = check_model(None, eps, self.clip, x_check, cfg, self.schedule, finite=finite, latents=lat_check)
-        edits = generate_images(eps, lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
+        measured = check_model(eps_fn_of(self.unet), eps_fn_of(res.unet), self.clip, x_check, cfg, self.schedule,
+                               finite=finite)
         judged = judge_edit(pair, edits, masks)
         return {"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe, "adapter": cfg.adapter,
                 "overrides": dict(overrides or {}), "key": run_key(cfg), **asdict(judged), "check": measured,
