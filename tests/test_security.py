@@ -127,3 +127,88 @@ def test_local_ray_dashboard_binds_to_localhost_and_trust_reaches_workers(monkey
     with trust_scope(True):
         runtime.init_ray(num_cpus=2)
     assert seen["runtime_env"] == {"env_vars": {TRUST_ENV: "1"}}
+
+
+_LISTENERS = r'''
+import json, sys, urllib.error, urllib.request
+import grpc, psutil, ray
+from dclip_ray.pipeline.runtime import init_ray
+
+init_ray(num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+ip = ray.nodes()[0]["NodeManagerAddress"]
+METHODS = ["/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
+           "/ray.rpc.ObjectManagerService/Push", "/ray.rpc.ReporterService/ReportOCMetrics",
+           "/ray.rpc.CoreWorkerService/NumPendingTasks"]
+found = []
+for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+    for c in proc.net_connections(kind="tcp"):
+        if c.status != psutil.CONN_LISTEN or c.laddr.ip in ("127.0.0.1", "::1"):
+            continue
+        port = c.laddr.port
+        try:  # an HTTP server: a job submission path without the token
+            http = urllib.request.urlopen(f"http://{ip}:{port}/api/job_agent/jobs/x", timeout=5).status
+        except urllib.error.HTTPError as e:
+            http = e.code
+        except Exception:
+            http = None
+        codes = []
+        if http is None:  # a gRPC server: real Ray methods without the token
+            channel = grpc.insecure_channel(f"{ip}:{port}")
+            for method in METHODS:
+                try:
+                    channel.unary_unary(method)(b"", timeout=5)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+        found.append({"process": proc.name(), "addr": c.laddr.ip, "port": port, "http": http, "grpc": codes})
+print(json.dumps(found))
+'''
+
+
+def test_embedded_ray_answers_nothing_on_the_network_without_the_token(tmp_path):
+    """Issue 30 item 9: Ray 2.60 binds its gRPC servers to every interface (no setting narrows it), so
+    every listener an embedded Ray opens beyond loopback must refuse a caller without the token: gRPC
+    servers answer UNAUTHENTICATED, HTTP servers 401. Before the fix three Prometheus exporters
+    (node, autoscaler, dashboard) answered anyone on 0.0.0.0, and RAY_AUTH_MODE=disabled opened all
+    (now refused with one line, exit 1)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_enable_metrics_collection", "AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", _LISTENERS], capture_output=True, text=True, timeout=240,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(found) >= 4, found  # GCS, raylet, object manager, agents, the workers: all seen
+    for f in found:
+        if f["http"] is not None:
+            assert f["http"] == 401, f
+        else:
+            assert "OK" not in f["grpc"] and "UNAUTHENTICATED" in f["grpc"], f
+            assert set(f["grpc"]) <= {"UNAUTHENTICATED", "UNIMPLEMENTED"}, f
+
+
+
+def test_embedded_ray_is_refused_with_token_auth_disabled(monkeypatch):
+    import ray
+
+    from dclip_ray.errors import ConfigError
+    from dclip_ray.pipeline import runtime
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: started.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=disabled.*unset RAY_AUTH_MODE"):
+        runtime.init_ray(num_cpus=1)
+    assert not started
+    # a cluster joined with --address keeps its own mode
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(runtime, "quiet_ray_data", lambda verbose: None)
+    monkeypatch.setattr(runtime, "quiet_raylet_messages", lambda: None)
+    runtime.init_ray(address="ray://10.0.0.1:10001")
+    assert started and started[0]["address"] == "ray://10.0.0.1:10001"

@@ -22,6 +22,7 @@ RAY_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \
 """A native Ray log line (glog/spdlog format: time, level, pid, tid)."""
 
 _installed = False
+_pump_thread: threading.Thread | None = None
 
 
 def _pump(read_fd: int, write_fd: int) -> None:
@@ -42,7 +43,7 @@ def filter_native_logs(force: bool = False) -> bool:
     """Drop Ray's native log lines from fd 2 for the rest of the process, when stderr is a terminal (or
     ``force``: the CLI process itself, whose stderr may be a log file); Python's ``sys.stderr`` is re-pointed at the real stderr so it bypasses the filter.
     Returns True when the filter is (now) installed."""
-    global _installed
+    global _installed, _pump_thread
     if _installed:
         return True
     if not (force or sys.stderr.isatty()):
@@ -52,11 +53,25 @@ def filter_native_logs(force: bool = False) -> bool:
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2)
     os.close(write_fd)
-    threading.Thread(target=_pump, args=(read_fd, real), daemon=True, name="ray-log-filter").start()
+    _pump_thread = threading.Thread(target=_pump, args=(read_fd, real), daemon=True, name="ray-log-filter")
+    _pump_thread.start()
     sys.stderr = io.TextIOWrapper(os.fdopen(real, "wb", buffering=0), write_through=True,
                                   encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
     _installed = True
     return True
+
+
+def drain_native_logs(timeout: float = 1.0) -> None:
+    """Before the process ends: close our end of the filter's pipe (fd 2) and give the filter up to
+    ``timeout`` seconds to pass on what is still in it (processes Ray started may hold the pipe open:
+    their lines are not waited for). Nothing when the filter is not installed."""
+    if _pump_thread is None:
+        return
+    try:
+        os.close(2)
+    except OSError:
+        pass
+    _pump_thread.join(timeout)
 
 
 def _console(stderr: bool, width: int | None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
@@ -34,6 +35,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             if address:
                 ray.init(address=address, **kwargs)
             else:
+                local_ray_environment()
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
                          dashboard_host="127.0.0.1", **kwargs)
         except ConnectionError as e:
@@ -43,6 +45,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             quiet_raylet_messages()
     quiet_ray_data(verbose)
     return dict(ray.cluster_resources())
+
+
+_held_ports: list[socket.socket] = []
+"""Sockets bound (never listening) for the life of the process: the ports of Ray's fixed metrics exporters."""
+
+
+def local_ray_environment() -> None:
+    """Close what an embedded local Ray would open to the network without authentication (Ray 2.60).
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, core workers, agents) to all interfaces,
+    with no setting to narrow that; they refuse any call without the cluster's token. So token
+    authentication must stay on: with ``RAY_AUTH_MODE=disabled`` the embedded Ray is refused
+    (:class:`ConfigError`; a cluster joined with ``--address`` keeps its own mode). What answers without a token are
+    Prometheus exporters on 0.0.0.0: the node's metrics (turned off: ``RAY_enable_metrics_collection=0``
+    unless the environment sets it) and the autoscaler's and dashboard's, whose ports come from
+    ``AUTOSCALER_METRIC_PORT`` / ``DASHBOARD_METRIC_PORT`` and cannot be turned off: both are pointed at
+    a port this process holds bound but not listening, so they fail to start (Ray logs that and goes
+    on) and the port refuses connections. ``docs/DEPLOY.md`` lists what stays exposed on a cluster.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise ConfigError("RAY_AUTH_MODE=disabled: the embedded local Ray listens on every interface and only its "
+                          "token keeps others out; unset RAY_AUTH_MODE (or join a cluster with --address)")
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    if not _held_ports and "AUTOSCALER_METRIC_PORT" not in os.environ and "DASHBOARD_METRIC_PORT" not in os.environ:
+        held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        held.bind(("0.0.0.0", 0))  # bound, never listening: connections to it are refused
+        _held_ports.append(held)
+        port = str(held.getsockname()[1])
+        os.environ["AUTOSCALER_METRIC_PORT"] = port
+        os.environ["DASHBOARD_METRIC_PORT"] = port
 
 
 def quiet_raylet_messages() -> None:
