@@ -105,6 +105,10 @@ class FinetuneConfig:
                             "edits, not shape edits).", cli="edge", prompt="edge", lo=0)
     edge_scales: int = setting(1, "Scales the edge loss compares: 1 pixels, 2 adds 2x2 averages, 3 adds 4x4.",
                                cli="edge-scales", prompt="edge_scales", lo=1)
+    edge_match: Literal["absolute", "contrast"] = setting(
+        "absolute", "What the edge loss compares: 'absolute' edge magnitudes, or 'contrast': each edge map scaled "
+        "to the input's mean edge strength first, so a recolour in place costs nothing whatever the new colour's "
+        "contrast.", cli="edge-match", prompt="edge_match", choices=("absolute", "contrast"))
     # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
     # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
     # first and then hold the outline harder.
@@ -163,7 +167,8 @@ class FinetuneConfig:
         w_l1 = self.refine_l1 if refining and self.refine_l1 is not None else self.w_l1
         scales = self.refine_edge_scales if refining and self.refine_edge_scales is not None else self.edge_scales
         return EditLoss(clip, self.source, self.target, self.w_clip, w_l1, self.w_id, face, self.clip_form,
-                        self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales)
+                        self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales,
+                        edge_contrast=self.edge_match == "contrast")
 
 
 PRESET_RECOMMENDS = {"t0": "t0", "w_clip": "clip", "w_l1": "l1", "w_id": "id"}

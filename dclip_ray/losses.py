@@ -159,7 +159,7 @@ def edge_magnitude(x: torch.Tensor) -> torch.Tensor:
     return (dx.pow(2) + dy.pow(2)).sum(1).add(1e-6).sqrt()
 
 
-def edge_loss(x_gen: torch.Tensor, x0: torch.Tensor, scales: int = 1) -> torch.Tensor:
+def edge_loss(x_gen: torch.Tensor, x0: torch.Tensor, scales: int = 1, contrast: bool = False) -> torch.Tensor:
     """Edge-structure loss per image, [B]: mean ``|edge_magnitude(x_gen) - edge_magnitude(x0)|``;
     inputs [B,3,H,W] in [-1,1]. ``scales`` > 1 averages this over the images and their 2x2, 4x4, ...
     average-pooled copies (``scales`` levels in all): a misplaced outline then costs more than the one or
@@ -170,13 +170,22 @@ def edge_loss(x_gen: torch.Tensor, x0: torch.Tensor, scales: int = 1) -> torch.T
     a disc 2 px smaller lowers L1 by 14 % at the same CLIP loss). Edge magnitudes ignore what colour
     an edge has but not where it is: a recolour in place costs 0.008, the same disc 1-2 px smaller
     0.08-0.11. It opposes shape edits just as much, so leave it at 0 for those.
+
+    ``contrast``: compare edges up to their overall strength. An edge's magnitude is the colour contrast
+    across it, so a recolour in place changes it too (toy world: a blue disc on grey has contrast 136/255,
+    a yellow one 164/255, +20 % on every outline pixel), and the absolute loss charges the new colour
+    for that. With ``contrast`` each image's edge map (per scale) is first scaled to the input's mean
+    edge strength: a recolour in place costs 0 whatever its contrast, a moved or rounded outline as before.
     """
     if scales < 1:
         raise ConfigError(f"edge scales={scales} must be >= 1")
     total = x_gen.new_zeros(x_gen.shape[0])
     for level in range(scales):
         a, b = (x_gen, x0) if level == 0 else (F.avg_pool2d(x_gen, 2**level), F.avg_pool2d(x0, 2**level))
-        total = total + (edge_magnitude(a) - edge_magnitude(b)).abs().flatten(1).mean(1)
+        ea, eb = edge_magnitude(a).flatten(1), edge_magnitude(b).flatten(1)
+        if contrast:
+            ea = ea * (eb.mean(1, keepdim=True) / ea.mean(1, keepdim=True).clamp_min(1e-6))
+        total = total + (ea - eb).abs().mean(1)
     return total / scales
 
 
@@ -211,6 +220,7 @@ class EditLoss:
     w_global: float = 0.0
     w_edge: float = 0.0
     edge_scales: int = 1
+    edge_contrast: bool = False
 
     def __post_init__(self) -> None:
         if self.w_id > 0 and self.face is None:
@@ -228,7 +238,7 @@ class EditLoss:
             "global": (self.w_global, lambda: global_clip_loss(self.clip, x_gen, self.target)),
             "l1": (self.w_l1, lambda: l1_loss(x_gen, x0)),
             "id": (self.w_id, lambda: identity_loss(self.face, x_gen, x0)),
-            "edge": (self.w_edge, lambda: edge_loss(x_gen, x0, self.edge_scales)),
+            "edge": (self.w_edge, lambda: edge_loss(x_gen, x0, self.edge_scales, self.edge_contrast)),
         }
         total = x_gen.new_zeros(())
         parts: dict[str, float] = {}

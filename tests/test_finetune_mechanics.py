@@ -253,6 +253,33 @@ def test_multi_scale_edges_keep_pulling_a_disc_that_is_off_by_more_than_a_pixel_
         cfg(edge_scales=0)
 
 
+def test_contrast_matched_edges_charge_nothing_for_a_recolour_in_place_but_keep_a_rounded_square_costly():
+    """edge_match=contrast: the absolute edge loss charges a recolour in place for the new colour's contrast
+    with the background (toy blue -> yellow square: a quarter of what rounding the square into a disc
+    costs); matched to the input's mean edge strength, the recolour costs ~nothing and the disc as much."""
+    import numpy as np
+
+    from dclip_ray.losses import edge_loss
+    from dclip_ray.toyworld import sample_dataset
+    from dclip_ray.toyworld.render import render
+    from dclip_ray.toyworld.train_ddpm import images_to_tensor
+
+    held = sample_dataset(8, seed=202, colours=["blue"], shapes=["square"])
+
+    def as_(colour, shape):
+        return images_to_tensor(np.stack([render(colour, shape, params=s.params)[0] for s in held]))
+
+    blue, yellow, yellow_disc = as_("blue", "square"), as_("yellow", "square"), as_("yellow", "circle")
+    absolute = [float(edge_loss(x, blue, 3).mean()) for x in (yellow, yellow_disc)]
+    matched = [float(edge_loss(x, blue, 3, contrast=True).mean()) for x in (yellow, yellow_disc)]
+    assert absolute[0] > 0.15 * absolute[1], absolute  # what the absolute form charges a recolour
+    assert matched[0] < 0.02 * matched[1] and matched[1] > 0.8 * absolute[1], matched
+    c = cfg(edge_match="contrast", w_edge=1.0)
+    assert c.edit_loss(None).edge_contrast and not cfg(w_edge=1.0).edit_loss(None).edge_contrast
+    with pytest.raises(ConfigError, match="edge_match"):
+        cfg(edge_match="relative")
+
+
 def test_refinement_stage_switches_the_loss_from_its_epoch(tiny_unet, random_clip, data):
     x0, lat = data
     staged = finetune(tiny_unet, random_clip, x0, lat, SCHED, cfg(epochs=3, w_l1=0.0, w_edge=1.0, refine_from=2,
