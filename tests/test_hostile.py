@@ -358,10 +358,11 @@ def test_a_workflow_never_writes_its_ledger_into_an_input(tmp_path, capsys):
     before = Path(shard).read_bytes()
     (tmp_path / "s.yaml").write_text(f"name: t\ninput: {{url: {data}/}}\nmodel: toy_shapes\nprompts: {{lines: ['red circle -> "
                                      f"blue circle name=blue']}}\noutputs: {{root: {tmp_path / 'out'}, ledger: {shard}}}\n")
-    assert main(["run", str(tmp_path / "s.yaml"), "--check"]) == 1
-    err = capsys.readouterr().err
-    assert "outputs.ledger" in err and "input.url" in err, err
-    assert Path(shard).read_bytes() == before
+    for argv in (["run", str(tmp_path / "s.yaml"), "--check"], ["run", str(tmp_path / "s.yaml")]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "outputs.ledger" in err and "input.url" in err, err
+        assert Path(shard).read_bytes() == before, argv  # run appended its config_error record there
 
 
 def test_a_prompt_lines_images_inside_out_is_refused(tmp_path, capsys):
@@ -397,3 +398,60 @@ def test_finetune_and_translate_never_write_into_what_they_read(tmp_path, capsys
         err = capsys.readouterr().err
         assert "choose an output folder outside every input" in err and "--images" in err, err
     assert not (tmp_path / "ft").exists()
+
+
+def test_report_and_eval_replace_only_a_file_they_wrote(tmp_path, capsys):
+    """Issue 30 item 4, the commands that write one file: `report --out` overwrote an input shard with
+    HTML and `eval --out` the restyle manifest it was evaluating (both exit 0). An output file may
+    replace only a file of its own kind; a re-run over its own earlier output still works."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        (images / f"k{i}.png").write_bytes(png(i))
+    shard = write_tar(tmp_path / "00000.tar", [("a.png", png(0))])
+    manifest = images / "00000.parquet"
+    pq.write_table(pa.table({"key": ["a"]}), manifest)
+    precious = {p: Path(p).read_bytes() for p in (shard, str(manifest))}
+    cases = [(["report", str(images), "--out", shard], "is not an HTML report"),
+             (["report", str(images), "--out", str(images)], "is a folder"),
+             (["eval", "--before", str(images), "--after", str(images), "--out", str(manifest)], "is not an evaluation"),
+             (["eval", "--before", str(images), "--after", str(images), "--out", shard], "is not an evaluation")]
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --out") and needle in err, err
+        assert len(err.splitlines()) == 1, err
+    assert {p: Path(p).read_bytes() for p in precious} == precious
+    # their own files are replaced on a re-run
+    for _ in range(2):
+        assert main(["report", str(images), "--out", str(tmp_path / "r.html")]) == 0
+        assert main(["eval", "--before", str(images), "--after", str(images), "--out", str(tmp_path / "e.parquet")]) == 0
+        assert main(["eval", "--before", str(images), "--after", str(images), "--out", str(tmp_path / "e2.json")]) == 0
+    assert main(["report", str(images)]) == 0 and main(["report", str(images)]) == 0  # RUN/report.html again
+    assert json.loads((tmp_path / "e.json").read_text())["per_image_file"] == "e.parquet"
+
+
+def test_a_disk_that_refuses_a_write_is_one_line_and_exit_3(tmp_path, capsys):
+    """Issue 30 item 15: `--out` on a read-only filesystem (or under a file) raised a traceback from
+    restyle's declaration and edit's mkdir. Any OSError no step turned into an error row ends the
+    command with one line naming the path, and exit 3 (a re-run resumes)."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "00000.tar", [("a.png", png(0))])
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "out", tmp_path / "afile"):
+        capsys.readouterr()
+        assert main(_edit(data, out)) == 3, out
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "[Errno" in err and "afile" in err, err
+        assert "re-run the same command" in err and "Traceback" not in err
+        assert json.loads(captured.out.strip().splitlines()[-1])["exit_code"] == 3

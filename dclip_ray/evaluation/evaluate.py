@@ -21,6 +21,7 @@ import torch
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.images import ImageError, decode_image, load_image_tensor
+from dclip_ray.io.locations import check_replaceable
 from dclip_ray.io.sources import iter_records
 from dclip_ray.models import load_clip, load_face
 
@@ -109,6 +110,8 @@ def _batched(fn: Any, *xs: torch.Tensor, batch_size: int) -> torch.Tensor:
 def evaluate(job: EvalJob) -> dict[str, Any]:
     """Compute every metric the job's arguments allow; write ``job.out`` if given; return
     ``{"summary": {metric: {mean, std, min, max, n}, ...}, "per_image": [{key, metric: value}], ...}``."""
+    if job.out:  # before any work: never replace a file this command did not write
+        _check_out(job.out)
     if (job.source is None) != (job.target is None):
         raise ConfigError("give both --source and --target (the edit's text pair) or neither")
     if job.target is not None and job.clip is None:
@@ -182,10 +185,28 @@ def _clean(v: float) -> float | None:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
+def _check_out(out: str) -> None:
+    check_replaceable("--out", out, "an evaluation", is_eval)
+    if out.endswith(".parquet"):
+        check_replaceable("--out (its summary)", str(Path(out).with_suffix(".json")), "an evaluation", is_eval)
+
+
+def is_eval(path: str) -> bool:
+    """Whether the file at ``path`` is an evaluation :func:`write_eval` wrote: its JSON (``summary``,
+    ``before``, ``after``), or a ``.parquet`` whose ``.json`` beside it names it as its per-image file."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        side = p.with_suffix(".json")
+        return side.is_file() and is_eval(str(side)) and json.loads(side.read_text()).get("per_image_file") == p.name
+    data = json.loads(p.read_text())
+    return isinstance(data, dict) and isinstance(data.get("summary"), dict) and {"before", "after"} <= data.keys()
+
+
 def write_eval(result: dict[str, Any], out: str) -> str:
     """Write an evaluation: ``*.parquet`` = per-image rows (+ the rest as ``<stem>.json`` beside it),
     anything else = one JSON file. Returns the path written."""
     path = Path(out)
+    _check_out(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         rows = result["per_image"]

@@ -35,6 +35,7 @@ from typing import Any
 
 from dclip_ray import __version__
 from dclip_ray.errors import DclipWarning, InputFileError
+from dclip_ray.io.locations import check_replaceable
 from dclip_ray.stages.verify import changed_inputs
 from dclip_ray.urls import redact_html
 
@@ -101,6 +102,16 @@ def _stale_html(stale: list[dict[str, str]]) -> str:
             f"below show edits beside other images than they were made from:<ul>{items}{more}</ul></div>\n")
 
 
+REPORT_HEAD = "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>dclip-ray report: "
+"""How every page :func:`write_report` writes begins (what :func:`is_report` looks for)."""
+
+
+def is_report(path: str) -> bool:
+    """Whether the file at ``path`` is a report :func:`write_report` wrote (its first bytes)."""
+    with open(path, "rb") as f:
+        return f.read(len(REPORT_HEAD.encode())) == REPORT_HEAD.encode()
+
+
 def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any] | None = None) -> str:
     """Write ONE self-contained HTML page describing the run folder ``run_dir``; return its path.
 
@@ -113,6 +124,7 @@ def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any]
     root = Path(run_dir)
     if not root.is_dir():
         raise InputFileError(f"{run_dir}: not a folder; give the output folder of a dclip-ray command or run")
+    check_replaceable("--out" if out else "the report", out or str(root / "report.html"), "an HTML report", is_report)
     dirs = walk(root)
     variants = find_restyle_variants(dirs)
     evals = find_evals(dirs)
@@ -132,8 +144,7 @@ def write_report(run_dir: str, out: str | None = None, config: Mapping[str, Any]
         section("Fine-tuning", lambda: models_html(root, cards)),
         section("Configuration", lambda: config_html(root, dirs, config)),
     ]
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>dclip-ray report: {html.escape(root.resolve().name)}</title><style>{CSS}</style></head><body>\n"
+    page = (f"{REPORT_HEAD}{html.escape(root.resolve().name)}</title><style>{CSS}</style></head><body>\n"
             f"<h1>dclip-ray report: {html.escape(root.resolve().name)}</h1>\n"
             f"<p class='muted'>{html.escape(str(root.resolve()))} &middot; {now} &middot; dclip-ray {__version__}"
             f" &middot; {counts}</p>\n" + _stale_html(stale) + "\n".join(sections) + "\n</body></html>\n")

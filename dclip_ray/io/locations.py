@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from dclip_ray.errors import ConfigError
 from dclip_ray.urls import redact
@@ -100,3 +100,24 @@ def check_outputs(outputs: Mapping[str, str | None], inputs: Mapping[str, str | 
             if overlap(out, other):
                 raise ConfigError(f"{label} {redact(out)} and {other_label} {redact(other)} overlap: outputs would "
                                   "overwrite each other; give them separate folders")
+
+
+def check_replaceable(label: str, path: str, kind: str, is_own: Callable[[str], bool]) -> None:
+    """An output *file* may replace only a file of its own kind: refuse ``path`` when it is a folder, or
+    an existing file that ``is_own(path)`` does not recognise as one that this command wrote earlier
+    (an input shard, a restyle manifest, a user's file). ``kind`` names what the command writes
+    ("an HTML report"). Raises :class:`ConfigError` (exit 1, nothing written) naming the path and the fix.
+    Local paths only (a URL passes)."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    local = path.removeprefix("file://")
+    if os.path.isdir(local):
+        raise ConfigError(f"{label} {redact(path)} is a folder; give the file to write ({kind})")
+    if os.path.lexists(local):
+        try:
+            own = os.path.isfile(local) and is_own(local)
+        except (OSError, ValueError):
+            own = False
+        if not own:
+            raise ConfigError(f"{label} {redact(path)} exists and is not {kind} written by dclip-ray: replacing "
+                              "it would lose it; choose a new file name")

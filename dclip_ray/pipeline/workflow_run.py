@@ -132,9 +132,10 @@ def _check_names(spec: WorkflowSpec, where: str) -> None:
             raise ConfigError(f"workflow spec {where}: input.url: {e}") from None
 
 
-def _check_locations(spec: WorkflowSpec) -> None:
+def _check_locations(spec: WorkflowSpec, ledger_only: bool = False) -> None:
     """No step writes where a step reads: latents, models and restyled outputs apart from the input, the
-    base model and each other (raises :class:`ConfigError` naming the spec fields)."""
+    base model and each other (raises :class:`ConfigError` naming the spec fields). ``ledger_only``:
+    only the ledger's place (checked before the run writes its record there)."""
     from dclip_ray.io.locations import check_outputs
 
     where = spec.source or spec.name
@@ -144,6 +145,8 @@ def _check_locations(spec: WorkflowSpec) -> None:
     try:
         # the files a run writes beside its folders: never inside (or onto) what any step reads
         check_outputs({"outputs.ledger": spec.ledger}, read)
+        if ledger_only:
+            return
         if spec.outputs.report:
             check_outputs({"the report": os.path.join(spec.outputs.root, "report.html")}, {**given_input,
                                                                                         "model": spec.model})
@@ -295,6 +298,7 @@ def run_workflow(spec: WorkflowSpec, progress: bool = True, verbose: bool = Fals
         "ray_address": spec.ray.address or os.environ.get("RAY_ADDRESS") or "embedded",
     }
     steps = record["steps"]
+    _check_locations(spec, ledger_only=True)  # a ledger refused for its place is never written, not even this record
     try:
         preflight(spec)
         code = _run_steps(spec, _stepper(steps, log or (lambda _msg: None)), steps, verbose, progress)
