@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dclip_ray.quality import output_spread
-from dclip_ray.scoring import auroc, image_scores, precision_recall_at, rows_of
+from dclip_ray.scoring import auroc, image_scores, outline_similarity, precision_recall_at, rows_of
 from dclip_ray.toyworld.judge import judge, to_uint8_image
 from dclip_ray.toyworld.pairs import EVALUATION, TUNING, EditPair
 from dclip_ray.toyworld.protocol import ToyProtocol
@@ -36,7 +36,7 @@ SEEDS = (0, 1)
 PER_KIND = {"colour": 2, "shape": 2}
 N_EVAL = 128
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-PARTS = ("score", "direction", "structure", "background")
+PARTS = ("score", "direction", "structure", "background", "outline")
 
 
 def pairs(per_kind: dict[str, int], which: list[EditPair] = EVALUATION) -> list[EditPair]:
@@ -64,6 +64,8 @@ def measure(proto: ToyProtocol, pair: EditPair, seed: int, quick: bool) -> list[
     """The scored and judged edits of one (pair, seed)."""
     cfg, x, edits, masks = proto.edits(pair, seed, {"epochs": 1} if quick else None)
     scores = rows_of(image_scores(proto.clip, x, edits.clamp(-1, 1), [(pair.source, pair.target)]))
+    for row, o in zip(scores, outline_similarity(x, edits.clamp(-1, 1)).tolist(), strict=True):
+        row["outline"] = round(o, 6)  # the candidate structure measure, compared with the luminance SSIM
     judged = verdicts(pair, edits, masks)
     spread = output_spread(x, edits)  # one value per model: the held-aside check's collapse measure
     return [{"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe, "index": i, **s, **j,
@@ -74,7 +76,10 @@ def measure(proto: ToyProtocol, pair: EditPair, seed: int, quick: bool) -> list[
 def analyse(edits: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]], list[dict[str, Any]]]:
     """(ratios: AUROC of the score and its parts, counts), the threshold table, the per-model table."""
     labels = [e["good"] for e in edits]
-    ratios = {f"auroc_{p}": auroc([e[p] if p != "background" else -e[p] for e in edits], labels) for p in PARTS}
+    parts = [p for p in PARTS if all(p in e for e in edits)]
+    ratios = {f"auroc_{p}": auroc([e[p] if p != "background" else -e[p] for e in edits], labels) for p in parts}
+    if "outline" in parts:  # the score with the outline measure in place of the luminance SSIM
+        ratios["auroc_score_outline"] = auroc([rescored(e, 0.5, 4.0, "outline") for e in edits], labels)
     ratios["auroc_score_vs_judge_success_only"] = auroc([e["score"] for e in edits], [e["success"] for e in edits])
     ratios.update(n_edits=len(edits), n_good=sum(labels), n_models=len({(e["pair"], e["seed"]) for e in edits}))
     table = []
@@ -98,9 +103,9 @@ GRID_STRUCTURE = (0.0, 0.25, 0.5, 1.0)
 GRID_BACKGROUND = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
-def rescored(e: dict[str, Any], w_structure: float, w_background: float) -> float:
-    """An edit's score under other weights (its stored parts)."""
-    return e["direction"] - w_structure * (1 - e["structure"]) - w_background * e["background"]
+def rescored(e: dict[str, Any], w_structure: float, w_background: float, structure: str = "structure") -> float:
+    """An edit's score under other weights (its stored parts; ``structure``: which part is the structure)."""
+    return e["direction"] - w_structure * (1 - e[structure]) - w_background * e["background"]
 
 
 def fit_weights(edits: list[dict[str, Any]]) -> tuple[float, float, float]:

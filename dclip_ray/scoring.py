@@ -51,6 +51,21 @@ def frame_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return d[:, m].mean(1)
 
 
+def outline_similarity(before: torch.Tensor, after: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Where the edges are, kept whatever their colours: per image [B] in [-1, 1], the correlation of the
+    colour-gradient magnitude maps of ``before`` and ``after`` ([B,3,H,W] in [-1,1]), each blurred by a
+    Gaussian of ``sigma`` pixels first (a one-pixel shift is not a new outline). A recolour in place keeps
+    ~1 whatever the new colour's contrast (a luminance SSIM falls when the colour changes brightness); a
+    moved, rounded or erased outline falls (no edges left: 0)."""
+    from dclip_ray.losses import edge_magnitude, gaussian_blur
+
+    maps = [gaussian_blur(edge_magnitude(x.float().clamp(-1, 1)).unsqueeze(1), sigma).flatten(1) if sigma > 0
+            else edge_magnitude(x.float().clamp(-1, 1)).flatten(1) for x in (before, after)]
+    a, b = (m - m.mean(1, keepdim=True) for m in maps)
+    denom = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
+    return ((a * b).sum(1) / denom).cpu()
+
+
 @torch.no_grad()
 def image_scores(clip: Any, before: torch.Tensor, after: torch.Tensor, edits: Sequence[Sequence[str]],
                  weights: ScoreWeights = ScoreWeights(), face: Any = None) -> dict[str, torch.Tensor]:
