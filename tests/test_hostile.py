@@ -250,10 +250,40 @@ def test_a_dead_lease_of_any_shape_is_taken_over_once_older_than_the_lease_time(
     old = time.time() - LEASE_TTL_S - 5
     os.utime(path, (old, old))
     assert live_lease(root, "s") is None
-    assert acquire_lease(root, "s", "me:host:1") is None, "taken over"
+    notes: list[str] = []
+    assert acquire_lease(root, "s", "me:host:1", notes=notes) is None, "taken over"
     import json
 
     assert json.loads(Path(path).read_text())["owner"] == "me:host:1"
+    unreadable = content != b'{"owner": "x:otherhost:1", "expires": 1e12}'
+    assert (notes and "unreadable" in notes[0] and "taken over" in notes[0]) if unreadable else not notes, notes
+
+
+def test_a_taken_over_lease_is_a_warning_of_the_run_and_a_blocked_one_names_what_is_known(models, tmp_path):
+    """Issue 30 item 11, what the user sees: the takeover warning lived only in a worker's log (seen with
+    --verbose), and a fresh unreadable lease was reported as held "on None (pid None)"."""
+    import time
+
+    from dclip_ray.io.leases import LEASE_TTL_S, lease_url
+    from dclip_ray.pipeline.restyle import took_over_warnings
+    from dclip_ray.stages.common import lease_text
+
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_tar(data / "s.tar", [("a.png", png(0))])
+    cfg = build_restyle_config(str(tmp_path / "out"), models=[models["ft"]], n_inv_steps=2, n_gen_steps=2)
+    lease = Path(lease_url(cfg.variants[0].out, "s"))
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    lease.write_bytes(b"")
+    restyler = ShardRestyler(cfg)
+    blocked = restyler.run("s", path, owner="me:host:1")
+    assert blocked.leased and "None" not in blocked.leased and "unknown (unreadable lease file)" in blocked.leased
+    old = time.time() - LEASE_TTL_S - 5
+    os.utime(lease, (old, old))
+    done = restyler.run("s", path, owner="me:host:1")
+    assert done.n_ok == 1 and "unreadable" in done.took_over
+    assert took_over_warnings([done.as_dict()]) == [f"output shard s: {done.took_over}"]
+    assert "on h (pid 7)" in lease_text({"owner": "r", "host": "h", "pid": 7, "expires": 0})
 
 
 def test_a_special_file_named_like_an_image_or_a_shard_is_an_error_not_a_hang(models, tmp_path):

@@ -180,8 +180,9 @@ def test_a_shard_that_cannot_be_written_aborts_with_exit_3_and_the_rest_is_commi
 
 
 @pytest.mark.slow  # the Ray CLI path of tests/test_hostile.py's rules (make test-slow, CI)
-def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, world, tmp_path):
-    """Issue 30 item 15: a model folder deleted while restyle ran gave an ActorDiedError traceback."""
+def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, world, tmp_path, capfd):
+    """Issue 30 item 15: a model folder deleted while restyle ran gave an ActorDiedError traceback, then
+    ~100 lines of Ray Data's "Full stack trace" above the one-line error."""
     from fault_restylers import CannotLoad
 
     from dclip_ray.errors import AbortedError
@@ -193,3 +194,6 @@ def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, worl
         run_restyle(RestyleJob(cfg, world["data"], actors=1, restyler_factory=CannotLoad), progress=False)
     msg = str(e.value)
     assert "the restyle workers stopped" in msg and "no such file (deleted)" in msg and "\n" not in msg, msg
+    assert "dclip_ray." not in msg, msg  # the cause by its class name, not its module path
+    err = capfd.readouterr().err
+    assert "Full stack trace" not in err and "Traceback" not in err, err[-3000:]

@@ -582,6 +582,35 @@ def test_the_sigterm_handler_survives_a_library_that_replaces_it():
     assert signal.getsignal(signal.SIGTERM) is before and rearm() is False
 
 
+def test_a_signal_while_ray_starts_is_raised_once_it_is_up_never_lost_to_its_handler():
+    """Issue 30 item 10: a SIGTERM during ``ray.init`` (its first seconds) met Ray's own handler and the
+    command exited 15 with no message. Inside deferred_interrupts a library cannot install a SIGTERM or
+    SIGINT handler, and a signal is raised as Interrupted (exit 3, one line) once the block ends."""
+    import signal
+
+    from dclip_ray.errors import Interrupted
+    from dclip_ray.interrupts import deferred_interrupts, interrupt_handlers
+
+    seen = []
+    with interrupt_handlers():
+        with pytest.raises(Interrupted) as e:
+            with deferred_interrupts():
+                signal.signal(signal.SIGTERM, lambda *_: seen.append("library"))  # what ray.init does
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):  # handlers run between bytecodes: noted, not raised here
+                    pass
+                seen.append("finished")
+        assert e.value.signame == "SIGTERM" and seen == ["finished"]
+        with deferred_interrupts():  # no signal: nothing raised, other signals pass through
+            previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+            signal.signal(signal.SIGUSR1, previous)
+        with pytest.raises(Interrupted):  # armed again after the block
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                pass
+
+
 _TEARDOWN_TRAP = """
 import atexit, os, sys
 

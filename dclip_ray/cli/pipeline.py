@@ -84,6 +84,8 @@ def precompute(
         to_stdout().print(t)
     for key, reason in list(s["errors"].items())[:20]:
         to_stderr().print(f"[yellow]error[/] {key}: {reason}")
+    for w in s["warnings"]:
+        to_stderr().print(f"[yellow]warning[/] {w}")
     _print_unreadable(s["unreadable"])
     raise typer.Exit(2 if s["n_errors"] or s["unreadable"] else 0)
 

@@ -90,17 +90,22 @@ def _live(held: dict[str, Any] | None, owner: str, age: float | None = None, ttl
             and (age is None or age < ttl) and not _owner_gone(str(held.get("owner"))))
 
 
-def _unreadable(age: float | None, ttl: float) -> dict[str, Any] | None:
+def _unreadable(age: float | None, ttl: float, notes: list[str] | None = None) -> dict[str, Any] | None:
     """An existing lease file that cannot be read (empty, not JSON, cut): held for ``ttl`` after it was
-    written (a run may be writing it right now), then None: taken over, with a warning."""
+    written (a run may be writing it right now), then None: taken over, with a warning (logged, and added
+    to ``notes`` for the caller to report)."""
     if age is not None and age >= ttl:
-        log.warning("lease file unreadable and %.0f s old (over %.0f s): taken over", age, ttl)
+        note = f"its lease file was unreadable and {age:.0f} s old (over {ttl:.0f} s): taken over"
+        log.warning("lease %s", note)
+        if notes is not None:
+            notes.append(note)
         return None
     left = ttl - (age or 0.0)
     return {"owner": "unknown (unreadable lease file)", "expires": time.time() + left}
 
 
-def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -> dict[str, Any] | None:
+def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S,
+                  notes: list[str] | None = None) -> dict[str, Any] | None:
     """Take (or renew) the lease of output shard ``shard`` for ``owner`` (:func:`new_owner`). Returns
     None when taken, or the lease of the live run that holds it (``{"owner", "host", "pid", "expires"}``).
 
@@ -112,7 +117,7 @@ def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -
     lease is created atomically (``O_CREAT | O_EXCL``); on an object store the check and the write are
     two requests, so two runs starting on one shard in the same instant may both work on it. Either way
     every write is idempotent (deterministic names, marker last): a lease saves duplicate work, it is
-    not what keeps keys exactly once.
+    not what keeps keys exactly once. A takeover of an unreadable lease file appends a line to ``notes``.
     """
     fs, path = fsspec.core.url_to_fs(lease_url(root, shard))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -122,7 +127,7 @@ def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S) -
     if _live(held, owner, age, ttl):
         return held
     if held is None and age is not None:  # the file is there but says nothing readable
-        blocked = _unreadable(age, ttl)
+        blocked = _unreadable(age, ttl, notes)
         if blocked is not None:
             return blocked
     elif is_local(fs) and held is None:
@@ -170,6 +175,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{shard}")
         self.held: dict[str, Any] | None = None
+        self.notes: list[str] = []  # what taking the lease had to override (an unreadable lease file)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -179,7 +185,7 @@ class LeaseKeeper:
                 pass
 
     def __enter__(self) -> dict[str, Any] | None:
-        self.held = acquire_lease(self.root, self.shard, self.owner, self.ttl)
+        self.held = acquire_lease(self.root, self.shard, self.owner, self.ttl, self.notes)
         if self.held is None:
             self._thread.start()
         return self.held

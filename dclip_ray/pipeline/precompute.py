@@ -18,7 +18,13 @@ from dclip_ray.io.locations import check_outputs
 from dclip_ray.models.cache import cached_base
 from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.checks import check_out_folder, check_steps
-from dclip_ray.stages.common import await_leased, raise_if_leased, set_threads, unreadable_shards
+from dclip_ray.stages.common import (
+    await_leased,
+    raise_if_leased,
+    set_threads,
+    took_over_warnings,
+    unreadable_shards,
+)
 from dclip_ray.stages.inputs import absolute, fingerprints, input_shards
 from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
@@ -112,8 +118,9 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
                 bar.update(len(done))
         if failed:  # work was done and committed: not a configuration error (exit 1) but an aborted run
             first = next(iter(failed.items()))
+            rest = ("none was committed" if len(failed) == len(todo) else "the others are committed")
             raise AbortedError(f"{len(failed)} of {len(todo)} shard(s) could not be written (e.g. {first[0]}: "
-                               f"{first[1]}); the others are committed: fix the cause (disk space, permissions) "
+                               f"{first[1]}); {rest}: fix the cause (disk space, permissions) "
                                "and re-run the same command to resume")
     results.sort(key=lambda r: r["shard"])
     leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
@@ -126,6 +133,6 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     summary = {"store": redact(store.dir), "key": key.fields(), "shards": results,
             "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
             "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),
-            "leased": leased, "unreadable": unreadable_shards(results)}
+            "leased": leased, "unreadable": unreadable_shards(results), "warnings": took_over_warnings(results)}
     raise_if_leased(leased)
     return summary

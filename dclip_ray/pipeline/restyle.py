@@ -32,6 +32,7 @@ from dclip_ray.stages.common import (
     await_leased,
     raise_if_leased,
     set_threads,
+    took_over_warnings,
     unreadable_shards,
 )
 from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards
@@ -77,8 +78,8 @@ def _first_cause(e: BaseException) -> str:
         x = getattr(x, "cause", None) or x.__cause__ or x.__context__
     for x in chain:
         lines = [ln.strip() for ln in str(x).splitlines() if _ERROR_LINE.match(ln.strip())]
-        if lines:
-            return redact(lines[-1])[:300]
+        if lines:  # "dclip_ray.errors.InputFileError: M: no such ..." -> "InputFileError: M: no such ..."
+            return redact(re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1]))[:300]
     text = next((ln.strip() for x in chain for ln in str(x).splitlines() if ln.strip()), "")
     return redact(f"{type(e).__name__}: {text}")[:300]
 
@@ -272,7 +273,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     _count_commits_of_this_run(cfg, results, {n for n, _ in todo})
     summary = {
         "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck, "leased": leased,
-        "warnings": warnings, "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
+        "warnings": warnings + took_over_warnings(results), "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
         "n_images": sum(r.get("n_ok", 0) for r in results),
         "n_errors": sum(r.get("n_error", 0) for r in results),  # committed shards' error rows included
         "n_rejected": sum(r.get("n_rejected", 0) for r in results),

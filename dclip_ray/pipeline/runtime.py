@@ -10,7 +10,7 @@ from typing import Any
 import ray
 
 from dclip_ray.errors import ConfigError
-from dclip_ray.interrupts import rearm
+from dclip_ray.interrupts import deferred_interrupts, rearm
 from dclip_ray.models.trust import TRUST_ENV, is_trusted
 
 
@@ -32,12 +32,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         if is_trusted():  # --trust-checkpoint reaches the workers that load models
             kwargs["runtime_env"] = {"env_vars": {TRUST_ENV: "1"}}
         try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
+            if not address:
                 local_ray_environment()
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
-                         dashboard_host="127.0.0.1", **kwargs)
+            with deferred_interrupts():  # a SIGINT/SIGTERM now is raised once Ray is up (one line, exit 3)
+                if address:
+                    ray.init(address=address, **kwargs)
+                else:
+                    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
+                             dashboard_host="127.0.0.1", **kwargs)
         except ConnectionError as e:
             raise ConfigError(f"cannot reach the Ray cluster at {address}: {e}; check --address / RAY_ADDRESS") from None
         rearm()  # ray.init replaced the CLI's SIGTERM handler (one line, exit 3): its own exits 1 or aborts
@@ -109,3 +111,6 @@ def quiet_ray_data(verbose: bool) -> None:
     if not verbose:
         for name in ("ray.data", "ray.train", "ray.tune", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Ray Data logs a failed dataset's whole stack trace ("Full stack trace: ..."), ~100 lines, before
+        # the exception reaches us; our one-line error names its cause (--verbose shows it all)
+        logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)

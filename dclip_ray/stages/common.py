@@ -32,6 +32,7 @@ class ShardResult:
     seconds: float = 0.0
     truncated: str | None = None
     leased: str = ""
+    took_over: str = ""  # a warning: the lease this run had to take over (an unreadable lease file)
 
     def __getitem__(self, name: str) -> Any:
         try:
@@ -112,10 +113,17 @@ def set_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
+def took_over_warnings(results: list[Any]) -> list[str]:
+    """One warning line per shard result whose lease had to be taken over (``took_over``)."""
+    return [f"output shard {r['shard']}: {r['took_over']}" for r in results if r.get("took_over")]
+
+
 def lease_text(held: dict[str, Any]) -> str:
     """One line naming the run that holds a lease and until when."""
     until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
-    return f"being written by run {held.get('owner')} on {held.get('host')} (pid {held.get('pid')}), lease until {until}"
+    where = " ".join(x for x in (f"on {held['host']}" if held.get("host") else "",
+                                 f"(pid {held['pid']})" if held.get("pid") is not None else "") if x)
+    return f"being written by run {held.get('owner')}{' ' + where if where else ''}, lease until {until}"
 
 
 def await_leased(leased: dict[str, str], root: str, committed: Callable[[str], bool], poll: float = 2.0,

@@ -58,12 +58,16 @@ def precompute_shard(
     fingerprint = fingerprint or shard_fingerprint(path)
     if store.is_current(shard, fingerprint):
         return skipped_result(shard, store.read_marker(shard) or {})
-    with LeaseKeeper(store.dir, shard, owner) if owner is not None else nullcontext() as held:
+    keeper = LeaseKeeper(store.dir, shard, owner) if owner is not None else None
+    with keeper or nullcontext() as held:
         if held is not None:
             return PrecomputeResult(shard, leased=lease_text(held))
         base = cached_base(model, preset, device, trust_checkpoint)
         _check_key(model, base, key)
-        return _invert_shard(base, shard, path, store, batch_size, recon_psnr, device, fingerprint)
+        result = _invert_shard(base, shard, path, store, batch_size, recon_psnr, device, fingerprint)
+    if keeper is not None and keeper.notes:
+        result.took_over = "; ".join(keeper.notes)
+    return result
 
 
 def _check_key(model: str, base: BaseModel, key: LatentKey) -> None:

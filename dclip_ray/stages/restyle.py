@@ -326,15 +326,20 @@ class ShardRestyler:
         if committed and all(threshold_current(self.cfg, v, shard) for v in self.cfg.variants):
             return RestyleResult(shard, skipped=True)
         root = self.cfg.variants[0].out  # the lease lives beside the first output (two runs of other models never wait)
-        with LeaseKeeper(root, shard, owner) if owner is not None else nullcontext() as held:
+        keeper = LeaseKeeper(root, shard, owner) if owner is not None else None
+        with keeper or nullcontext() as held:
             if held is not None:
                 return RestyleResult(shard, leased=lease_text(held))
             for v in self.cfg.variants:
                 remove_temporaries(v.out, shard)  # left by a writer that died (a full disk, a kill)
                 remove_temporaries(f"{v.out}/{REJECTED}", shard)
             if committed:  # only --min-score changed: re-sort the stored edits, generate nothing
-                return self.rethreshold(shard, path)
-            return self._restyle(shard, path, fingerprint, exclude or {})
+                result = self.rethreshold(shard, path)
+            else:
+                result = self._restyle(shard, path, fingerprint, exclude or {})
+        if keeper is not None and keeper.notes:
+            result.took_over = "; ".join(keeper.notes)
+        return result
 
     def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
         start, started = time.perf_counter(), time.time()
