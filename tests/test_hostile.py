@@ -485,3 +485,46 @@ def test_a_disk_that_refuses_a_write_is_one_line_and_exit_3(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and "[Errno" in err and "afile" in err, err
         assert "re-run the same command" in err and "Traceback" not in err
         assert json.loads(captured.out.strip().splitlines()[-1])["exit_code"] == 3
+
+
+def test_edit_turns_every_hostile_member_into_an_error_row_and_edits_the_rest(tmp_path, capsys):
+    """The shard rules of items 3, 10 and 13 through the `edit` command itself (they were tested on the
+    readers and on ShardRestyler only): a key repeated in adjacent members, an empty key, a key too long
+    for a tar; in a folder input, a FIFO named like an image. Each is one error row, exit 2, no traceback,
+    and every other key is edited."""
+    import json
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "s.tar", [("a.png", png(0)), ("a.png", png(1)), (".png", png(2)), ("k" * 150 + ".png", png(3)),
+                                 ("fine.png", png(4))])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(png(5))
+    os.mkfifo(folder / "pipe.png")
+    for images, bad, good in ((shards, {"a", "", "k" * 150}, {"fine"}), (folder, {"pipe"}, {"ok"})):
+        out = tmp_path / f"out-{images.name}"
+        capsys.readouterr()
+        assert main(_edit(images, out)) == 2, images
+        captured = capsys.readouterr()
+        s = json.loads(captured.out)
+        assert "Traceback" not in captured.err
+        assert {e["key"] for e in s["errors"]} == bad, s["errors"]
+        assert {p.stem for p in out.glob("*.png")} == good
+
+
+def test_a_huge_value_echoed_in_an_error_is_cut_to_one_short_line(tmp_path, capsys):
+    """Item 12's second half: an error that echoes a 100 kB value prints one line of at most MAX_MESSAGE
+    characters (with --json too)."""
+    import json
+
+    from dclip_ray.cli import MAX_MESSAGE
+
+    (tmp_path / "s.yaml").write_text("name: t\ninput: {toyworld: {n: 4}}\nmodel: toy_shapes\nprompts: {lines: ['red "
+                                     "circle -> blue circle name=blue']}\n")
+    huge = "x" * 100_000
+    assert main(["run", str(tmp_path / "s.yaml"), "--check", "--set", f"finetune.epochs={huge}", "--json"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and len(err) <= MAX_MESSAGE + len("error: ") and "epochs" in err, err[:300]
+    assert len(json.loads(captured.out.strip().splitlines()[-1])["error"]) <= MAX_MESSAGE

@@ -115,8 +115,9 @@ def run_json(capsys, argv):
     from dclip_ray.cli import main
 
     rc = main(argv)
-    out = capsys.readouterr().out
-    return rc, strict_json(out[out.index("{"):])
+    captured = capsys.readouterr()
+    run_json.err = captured.err  # type: ignore[attr-defined]
+    return rc, strict_json(captured.out[captured.out.index("{"):])
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,7 @@ def test_finetune_fails_a_diverged_model_and_keeps_it_apart(toy_data, tmp_path, 
                               "blue circle", "--images", toy_data, "--out", str(out), "--lr", "1e12", *FAST])
     assert rc == 2 and s["status"] == "failed (quality)" and "diverged" in s["quality"]["reason"]
     assert not out.exists() and s["model_path"] == str(out) + ".failed"
+    assert "lower --lr" in run_json.err and "try --restarts" not in run_json.err, run_json.err  # no advice that cannot help
     card = strict_json((tmp_path / "ft.failed" / "dclip.json").read_text())
     assert card["quality"]["passed"] is False and card["quality"]["measured"]["finite"] is False
     rc, s = run_json(capsys, ["finetune", "--model", "toy_shapes", "--source", "red circle", "--target",

@@ -41,8 +41,10 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> int:
         to_stderr().print(f"[yellow]warning[/] {w}")
     q = summary.get("quality") or {}
     if q.get("reason"):
+        advice = ("lower --lr (--accept-low-quality never keeps a diverged model)" if "diverged" in q["reason"]
+                  else "try --restarts 3, or --accept-low-quality")
         kept = ("kept anyway (--accept-low-quality)" if q.get("accepted_low_quality") else
-                f"saved apart in {summary['model_path']} for inspection; try --restarts 3, or --accept-low-quality")
+                f"saved apart in {summary['model_path']} for inspection; {advice}")
         to_stderr().print(f"[{'yellow' if q.get('accepted_low_quality') else 'red'}]the model failed its check[/]: "
                       f"{q['reason']}; {kept}")
     for r in summary.get("rejected", []):

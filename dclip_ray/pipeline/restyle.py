@@ -40,7 +40,7 @@ from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, s
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
 
-from .runtime import init_ray
+from .runtime import check_local_ray, init_ray
 
 
 @dataclass
@@ -229,6 +229,8 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
     todo = [(n, p) for n, p in shards if not shard_done(cfg, hashes, n, prints[n])]
+    if todo:
+        check_local_ray(job.address)  # refused before the output folder is written
     write_declaration(cfg, job.input)
     results: list[dict[str, Any]] = []
     for n, p in shards:

@@ -53,6 +53,17 @@ _held_ports: list[socket.socket] = []
 """Sockets bound (never listening) for the life of the process: the ports of Ray's fixed metrics exporters."""
 
 
+def check_local_ray(address: str | None = None) -> None:
+    """Before anything is written: a command that will start an embedded local Ray (no ``address``, no
+    ``$RAY_ADDRESS``, Ray not running yet) refuses ``RAY_AUTH_MODE=disabled`` (:class:`ConfigError`, exit 1):
+    its ports listen on every interface and only the token keeps others out."""
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise ConfigError("RAY_AUTH_MODE=disabled: the embedded local Ray listens on every interface and only its "
+                          "token keeps others out; unset RAY_AUTH_MODE (or join a cluster with --address)")
+
+
 def local_ray_environment() -> None:
     """Close what an embedded local Ray would open to the network without authentication (Ray 2.60).
 
@@ -66,9 +77,7 @@ def local_ray_environment() -> None:
     a port this process holds bound but not listening, so they fail to start (Ray logs that and goes
     on) and the port refuses connections. ``docs/DEPLOY.md`` lists what stays exposed on a cluster.
     """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        raise ConfigError("RAY_AUTH_MODE=disabled: the embedded local Ray listens on every interface and only its "
-                          "token keeps others out; unset RAY_AUTH_MODE (or join a cluster with --address)")
+    check_local_ray()
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
     if not _held_ports and "AUTOSCALER_METRIC_PORT" not in os.environ and "DASHBOARD_METRIC_PORT" not in os.environ:
         held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
