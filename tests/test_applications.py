@@ -4,6 +4,7 @@ judged from pixels (dclip_ray.toyworld.judge), plus the `translate` / `from-stro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,11 @@ def test_translate_scores_every_final_edit_and_min_score_moves_low_ones_apart(ba
     assert sorted(p.name for p in (tmp_path / "bad").glob("*.png")) == [], "a rejected edit is never in OUT"
     assert sorted(p.name for p in (tmp_path / "bad" / REJECTED_DIR).iterdir()) == ["s0.png", "s1.png", "s2.png"]
     assert {r.status for r in read_manifest(str(tmp_path / "bad" / SCORES_FILE)) if r.key != "broken"} == {"rejected"}
+    from dclip_ray.evaluation.report import write_report  # the report shows them: the worst edits first
+
+    page = Path(write_report(str(tmp_path / "bad"))).read_text()
+    assert "edit scores" in page and "lowest-scored edits" in page and "rejected" in page
+    assert all(f"<td>s{i}</td>" in page for i in range(3)), "each rejected key in the lowest-scored table"
     rc, again = run(str(same), "bad", "--min-score", f"{bar:.4f}")
     assert again["n_rejected"] == 0 and not list((tmp_path / "bad" / REJECTED_DIR).iterdir()), \
         "an edit kept now leaves rejected/"

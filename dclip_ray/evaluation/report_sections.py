@@ -154,23 +154,65 @@ def scores_html(d: Path, markers: list[dict[str, Any]]) -> str:
     stats = merged(ScoreStats.from_dict(m.get("scores")) for m in markers)
     if stats.n == 0:
         return na("edit scores: these edits were not scored (no CLIP known, or the models name no source and target)")
-    s = stats.summary()
-    out = table([[s["n"], s["mean"], s["min"], s["p10"], s["p50"], s["p90"], s["max"], s["n_rejected"]]],
-                ["edits scored", "mean", "min", "p10", "median", "p90", "max", "rejected"])
     sources = {m.get("shard"): m.get("source") for m in markers}
-    before_row, after_row, labels = [], [], []
-    for score, shard, key in stats.lowest:
+
+    def pair(shard: str, key: str) -> tuple[Image.Image | None, Image.Image | None]:
         urls = shard_urls(str(d), shard)
         after = images_of(urls["tar"], [key], 1) or images_of(urls["rejected"], [key], 1)
         src = sources.get(shard)
         before = images_of(str(src), [key], 1) if src and os.path.exists(str(src)) else {}
-        before_row.append(before.get(key, _blank()))
-        after_row.append(after.get(key, _blank()))
+        return before.get(key), after.get(key)
+
+    return _scores_strip(d, stats, pair)
+
+
+def _scores_strip(d: Path, stats: Any, pair: Any) -> str:
+    """The distribution table of ``stats`` (a :class:`~dclip_ray.scoring.ScoreStats`) and its lowest-scored
+    edits beside their inputs; ``pair(shard, key) -> (input or None, edit or None)``."""
+    s = stats.summary()
+    out = table([[s["n"], s["mean"], s["min"], s["p10"], s["p50"], s["p90"], s["max"], s["n_rejected"]]],
+                ["edits scored", "mean", "min", "p10", "median", "p90", "max", "rejected"])
+    before_row, after_row, labels = [], [], []
+    for score, shard, key in stats.lowest:
+        before, after = pair(shard, key)
+        before_row.append(before or _blank())
+        after_row.append(after or _blank())
         labels.append([key, shard, score])
     out += "<p>The lowest-scored edits (input above, edit below; left to right as in the table):</p>"
     out += img_tag(image_grid([("input", before_row), ("edit", after_row)]), f"lowest-scored edits {d.name}")
     out += table(labels, ["key", "shard", "score"])
     return out
+
+
+def local_scores_html(d: Path, summary: dict[str, Any] | None) -> str:
+    """A translate / from-strokes output's scores (its ``scores.parquet``): the distribution and the
+    lowest-scored edits (from ``d`` or ``d/rejected``) beside their inputs (the command's ``--images``
+    when readable from here); "" when the folder has no scores."""
+    from dclip_ray.applications import REJECTED_DIR, SCORES_FILE
+    from dclip_ray.io.manifest import read_manifest
+    from dclip_ray.scoring import ScoreStats
+
+    if not (d / SCORES_FILE).is_file():
+        return ""
+    try:
+        rows = read_manifest(str(d / SCORES_FILE))
+    except Exception:  # noqa: BLE001  (a report shows what it can)
+        return na(f"edit scores: {SCORES_FILE} cannot be read")
+    stats = ScoreStats()
+    for r in rows:
+        if r.status in ("ok", "rejected") and "score" in (r.scores or {}):
+            stats.add(float(r.scores["score"]), r.shard, r.key, rejected=r.status == "rejected")
+    if stats.n == 0:
+        return na("edit scores: no edit was scored")
+    src = ((summary or {}).get("config") or {}).get("images")
+
+    def pair(shard: str, key: str) -> tuple[Image.Image | None, Image.Image | None]:
+        files = [d / f"{key}.png", d / REJECTED_DIR / f"{key}.png"]
+        after = next((decode(f.read_bytes()) for f in files if f.is_file()), None)
+        before = images_of(str(src), [key], 1).get(key) if src else None
+        return before, after
+
+    return "<h4>edit scores</h4>" + _scores_strip(d, stats, pair)
 
 
 def _manifest_html(d: Path) -> str:
@@ -236,6 +278,7 @@ def local_html(root: Path, outputs: list[tuple[Path, dict[str, Any] | None]]) ->
                             "`dclip-ray eval --out FOLDER/eval.json` to link them)"))
         else:
             parts.append(na("no readable image"))
+        parts.append(local_scores_html(d, summary))
         if summary:
             parts.append("<details><summary>summary</summary>" + pre(summary) + "</details>")
     return "\n".join(parts)
