@@ -2,7 +2,7 @@
 
 A bar redrawn with carriage returns is unreadable in a log file, and no output at all for minutes
 looks like a hang. So off a terminal :func:`progress` gives a :class:`PlainProgress`: one line
-``DESC: N/TOTAL UNIT, 1m30s elapsed (loss 0.12)`` on stderr when the count moved in the last
+``DESC: N/TOTAL UNIT, 1m30s elapsed, ETA 4m10s (loss 0.12)`` on stderr when the count moved in the last
 :data:`LINE_EVERY_S` seconds, and at least every :data:`SILENT_AT_MOST_S` seconds while the work runs,
 from a daemon thread (it never keeps a process alive). Work that ends before the first line prints
 nothing at all; work that printed a line prints a last one when it ends.
@@ -59,7 +59,10 @@ class PlainProgress:
     def line(self) -> str:
         """The current state as one line (no newline)."""
         count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
-        text = f"{self.desc}: {count} {self.unit}, {_duration(time.monotonic() - self.start)} elapsed"
+        elapsed = time.monotonic() - self.start
+        text = f"{self.desc}: {count} {self.unit}, {_duration(elapsed)} elapsed"
+        if self.total is not None and 0 < self.n < self.total:  # the whole job's pace so far
+            text += f", ETA {_duration(elapsed / self.n * (self.total - self.n))}"
         return text + (f" ({self.postfix})" if self.postfix else "")
 
     def _emit(self) -> None:

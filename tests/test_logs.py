@@ -31,11 +31,13 @@ def test_plain_progress_prints_a_line_when_the_count_moves_and_at_least_every_si
     time.sleep(0.45)
     first = out.getvalue().splitlines()
     assert first and first[0].startswith("finetune: 10/100 steps, ") and first[0].endswith("(loss 0.1235)")
+    assert ", ETA " in first[0], "the whole job's pace: 10 of 100 done"
     time.sleep(0.8)  # no progress: a line anyway, so a log is never silent for long
     assert len(out.getvalue().splitlines()) >= 2
     bar.update(90)
     bar.close()
     assert out.getvalue().splitlines()[-1].startswith("finetune: 100/100 steps")
+    assert "ETA" not in out.getvalue().splitlines()[-1], "done: no ETA"
     n = len(out.getvalue().splitlines())
     time.sleep(0.6)
     assert len(out.getvalue().splitlines()) == n  # closed: the thread stopped

@@ -281,6 +281,9 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
                       _fmt(r.get("n_error")), _fmt(r.get("n_routed")), _fmt(r.get("inv_evals")),
                       _fmt(r.get("n_cached")), _fmt(r.get("seconds")))
         to_stdout().print(t)
+        if s.get("images_done"):
+            to_stdout().print(f"{s['images_done']} image(s) restyled in {s['work_seconds']:.1f} s: "
+                              f"{s['images_per_s']:g} images/s, {s['unet_evals_per_s']:g} UNet evaluations/s")
     for w in s["warnings"]:
         to_stderr().print(f"[yellow]warning[/] {w}")
     if s["n_stale_latents"]:

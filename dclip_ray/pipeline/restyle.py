@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -65,6 +66,18 @@ class RestyleJob:
 
 
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*")
+
+
+def throughput(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The restyle's rate over the whole job so far: ``{"work_seconds", "images_done", "images_per_s",
+    "unet_evals_per_s"}``, counting the shards this run worked on (not skipped ones) over ``seconds`` of
+    wall time since the workers started (0 when nothing ran)."""
+    worked = [r for r in results if not r.get("skipped")]
+    images = sum(int(r.get("n_ok", 0)) + int(r.get("n_error", 0)) for r in worked)
+    evals = sum(int(r.get("inv_evals", 0)) + int(r.get("gen_evals", 0)) for r in worked)
+    per = (lambda x: round(x / seconds, 2)) if seconds > 0 else (lambda x: 0.0)
+    return {"work_seconds": round(seconds, 2), "images_done": images, "images_per_s": per(images),
+            "unet_evals_per_s": per(evals)}
 
 
 def _first_cause(e: BaseException) -> str:
@@ -251,11 +264,14 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                                                  factory),
                             compute=_pool(pool["actors_started"]),
                             num_cpus=pool["cpus_per_actor"], num_gpus=job.gpus_per_actor or None)
+        t_work = time.monotonic()
         with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
             try:
                 for row in ds.iter_rows():
                     results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
                     bar.update(1)
+                    rate = throughput(results, time.monotonic() - t_work)
+                    bar.set_postfix({"images/s": rate["images_per_s"], "UNet evals/s": rate["unet_evals_per_s"]})
             except (ray.exceptions.RayError, RuntimeError, OSError, ValueError) as e:
                 # the workers themselves failed (an actor that cannot load a model deleted after the checks,
                 # a node lost for good): the shards they committed stay, the others are redone by a re-run
@@ -273,7 +289,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                 r.update(leased="", skipped=True, done_by="another run")
         leased = left
     _count_commits_of_this_run(cfg, results, {n for n, _ in todo})
-    summary = {
+    summary = {**throughput(results, time.monotonic() - t_work if todo else 0.0),
         "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck, "leased": leased,
         "warnings": warnings + took_over_warnings(results), "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
         "n_images": sum(r.get("n_ok", 0) for r in results),
