@@ -621,6 +621,28 @@ class _AbortsAtTeardown:  # stands in for a native library's static object whose
 
 _trap = _AbortsAtTeardown()
 atexit.register(lambda: open(os.environ["ATEXIT_FLAG"], "w").close())
+
+import threading, time
+
+def _in_main(frame):
+    while frame is not None:
+        if frame.f_code.co_name == "main" and "dclip_ray" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+def _late_writer():  # a non-daemon thread still working when the command has returned: waited for, as Python does
+    seen = False
+    while True:
+        running = _in_main(sys._current_frames().get(threading.main_thread().ident))
+        if seen and not running:
+            break
+        seen = seen or running
+        time.sleep(0.005)
+    time.sleep(0.5)
+    open(os.environ["ATEXIT_FLAG"] + ".thread", "w").close()
+
+threading.Thread(target=_late_writer).start()
 """
 
 
@@ -643,6 +665,8 @@ def test_native_teardown_never_decides_the_exit_code(tmp_path):
         proc = subprocess.run([script, *argv], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == code, (argv, proc.returncode, proc.stderr[-1000:])
         assert "teardown ran" not in proc.stderr and flag.exists(), (argv, proc.stderr[-1000:])
+        assert Path(f"{flag}.thread").exists(), "a non-daemon thread finishes before the process ends"
+        Path(f"{flag}.thread").unlink()
     assert proc.stderr.startswith("error: ") and "no-such-recipe" in proc.stderr
     listing = subprocess.run([script, "recipes", "list"], env=env, capture_output=True, text=True, timeout=120)
     assert listing.stdout.startswith("paper:") and listing.stdout.endswith("\n")  # flushed whole
