@@ -3,8 +3,8 @@
 :func:`interrupt_handlers` makes both signals raise :class:`~dclip_ray.errors.Interrupted` in the main
 thread for the length of a command; the CLI catches it, the workflow runner records it in its ledger.
 ``ray.init`` installs its own SIGTERM handler (it exits with code 1 or 15, the run unrecorded), so the
-code that starts Ray runs it inside :func:`deferred_interrupts` and calls :func:`rearm` afterwards; Ray's
-atexit hook still shuts the local Ray down.
+code that starts Ray runs it inside :func:`deferred_interrupts`, which keeps ours in place; Ray's atexit
+hook still shuts the local Ray down.
 """
 
 from __future__ import annotations
@@ -48,18 +48,6 @@ def interrupt_handlers() -> Iterator[None]:
         for s, handler in _previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         _previous.clear()
-
-
-def rearm() -> bool:
-    """Put the handlers back when a library replaced them inside an armed block; True when any was replaced."""
-    if not _previous or not _main_thread():
-        return False
-    changed = False
-    for s in SIGNALS:
-        if signal.getsignal(s) is not _raise:
-            signal.signal(s, _raise)
-            changed = True
-    return changed
 
 
 @contextmanager

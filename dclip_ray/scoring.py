@@ -185,6 +185,16 @@ class ScoreStats:
                    lowest=[(float(s), str(sh), str(k)) for s, sh, k in d.get("lowest") or []])
 
 
+def stats_of_rows(rows: Iterable[Any], shard: str | None = None) -> ScoreStats:
+    """The :class:`ScoreStats` of manifest rows (``.key``, ``.shard``, ``.status``, ``.scores``): every row
+    with a score, ``rejected`` ones counted as such; ``shard`` names their shard when given."""
+    out = ScoreStats()
+    for r in rows:
+        if "score" in (r.scores or {}):
+            out.add(float(r.scores["score"]), shard or r.shard, r.key, rejected=r.status == "rejected")
+    return out
+
+
 def merged(stats: Iterable[ScoreStats]) -> ScoreStats:
     """One :class:`ScoreStats` holding all of ``stats``."""
     out = ScoreStats()

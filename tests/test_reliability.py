@@ -563,25 +563,6 @@ def test_an_interrupted_finetune_without_checkpoint_dir_says_nothing_was_saved(t
                                           "next time"), stderr
 
 
-def test_the_sigterm_handler_survives_a_library_that_replaces_it():
-    """``ray.init`` installs a SIGTERM handler that exits with code 1; runtime.init_ray re-arms ours."""
-    import signal
-
-    from dclip_ray.errors import Interrupted
-    from dclip_ray.interrupts import interrupt_handlers, rearm
-
-    before = signal.getsignal(signal.SIGTERM)
-    with interrupt_handlers():
-        signal.signal(signal.SIGTERM, lambda *_: None)  # what a library does
-        assert rearm() is True
-        with pytest.raises(Interrupted) as e:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(100):  # the handler runs between bytecodes
-                pass
-        assert e.value.signame == "SIGTERM" and e.value.exit_code == 3
-    assert signal.getsignal(signal.SIGTERM) is before and rearm() is False
-
-
 def test_a_signal_while_ray_starts_is_raised_once_it_is_up_never_lost_to_its_handler():
     """Issue 30 item 10: a SIGTERM during ``ray.init`` (its first seconds) met Ray's own handler and the
     command exited 15 with no message. Inside deferred_interrupts a library cannot install a SIGTERM or

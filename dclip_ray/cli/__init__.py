@@ -89,14 +89,6 @@ MAX_MESSAGE = 2000
 """The longest error message printed: a message echoing a huge value is cut (its start says what is wrong)."""
 
 
-def _os_error(e: OSError) -> str:
-    """``OSError: [Errno 30] Read-only file system: 'PATH'`` as one line (the class, errno, reason, paths)."""
-    if e.strerror is None:
-        return f"{type(e).__name__}: {e}"
-    paths = " -> ".join(repr(str(p)) for p in (e.filename, e.filename2) if p is not None)
-    return f"{type(e).__name__}: [Errno {e.errno}] {e.strerror}" + (f": {paths}" if paths else "")
-
-
 def _fail(as_json: bool, code: int, message: str, status: str = "error") -> int:
     """One line ``error: MESSAGE`` on stderr and, for ``--json``, ``{"status", "exit_code", "error"}`` on stdout
     (both cut to :data:`MAX_MESSAGE` characters, newlines made spaces)."""
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         except Interrupted as e:
             return _interrupted(as_json, e.signame, args)
         except OSError as e:  # the disk or the store failed (full, read-only, gone) where no step caught it
-            return _fail(as_json, EXIT_ABORTED, f"{redact(_os_error(e))}; what was committed is kept: fix the cause "
+            return _fail(as_json, EXIT_ABORTED, f"{redact(f'{type(e).__name__}: {e}')}; what was committed is kept: fix the cause "
                          "(disk space, permissions, the path) and re-run the same command to resume")
         except _ABORT:
             return _fail(as_json, EXIT_ABORTED, "aborted; re-run the same command to resume")

@@ -190,7 +190,7 @@ def local_scores_html(d: Path, summary: dict[str, Any] | None) -> str:
     when readable from here); "" when the folder has no scores."""
     from dclip_ray.applications import REJECTED_DIR, SCORES_FILE
     from dclip_ray.io.manifest import read_manifest
-    from dclip_ray.scoring import ScoreStats
+    from dclip_ray.scoring import stats_of_rows
 
     if not (d / SCORES_FILE).is_file():
         return ""
@@ -198,10 +198,7 @@ def local_scores_html(d: Path, summary: dict[str, Any] | None) -> str:
         rows = read_manifest(str(d / SCORES_FILE))
     except Exception:  # noqa: BLE001  (a report shows what it can)
         return na(f"edit scores: {SCORES_FILE} cannot be read")
-    stats = ScoreStats()
-    for r in rows:
-        if r.status in ("ok", "rejected") and "score" in (r.scores or {}):
-            stats.add(float(r.scores["score"]), r.shard, r.key, rejected=r.status == "rejected")
+    stats = stats_of_rows(rows)
     if stats.n == 0:
         return na("edit scores: no edit was scored")
     src = ((summary or {}).get("config") or {}).get("images")

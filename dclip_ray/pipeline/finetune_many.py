@@ -57,7 +57,7 @@ from dclip_ray.stages.selection import SourceMatcher, select_training_sets
 from dclip_ray.stages.training_data import training_data
 from dclip_ray.urls import redact
 
-from .runtime import init_ray
+from .runtime import check_local_ray, init_ray
 
 
 @dataclass
@@ -252,13 +252,17 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, 
     fcfgs = {s.name: _prompt_config(s, job, base) for s in specs}
     warnings: list[str] = []
     sets = choose_training_sets(specs, fcfgs, job, base, clip, warnings)
-    rows, launches = [], []
+    rows, launches, judge_only = [], [], []
     for spec in specs:
         row, loops = _plan_prompt(spec, job, base, fcfgs[spec.name], sets[spec.name])
         rows.append(row)
         launches += [(row, loop) for loop in loops]
         if not loops and row["status"] == "pending":  # every restart trained: only the judging is left
-            _finish(row, job, base.preset)
+            judge_only.append(row)
+    if launches:
+        check_local_ray(job.address)  # refused before a model is written
+    for row in judge_only:
+        _finish(row, job, base.preset)
     if launches:
         _train(job, launches, progress)
     for r in rows:

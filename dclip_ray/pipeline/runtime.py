@@ -10,7 +10,7 @@ from typing import Any
 import ray
 
 from dclip_ray.errors import ConfigError
-from dclip_ray.interrupts import deferred_interrupts, rearm
+from dclip_ray.interrupts import deferred_interrupts
 from dclip_ray.models.trust import TRUST_ENV, is_trusted
 
 
@@ -42,7 +42,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
                              dashboard_host="127.0.0.1", **kwargs)
         except ConnectionError as e:
             raise ConfigError(f"cannot reach the Ray cluster at {address}: {e}; check --address / RAY_ADDRESS") from None
-        rearm()  # ray.init replaced the CLI's SIGTERM handler (one line, exit 3): its own exits 1 or aborts
         if not verbose:
             quiet_raylet_messages()
     quiet_ray_data(verbose)

@@ -97,6 +97,12 @@ def preflight(spec: WorkflowSpec) -> None:
                               "(relative paths resolve against the spec's folder)")
     _check_locations(spec)
     _check_names(spec, where)
+    from .runtime import check_local_ray
+
+    try:
+        check_local_ray(spec.ray.address)  # every run starts Ray
+    except ConfigError as e:
+        raise ConfigError(f"workflow spec {where}: {e}") from None
 
 
 def _check_names(spec: WorkflowSpec, where: str) -> None:

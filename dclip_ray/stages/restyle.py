@@ -44,7 +44,7 @@ from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.cache import cached_base, cached_unet_sha256, model_eps_fns
-from dclip_ray.scoring import ScoreStats, image_scores, rows_of
+from dclip_ray.scoring import ScoreStats, image_scores, rows_of, stats_of_rows
 from dclip_ray.urls import redact
 
 from .common import CountingEps, RestyleResult, lease_text
@@ -505,10 +505,7 @@ class ShardRestyler:
         """``marker`` plus, for a scored variant, the threshold it was sorted with and its score summary."""
         if not self.cfg.scores(v):
             return marker
-        stats = ScoreStats()
-        for r in w.rows:
-            if "score" in r.scores:
-                stats.add(r.scores["score"], w.shard, r.key, rejected=r.status == "rejected")
+        stats = stats_of_rows(w.rows, w.shard)
         return {**marker, "min_score": self.cfg.min_score, "scores": stats.as_dict()}
 
     def rethreshold(self, shard: str, path: str) -> RestyleResult:
