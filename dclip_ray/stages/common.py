@@ -121,9 +121,9 @@ def took_over_warnings(results: list[Any]) -> list[str]:
 def lease_text(held: dict[str, Any]) -> str:
     """One line naming the run that holds a lease and until when."""
     until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
-    where = " ".join(x for x in (f"on {held['host']}" if held.get("host") else "",
-                                 f"(pid {held['pid']})" if held.get("pid") is not None else "") if x)
-    return f"being written by run {held.get('owner')}{' ' + where if where else ''}, lease until {until}"
+    where = (f" on {held['host']}" if held.get("host") else "") + (
+        f" (pid {held['pid']})" if held.get("pid") is not None else "")  # an unreadable lease knows neither
+    return f"being written by run {held.get('owner')}{where}, lease until {until}"
 
 
 def await_leased(leased: dict[str, str], root: str, committed: Callable[[str], bool], poll: float = 2.0,
