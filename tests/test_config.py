@@ -228,3 +228,21 @@ def test_the_restyle_pool_is_sized_from_the_cluster_by_one_rule():
     assert "one per CPU of the cluster's 64" in Resources().restyle_pool(64)[2]
 
 
+
+
+def test_a_pool_at_an_address_may_grow_to_one_actor_per_shard_and_an_embedded_one_stays(monkeypatch):
+    """At an address (an autoscaling cluster may add nodes) and without --actors, the pool starts sized
+    from the cluster and may grow to one actor per shard to do; an embedded Ray, or --actors, keeps it."""
+    from dclip_ray.pipeline.restyle import RestyleJob, pool_size
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = {"CPU": 8.0}
+    joined = pool_size(RestyleJob(None, "in", address="10.0.0.1:6379"), cluster, n_shards=100)
+    assert (joined["actors"], joined["max_actors"]) == (8, 100) and "may grow to 100" in joined["why"]
+    assert pool_size(RestyleJob(None, "in", address="h:1"), cluster, n_shards=3)["max_actors"] == 8, \
+        "never fewer than it starts"
+    assert pool_size(RestyleJob(None, "in", address="h:1", actors=4), cluster, n_shards=100)["max_actors"] == 4
+    embedded = pool_size(RestyleJob(None, "in"), cluster, n_shards=100)
+    assert embedded["max_actors"] == 8 and "grow" not in embedded["why"]
+    monkeypatch.setenv("RAY_ADDRESS", "h:1")  # a Ray job's driver
+    assert pool_size(RestyleJob(None, "in"), cluster, n_shards=100)["max_actors"] == 100

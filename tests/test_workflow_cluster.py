@@ -213,26 +213,44 @@ def test_submit_without_the_token_is_refused_in_one_line(cluster, tmp_path):
     assert res.returncode == 1 and "the token sent was refused" in res.stderr and "not-the-token" not in res.stderr
 
 
+def max_overlap(rows: list[dict]) -> int:
+    """The most shards in work at the same moment, from each shard row's ``started`` and ``seconds``."""
+    ends = sorted([(r["started"], 1) for r in rows if r.get("started")]
+                  + [(r["started"] + r["seconds"], -1) for r in rows if r.get("started")])
+    most = now = 0
+    for _, step in ends:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def test_restyle_at_an_address_sizes_its_pool_from_the_cluster_not_the_driver(cluster, tmp_path):
     """The driver machine has 2 cores; the cluster has 5 CPUs (a 1-CPU head, a 4-CPU worker): `restyle
-    --address` (and its dry run) sizes the pool from the cluster, 5 actors, and every key is restyled.
-    Not asserted: how many run at once. Here the 3 actors meant for the worker node stayed pending and
-    2 ran on one node (the Ray Data progress lines say so with --verbose); see issue 28's note."""
+    --address` (and its dry run) sizes the pool from the cluster, 5 actors that may grow to one per shard,
+    and runs more shards at once than the driver has cores, on both nodes; every key is restyled once.
+    48 shards: the worker node's actors take about a minute to start beside the head's busy ones on these
+    2 cores (with 10 shards the head's 2 actors had finished everything first)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from pipeline_fixtures import tiny_models
 
     from dclip_ray.toyworld.data import write_shards
 
     data = tmp_path / "data"
-    write_shards(str(data), 80, seed=0, shard_size=8)  # 10 shards
+    write_shards(str(data), 384, seed=0, shard_size=8)  # 48 shards
     models = tiny_models(tmp_path / "m", 300)
     args = ["restyle", "--input", str(data), "--model", models["ft"], "--out", str(tmp_path / "out"),
             "--address", cluster["gcs"], "--n-inv", "40", "--n-gen", "40", "--json"]
     plan = dclip([*args, "--dry-run"], cluster["env"], timeout=300)
     assert plan.returncode == 0, plan.stderr[-2000:]
-    assert json.loads(plan.stdout)["pool"]["actors"] == 5, "the dry run sizes the pool from the cluster"
-    run = dclip(args, cluster["env"], timeout=600)
+    planned = json.loads(plan.stdout)["pool"]
+    assert (planned["actors"], planned["max_actors"]) == (5, 48), "the dry run sizes the pool from the cluster"
+    run = dclip(args, cluster["env"], timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     s = json.loads(run.stdout)
-    assert s["pool"]["actors"] == 5 and s["pool"]["cluster_cpus"] == 5 and "cluster's 5" in s["pool"]["why"]
-    assert s["n_images"] == 80 and verify(str(tmp_path / "out"), str(data)).ok
+    pool = s["pool"]
+    assert pool["actors"] == 5 and pool["cluster_cpus"] == 5 and "cluster's 5" in pool["why"], pool
+    assert pool["max_actors"] == 48 and "may grow to 48" in pool["why"], pool
+    at_once = max_overlap(s["shards"])
+    assert at_once > min(os.cpu_count() or 1, 4), f"only {at_once} shard(s) ran at once on a 5-CPU cluster: {pool}"
+    assert pool["nodes_ran"] == 2 and pool["actors_ran"] >= 3, pool
+    assert s["n_images"] == 384 and verify(str(tmp_path / "out"), str(data)).ok

@@ -253,7 +253,7 @@ def _print_plan(p: dict[str, Any], as_json: bool) -> None:
     else:
         pool = p["pool"]
         t = Table(title=f"restyle dry run: {p['images']} images, {p['unet_evals']} UNet evaluations (t0 "
-                  f"{', '.join(map(str, p['t0s']))}; route {p['route']}); up to {pool['actors']} actor(s): "
+                  f"{', '.join(map(str, p['t0s']))}; route {p['route']}); {pool['actors']} actor(s) would start: "
                   f"{pool['why']}")
         for c in ("shard", "images", "cached latents", "committed", "UNet evaluations"):
             t.add_column(c)
@@ -272,7 +272,8 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
         print(plain.dumps(s))
     else:
         pool = s.get("pool")
-        ran = f"; {pool['actors_started']} actor(s): {pool['why']}" if pool else ""
+        ran = (f"; {pool['actors_ran']} actor(s) ran on {pool['nodes_ran']} node(s) ({pool['actors_started']} "
+               f"started: {pool['why']})" if pool else "")
         t = Table(title=f"restyle -> {', '.join(s['outputs'])}{ran}")
         for c in ("shard", "status", "ok", "errors", "routed away", "inversions", "cached", "seconds"):
             t.add_column(c)

@@ -125,7 +125,7 @@ class GeneratorActor:
     has not finished after ``shard_timeout`` seconds is reported as stuck (the call returns, so the job
     goes on with the other shards; the shard stays uncommitted)."""
 
-    COLUMNS = (*(f.name for f in fields(RestyleResult)), "node")
+    COLUMNS = (*(f.name for f in fields(RestyleResult)), "node", "actor")
 
     def __init__(self, config: RestyleConfig, cpus: float, shard_timeout: float | None = None,
                  owner: str | None = None, factory: Callable[[RestyleConfig], ShardRestyler] | None = None):
@@ -137,11 +137,12 @@ class GeneratorActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch``: ``{"shard": [names], "path": [paths], "fingerprint": [...]}`` -> one summary row per shard."""
         out: dict[str, list[Any]] = {k: [] for k in self.COLUMNS}
-        node = ray.get_runtime_context().get_node_id()
+        ctx = ray.get_runtime_context()
+        node, actor = ctx.get_node_id(), ctx.get_actor_id()
         for shard, path, fp in zip(batch["shard"], batch["path"], batch["fingerprint"], strict=True):
             r = self._one(str(shard), str(path), str(fp)).as_dict()
             r["truncated"] = r.get("truncated") or ""
-            r["node"] = node
+            r["node"], r["actor"] = node, actor
             for k in out:
                 out[k].append(r[k])
         return {k: np.asarray(v) for k, v in out.items()}
@@ -174,18 +175,26 @@ def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[
     return shards, prints, warnings
 
 
-def pool_size(job: RestyleJob, resources: dict[str, Any]) -> dict[str, Any]:
+def pool_size(job: RestyleJob, resources: dict[str, Any], n_shards: int | None = None) -> dict[str, Any]:
     """The actor pool for ``resources`` (``ray.cluster_resources()``: every node of the cluster, never the
-    driver machine's cores): ``{"actors", "cpus_per_actor", "gpus_per_actor", "why", "cluster_cpus",
-    "cluster_gpus"}`` by :meth:`~dclip_ray.config.Resources.restyle_pool`, the one rule of the CLI and
-    the workflow."""
+    driver machine's cores): ``{"actors", "max_actors", "cpus_per_actor", "gpus_per_actor", "why",
+    "cluster_cpus", "cluster_gpus"}`` by :meth:`~dclip_ray.config.Resources.restyle_pool`, the one rule of
+    the CLI and the workflow. ``actors`` start at once; on a cluster joined at an address (which may
+    autoscale) without ``--actors``, the pool may grow to ``max_actors`` = one per shard to do
+    (``n_shards``) as nodes join; an embedded Ray or ``--actors`` keeps it at ``actors``."""
+    import os
+
     from dclip_ray.config import Resources
 
     cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     rule = Resources(actors=job.actors, cpus_per_actor=job.cpus_per_actor, gpus_per_actor=job.gpus_per_actor)
     actors, per_actor, why = rule.restyle_pool(cpus, gpus)
-    return {"actors": actors, "cpus_per_actor": per_actor, "gpus_per_actor": job.gpus_per_actor, "why": why,
-            "cluster_cpus": cpus, "cluster_gpus": gpus}
+    joined = bool(job.address or os.environ.get("RAY_ADDRESS"))
+    most = max(actors, n_shards or 0) if joined and not job.actors else actors
+    if most > actors:
+        why += f"; may grow to {most} (one per shard to do) as the cluster adds nodes"
+    return {"actors": actors, "max_actors": most, "cpus_per_actor": per_actor, "gpus_per_actor": job.gpus_per_actor,
+            "why": why, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
 def plan(job: RestyleJob) -> dict[str, Any]:
@@ -199,7 +208,9 @@ def plan(job: RestyleJob) -> dict[str, Any]:
         resources = init_ray(job.address, job.num_cpus, verbose=job.verbose)
     else:
         resources = {"CPU": job.num_cpus or os.cpu_count() or 1}
-    return {**restyle_plan(job.config, shards, prints), "pool": pool_size(job, resources), "warnings": warnings}
+    planned = restyle_plan(job.config, shards, prints)
+    n_todo = sum(not r["committed"] for r in planned["shards"])
+    return {**planned, "pool": pool_size(job, resources, n_todo), "warnings": warnings}
 
 
 def _marked(cfg: RestyleConfig, shard: str) -> tuple[int, int, int]:
@@ -223,13 +234,14 @@ def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]]
             r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
 
 
-def _pool(n: int) -> Any:
+def _pool(n: int, most: int) -> Any:
     """The actor pool: all ``n`` actors start at once (growing from 1 on demand started the second actor
     only after the first had finished a shard), a smaller pool still runs when the cluster fits fewer,
-    and an actor holds one shard at a time (queueing shards on the first actor up left the late ones
-    idle at the end)."""
+    Ray Data may grow it to ``most`` when an autoscaling cluster adds nodes, and an actor holds one shard
+    at a time (queueing shards on the first actor up left the late ones idle at the end)."""
     n = max(1, n)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(n, most), initial_size=n,
+                                      max_tasks_in_flight_per_actor=1)
 
 
 def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
@@ -252,7 +264,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
             results.append(RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict())
     pool = None
     if todo:
-        pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose))
+        pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose), len(todo))
         pool["actors_started"] = min(pool["actors"], len(todo))
         cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
         actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
@@ -262,7 +274,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         ds = ds.map_batches(GeneratorActor, batch_size=1,
                             fn_constructor_args=(actor_cfg, pool["cpus_per_actor"], job.shard_timeout, new_owner(),
                                                  factory),
-                            compute=_pool(pool["actors_started"]),
+                            compute=_pool(pool["actors_started"], pool["max_actors"]),
                             num_cpus=pool["cpus_per_actor"], num_gpus=job.gpus_per_actor or None)
         t_work = time.monotonic()
         with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
@@ -289,6 +301,9 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                 r.update(leased="", skipped=True, done_by="another run")
         leased = left
     _count_commits_of_this_run(cfg, results, {n for n, _ in todo})
+    if pool:  # what ran, as the shards' rows say: the actors and nodes that returned a shard
+        pool["actors_ran"] = len({r["actor"] for r in results if r.get("actor")})
+        pool["nodes_ran"] = len({r["node"] for r in results if r.get("node")})
     summary = {**throughput(results, time.monotonic() - t_work if todo else 0.0),
         "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck, "leased": leased,
         "warnings": warnings + took_over_warnings(results), "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
