@@ -246,3 +246,15 @@ def test_a_pool_at_an_address_may_grow_to_one_actor_per_shard_and_an_embedded_on
     assert embedded["max_actors"] == 8 and "grow" not in embedded["why"]
     monkeypatch.setenv("RAY_ADDRESS", "h:1")  # a Ray job's driver
     assert pool_size(RestyleJob(None, "in"), cluster, n_shards=100)["max_actors"] == 100
+
+
+def test_a_gpu_resource_maps_to_cuda_unless_a_rehearsal_maps_it_to_the_cpu(monkeypatch):
+    from dclip_ray.stages.common import device_for
+
+    monkeypatch.delenv("DCLIP_RAY_ACCELERATOR", raising=False)
+    assert (device_for(0), device_for(0.5)) == ("cpu", "cuda")
+    monkeypatch.setenv("DCLIP_RAY_ACCELERATOR", "cpu")
+    assert device_for(1) == "cpu"
+    monkeypatch.setenv("DCLIP_RAY_ACCELERATOR", "tpu")
+    with pytest.raises(ValueError, match="DCLIP_RAY_ACCELERATOR='tpu' should be 'cuda' or 'cpu'"):
+        device_for(1)

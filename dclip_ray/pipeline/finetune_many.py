@@ -50,7 +50,7 @@ from dclip_ray.quality import (
 )
 from dclip_ray.search import KNOBS, points_of, with_knobs
 from dclip_ray.stages.checks import check_out_folder, check_steps
-from dclip_ray.stages.common import set_threads
+from dclip_ray.stages.common import device_for, set_threads
 from dclip_ray.stages.inputs import absolute, input_shards
 from dclip_ray.stages.precompute import find_latent_store
 from dclip_ray.stages.selection import SourceMatcher, select_training_sets
@@ -153,7 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     started = time.time()
     set_threads(config["cpus"])
-    device = "cuda" if config["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    device = device_for(config["gpus"]) if torch.cuda.is_available() else "cpu"
     base = cached_base(config["model"], config["preset"], device)
     clip = resolve_clip(config["clip"], config["clip_weights"], base)
     if device != "cpu":
@@ -198,11 +198,12 @@ def _fit(name: str, loop_config: dict[str, Any], storage: str, max_failures: int
          ) -> dict[str, Any]:
     """Run one prompt's TorchTrainer to the end (a zero-CPU task: only the Train worker holds resources)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    backend = "nccl" if device_for(gpus) == "cuda" else "gloo"  # a GPU rehearsed on the CPU has no NCCL
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
+        train_loop, train_loop_config=loop_config, torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures)),
     )

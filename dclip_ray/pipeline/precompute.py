@@ -20,6 +20,7 @@ from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import (
     await_leased,
+    device_for,
     raise_if_leased,
     set_threads,
     took_over_warnings,
@@ -55,7 +56,7 @@ class PrecomputeJob:
 def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str, fingerprint: str,
                      owner: str) -> dict[str, Any]:
     set_threads(job.resources.cpus_per_task)
-    device = "cuda" if job.resources.gpus_per_task > 0 else "cpu"
+    device = device_for(job.resources.gpus_per_task)
     return precompute_shard(job.model, job.preset, shard, path, job.out, key, job.config.batch_size,
                             job.config.recon_psnr,
                             device, job.trust_checkpoint, fingerprint, owner).as_dict()

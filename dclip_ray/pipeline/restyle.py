@@ -31,6 +31,7 @@ from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.common import (
     RestyleResult,
     await_leased,
+    device_for,
     raise_if_leased,
     set_threads,
     took_over_warnings,
@@ -266,7 +267,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     if todo:
         pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose), len(todo))
         pool["actors_started"] = min(pool["actors"], len(todo))
-        cfg.device = "cuda" if job.gpus_per_actor > 0 else "cpu"
+        cfg.device = device_for(job.gpus_per_actor)
         actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
         factory = job.restyler_factory or ShardRestyler
         ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],

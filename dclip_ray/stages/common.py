@@ -3,6 +3,7 @@ thread count of a worker, and how a shard leased by another run is reported."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -111,6 +112,23 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def set_threads(num_cpus: float) -> None:
     """Match torch's intra-op threads to the CPUs a worker was given (at least 1)."""
     torch.set_num_threads(max(1, int(num_cpus)))
+
+
+ACCELERATOR_ENV = "DCLIP_RAY_ACCELERATOR"
+"""Names the torch device a Ray GPU resource maps to: ``cuda`` (the default) or ``cpu``, to rehearse a
+GPU job's code paths on a machine without one (Ray started with a logical GPU, e.g.
+``RAY_OVERRIDE_RESOURCES='{"GPU": 1}'``; ``python -m benchmarks.gpu_bench --cpu``)."""
+
+
+def device_for(gpus: float) -> str:
+    """The torch device of a worker given ``gpus`` GPUs: ``cpu`` without one, else ``$DCLIP_RAY_ACCELERATOR``
+    (``cuda`` unless set; :class:`ValueError` for another value)."""
+    if gpus <= 0:
+        return "cpu"
+    name = os.environ.get(ACCELERATOR_ENV, "cuda")
+    if name not in ("cuda", "cpu"):
+        raise ValueError(f"{ACCELERATOR_ENV}={name!r} should be 'cuda' or 'cpu'")
+    return name
 
 
 def took_over_warnings(results: list[Any]) -> list[str]:
