@@ -70,6 +70,10 @@ def test_precompute_restyle_three_models_verify_and_rerun(ray_local, world, tmp_
     assert s["images_done"] == 22 and s["work_seconds"] > 0  # throughput over the whole job (issue 28 item 5)
     assert s["images_per_s"] == pytest.approx(22 / s["work_seconds"], rel=0.01, abs=0.01)
     assert s["unet_evals_per_s"] == pytest.approx(18 * N_GEN * 3 / s["work_seconds"], rel=0.01, abs=0.01)
+    worked = [r for r in s["shards"] if not r.get("skipped")]
+    assert all(0 < r["unet_seconds"] <= r["seconds"] for r in worked if r["n_ok"]), "UNet time is part of the shard's"
+    assert 0 < s["unet_share"] <= 1 and s["unet_share"] == pytest.approx(
+        sum(r["unet_seconds"] for r in worked) / sum(r["seconds"] for r in worked), abs=0.001)
     assert main(["verify", out, "--input", world["data"]]) == 0
 
     ft1 = os.path.join(out, "ft1")

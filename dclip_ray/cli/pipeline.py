@@ -284,7 +284,9 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
         to_stdout().print(t)
         if s.get("images_done"):
             to_stdout().print(f"{s['images_done']} image(s) restyled in {s['work_seconds']:.1f} s: "
-                              f"{s['images_per_s']:g} images/s, {s['unet_evals_per_s']:g} UNet evaluations/s")
+                              f"{s['images_per_s']:g} images/s, {s['unet_evals_per_s']:g} UNet evaluations/s"
+                              + (f"; {s['unet_share']:.0%} of the actors' time inside the UNet"
+                                 if s.get("unet_share") is not None else ""))
     for w in s["warnings"]:
         to_stderr().print(f"[yellow]warning[/] {w}")
     if s["n_stale_latents"]:

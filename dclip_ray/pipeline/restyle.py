@@ -71,14 +71,17 @@ _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*")
 
 def throughput(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The restyle's rate over the whole job so far: ``{"work_seconds", "images_done", "images_per_s",
-    "unet_evals_per_s"}``, counting the shards this run worked on (not skipped ones) over ``seconds`` of
-    wall time since the workers started (0 when nothing ran)."""
+    "unet_evals_per_s", "unet_share"}``, counting the shards this run worked on (not skipped ones) over
+    ``seconds`` of wall time since the workers started (0 when nothing ran); ``unet_share`` is the share
+    of the actors' time on those shards spent inside UNet calls (None when none ran)."""
     worked = [r for r in results if not r.get("skipped")]
     images = sum(int(r.get("n_ok", 0)) + int(r.get("n_error", 0)) for r in worked)
     evals = sum(int(r.get("inv_evals", 0)) + int(r.get("gen_evals", 0)) for r in worked)
     per = (lambda x: round(x / seconds, 2)) if seconds > 0 else (lambda x: 0.0)
+    busy = sum(float(r.get("seconds", 0.0)) for r in worked)
+    share = round(sum(float(r.get("unet_seconds", 0.0)) for r in worked) / busy, 3) if busy > 0 else None
     return {"work_seconds": round(seconds, 2), "images_done": images, "images_per_s": per(images),
-            "unet_evals_per_s": per(evals)}
+            "unet_evals_per_s": per(evals), "unet_share": share}
 
 
 def _first_cause(e: BaseException) -> str:

@@ -244,7 +244,7 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
             "scores": {k: {f: v[f] for f in ("n", "mean", "p10", "p50", "p90", "n_rejected")}
                        for k, v in s["scores"].items()},
             "gen_evals": s["gen_evals"], "inv_evals": s["inv_evals"], "images_per_s": s["images_per_s"],
-            "unet_evals_per_s": s["unet_evals_per_s"], "outputs": s["outputs"], "left_out": left_out, "pool": s["pool"],
+            "unet_evals_per_s": s["unet_evals_per_s"], "unet_share": s["unet_share"], "outputs": s["outputs"], "left_out": left_out, "pool": s["pool"],
             "nodes": len({r["node"] for r in s["shards"] if r.get("node")})}
 
 

@@ -86,21 +86,29 @@ class RestyleResult(ShardResult):
     failed: str = ""
     stuck: str = ""
     started: float = 0.0  # unix time the shard's work began (0: not run); with ``seconds``, a timeline
+    unet_seconds: float = 0.0  # of ``seconds``, the time inside UNet calls (inversion and generation)
 
 
 class CountingEps:
-    """An eps function that counts its network calls and image evaluations (calls x batch size)."""
+    """An eps function that counts its network calls, image evaluations (calls x batch size) and the
+    seconds spent inside the calls (on a GPU, until the result is ready: each call is synchronised)."""
 
     def __init__(self, fn: EpsFn):
         self.fn = fn
         self.calls = 0
         self.evals = 0
+        self.seconds = 0.0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x_t`` [B,C,H,W], ``t`` int64 [B] -> eps [B,C,H,W]."""
         self.calls += 1
         self.evals += int(x_t.shape[0])
-        return self.fn(x_t, t)
+        start = time.perf_counter()
+        out = self.fn(x_t, t)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -309,6 +309,9 @@ class ShardRestyler:
     def _gen_evals(self) -> int:
         return sum(e.evals for e in self.model_eps)
 
+    def _unet_seconds(self) -> float:
+        return self.inv_eps.seconds + sum(e.seconds for e in self.model_eps)
+
     def new_writer(self, v: Variant, shard: str) -> ShardWriter:
         """The writer of variant ``v``'s output shard ``shard``."""
         return ShardWriter(v.out, shard)
@@ -343,7 +346,7 @@ class ShardRestyler:
 
     def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
         start, started = time.perf_counter(), time.time()
-        inv0, gen0 = self.inv_eps.evals, self._gen_evals()
+        inv0, gen0, unet0 = self.inv_eps.evals, self._gen_evals(), self._unet_seconds()
         state = _ShardState({t0: self._cached(t0, shard) for t0 in self.cfg.t0s()}, exclude=exclude)
         writers = [self.new_writer(v, shard) for v in self.cfg.variants]
         try:
@@ -366,7 +369,7 @@ class ShardRestyler:
                              inv_evals=self.inv_eps.evals - inv0,
                              gen_evals=self._gen_evals() - gen0, n_cached=state.n_cached, n_stale=state.n_stale,
                              n_routed=state.n_routed, seconds=round(time.perf_counter() - start, 3),
-                             started=round(started, 3),
+                             started=round(started, 3), unet_seconds=round(self._unet_seconds() - unet0, 3),
                              truncated=state.status.get("truncated"))
 
     def _batches(self, path: str, writers: list[ShardWriter], state: _ShardState) -> Iterator[list[Decoded]]:
