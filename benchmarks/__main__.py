@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import (
+    bookkeeping_bench,
     finetune_bench,
     flops_bench,
     lora_bench,
@@ -34,6 +35,7 @@ from . import (
 )
 
 SUITES: dict[str, Callable[..., Any]] = {
+    "bookkeeping": bookkeeping_bench.run,
     "finetune": finetune_bench.run,
     "flops": flops_bench.run,
     "lora": lora_bench.run,

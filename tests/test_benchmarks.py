@@ -264,3 +264,15 @@ def test_gpu_bench_rehearses_every_section_on_the_cpu(tmp_path: Path) -> None:
     restyle = results["sections"]["restyle"]["rows"]
     assert [r["images"] for r in restyle] == [8, 8, 8], restyle
     assert [r["status"] for r in results["sections"]["finetune-many"]["rows"]] == ["ok", "ok"]
+
+
+def test_bookkeeping_quick(tmp_path: Path) -> None:
+    """The bookkeeping suite builds committed shards that restyle, its dry run and verify accept (each
+    measurement asserts it: every shard committed, verify OK) and gives finite per-shard costs."""
+    from benchmarks import bookkeeping_bench
+
+    res = bookkeeping_bench.run(tmp_path, quick=True)
+    rows = res["tables"]["driver bookkeeping over committed shards (issue 28 item 3)"]
+    assert {(r["shards"], r["run"]) for r in rows} == {(n, w) for n in (20, 60) for w in ("restyle", "dry-run", "verify")}
+    assert all(r["driver_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert all(math.isfinite(v) for v in res["ratios"].values())

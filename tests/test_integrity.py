@@ -352,3 +352,45 @@ def test_a_second_run_waits_for_the_shards_another_run_is_writing(tmp_path):
     assert left == {"b": "held"}, "a was committed by the other run; b was not and is reported"
     assert await_leased({"c": "held"}, out, lambda s: False, poll=0.05, timeout=30) == {"c": "held"}, \
         "no live lease: nothing to wait for"
+
+
+def test_the_driver_plans_by_size_and_time_and_the_worker_checks_the_content(world, data, tmp_path, monkeypatch):
+    """Issue 28 item 3: the driver reads no input byte (a local tar's size and modification time); the
+    worker that reads the shard computes its content fingerprint and records both. A touched input (new
+    time, same bytes) is planned again but found committed by content (nothing rewritten); a rewritten
+    one is redone."""
+    import dclip_ray.io.sources as sources
+    from dclip_ray.stages.restyle import model_shas, shard_done
+
+    out = tmp_path / "out"
+    cfg = restyle_cfg(world, out)
+    shards = input_shards(data)
+    worker = ShardRestyler(cfg)
+    planned = fingerprints(shards, plan=True)
+    assert all(p.startswith(sources.STAT_PREFIX) for p in planned.values())
+    assert all(worker.run(n, p, planned[n])["n_ok"] == 8 for n, p in shards)
+    hashes = [cfg.variant_hash(v, model_shas(cfg)) for v in cfg.variants]
+
+    def no_read(*_: object) -> str:
+        raise AssertionError("the driver read an input's bytes")
+
+    with monkeypatch.context() as m:
+        m.setattr(sources, "_sha256_of", no_read)
+        prints = fingerprints(shards, plan=True)
+        assert all(shard_done(cfg, hashes, n, prints[n]) for n, _ in shards), "committed: planned from stats alone"
+
+    before = tree(out)
+    (n0, p0), (n1, p1) = shards
+    st = os.stat(p0)
+    os.utime(p0, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # touched: same bytes
+    prints = fingerprints(shards, plan=True)
+    assert not shard_done(cfg, hashes, n0, prints[n0]), "a new time: the driver cannot know, the worker checks"
+    assert worker.run(n0, p0, prints[n0])["skipped"] and tree(out) == before, "same content: nothing redone"
+
+    rewrite_images(p1, seed=7)  # same keys, other image bytes
+    prints = fingerprints(shards, plan=True)
+    assert not shard_done(cfg, hashes, n1, prints[n1])
+    redone = worker.run(n1, p1, prints[n1])
+    assert not redone["skipped"] and redone["n_ok"] == 8 and verify(str(out), data).ok
+    marker = json.loads((out / "ft1" / "00001_stats.json").read_text())
+    assert marker["source_stat"] == sources.shard_stat(p1) and marker["source_fingerprint"].startswith("sha256:")

@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import config_sha256
+from dclip_ray.io.sources import same_source
 from dclip_ray.urls import redact
 
 LatentDType = Literal["float32", "float16"]
@@ -133,10 +134,13 @@ class LatentStore:
 
     def is_current(self, shard: str, fingerprint: str) -> bool:
         """True when ``shard`` is committed under this key from input content ``fingerprint`` (an input
-        rewritten since, even under the same keys, is not current: precompute redoes it)."""
-        marker = self.read_marker(shard)
-        return (marker is not None and marker.get("key") == self.key.fields()
-                and marker.get("source_fingerprint") == fingerprint)
+        rewritten since, even under the same keys, is not current: precompute redoes it); a stat print
+        (:data:`~dclip_ray.io.sources.STAT_PREFIX`) is compared with the size and time it was made from."""
+        return self.current_marker(self.read_marker(shard), fingerprint)
+
+    def current_marker(self, marker: dict[str, Any] | None, fingerprint: str) -> bool:
+        """:meth:`is_current` of a marker already read (None: not committed)."""
+        return marker is not None and marker.get("key") == self.key.fields() and same_source(marker, fingerprint)
 
     def committed_shards(self) -> list[str]:
         """Names of the shards committed under this key, sorted."""

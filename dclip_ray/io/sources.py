@@ -7,7 +7,9 @@ names are used only as keys; nothing is ever written to a path taken from an arc
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,6 +215,52 @@ def _sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
+
+
+STAT_PREFIX = "stat:"
+"""A fingerprint from a local tar's size and modification time only (no byte read): what a driver plans
+with; the worker that reads the shard computes its content fingerprint (:func:`content_fingerprint`)."""
+
+
+def shard_stat(path: str) -> str | None:
+    """``stat:<size>:<mtime_ns>`` of a local regular tar file (one ``stat``, no byte read); None for
+    anything else (a folder shard, an object-store URL, a FIFO or a missing file), whose fingerprint
+    :func:`shard_fingerprint` computes as before."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if not _is_local(fs) or not p.endswith(".tar"):
+        return None
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return f"{STAT_PREFIX}{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
+
+
+def plan_fingerprint(path: str) -> str:
+    """What a driver plans with, reading no byte of a local tar: its :func:`shard_stat`; else the
+    :func:`shard_fingerprint` (an object's ETag, a folder's hash of its files)."""
+    return shard_stat(path) or shard_fingerprint(path)
+
+
+def content_fingerprint(path: str, planned: str | None) -> str:
+    """The content fingerprint of the shard at ``path``: ``planned`` itself unless it is a stat print or
+    None, else :func:`shard_fingerprint` (read here, in the worker that reads the shard anyway)."""
+    if planned is None or planned.startswith(STAT_PREFIX):
+        return shard_fingerprint(path)
+    return planned
+
+
+def same_source(marker: dict | None, fingerprint: str | None) -> bool:
+    """Whether a commit ``marker`` was made from the input ``fingerprint``: by its ``source_stat`` for a
+    stat print (size and modification time unchanged), else by its ``source_fingerprint`` (content).
+    None matches any marker (no check)."""
+    if fingerprint is None:
+        return marker is not None
+    if marker is None:
+        return False
+    if fingerprint.startswith(STAT_PREFIX):
+        return marker.get("source_stat") == fingerprint
+    return marker.get("source_fingerprint") == fingerprint
 
 
 def shard_fingerprint(path: str) -> str:

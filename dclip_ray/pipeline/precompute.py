@@ -15,6 +15,7 @@ from dclip_ray.errors import AbortedError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import new_owner
 from dclip_ray.io.locations import check_outputs
+from dclip_ray.io.sources import STAT_PREFIX
 from dclip_ray.models.cache import cached_base
 from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.checks import check_out_folder, check_steps
@@ -26,7 +27,7 @@ from dclip_ray.stages.common import (
     took_over_warnings,
     unreadable_shards,
 )
-from dclip_ray.stages.inputs import absolute, fingerprints, input_shards
+from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, parallel_map
 from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
 
@@ -89,15 +90,18 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     shards = input_shards(job.input)
     key = latent_key(job)
     store = LatentStore(job.out, key)
-    prints = fingerprints(shards)
-    todo = [(n, p) for n, p in shards if not store.is_current(n, prints[n])]
+    prints = fingerprints(shards, plan=True)  # a local tar's size and time: the driver reads no input byte
+    markers = parallel_map(lambda s: store.read_marker(s[0]), shards)  # read in threads
+    current = [store.current_marker(m, prints[n]) for (n, _), m in zip(shards, markers, strict=True)]
+    todo = [s for s, c in zip(shards, current, strict=True) if not c]
     results = []
-    for n, _ in shards:
-        marker = store.read_marker(n) if store.is_current(n, prints[n]) else None
-        if marker is not None:
+    for (n, _), marker, c in zip(shards, markers, current, strict=True):
+        if c:
             results.append(skipped_result(n, marker).as_dict())
-        elif store.is_committed(n):
-            log.warning("input shard %s changed since its latents were computed: inverting it again", n)
+        elif marker is not None and marker.get("key") == store.key.fields():
+            log.warning("input shard %s changed since its latents were computed (%s): %s", n,
+                        "its size or modification time" if prints[n].startswith(STAT_PREFIX) else "its content",
+                        "the worker compares its content and inverts it again if it differs")
     if todo:
         init_ray(job.address, job.num_cpus, verbose=job.verbose)
         opts: dict[str, Any] = {"num_cpus": job.resources.cpus_per_task}

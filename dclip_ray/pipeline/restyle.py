@@ -37,7 +37,7 @@ from dclip_ray.stages.common import (
     took_over_warnings,
     unreadable_shards,
 )
-from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards
+from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards, parallel_map
 from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, score_summary, shard_done
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
@@ -174,7 +174,7 @@ def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[
         raise ConfigError(f"--limit {job.limit} must be >= 1")
     warnings = check_restyle(job.config, job.input)
     shards = limit_shards(input_shards(job.input), job.limit)
-    prints = fingerprints(shards)
+    prints = fingerprints(shards, plan=True)  # a local tar's size and time: the driver reads no input byte
     warnings += latent_coverage(job.config, shards, prints, job.require_latents)
     return shards, prints, warnings
 
@@ -257,15 +257,15 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     shards, prints, warnings = check(job)
     shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    todo = [(n, p) for n, p in shards if not shard_done(cfg, hashes, n, prints[n])]
+    done = parallel_map(lambda s: shard_done(cfg, hashes, s[0], prints[s[0]]), shards)  # markers, read in threads
+    todo = [s for s, d in zip(shards, done, strict=True) if not d]
     if todo:
         check_local_ray(job.address)  # refused before the output folder is written
     write_declaration(cfg, job.input)
-    results: list[dict[str, Any]] = []
-    for n, p in shards:
-        if (n, p) not in todo:
-            _, n_error, n_rejected = _marked(cfg, n)
-            results.append(RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict())
+    committed = [n for (n, _), d in zip(shards, done, strict=True) if d]
+    results: list[dict[str, Any]] = [
+        RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict()
+        for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: _marked(cfg, n), committed), strict=True)]
     pool = None
     if todo:
         pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose), len(todo))

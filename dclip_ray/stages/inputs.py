@@ -7,16 +7,26 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import torch
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.images import ImageError, clean_reason, load_image_tensor
-from dclip_ray.io.sources import ImageRecord, iter_folder, iter_tar, list_shards, shard_fingerprint
+from dclip_ray.io.sources import (
+    ImageRecord,
+    iter_folder,
+    iter_tar,
+    list_shards,
+    plan_fingerprint,
+    shard_fingerprint,
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def absolute(path: str | None) -> str | None:
@@ -84,17 +94,16 @@ def limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple
     return out
 
 
-def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, str]:
-    """``{shard name: content fingerprint}`` of input shards, read in parallel threads (I/O bound).
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int = 16) -> list[R]:
+    """``[fn(x) for x in items]`` in parallel threads (for I/O: stats, marker reads, hashes), in order.
 
     The threads are daemons: a read that blocks (a dead network mount) never keeps the process alive
-    after SIGINT/SIGTERM, which interrupt the wait. The first error is raised."""
+    after SIGINT/SIGTERM, which interrupt the wait. The first error (in ``items`` order) is raised."""
     import threading
 
-    paths = [p for _, p in shards]
-    prints: list[str | None] = [None] * len(paths)
-    errors: list[BaseException | None] = [None] * len(paths)
-    todo = iter(range(len(paths)))
+    out: list[Any] = [None] * len(items)
+    errors: list[BaseException | None] = [None] * len(items)
+    todo = iter(range(len(items)))
     lock = threading.Lock()
 
     def work() -> None:
@@ -104,11 +113,11 @@ def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, s
             if i is None:
                 return
             try:
-                prints[i] = shard_fingerprint(paths[i])
+                out[i] = fn(items[i])
             except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
                 errors[i] = e
 
-    pool = [threading.Thread(target=work, daemon=True, name="fingerprint") for _ in range(max(1, min(threads, len(paths))))]
+    pool = [threading.Thread(target=work, daemon=True, name="dclip-io") for _ in range(max(1, min(threads, len(items))))]
     for t in pool:
         t.start()
     for t in pool:
@@ -116,7 +125,16 @@ def fingerprints(shards: list[tuple[str, str]], threads: int = 8) -> dict[str, s
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
-    return {n: str(f) for (n, _), f in zip(shards, prints, strict=True)}
+    return out
+
+
+def fingerprints(shards: list[tuple[str, str]], threads: int = 8, plan: bool = False) -> dict[str, str]:
+    """``{shard name: fingerprint}`` of input shards, read in parallel threads (I/O bound): their content
+    fingerprints (:func:`~dclip_ray.io.sources.shard_fingerprint`), or with ``plan`` what a driver plans
+    with (:func:`~dclip_ray.io.sources.plan_fingerprint`: a local tar's size and time, no byte read; the
+    worker that reads the shard computes its content fingerprint)."""
+    fn = plan_fingerprint if plan else shard_fingerprint
+    return dict(zip([n for n, _ in shards], parallel_map(fn, [p for _, p in shards], threads), strict=True))
 
 
 @dataclass

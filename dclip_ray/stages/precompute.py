@@ -15,7 +15,7 @@ from dclip_ray.diffusion import generate, invert
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import LeaseKeeper
-from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
+from dclip_ray.io.sources import content_fingerprint, duplicate_reason, shard_stat
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.base import BaseModel
 from dclip_ray.models.cache import cached_base
@@ -49,13 +49,15 @@ def precompute_shard(
     """DDIM-invert every good image of one input shard with the ORIGINAL model and store the latents.
 
     Skips a shard already committed under ``key`` from the same input content (``fingerprint``, see
-    :func:`dclip_ray.io.sources.shard_fingerprint`; computed here when None); a shard whose input was
+    :func:`dclip_ray.io.sources.shard_fingerprint`; computed here when None or a driver's stat print:
+    the driver reads no input byte); a shard whose input was
     rewritten since is redone. A key naming several samples of the shard is an error (none of its
     samples is inverted). ``owner`` (a run id) takes the shard's lease first: a shard leased by another
     live run is left to it (``leased`` names the holder).
     """
     store = LatentStore(store_root, key)
-    fingerprint = fingerprint or shard_fingerprint(path)
+    source_stat = shard_stat(path)  # before the content is read: a later change shows as a new stat
+    fingerprint = content_fingerprint(path, fingerprint)
     if store.is_current(shard, fingerprint):
         return skipped_result(shard, store.read_marker(shard) or {})
     keeper = LeaseKeeper(store.dir, shard, owner) if owner is not None else None
@@ -64,7 +66,7 @@ def precompute_shard(
             return PrecomputeResult(shard, leased=lease_text(held))
         base = cached_base(model, preset, device, trust_checkpoint)
         _check_key(model, base, key)
-        result = _invert_shard(base, shard, path, store, batch_size, recon_psnr, device, fingerprint)
+        result = _invert_shard(base, shard, path, store, batch_size, recon_psnr, device, fingerprint, source_stat)
     if keeper is not None and keeper.notes:
         result.took_over = "; ".join(keeper.notes)
     return result
@@ -117,7 +119,7 @@ def _invert_all(base: BaseModel, eps: CountingEps, path: str, key: LatentKey, ba
 
 
 def _invert_shard(base: BaseModel, shard: str, path: str, store: LatentStore, batch_size: int, recon_psnr: bool,
-                  device: str, fingerprint: str) -> PrecomputeResult:
+                  device: str, fingerprint: str, source_stat: str | None = None) -> PrecomputeResult:
     key = store.key
     start = time.perf_counter()
     eps = CountingEps(eps_fn_of(base.unet))
@@ -138,7 +140,7 @@ def _invert_shard(base: BaseModel, shard: str, path: str, store: LatentStore, ba
     if truncated:  # keys that cannot be read: an error of the shard, never "done" (the next run tries again)
         return PrecomputeResult(shard, n=len(keys) + len(errors), truncated=truncated, unet_evals=eps.evals,
                                 seconds=round(time.perf_counter() - start, 3))
-    store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated},
+    store.write(shard, keys, latents, recon, errors, source=redact(path), extra={"truncated": truncated, "source_stat": source_stat},
                 image_sha256=acc.shas, source_fingerprint=fingerprint)
     return PrecomputeResult(shard, n=len(keys) + len(errors), n_ok=len(keys), n_error=len(errors), errors=errors,
                             unet_evals=eps.evals, seconds=round(time.perf_counter() - start, 3), truncated=truncated,

@@ -40,7 +40,7 @@ from dclip_ray.io.latents import LatentShard
 from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.manifest import ManifestRow, read_manifest
 from dclip_ray.io.shards import REJECTED, ShardWriter, read_marker, remove_temporaries, shard_urls
-from dclip_ray.io.sources import duplicate_reason, shard_fingerprint
+from dclip_ray.io.sources import content_fingerprint, duplicate_reason, same_source, shard_stat
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.cache import cached_base, cached_unet_sha256, model_eps_fns
@@ -165,7 +165,7 @@ def variant_committed(v: Variant, shard: str, config_hash: str, fingerprint: str
     m = read_marker(urls["marker"])
     if m is None or m.get("config_sha256") != config_hash:
         return False
-    if fingerprint is not None and m.get("source_fingerprint") != fingerprint:
+    if fingerprint is not None and not same_source(m, fingerprint):  # content, or size and time for a stat print
         return False
     if "tar_bytes" in m:
         try:
@@ -263,6 +263,7 @@ class ShardRestyler:
         self._scorer: Any = None
         self._face: Any = None
         self.on_batch: Callable[[int], Any] | None = None  # called with the images of each batch done (progress)
+        self.source_stats: dict[str, str | None] = {}  # shard -> its input's size and time when read
 
     def _load_clip(self) -> Any:
         """The routing CLIP, loaded on first need (only uncaptioned images need it; None: none given)."""
@@ -324,7 +325,8 @@ class ShardRestyler:
         samples of other shards too). Evaluations count images x network calls; ``n_stale``: cached
         latents not used because their image has changed; ``n_routed``: (variant, image) pairs passed
         over by routing."""
-        fingerprint = fingerprint or shard_fingerprint(path)
+        self.source_stats[shard] = shard_stat(path)  # before the content is read: a later change shows
+        fingerprint = content_fingerprint(path, fingerprint)  # read here when the driver planned by stat
         committed = self.committed(shard, fingerprint)
         if committed and all(threshold_current(self.cfg, v, shard) for v in self.cfg.variants):
             return RestyleResult(shard, skipped=True)
@@ -502,6 +504,7 @@ class ShardRestyler:
         for v, h, w in zip(self.cfg.variants, self.hashes, writers, strict=True):
             w.commit(self._marker(v, w, {"source": redact(path), "config_sha256": h, "variant": v.name,
                                          "truncated": state.status.get("truncated"), "source_fingerprint": fingerprint,
+                                         "source_stat": self.source_stats.get(writers[0].shard),
                                          "format": SHARD_FORMAT}), order=state.position)
 
     def _marker(self, v: Variant, w: ShardWriter, marker: dict[str, Any]) -> dict[str, Any]:
@@ -552,7 +555,7 @@ class ShardRestyler:
                 else:
                     w.rows.append(r)
             kept = {k: old[k] for k in ("source", "config_sha256", "variant", "truncated", "source_fingerprint",
-                                        "format") if k in old}
+                                        "source_stat", "format") if k in old}
             w.commit(self._marker(v, w, kept))
             n_ok, n_error, n_skipped = w.counts()
             return len(w.rows), n_ok + n_skipped, n_error, w.n_rejected
