@@ -75,6 +75,11 @@ def test_precompute_restyle_three_models_verify_and_rerun(ray_local, world, tmp_
     assert 0 < s["unet_share"] <= 1 and s["unet_share"] == pytest.approx(
         sum(r["unet_seconds"] for r in worked) / sum(r["seconds"] for r in worked), abs=0.001)
     assert main(["verify", out, "--input", world["data"]]) == 0
+    from dclip_ray.pipeline.verify import run_verify
+    from dclip_ray.stages.verify import verify
+
+    tasks = run_verify(out, world["data"])  # Ray is up: one task per input shard
+    assert tasks.ok and tasks.as_dict() == verify(out, world["data"]).as_dict(), "the same report as threads"
 
     ft1 = os.path.join(out, "ft1")
     samples = list(wds.WebDataset(os.path.join(ft1, "0000{0..1}.tar"), shardshuffle=False).decode("rgb"))

@@ -309,11 +309,13 @@ def verify(
     out: str = typer.Argument(..., help="Output root of a restyle (or of one of its models)."),
     input: str = typer.Option(..., "--input", help="The input the restyle read."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
+    address: str = typer.Option(None, "--address", help="A Ray cluster: one verify task per input shard there "
+                                "(default: $RAY_ADDRESS, else threads in this process)."),
 ) -> None:
     """Check that every input key is exactly once in the output or the error manifest (exit 2 if not)."""
-    from dclip_ray.stages.verify import verify as run_verify
+    from dclip_ray.pipeline.verify import run_verify
 
-    r = run_verify(out, input)
+    r = run_verify(out, input, address)
     if as_json:
         print(json.dumps(r.as_dict(), indent=2, default=str))
     else:

@@ -249,7 +249,7 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
 
 
 def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
-    from dclip_ray.stages.verify import verify
+    from .verify import run_verify
 
     if spec.restyle.limit is not None:
         return {"status": "skipped (restyle.limit set: not every input shard is restyled)"}
@@ -257,7 +257,7 @@ def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
     from dclip_ray.stages.restyle_config import variant_name
 
     folders = [f"{root}/mix"] if mix is not None else [f"{root}/{variant_name(m)}" for m in models or []]
-    r = verify(spec.restyled_dir, spec.input_url, folders=folders or None)
+    r = run_verify(spec.restyled_dir, spec.input_url, spec.ray.address, folders=folders or None)  # Ray is up: tasks
     return {"ok": r.ok, "outputs": len(r.outputs), "shards": len(r.shards), "keys": sum(s.get("n", 0) for s in r.shards),
             "error_rows": sum(s.get("n_error", 0) for s in r.shards),
             "skipped_rows": sum(s.get("n_skipped", 0) for s in r.shards),

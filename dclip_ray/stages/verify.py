@@ -20,6 +20,7 @@ import json
 import posixpath
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from dclip_ray.io.manifest import read_manifest
 from dclip_ray.io.shards import is_temporary, list_markers, read_marker, shard_urls
 from dclip_ray.io.sources import shard_fingerprint, split_member
 
-from .inputs import input_shards, shard_keys
+from .inputs import input_shards, parallel_map, shard_keys
 from .restyle_config import DECLARATION
 
 IMAGE_MEMBERS = ("png", "jpg")
@@ -229,20 +230,36 @@ def _strays(folder: str, names: set[str], homes: dict[str, list[str]]) -> list[s
     return problems
 
 
-def verify(out: str, input_url: str, folders: list[str] | None = None) -> VerifyReport:
+def check_input_shard(unit: tuple[str, str, list[str]]) -> dict[str, Any]:
+    """The work of one input shard (``(name, path, output folders)``), plain data so it can run
+    anywhere (a thread, a Ray task): its keys, whether it reads to its end (``broken``: the reason, else
+    None) and, per output folder, :func:`verify_shard`'s ``(counts, problems)`` against its keys and
+    content fingerprint."""
+    name, path, folders = unit
+    keys, broken = shard_keys(path)
+    fingerprint = shard_fingerprint(path)
+    return {"name": name, "keys": keys, "broken": broken,
+            "outputs": [verify_shard(folder, name, keys, fingerprint) for folder in folders]}
+
+
+def verify(out: str, input_url: str, folders: list[str] | None = None,
+           mapper: Callable[[Callable[[Any], Any], list[Any]], list[Any]] | None = None) -> VerifyReport:
     """Verify the restyle output ``out`` against its input ``input_url`` (see the module docstring).
     ``folders``: the output folders that must be there (a workflow knows its variants); default: the
-    declared or found ones."""
+    declared or found ones. ``mapper(fn, units)``: how the per-input-shard work
+    (:func:`check_input_shard`) runs, in order; default: threads in this process
+    (:func:`~dclip_ray.stages.inputs.parallel_map`; the Ray layer passes one task per shard)."""
     report = VerifyReport(outputs=folders or output_folders(out))
     shards = input_shards(input_url)
     names = {n for n, _ in shards}
-    read = {name: shard_keys(path) for name, path in shards}
-    expected = {name: keys for name, (keys, _) in read.items()}
-    for name, (keys, broken) in read.items():
-        if broken:  # its outputs were never committed; the keys after the break are unknown
-            report.problems.append(f"input shard {name} cannot be read to its end ({broken}): {len(keys)} key(s) "
-                                   "before the break; fix or replace the file and re-run restyle")
-    prints = {name: shard_fingerprint(path) for name, path in shards}
+    fs, _ = fsspec.core.url_to_fs(out)
+    present = [f for f in report.outputs if fs.isdir(fsspec.core.url_to_fs(f)[1])]
+    done = (mapper or parallel_map)(check_input_shard, [(n, p, present) for n, p in shards])
+    expected = {d["name"]: d["keys"] for d in done}
+    for d in done:
+        if d["broken"]:  # its outputs were never committed; the keys after the break are unknown
+            report.problems.append(f"input shard {d['name']} cannot be read to its end ({d['broken']}): "
+                                   f"{len(d['keys'])} key(s) before the break; fix or replace the file and re-run restyle")
     homes: dict[str, list[str]] = {}
     for name, keys in expected.items():
         for k in dict.fromkeys(keys):
@@ -252,14 +269,13 @@ def verify(out: str, input_url: str, folders: list[str] | None = None) -> Verify
         k, v = next(iter(shared.items()))
         report.problems.append(f"{len(shared)} key(s) appear in more than one input shard, e.g. {k!r} in {v[:3]} "
                                "(keys must be unique within a dataset: rename them)")
-    fs, _ = fsspec.core.url_to_fs(out)
-    for folder in report.outputs:
-        if not fs.isdir(fsspec.core.url_to_fs(folder)[1]):
+    for folder in report.outputs:  # per folder, its shards in order
+        if folder not in present:
             report.problems.append(f"{folder}: a declared output folder is missing: every key of this variant is "
                                    "lost; re-run restyle to write it")
             continue
-        for name, _ in shards:
-            counts, problems = verify_shard(folder, name, expected[name], prints[name])
+        for d in done:
+            counts, problems = d["outputs"][present.index(folder)]
             report.shards.append(counts)
             report.problems.extend(problems)
         report.problems.extend(_strays(folder, names, homes))
