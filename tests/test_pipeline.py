@@ -209,3 +209,30 @@ def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, worl
     assert "dclip_ray." not in msg, msg  # the cause by its class name, not its module path
     err = capfd.readouterr().err
     assert "Full stack trace" not in err and "Traceback" not in err, err[-3000:]
+
+
+def test_a_touched_input_is_checked_by_its_content_and_not_restyled_again(ray_local, world, tmp_path):
+    """Issue 28 item 3: the driver plans by size and time; a shard whose time changed goes to a worker,
+    which finds it committed from the same content: nothing is rewritten, nothing counted as done again,
+    and the summary says why it was looked at."""
+    import shutil
+
+    from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
+    from dclip_ray.stages.restyle_config import build_restyle_config
+
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    out = str(tmp_path / "out")
+
+    def restyle() -> dict:
+        cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN)
+        return run_restyle(RestyleJob(cfg, str(data), actors=1), progress=False)
+
+    first = restyle()
+    before = snapshot(out)
+    st = os.stat(data / "00000.tar")
+    os.utime(data / "00000.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 3 * 10**9))
+    again = restyle()
+    row = next(r for r in again["shards"] if r["shard"] == "00000")
+    assert row["skipped"] and "content did not" in row["done_by"], row
+    assert again["n_images"] == 0 and snapshot(out) == before and first["n_images"] > 0

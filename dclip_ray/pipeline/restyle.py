@@ -231,11 +231,16 @@ def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]]
     committed during the run: by this run when a node was lost after its commit and before its row came
     back (Ray retries the row), or by another run that held its lease. Its images count as done in this
     run's summary, read from its markers (``done_by`` says so), so ``n_images`` does not depend on when
-    a node was lost."""
+    a node was lost. A shard whose input was only touched (``unchanged``: the worker found it committed
+    from the same content) was done before the run and is not counted."""
     for r in results:
         if r["shard"] in todo and r.get("skipped") and not r.get("n_ok"):
-            r["n_ok"], r["n_error"], r["n_rejected"] = _marked(cfg, r["shard"])
-            r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
+            n_ok, r["n_error"], r["n_rejected"] = _marked(cfg, r["shard"])
+            if r.get("unchanged"):  # committed before the run, like the shards planned as done: not counted
+                r["done_by"] = "committed before: its input's time or size changed, its content did not"
+            else:
+                r["n_ok"] = n_ok
+                r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
 
 
 def _pool(n: int, most: int) -> Any:

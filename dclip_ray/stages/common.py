@@ -87,6 +87,7 @@ class RestyleResult(ShardResult):
     stuck: str = ""
     started: float = 0.0  # unix time the shard's work began (0: not run); with ``seconds``, a timeline
     unet_seconds: float = 0.0  # of ``seconds``, the time inside UNet calls (inversion and generation)
+    unchanged: bool = False  # skipped: its input's time or size changed since the commit, its content did not
 
 
 class CountingEps:

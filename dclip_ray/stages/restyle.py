@@ -40,7 +40,7 @@ from dclip_ray.io.latents import LatentShard
 from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.manifest import ManifestRow, read_manifest
 from dclip_ray.io.shards import REJECTED, ShardWriter, read_marker, remove_temporaries, shard_urls
-from dclip_ray.io.sources import content_fingerprint, duplicate_reason, same_source, shard_stat
+from dclip_ray.io.sources import STAT_PREFIX, content_fingerprint, duplicate_reason, same_source, shard_stat
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.cache import cached_base, cached_unet_sha256, model_eps_fns
@@ -326,10 +326,11 @@ class ShardRestyler:
         latents not used because their image has changed; ``n_routed``: (variant, image) pairs passed
         over by routing."""
         self.source_stats[shard] = shard_stat(path)  # before the content is read: a later change shows
+        by_stat = fingerprint is not None and fingerprint.startswith(STAT_PREFIX)
         fingerprint = content_fingerprint(path, fingerprint)  # read here when the driver planned by stat
         committed = self.committed(shard, fingerprint)
         if committed and all(threshold_current(self.cfg, v, shard) for v in self.cfg.variants):
-            return RestyleResult(shard, skipped=True)
+            return RestyleResult(shard, skipped=True, unchanged=by_stat)
         root = self.cfg.variants[0].out  # the lease lives beside the first output (two runs of other models never wait)
         keeper = LeaseKeeper(root, shard, owner) if owner is not None else None
         with keeper or nullcontext() as held:

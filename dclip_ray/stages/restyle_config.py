@@ -18,6 +18,7 @@ from dclip_ray.errors import ConfigError, DclipError
 from dclip_ray.io.latents import LatentKey, key_mismatch, store_root, stored_keys
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.shards import put_bytes
+from dclip_ray.io.sources import STAT_PREFIX, shard_fingerprint
 from dclip_ray.mixing import mix_from_data, validate_gamma
 from dclip_ray.models.base import check_base_model, edit_t0, read_card
 from dclip_ray.models.cache import cached_base
@@ -307,7 +308,7 @@ def latent_coverage(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: d
                 raise ConfigError(msg + "; match --t0/--n-inv/--resize-policy to the store, or drop --require-latents")
             out.append(msg)
             continue
-        missing = [n for n, _ in shards if not store.is_current(n, prints[n])]
+        missing = [n for n, p in shards if not latents_current(store, n, p, prints[n])]
         if missing:
             msg = (f"--latents {redact(cfg.latents)}: {len(missing)} of {len(shards)} input shard(s) have no current "
                    f"latents{at} (not precomputed, or the input changed since), e.g. {missing[:3]}; they are inverted here")
@@ -336,7 +337,7 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
         fp = (prints or {}).get(name)
         done = shard_committed(cfg, hashes, name, fp)
         resort = done and not shard_done(cfg, hashes, name, fp)  # only --min-score changed: no generation
-        cached = {t0: _n_cached(store, name, fp, keys) for t0, store in stores.items()}
+        cached = {t0: _n_cached(store, name, path, fp, keys) for t0, store in stores.items()}
         inv = sum((len(keys) - n) * (cfg.n_inv_steps - 1) for n in cached.values())
         evals = 0 if done else inv + len(keys) * per_gen
         rows.append({"shard": name, "path": redact(path), "images": len(keys), "cached_latents": sum(cached.values()),
@@ -349,11 +350,20 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
             "n_inv_steps": cfg.n_inv_steps, "n_gen_steps": cfg.n_gen_steps}
 
 
-def _n_cached(store: Any, name: str, fp: str | None, keys: list[str]) -> int:
+def latents_current(store: Any, name: str, path: str, fp: str) -> bool:
+    """Whether ``store`` holds current latents of input shard ``name`` (at ``path``, planned with print
+    ``fp``): by size and time for a stat print, and when those differ (a touched input, or a store
+    written before stats were recorded) by the content, read for that shard only."""
+    if store.is_current(name, fp):
+        return True
+    return fp.startswith(STAT_PREFIX) and store.is_committed(name) and store.is_current(name, shard_fingerprint(path))
+
+
+def _n_cached(store: Any, name: str, path: str, fp: str | None, keys: list[str]) -> int:
     """How many of a shard's ``keys`` have current latents in ``store`` (latents of an older input are
     not used)."""
     if store is None:
         return 0
-    current = store.is_current(name, fp) if fp is not None else store.is_committed(name)
+    current = latents_current(store, name, path, fp) if fp is not None else store.is_committed(name)
     marker = store.read_marker(name) if current else None
     return len(set(keys) & set((marker or {}).get("keys") or []))
