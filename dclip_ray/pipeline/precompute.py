@@ -27,7 +27,7 @@ from dclip_ray.stages.common import (
     took_over_warnings,
     unreadable_shards,
 )
-from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, parallel_map
+from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, io_threads, parallel_map
 from dclip_ray.stages.precompute import precompute_shard, skipped_result
 from dclip_ray.urls import redact
 
@@ -91,7 +91,7 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     key = latent_key(job)
     store = LatentStore(job.out, key)
     prints = fingerprints(shards, plan=True)  # a local tar's size and time: the driver reads no input byte
-    markers = parallel_map(lambda s: store.read_marker(s[0]), shards)  # read in threads
+    markers = parallel_map(lambda s: store.read_marker(s[0]), shards, io_threads(job.out))  # threads on object stores
     current = [store.current_marker(m, prints[n]) for (n, _), m in zip(shards, markers, strict=True)]
     todo = [s for s, c in zip(shards, current, strict=True) if not c]
     results = []

@@ -37,7 +37,7 @@ from dclip_ray.stages.common import (
     took_over_warnings,
     unreadable_shards,
 )
-from dclip_ray.stages.inputs import fingerprints, input_shards, limit_shards, parallel_map
+from dclip_ray.stages.inputs import fingerprints, input_shards, io_threads, limit_shards, parallel_map
 from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, score_summary, shard_done
 from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
 from dclip_ray.urls import redact
@@ -262,7 +262,8 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     shards, prints, warnings = check(job)
     shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    done = parallel_map(lambda s: shard_done(cfg, hashes, s[0], prints[s[0]]), shards)  # markers, read in threads
+    threads = io_threads(cfg.variants[0].out)  # markers: in threads on an object store
+    done = parallel_map(lambda s: shard_done(cfg, hashes, s[0], prints[s[0]]), shards, threads)
     todo = [s for s, d in zip(shards, done, strict=True) if not d]
     if todo:
         check_local_ray(job.address)  # refused before the output folder is written
@@ -270,7 +271,8 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     committed = [n for (n, _), d in zip(shards, done, strict=True) if d]
     results: list[dict[str, Any]] = [
         RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict()
-        for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: _marked(cfg, n), committed), strict=True)]
+        for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: _marked(cfg, n), committed, threads),
+                                                      strict=True)]
     pool = None
     if todo:
         pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose), len(todo))

@@ -94,6 +94,14 @@ def limit_shards(shards: list[tuple[str, str]], limit: int | None) -> list[tuple
     return out
 
 
+def io_threads(url: str, local: int = 1) -> int:
+    """Threads for many small reads under ``url``: 16 on an object store or other remote file system
+    (each read waits on the network), ``local`` on a local disk, where Python's own work dominates and
+    threads contend for the GIL (committed-shard planning at 5,000 shards here: 1.3 s with 1 thread,
+    3.0 s with 16)."""
+    return local if "://" not in url or url.startswith("file://") else 16
+
+
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int = 16) -> list[R]:
     """``[fn(x) for x in items]`` in parallel threads (for I/O: stats, marker reads, hashes), in order.
 
@@ -128,12 +136,15 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int = 16) ->
     return out
 
 
-def fingerprints(shards: list[tuple[str, str]], threads: int = 8, plan: bool = False) -> dict[str, str]:
+def fingerprints(shards: list[tuple[str, str]], threads: int | None = None, plan: bool = False) -> dict[str, str]:
     """``{shard name: fingerprint}`` of input shards, read in parallel threads (I/O bound): their content
     fingerprints (:func:`~dclip_ray.io.sources.shard_fingerprint`), or with ``plan`` what a driver plans
     with (:func:`~dclip_ray.io.sources.plan_fingerprint`: a local tar's size and time, no byte read; the
-    worker that reads the shard computes its content fingerprint)."""
+    worker that reads the shard computes its content fingerprint). ``threads``: default
+    :func:`io_threads` of the first shard (hashing local files: one per core)."""
     fn = plan_fingerprint if plan else shard_fingerprint
+    if threads is None:
+        threads = io_threads(shards[0][1], local=1 if plan else os.cpu_count() or 1) if shards else 1
     return dict(zip([n for n, _ in shards], parallel_map(fn, [p for _, p in shards], threads), strict=True))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import tarfile
 from collections import Counter
@@ -31,7 +32,7 @@ from dclip_ray.io.manifest import read_manifest
 from dclip_ray.io.shards import is_temporary, list_markers, read_marker, shard_urls
 from dclip_ray.io.sources import shard_fingerprint, split_member
 
-from .inputs import input_shards, parallel_map, shard_keys
+from .inputs import input_shards, io_threads, parallel_map, shard_keys
 from .restyle_config import DECLARATION
 
 IMAGE_MEMBERS = ("png", "jpg")
@@ -254,7 +255,9 @@ def verify(out: str, input_url: str, folders: list[str] | None = None,
     names = {n for n, _ in shards}
     fs, _ = fsspec.core.url_to_fs(out)
     present = [f for f in report.outputs if fs.isdir(fsspec.core.url_to_fs(f)[1])]
-    done = (mapper or parallel_map)(check_input_shard, [(n, p, present) for n, p in shards])
+    units = [(n, p, present) for n, p in shards]
+    done = mapper(check_input_shard, units) if mapper else parallel_map(check_input_shard, units,
+                                                                           io_threads(input_url, local=os.cpu_count() or 1))
     expected = {d["name"]: d["keys"] for d in done}
     for d in done:
         if d["broken"]:  # its outputs were never committed; the keys after the break are unknown
