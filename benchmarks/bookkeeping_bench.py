@@ -10,7 +10,9 @@ The outputs are one real restyle of a 1-image shard (the toy model, 2 steps), re
 shard name with its own manifest and commit marker (the marker records its input's size and time), so
 building 20,000 committed shards takes seconds, not hours. Each measurement runs in a fresh process:
 wall seconds and peak RSS (``VmHWM``) of that process; per shard = total / shards.
-``python -m benchmarks.bookkeeping_bench --out DIR [--sizes 1000 5000 20000]``.
+``python -m benchmarks.bookkeeping_bench --out DIR [--sizes 1000 5000 20000] [--s3]``: with ``--s3`` the
+inputs and outputs are uploaded to a moto S3 server on 127.0.0.1 (the model stays local), where a plan
+print is the object's ETag and markers are read in threads.
 """
 
 from __future__ import annotations
@@ -91,6 +93,43 @@ def build(root: Path, n: int) -> tuple[str, str, str]:
     return str(data), str(out), model
 
 
+def to_s3(data: str, out: str, conf: dict[str, Any], bucket: str) -> tuple[str, str]:
+    """Upload the built input and output folders; each marker then names its input's S3 URL and ETag
+    print. Returns the S3 URLs of both folders."""
+    import s3fs
+
+    from dclip_ray.io.sources import shard_fingerprint
+
+    fs = s3fs.S3FileSystem(**conf)
+    name = Path(data).name
+    s3_data, s3_out = f"s3://{bucket}/{name}", f"s3://{bucket}/{name}-out"
+    fs.put(data + "/", s3_data + "/", recursive=True)
+    for path in sorted(Path(out).rglob("*_stats.json")):
+        marker = json.loads(path.read_text())
+        src = f"{s3_data}/{marker['shard']}.tar"
+        path.write_text(json.dumps({**marker, "source": src, "source_stat": None, "source_fingerprint": shard_fingerprint(src)}))
+    fs.put(out + "/", s3_out + "/", recursive=True)
+    return s3_data, s3_out
+
+
+def moto_s3() -> tuple[Any, dict[str, Any]]:
+    """A moto S3 server on a free loopback port with bucket ``bench``: ``(server, s3fs options)``."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                 region_name="us-east-1").create_bucket(Bucket="bench")
+    return server, {"endpoint_url": endpoint, "key": "k", "secret": "s", "client_kwargs": {"region_name": "us-east-1"}}
+
+
 def measure(what: str, data: str, out: str, model: str) -> dict[str, Any]:
     """In this process: run ``what`` (restyle | dry-run | verify) over everything committed."""
     from dclip_ray.pipeline.restyle import RestyleJob, plan, run_restyle
@@ -119,22 +158,28 @@ def peak_rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def run(out_dir: Path, quick: bool = False, sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+def run(out_dir: Path, quick: bool = False, sizes: tuple[int, ...] | None = None, s3: bool = False) -> dict[str, Any]:
     """Every measurement at every size, each in a fresh process. ``ratios``: per run, the driver's time
     per shard at the largest size over the smallest, after the fixed start-up (imports, the model's hash)
     measured as the intercept of the line through the smallest and largest sizes (1: no growth)."""
     sizes = sizes or ((20, 60) if quick else SIZES)
     rows = []
+    server, env = None, dict(os.environ)
+    if s3:
+        server, conf = moto_s3()
+        env["FSSPEC_S3"] = json.dumps(conf)  # the measuring processes' s3fs reads it at import
     with tempfile.TemporaryDirectory(prefix="bench-books-") as d:
         for n in sizes:
             root = Path(d) / str(n)
             root.mkdir()
             t = time.perf_counter()
             data, out, model = build(root, n)
+            if s3:
+                data, out = to_s3(data, out, conf, "bench")
             built = time.perf_counter() - t
             for what in ("restyle", "dry-run", "verify"):
                 res = subprocess.run([sys.executable, "-m", "benchmarks.bookkeeping_bench", "--measure", what,
-                                      data, out, model], capture_output=True, text=True, env={**os.environ},
+                                      data, out, model], capture_output=True, text=True, env=env,
                                      cwd=Path(__file__).parents[1])
                 if res.returncode != 0:
                     raise RuntimeError(f"{what} at {n} shards: {res.stderr[-800:]}")
@@ -144,6 +189,8 @@ def run(out_dir: Path, quick: bool = False, sizes: tuple[int, ...] | None = None
                              "build_s": round(built, 1)})
                 print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(root, ignore_errors=True)
+    if server is not None:
+        server.stop()
     ratios = {}
     lo, hi = min(sizes), max(sizes)
     for what in ("restyle", "dry-run", "verify"):
@@ -155,8 +202,9 @@ def run(out_dir: Path, quick: bool = False, sizes: tuple[int, ...] | None = None
         ratios[f"{what}_rss_growth_mib_per_1000"] = 1000 * (
             next(r["peak_rss_mib"] for r in rows if r["run"] == what and r["shards"] == hi)
             - next(r["peak_rss_mib"] for r in rows if r["run"] == what and r["shards"] == lo)) / (hi - lo)
-    (out_dir / "bookkeeping.json").write_text(json.dumps(rows, indent=1))
-    return {"settings": {"machine": c.machine(), "storage": "local disk", "sizes": list(sizes)},
+    (out_dir / f"bookkeeping{'_s3' if s3 else ''}.json").write_text(json.dumps(rows, indent=1))
+    return {"settings": {"machine": c.machine(), "storage": "moto S3 on 127.0.0.1" if s3 else "local disk",
+                         "sizes": list(sizes)},
             "tables": {"driver bookkeeping over committed shards (issue 28 item 3)": rows}, "ratios": ratios}
 
 
@@ -166,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", nargs=4, metavar=("WHAT", "DATA", "OUT", "MODEL"))
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--s3", action="store_true", help="inputs and outputs on a moto S3 server on 127.0.0.1")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.measure:
@@ -173,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(run(out, sizes=tuple(args.sizes)), indent=1))
+    print(json.dumps(run(out, sizes=tuple(args.sizes), s3=args.s3), indent=1))
     return 0
 
 

@@ -326,11 +326,12 @@ class ShardRestyler:
         latents not used because their image has changed; ``n_routed``: (variant, image) pairs passed
         over by routing."""
         self.source_stats[shard] = shard_stat(path)  # before the content is read: a later change shows
-        by_stat = fingerprint is not None and fingerprint.startswith(STAT_PREFIX)
-        fingerprint = content_fingerprint(path, fingerprint)  # read here when the driver planned by stat
+        planned, fingerprint = fingerprint, content_fingerprint(path, fingerprint)  # read here when planned by stat
         committed = self.committed(shard, fingerprint)
         if committed and all(threshold_current(self.cfg, v, shard) for v in self.cfg.variants):
-            return RestyleResult(shard, skipped=True, unchanged=by_stat)
+            # committed from this content, but not from this size and time: the input was touched since
+            touched = planned is not None and planned.startswith(STAT_PREFIX) and not self.committed(shard, planned)
+            return RestyleResult(shard, skipped=True, unchanged=touched)
         root = self.cfg.variants[0].out  # the lease lives beside the first output (two runs of other models never wait)
         keeper = LeaseKeeper(root, shard, owner) if owner is not None else None
         with keeper or nullcontext() as held:
