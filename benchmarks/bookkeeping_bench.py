@@ -168,6 +168,9 @@ def run(out_dir: Path, quick: bool = False, sizes: tuple[int, ...] | None = None
     if s3:
         server, conf = moto_s3()
         env["FSSPEC_S3"] = json.dumps(conf)  # the measuring processes' s3fs reads it at import
+        import fsspec
+
+        fsspec.config.conf["s3"] = conf  # and this one's (the ETag prints of the uploaded inputs)
     with tempfile.TemporaryDirectory(prefix="bench-books-") as d:
         for n in sizes:
             root = Path(d) / str(n)

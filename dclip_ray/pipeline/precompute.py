@@ -98,7 +98,8 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     for (n, _), marker, c in zip(shards, markers, current, strict=True):
         if c:
             results.append(skipped_result(n, marker).as_dict())
-        elif marker is not None and marker.get("key") == store.key.fields():
+        elif marker is not None and marker.get("key") == store.key.fields() and (
+                marker.get("source_stat") or not prints[n].startswith(STAT_PREFIX)):  # else: a marker made before stats
             log.warning("input shard %s changed since its latents were computed (%s): %s", n,
                         "its size or modification time" if prints[n].startswith(STAT_PREFIX) else "its content",
                         "the worker compares its content and inverts it again if it differs")
