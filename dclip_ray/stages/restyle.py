@@ -326,6 +326,13 @@ class ShardRestyler:
         latents not used because their image has changed; ``n_routed``: (variant, image) pairs passed
         over by routing."""
         self.source_stats[shard] = shard_stat(path)  # before the content is read: a later change shows
+        try:
+            return self._run(shard, path, fingerprint, owner, exclude)
+        finally:
+            self.source_stats.pop(shard, None)  # an actor lives for many shards: keep only the current one's
+
+    def _run(self, shard: str, path: str, fingerprint: str | None, owner: str | None,
+             exclude: Mapping[str, str] | None) -> RestyleResult:
         planned, fingerprint = fingerprint, content_fingerprint(path, fingerprint)  # read here when planned by stat
         committed = self.committed(shard, fingerprint)
         if committed and all(threshold_current(self.cfg, v, shard) for v in self.cfg.variants):
