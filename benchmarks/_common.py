@@ -119,13 +119,17 @@ def ray_stop() -> None:
 
 
 def restyle(inputs: str, out: str, models: list[str], t0: int, n_inv: int, n_gen: int, batch: int,
-            actors: int = 1, cpus_per_actor: float = 0.5, latents: str | None = None) -> tuple[dict[str, Any], float]:
-    """One ``run_restyle`` of the toy world (Ray already started). Returns (summary, wall seconds)."""
+            actors: int = 1, cpus_per_actor: float = 0.5, latents: str | None = None,
+            io_depth: int | None = None) -> tuple[dict[str, Any], float]:
+    """One ``run_restyle`` of the toy world (Ray already started); ``io_depth``: the actor's decode-ahead and
+    write-behind depth in batches (None: the default; 0: one step after another). Returns (summary, wall seconds)."""
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
     from dclip_ray.stages.restyle_config import build_restyle_config
 
     cfg = build_restyle_config(out, models=models, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
                                     batch_size=batch, latents=latents)
+    if io_depth is not None:
+        cfg.io_depth = io_depth
     start = time.perf_counter()
     summary = run_restyle(RestyleJob(cfg, inputs, actors=actors, cpus_per_actor=cpus_per_actor), progress=False)
     return summary, time.perf_counter() - start

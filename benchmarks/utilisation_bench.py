@@ -9,6 +9,9 @@ in the same run at the same torch thread count (issue 10 item 7; goal >= 45 % at
   actor; this includes decoding, PNG encoding and writing the shard).
 - UNet share (issue 28 item 2): of the actor's seconds on the shard, the share inside UNet calls (the
   restyler's own timers); the rest is decoding, scoring, PNG encoding, hashing and writing.
+- Overlap (issue 28 item 2): the same restyle at batch 8 and 32 with the actor's decode-ahead and write-behind
+  lanes (``io_depth`` 2, the default) and with each step in turn (``io_depth`` 0), side by side in one run, at
+  the suite's step count and at 2 steps (a cheap UNet, as on a GPU, where the overhead shows).
 - Bare loop: the same invert + generate on the same images in this process at 1 thread, no I/O: the
   UNet's own efficiency, which bounds what the pipeline can reach.
 """
@@ -115,6 +118,9 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                 ratios[f"restyle_vs_gemm_b{b}"] = achieved / gemm1
                 ratios[f"bare_vs_gemm_b{b}"] = bare_rate / gemm1
                 ratios[f"unet_share_b{b}"] = summary["unet_share"]  # item 2 of issue 28: goal >= 0.9 at b32
+            overlap = overlap_rows(inputs, tmp, models, s)
+            for r in overlap:
+                ratios[f"unet_share_b{r['batch']}_s{r['steps']}_depth{r['io_depth']}"] = r["unet_share"]
         finally:
             c.ray_stop()
     ratios["gemm_all_threads_over_1thread"] = gemm_all / gemm1
@@ -123,4 +129,21 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                          "gemm": f"fp32 {GEMM_N}^3 matmul, best of 5; 1 thread {gemm1 / 1e9:.1f} GFLOP/s, "
                                  f"{os.cpu_count()} threads {gemm_all / 1e9:.1f} GFLOP/s",
                          "restyle": "1 actor, 0.5 CPU, 1 torch thread; one shard of all images"},
-            "tables": {"UNet FLOP/s vs GEMM (item 7)": rows}, "ratios": ratios}
+            "tables": {"UNet FLOP/s vs GEMM (item 7)": rows,
+                       "UNet share, each step in turn (io_depth 0) vs overlapped (2)": overlap}, "ratios": ratios}
+
+
+def overlap_rows(inputs: str, tmp: Path, models: list[str], s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch (8, 32) and step count (the suite's, 2): the UNet share and images/s of one actor with its
+    lanes off (``io_depth`` 0) and on (2), run one after the other in this process's Ray session."""
+    rows = []
+    for b in [x for x in s["batches"] if x >= 8]:
+        for steps in sorted({s["steps"], 2}, reverse=True):
+            for depth in (0, 2):
+                summary, _ = c.restyle(inputs, str(tmp / f"ov_b{b}_s{steps}_d{depth}"), models, T0, steps, steps, b,
+                                       actors=1, io_depth=depth)
+                inside = c.inside_seconds(summary)
+                rows.append({"batch": b, "steps": steps, "io_depth": depth, "images": summary["n_images"],
+                             "inside_s": round(inside, 3), "images_per_s": round(summary["n_images"] / inside, 2),
+                             "unet_share": summary["unet_share"]})
+    return rows

@@ -22,3 +22,21 @@ def ray_local():
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
+
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_this_tests_stream():
+    """A log handler made during an earlier test (Ray Data's own, or ``logging.basicConfig`` in a CLI
+    command) is bound to the stream pytest captured for that test; once it is closed, a later record (Ray
+    Data's on a dying actor) prints "--- Logging error ---" and a traceback. Point such handlers at this
+    test's stderr, as if they had been made now."""
+    import logging
+    import sys
+
+    for ref in list(logging._handlerList):  # type: ignore[attr-defined]  (every live handler, weakly held)
+        handler = ref()
+        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                and getattr(handler.stream, "closed", False)):
+            handler.stream = sys.stderr  # not setStream: it flushes the closed one first
+    yield

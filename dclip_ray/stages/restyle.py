@@ -25,7 +25,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from dclip_ray.urls import redact
 
 from .common import CountingEps, RestyleResult, lease_text
 from .inputs import Decoded, batched, decode_shard, image_sha256, iter_shard
+from .overlap import Lane, prefetched
 from .precompute import find_latent_store
 from .provenance import encode_image, output_members
 from .selection import SourceMatcher, Verdict
@@ -103,6 +104,7 @@ class RestyleConfig:
     score_clip_weights: str | None = None
     min_score: float | None = None  # an edit scored under it is a rejected row (not in the config hash)
     face_weights: str | None = None  # a face identity network: scores gain the identity cosine (faces)
+    io_depth: int = 2  # batches decoded ahead and batches waiting to be written (0: in turn; not in the hash)
 
     def t0_of(self, v: Variant) -> int:
         """The return step of variant ``v``."""
@@ -227,6 +229,7 @@ class _ShardState:
     n_stale: int = 0
     n_routed: int = 0
     latents: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    lane: Lane = field(default_factory=lambda: Lane(0))  # where the writers are written to (one thread, in order)
 
     def __post_init__(self) -> None:
         self.latents = {t0: (c.as_dict() if c is not None else {}) for t0, c in self.cached.items()}
@@ -358,13 +361,17 @@ class ShardRestyler:
     def _restyle(self, shard: str, path: str, fingerprint: str, exclude: Mapping[str, str]) -> RestyleResult:
         start, started = time.perf_counter(), time.time()
         inv0, gen0, unet0 = self.inv_eps.evals, self._gen_evals(), self._unet_seconds()
-        state = _ShardState({t0: self._cached(t0, shard) for t0 in self.cfg.t0s()}, exclude=exclude)
+        state = _ShardState({t0: self._cached(t0, shard) for t0 in self.cfg.t0s()}, exclude=exclude,
+                            lane=Lane(self.cfg.io_depth, name=f"write-{shard}"))
         writers = [self.new_writer(v, shard) for v in self.cfg.variants]
         try:
-            for pending in self._batches(path, writers, state):
-                self._edit_batch(shard, pending, writers, state)
-                if self.on_batch is not None:
-                    self.on_batch(len(pending))
+            # the writers are touched in the lane only, until it is joined; leaving early stops the reader
+            with state.lane, closing(self._batches(path, writers, state)) as batches:
+                for pending in batches:
+                    self._edit_batch(shard, pending, writers, state)
+                    if self.on_batch is not None:
+                        state.lane.submit(self.on_batch, len(pending))  # when written
+                state.lane.join()
             for w in writers:
                 w.drop({k: duplicate_reason(k, n) for k, n in state.dups.items()})
             if state.status.get("truncated"):  # keys that cannot be read: an error of the shard, never "done"
@@ -387,7 +394,7 @@ class ShardRestyler:
         """Yield the decodable images of the shard in batches of ``cfg.batch_size``; bad images become
         error rows, a repeated key is counted in ``state.dups`` (none of its samples is used)."""
         stream = decode_shard(path, self.base.resolution, self.cfg.resize_policy, state.status)
-        for batch in batched(iter(stream), self.cfg.batch_size):
+        for batch in prefetched(batched(iter(stream), self.cfg.batch_size), self.cfg.io_depth):
             pending = []
             for d in batch:
                 if d.rec.key in state.position:
@@ -397,7 +404,7 @@ class ShardRestyler:
                 error = state.exclude.get(d.rec.key, d.error)
                 if error is not None:
                     for w in writers:
-                        w.error(d.rec.key, error)
+                        state.lane.submit(w.error, d.rec.key, error)
                 else:
                     pending.append(d)
             if pending:
@@ -417,7 +424,7 @@ class ShardRestyler:
                 if not seen or any(x.match for x in seen):
                     mine.append(i)
                 else:
-                    w.skip(d.rec.key, _skip_reason(v, seen[0]))
+                    state.lane.submit(w.skip, d.rec.key, _skip_reason(v, seen[0]))
                     state.n_routed += 1
             chosen.append(mine)
         return chosen
@@ -454,7 +461,7 @@ class ShardRestyler:
                     continue
                 x = generate(self.variant_eps[vi], x_t0[idx], t0, cfg.n_gen_steps, self.base.schedule)
                 self._write(cfg.variants[vi], shard, [pending[i] for i in chosen[vi]], x, x0[idx], writers[vi],
-                            from_cache, t0)
+                            from_cache, t0, state.lane)
 
     def _provenance(self, v: Variant, shard: str, t0: int, latent: str) -> dict[str, Any]:
         """The ``dclip`` record of an edited sample of variant ``v`` (see :mod:`.provenance`)."""
@@ -486,9 +493,10 @@ class ShardRestyler:
         writer.write(key, members, ManifestRow(key, shard, "ok", sha256=_sha256(data), metrics=metrics, scores=scores))
 
     def _write(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, x0: torch.Tensor,
-               writer: ShardWriter, cached: bool, t0: int) -> None:
+               writer: ShardWriter, cached: bool, t0: int, lane: Lane | None = None) -> None:
         """Score (when the variant is scored) and write one variant's generated batch ``x`` [B,3,H,W]
-        (inputs ``x0`` [B,3,H,W]); a defective output becomes an error row."""
+        (inputs ``x0`` [B,3,H,W]); a defective output becomes an error row. The tensor work runs here;
+        encoding, hashing and writing run in ``lane`` (in order; None: here)."""
         cfg = self.cfg
         latent = "cache" if cached else "inverted"
         defects = [output_defect(x[i]) for i in range(len(items))]
@@ -498,16 +506,23 @@ class ShardRestyler:
             parts = image_scores(self.scorer(), x0[good].float(), x[good].float().clamp(-1, 1), v.edits,
                                  face=self.face())
             scores = dict(zip(good, rows_of(parts), strict=True))
+        metrics: list[dict[str, Any]] = []
+        for i in range(len(items)):
+            change = float((x[i].float().clamp(-1, 1) - x0[i].float()).abs().mean())
+            metrics.append({"latent": latent, **({"mean_abs_change": round(change, 6)} if math.isfinite(change) else {})})
+        x = x.detach().cpu()  # the lane encodes from host memory (a no-op on the CPU)
+        (lane or Lane(0)).submit(self._store, v, shard, items, x, writer, t0, defects, metrics, scores)
+
+    def _store(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, writer: ShardWriter, t0: int,
+               defects: list[str | None], metrics: list[dict[str, Any]], scores: dict[int, dict[str, float]]) -> None:
+        """Encode and write the checked batch ``x`` [B,3,H,W] in [-1,1] (CPU) of variant ``v``: an error row
+        for each defective output, else the sample and its row (ok or rejected)."""
         for i, d in enumerate(items):
             if defects[i] is not None:  # never commit NaN or a flat image (a NaN weight, a diverged model)
                 writer.error(d.rec.key, str(defects[i]))
                 continue
-            change = float((x[i].float().clamp(-1, 1) - x0[i].float()).abs().mean())
-            metrics: dict[str, Any] = {"latent": latent}
-            if math.isfinite(change):
-                metrics["mean_abs_change"] = round(change, 6)
-            self._place(v, shard, writer, d.rec.key, d.rec.extras, encode_image(x[i], cfg.image_format), t0, metrics,
-                        scores.get(i, {}))
+            self._place(v, shard, writer, d.rec.key, d.rec.extras, encode_image(x[i], self.cfg.image_format), t0,
+                        metrics[i], scores.get(i, {}))
 
     def _commit(self, path: str, writers: list[ShardWriter], state: _ShardState, fingerprint: str) -> None:
         for v, h, w in zip(self.cfg.variants, self.hashes, writers, strict=True):
