@@ -9,9 +9,9 @@ in the same run at the same torch thread count (issue 10 item 7; goal >= 45 % at
   actor; this includes decoding, PNG encoding and writing the shard).
 - UNet share (issue 28 item 2): of the actor's seconds on the shard, the share inside UNet calls (the
   restyler's own timers); the rest is decoding, scoring, PNG encoding, hashing and writing.
-- Overlap (issue 28 item 2): the same restyle at batch 8 and 32 with the actor's decode-ahead and write-behind
-  lanes (``io_depth`` 2, the default) and with each step in turn (``io_depth`` 0), side by side in one run, at
-  the suite's step count and at 2 steps (a cheap UNet, as on a GPU, where the overhead shows).
+- Overlap (issue 28 item 2): one shard of 256 toy images restyled at batch 8 and 32 with the actor's decode-ahead
+  and write-behind lanes (``io_depth`` 2, the default) and with each step in turn (``io_depth`` 0), side by side in
+  one run, at the suite's step count and at 2 steps (a cheap UNet, as on a GPU, where the overhead shows).
 - Bare loop: the same invert + generate on the same images in this process at 1 thread, no I/O: the
   UNet's own efficiency, which bounds what the pipeline can reach.
 """
@@ -74,8 +74,8 @@ def bare_loop(unet: torch.nn.Module, x0: torch.Tensor, batch: int, steps: int) -
 def settings(quick: bool) -> dict[str, Any]:
     """Sizes of one run: full (``make bench``) or quick (smoke test)."""
     if quick:
-        return {"n_images": 8, "batches": [1, 8], "steps": 3}
-    return {"n_images": 32, "batches": [1, 8, 32], "steps": 10}
+        return {"n_images": 8, "batches": [1, 8], "steps": 3, "overlap_images": 16}
+    return {"n_images": 32, "batches": [1, 8, 32], "steps": 10, "overlap_images": 256}
 
 
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
@@ -118,7 +118,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                 ratios[f"restyle_vs_gemm_b{b}"] = achieved / gemm1
                 ratios[f"bare_vs_gemm_b{b}"] = bare_rate / gemm1
                 ratios[f"unet_share_b{b}"] = summary["unet_share"]  # item 2 of issue 28: goal >= 0.9 at b32
-            overlap = overlap_rows(inputs, tmp, models, s)
+            overlap = overlap_rows(c.toy_shards(tmp / "overlap", s["overlap_images"], s["overlap_images"]), tmp,
+                                   models, s)
             for r in overlap:
                 ratios[f"unet_share_b{r['batch']}_s{r['steps']}_depth{r['io_depth']}"] = r["unet_share"]
         finally:
@@ -134,8 +135,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
 
 
 def overlap_rows(inputs: str, tmp: Path, models: list[str], s: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per batch (8, 32) and step count (the suite's, 2): the UNet share and images/s of one actor with its
-    lanes off (``io_depth`` 0) and on (2), run one after the other in this process's Ray session."""
+    """Per batch (8, 32) and step count (the suite's, 2): the UNet share and images/s of one actor restyling
+    ``inputs`` with its lanes off (``io_depth`` 0) and on (2), one after the other in this process's Ray session."""
     rows = []
     for b in [x for x in s["batches"] if x >= 8]:
         for steps in sorted({s["steps"], 2}, reverse=True):
