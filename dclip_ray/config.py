@@ -133,7 +133,8 @@ class FinetuneConfig:
                                               "'lora' (low-rank adapters; saved as a small adapter on the base).",
                                               cli="adapter", prompt="adapter", choices=("full", "lora"))
     lora_rank: int = setting(8, "LoRA rank (--adapter lora).", cli="rank", prompt="rank", lo=1)
-    seed: int = setting(0, "Random seed (CPU runs are deterministic).", cli="seed", prompt="seed", lo=0)
+    seed: int = setting(0, "Random seed (a CPU run reproduces its model at the same torch thread count, which the card "
+                               "records as torch_threads; OMP_NUM_THREADS=N fixes it).", cli="seed", prompt="seed", lo=0)
     restarts: int = setting(1, "Fine-tunings from seeds seed..seed+N-1, run side by side as far as the resources "
                             "allow; the one whose edits of held-aside images score best (and pass the check) is "
                             "kept, every restart's score goes into the model card.", cli="restarts",

@@ -330,6 +330,8 @@ def save_finetuned(
         "config": asdict(config),
         "base_model_sha256": state_dict_sha256(base_unet),
         "dclip_ray_version": __version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),  # a seed reproduces its model at the same count (CPU)
         "final_loss": result.final_loss,
         "train_seconds": round(result.seconds, 2),
         "loss_history": loss_history(result.history),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dclip_ray.config import QualityCheck
-from dclip_ray.cpu import use_free_cores
+from dclip_ray.cpu import lowered_threads_warning, use_free_cores
 from dclip_ray.edit import invert_images, latent_optimization
 from dclip_ray.errors import InputFileError
 from dclip_ray.evaluation.report import save_grid
@@ -135,7 +135,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                    "--checkpoint-dir": job.checkpoint_dir, "--tensorboard": job.tensorboard_dir},
                   {"--images": job.images, "--model": job.model, "--clip-weights": job.clip_weights,
                    "--face-weights": job.face_weights})
-    use_free_cores()
+    threads = torch.get_num_threads(), use_free_cores()
     base = load_base(job.model, job.preset)
     clip = resolve_clip(job.clip, job.clip_weights, base)
     face = load_face(job.face_weights) if job.train.w_id > 0 else None
@@ -146,7 +146,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     latents = invert_images(eps_fn_of(base.unet), x0, cfg.t0, cfg.n_inv_steps, base.schedule, disable=not progress)
     result = finetune(base.unet, clip, x0, latents, base.schedule, cfg, face=face,
                       checkpoint_dir=job.checkpoint_dir, disable=not progress, tensorboard_dir=job.tensorboard_dir)
-    warnings: list[str] = []
+    warnings: list[str] = [w for w in [lowered_threads_warning(*threads)] if w]
     finite = weights_finite(result.unet) and math.isfinite(result.final_loss)
     measured = None if finite else DIVERGED  # --check-images 0 checks nothing but divergence
     if job.check.check_images:
