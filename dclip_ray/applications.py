@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from dclip_ray.jobs import read_images
 from dclip_ray.mixing import strength_eps_fn
 from dclip_ray.models import eps_fn_of, load_unet
 from dclip_ray.models.base import check_base_model, edit_t0, load_base
+from dclip_ray.urls import abs_location
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +284,7 @@ def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
     summary: dict[str, Any] = {"kind": job.kind, "out": str(out), "n_images": len(keys) - scored.get("n_rejected", 0),
                                "t0": job.t0, "t0_edit": t0_edit or job.t0, "k": job.k, "errors": errors,
                                **scored, "warnings": warnings,
-                               "config": {**asdict(job), "images": job.images if "://" in job.images
-                                          else os.path.abspath(job.images)}}
+                               "config": {**asdict(job), "images": abs_location(job.images)}}
     if job.grid:
         summary["grid"] = str(save_grid([x0[:16], res.domain[:16], res.edited[:16]], out / "grid.png"))
     (out / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from dclip_ray.quality import (
     status_of,
     weights_finite,
 )
-from dclip_ray.urls import redact
+from dclip_ray.urls import abs_location, redact
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def card_extra(job: FinetuneJob, clip: Any, keys: list[str]) -> dict[str, Any]:
     """The card fields `finetune` adds to the config (:func:`~dclip_ray.finetune.save_finetuned`)."""
     weights = job.clip_weights
     return {"train_keys": keys, "base_model": redact(job.model), "clip": clip.name,
-            "clip_weights": (redact(weights) if "://" in weights else os.path.abspath(weights)) if weights else None,
+            "clip_weights": redact(abs_location(weights)) if weights else None,
             **(job.card or {})}
 
 

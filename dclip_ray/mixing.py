@@ -30,6 +30,7 @@ import torch
 
 from dclip_ray.diffusion import EpsFn
 from dclip_ray.errors import ConfigError, DclipWarning
+from dclip_ray.urls import is_url
 
 SUM_TOLERANCE = 1e-6
 
@@ -221,7 +222,7 @@ def mix_from_data(data: Any, where: str = "mix", base_dir: str | None = None) ->
     if not isinstance(gamma, Mapping):
         raise ConfigError(f"{where}: 'gamma' must be a gamma spec (type: constant | piecewise | ramp)")
     if base_dir is not None:
-        models = [m if "://" in m or os.path.isabs(m) or os.path.exists(m) else os.path.normpath(os.path.join(base_dir, m))
+        models = [m if is_url(m) or os.path.isabs(m) or os.path.exists(m) else os.path.normpath(os.path.join(base_dir, m))
                   for m in models]
     try:
         schedule = gamma_from_spec(gamma)

@@ -1,4 +1,8 @@
-"""Credentials never leave the process: one helper that strips secrets from URLs (and from text that
+"""Locations and credentials. A location is a local path or a URL; :func:`is_url`, :func:`is_remote`,
+:func:`local_path`, :func:`abs_location` and :func:`is_local_fs` are the one answer to "is this a URL / served by
+something other than the local disk?" everywhere.
+
+Credentials never leave the process: one helper that strips secrets from URLs (and from text that
 contains URLs) before anything is printed, logged or stored (markers, manifests, error rows, model cards).
 
 ``s3://AKIA...:secret@bucket/x`` -> ``s3://***@bucket/x``; ``https://h/x?X-Amz-Signature=abc&v=1`` ->
@@ -7,8 +11,41 @@ contains URLs) before anything is printed, logged or stored (markers, manifests,
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
+
+FILE_SCHEME = "file://"
+
+
+def is_url(location: str) -> bool:
+    """True when ``location`` names a scheme (``s3://b/k``, ``memory://m``, ``file:///x``): it is kept as
+    given, never joined to a folder or made absolute."""
+    return "://" in location
+
+
+def is_remote(location: str) -> bool:
+    """True for a URL that a filesystem other than the local disk serves (``s3://``, ``gs://``,
+    ``memory://``); False for a local path and for a ``file://`` URL."""
+    return is_url(location) and not location.startswith(FILE_SCHEME)
+
+
+def local_path(location: str) -> str:
+    """A local path or ``file://`` URL as a path (``file:///a/b`` -> ``/a/b``); other strings unchanged."""
+    return location.removeprefix(FILE_SCHEME)
+
+
+def abs_location(location: str) -> str:
+    """A local path made absolute (Ray workers and later runs may start in another folder); a URL as given."""
+    return location if is_url(location) else os.path.abspath(location)
+
+
+def is_local_fs(fs: Any) -> bool:
+    """True for fsspec's local filesystem (a local write goes through a temporary name and a rename)."""
+    protocol = getattr(fs, "protocol", None)
+    protocols = protocol if isinstance(protocol, tuple) else (protocol,)
+    return "file" in protocols or "local" in protocols or type(fs).__name__ == "LocalFileSystem"
+
 
 # query parameters that carry secrets: AWS SigV2/SigV4 presigned URLs, GCS signed URLs, Azure SAS, OAuth
 SECRET_PARAMS = (

@@ -49,3 +49,21 @@ def test_only_the_ray_wiring_imports_ray_even_lazily():
     assert not offenders, offenders
     wiring = [m for m in sources if m.startswith("dclip_ray.pipeline.")]
     assert sum(bool(IMPORTS_RAY.search(sources[m].read_text())) for m in wiring) >= 3, "Ray lives in the wiring"
+
+
+def test_whether_a_location_is_a_url_or_remote_is_decided_in_one_place():
+    """Issue 29 item 5: "is this a remote URL?" was decided 11 ways ("://" in x, with or without file://,
+    two is_local(fs) helpers); dclip_ray.urls now answers it for everyone."""
+    import fsspec
+
+    from dclip_ray.urls import abs_location, is_local_fs, is_remote, is_url, local_path
+
+    ad_hoc = {name: path for name, path in all_modules().items()
+              if name != "dclip_ray.urls" and re.search(r"\"://\" (not )?in |startswith\(\"file://\"\)|removeprefix\(\"file://\"\)",
+                                                        path.read_text())}
+    assert not ad_hoc, f"decide through dclip_ray.urls: {sorted(ad_hoc)}"
+    assert is_url("s3://b/k") and is_url("file:///x") and not is_url("/x") and not is_url("a/b")
+    assert is_remote("s3://b/k") and is_remote("memory://m") and not is_remote("file:///x") and not is_remote("/x")
+    assert local_path("file:///a/b") == "/a/b" and local_path("s3://b/k") == "s3://b/k"
+    assert abs_location("s3://b/k") == "s3://b/k" and abs_location("a").startswith("/")
+    assert is_local_fs(fsspec.filesystem("file")) and not is_local_fs(fsspec.filesystem("memory"))

@@ -19,7 +19,7 @@ import typer
 
 from dclip_ray.errors import EXIT_ABORTED, EXIT_USAGE, DclipError, DclipWarning, InputFileError, Interrupted
 from dclip_ray.interrupts import interrupt_handlers
-from dclip_ray.urls import redact
+from dclip_ray.urls import is_url, redact
 
 from .common import app as _app
 from .common import keep_epilog_lines
@@ -74,7 +74,7 @@ def check_local_inputs(args: list[str]) -> None:
             continue
         if not value and a == opt:
             value = args[i + 1] if i + 1 < len(args) else ""
-        if value and "://" not in value and not any(c in value for c in "*?[{") and not os.path.exists(value):
+        if value and not is_url(value) and not any(c in value for c in "*?[{") and not os.path.exists(value):
             raise InputFileError(f"{opt} {value}: no such file or folder; check the path")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from dclip_ray.io.images import ImageError, decode_image, load_image_tensor
 from dclip_ray.io.locations import check_replaceable
 from dclip_ray.io.sources import iter_records
 from dclip_ray.models import load_clip, load_face
+from dclip_ray.urls import abs_location
 
 from . import metrics as M
 
@@ -178,7 +178,7 @@ def check_same_inputs(before: str, after: str) -> None:
 
 
 def _abs(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)
+    return abs_location(url)
 
 
 def _clean(v: float) -> float | None:

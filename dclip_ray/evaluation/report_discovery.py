@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from dclip_ray.errors import InputFileError
+from dclip_ray.urls import is_url
 
 log = logging.getLogger("dclip_ray.evaluation.report")  # the report's logger, whichever module logs
 
@@ -112,7 +113,7 @@ def find_used_models(dirs: list[Path], known: list[tuple[Path, dict[str, Any]]],
     found = []
     for m in named:
         folder = Path(m)
-        if "://" in m or folder.resolve() in have or not (folder / "dclip.json").is_file():
+        if is_url(m) or folder.resolve() in have or not (folder / "dclip.json").is_file():
             continue
         have.add(folder.resolve())
         found.extend(find_model_cards([folder]))
@@ -152,7 +153,7 @@ def find_evals(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def _resolved(p: Any) -> str | None:
-    return str(Path(str(p)).resolve()) if p and "://" not in str(p) else None
+    return str(Path(str(p)).resolve()) if p and not is_url(str(p)) else None
 
 
 def _run_summaries(dirs: list[Path]) -> dict[Path, dict[str, Any] | None]:

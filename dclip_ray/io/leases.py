@@ -14,7 +14,8 @@ from typing import Any
 
 import fsspec
 
-from dclip_ray.io.shards import is_local, put_bytes
+from dclip_ray.io.shards import put_bytes
+from dclip_ray.urls import is_local_fs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def acquire_lease(root: str, shard: str, owner: str, ttl: float = LEASE_TTL_S,
         blocked = _unreadable(age, ttl, notes)
         if blocked is not None:
             return blocked
-    elif is_local(fs) and held is None:
+    elif is_local_fs(fs) and held is None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:  # another run won the race

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from dclip_ray.errors import ConfigError
-from dclip_ray.urls import redact
+from dclip_ray.urls import is_remote, local_path, redact
 
 _PATTERN = re.compile(r"[*?\[{]")
 
@@ -34,11 +34,11 @@ def normalise(location: str, is_path: bool = False) -> tuple[str, str] | None:
     if m:  # a glob or brace list: the folder it lists
         location = location[: m.start()]
         location = location[: location.rfind("/") + 1] if "/" in location else "."
-    if "://" in location and not location.startswith("file://"):
+    if is_remote(location):
         protocol, _, rest = location.partition("://")
         rest = rest.split("?", 1)[0]
         return protocol.lower(), "/" + posixpath.normpath("/" + rest).strip("/")
-    path = location[len("file://"):] if location.startswith("file://") else location
+    path = local_path(location)
     if not (is_path or os.path.exists(path) or os.sep in path or path.startswith(".")):
         return None  # a bare name such as a preset: nothing on disk
     return "file", os.path.realpath(os.path.abspath(path))
@@ -60,9 +60,9 @@ def overlap(a: str, b: str) -> bool:
 def too_broad(location: str) -> str | None:
     """Why a local output folder must not be ``location`` (a filesystem root, or a home folder itself:
     the current user's, or any folder directly in /home or /Users, or /root), or None when it may be."""
-    if "://" in location and not location.startswith("file://"):
+    if is_remote(location):
         return None
-    path = os.path.realpath(os.path.expanduser(location.removeprefix("file://")))
+    path = os.path.realpath(os.path.expanduser(local_path(location)))
     if os.path.dirname(path) == path:
         return "is a filesystem root"
     homes = {os.path.realpath(os.path.expanduser("~")), "/root"}
@@ -108,9 +108,9 @@ def check_replaceable(label: str, path: str, kind: str, is_own: Callable[[str], 
     (an input shard, a restyle manifest, a user's file). ``kind`` names what the command writes
     ("an HTML report"). Raises :class:`ConfigError` (exit 1, nothing written) naming the path and the fix.
     Local paths only (a URL passes)."""
-    if "://" in path and not path.startswith("file://"):
+    if is_remote(path):
         return
-    local = path.removeprefix("file://")
+    local = local_path(path)
     if os.path.isdir(local):
         raise ConfigError(f"{label} {redact(path)} is a folder; give the file to write ({kind})")
     if os.path.lexists(local):

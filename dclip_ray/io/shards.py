@@ -32,7 +32,7 @@ import fsspec
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.manifest import ManifestRow, manifest_bytes
 from dclip_ray.io.sources import split_member
-from dclip_ray.urls import redact
+from dclip_ray.urls import is_local_fs, redact
 
 
 def key_problem(key: str, exts: Iterable[str] = ("png",)) -> str | None:
@@ -303,17 +303,12 @@ def put_file(local: str, url: str) -> None:
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if is_local(fs):
+    if is_local_fs(fs):
         tmp = f"{path}{TMP_MARK}{os.getpid()}"
         fs.put_file(local, tmp)
         os.replace(tmp, path)
     else:
         fs.put_file(local, path)
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """True for the local filesystem (writes there go through a temporary name and a rename)."""
-    return getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem"
 
 
 TMP_MARK = ".tmp-"  # ``NAME.tmp-PID``: a local write in progress (renamed to NAME when complete)

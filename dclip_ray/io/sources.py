@@ -18,7 +18,7 @@ import fsspec
 from braceexpand import braceexpand
 
 from dclip_ray.errors import InputFileError
-from dclip_ray.urls import redact
+from dclip_ray.urls import is_local_fs, redact
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
@@ -125,7 +125,7 @@ SPECIAL_FILE = "not a regular file (a FIFO, socket or device); refused: reading 
 def _check_regular(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Raise :class:`InputFileError` for a local input that is not a regular file (a FIFO named like a
     shard would block every read, and a thread stuck on it would keep the process alive)."""
-    if _is_local(fs):
+    if is_local_fs(fs):
         try:
             kind = fs.info(path).get("type")
         except (FileNotFoundError, OSError):
@@ -212,11 +212,6 @@ def _sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
 STAT_PREFIX = "stat:"
 """A fingerprint from a local tar's size and modification time only (no byte read): what a driver plans
 with; the worker that reads the shard computes its content fingerprint (:func:`content_fingerprint`)."""
@@ -227,7 +222,7 @@ def shard_stat(path: str) -> str | None:
     anything else (a folder shard, an object-store URL, a FIFO or a missing file), whose fingerprint
     :func:`shard_fingerprint` computes as before."""
     fs, p = fsspec.core.url_to_fs(path)
-    if not _is_local(fs) or not p.endswith(".tar"):
+    if not is_local_fs(fs) or not p.endswith(".tar"):
         return None
     try:
         st = os.stat(p)
@@ -285,7 +280,7 @@ def shard_fingerprint(path: str) -> str:
             _check_regular(fs, p)
         except InputFileError:  # never opened; the stage that reads it reports the shard as unreadable
             return f"special:{posixpath.basename(p)}"
-        if not _is_local(fs):
+        if not is_local_fs(fs):
             info = fs.info(p)
             tag = next((info.get(k) for k in ("ETag", "etag", "md5Hash", "crc32c") if info.get(k)), None)
             if tag:

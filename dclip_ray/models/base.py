@@ -18,7 +18,7 @@ from dclip_ray.adapters import ADAPTER_FORMAT
 from dclip_ray.diffusion import Schedule, schedule_from_config
 from dclip_ray.errors import ConfigError, DclipWarning, InputFileError
 from dclip_ray.hashing import state_dict_sha256
-from dclip_ray.urls import redact
+from dclip_ray.urls import is_remote, local_path, redact
 
 from .clip import load_clip
 from .presets import get_preset, list_presets
@@ -66,7 +66,7 @@ def resolve_clip(clip: str | None, clip_weights: str | None, base: BaseModel) ->
 def read_card(finetuned: str) -> dict[str, Any]:
     """The ``dclip.json`` of a fine-tuned model folder, local or an fsspec URL (empty dict for a plain
     diffusers folder)."""
-    if "://" in finetuned and not finetuned.startswith("file://"):
+    if is_remote(finetuned):
         import fsspec
 
         url = f"{finetuned.rstrip('/')}/dclip.json"
@@ -77,7 +77,7 @@ def read_card(finetuned: str) -> dict[str, Any]:
             return {}
         where = redact(url)
     else:
-        path = Path(finetuned.removeprefix("file://")) / "dclip.json"
+        path = Path(local_path(finetuned)) / "dclip.json"
         if not path.exists():
             return {}
         text, where = path.read_text(), str(path)

@@ -18,6 +18,7 @@ import torch
 from dclip_ray.adapters import apply_adapter, is_adapter
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.models.trust import is_trusted
+from dclip_ray.urls import is_remote, local_path
 
 from .convert import convert_state_dict, detect_format
 from .presets import Preset, get_preset, is_preset, list_presets
@@ -26,16 +27,11 @@ if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
 
-def _is_url(src: str) -> bool:
-    return "://" in src and not src.startswith("file://")
-
-
 @contextmanager
 def local_copy(src: str) -> Iterator[str]:
     """Yield a local path for ``src`` (a local path, or any fsspec URL copied to a temp dir)."""
-    if src.startswith("file://"):
-        src = src[len("file://"):]
-    if not _is_url(src):
+    src = local_path(src)
+    if not is_remote(src):
         if not os.path.exists(src):
             raise InputFileError(f"{src}: no such file or folder; give a diffusers folder, a .ckpt/.pt/.safetensors file or a URL")
         yield src
@@ -204,7 +200,7 @@ def _load_adapter_folder(local: str, src: str, trust_checkpoint: bool, base_unet
         except (OSError, ValueError, KeyError):
             raise InputFileError(f"{src}: an adapter folder without a dclip.json naming its base model; re-run "
                                  "finetune --adapter lora") from None
-        if not (os.path.exists(base_src) or is_preset(base_src) or _is_url(base_src)):
+        if not (os.path.exists(base_src) or is_preset(base_src) or is_remote(base_src)):
             raise InputFileError(f"{src}: its base model {base_src} (as named when it was trained) is not there "
                                  "from here; pass the base model (--model/--base)")
         base_unet = load_unet(base_src, trust_checkpoint=trust_checkpoint)
@@ -269,7 +265,7 @@ def eps_fn_of(unet: UNet2DModel) -> Callable[[torch.Tensor, torch.Tensor], torch
 
 def _read_json(path: str) -> dict | None:
     try:
-        if _is_url(path):
+        if is_remote(path):
             import fsspec
 
             with fsspec.open(path, "r") as f:
@@ -298,9 +294,7 @@ def load_schedule_config(src: str, preset: str | None = None) -> dict | None:
             if cfg is not None:
                 return cfg
         return p.schedule.to_scheduler_config() if p.schedule else None
-    base = src.rstrip("/")
-    if base.startswith("file://"):
-        base = base[len("file://"):]
+    base = local_path(src.rstrip("/"))
     parent = base.rsplit("/", 1)[0] if "/" in base else "."
     for cand in (f"{base}/scheduler_config.json", f"{base}/scheduler/scheduler_config.json", f"{parent}/scheduler/scheduler_config.json"):
         cfg = _read_json(cand)

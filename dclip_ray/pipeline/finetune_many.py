@@ -55,7 +55,7 @@ from dclip_ray.stages.inputs import absolute, input_shards
 from dclip_ray.stages.precompute import find_latent_store
 from dclip_ray.stages.selection import SourceMatcher, select_training_sets
 from dclip_ray.stages.training_data import training_data
-from dclip_ray.urls import redact
+from dclip_ray.urls import abs_location, is_remote, local_path, redact
 
 from .runtime import check_local_ray, init_ray
 
@@ -109,8 +109,8 @@ def finetune_config(spec: EditSpec, job: FinetuneManyJob, preset: Any) -> Finetu
 
 def _save(result: Any, out_dir: str, fcfg: FinetuneConfig, base: Any, metrics: dict[str, Any],
           extra: dict[str, Any]) -> None:
-    if "://" not in out_dir or out_dir.startswith("file://"):
-        save_finetuned(result, out_dir.removeprefix("file://"), fcfg, base.unet, base.schedule_config, metrics, extra)
+    if not is_remote(out_dir):
+        save_finetuned(result, local_path(out_dir), fcfg, base.unet, base.schedule_config, metrics, extra)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_finetuned(result, tmp, fcfg, base.unet, base.schedule_config, metrics, extra)
@@ -221,20 +221,20 @@ def _fit(name: str, loop_config: dict[str, Any], storage: str, max_failures: int
 
 
 def _storage_path(out: str) -> str:
-    if "://" in out and not out.startswith("file://"):
+    if is_remote(out):
         return f"{out.rstrip('/')}/_ray_train"
-    return os.path.abspath(os.path.join(out.removeprefix("file://"), "_ray_train"))
+    return os.path.abspath(os.path.join(local_path(out), "_ray_train"))
 
 
 def _existing(out_dir: str, config_hash: str) -> dict[str, Any] | None:
-    if "://" in out_dir and not out_dir.startswith("file://"):
+    if is_remote(out_dir):
         try:
             with fsspec.open(f"{out_dir.rstrip('/')}/dclip.json", "rb") as f:
                 card = json.loads(f.read())
         except (FileNotFoundError, OSError, ValueError):
             return None
     else:
-        card = read_card(out_dir.removeprefix("file://"))
+        card = read_card(local_path(out_dir))
     return card if card.get("config_sha256") == config_hash else None
 
 
@@ -247,7 +247,7 @@ def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, 
     job = replace(job, model=absolute(job.model), latents=absolute(job.latents),
                   images=absolute(job.images), clip_weights=absolute(job.clip_weights),
                   face_weights=absolute(job.face_weights),
-                  out=job.out if "://" in job.out else os.path.abspath(job.out))
+                  out=abs_location(job.out))
     base = cached_base(job.model, job.preset)
     clip = _check_job(job, base)
     fcfgs = {s.name: _prompt_config(s, job, base) for s in specs}

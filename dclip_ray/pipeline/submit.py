@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dclip_ray.errors import EXIT_ABORTED, EXIT_USAGE, AbortedError, ConfigError, InputFileError
+from dclip_ray.urls import is_url
 from dclip_ray.workflow import load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -94,10 +95,10 @@ def build_submission(job: SubmitJob, warn: Callable[[str], None] | None = None) 
                               "pass --working-dir")
         excludes = list(EXCLUDES)
         for where in (spec.outputs.root, spec.input_url if spec.input.toyworld else None):
-            if where and "://" not in where and os.path.abspath(where).startswith(wd + os.sep):
+            if where and not is_url(where) and os.path.abspath(where).startswith(wd + os.sep):
                 excludes.append("/" + os.path.relpath(where, wd))
         root = spec.outputs.root
-        if "://" not in root and os.path.abspath(root).startswith(wd + os.sep):
+        if not is_url(root) and os.path.abspath(root).startswith(wd + os.sep):
             warn(f"outputs.root {root} is inside the uploaded working dir: on the cluster it lands in the job's "
                  "temporary copy; use an absolute path on shared storage or a URL (--set outputs.root=s3://...)")
         runtime_env["working_dir"] = wd

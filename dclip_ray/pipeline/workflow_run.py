@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 
 from dclip_ray.errors import EXIT_ABORTED, EXIT_ITEM_ERRORS, EXIT_OK, ConfigError, DclipError, Interrupted
-from dclip_ray.urls import redact_data
+from dclip_ray.urls import is_remote, is_url, local_path, redact_data
 from dclip_ray.workflow.spec import WorkflowSpec
 
 STATUS_OF_CODE = {0: "ok", 1: "config_error", 2: "finished_with_errors", 3: "aborted"}
@@ -89,9 +89,9 @@ def preflight(spec: WorkflowSpec) -> None:
     if spec.input.url is not None:
         needed.append(("input.url", spec.input.url))
     for field, value in needed:
-        if not value or ("://" in value and not value.startswith("file://")):
+        if not value or is_remote(value):
             continue
-        path = value.removeprefix("file://")
+        path = local_path(value)
         if os.path.isabs(path) and not any(c in path for c in "*?{[") and not os.path.exists(path):
             raise ConfigError(f"workflow spec {where}: {field}: {path} not found on this machine; fix the path "
                               "(relative paths resolve against the spec's folder)")
@@ -117,7 +117,7 @@ def _check_names(spec: WorkflowSpec, where: str) -> None:
     if spec.finetune.clip:
         named.append(("finetune.clip", spec.finetune.clip, list_presets("clip")))
     for field, value, choices in named:
-        if value in presets or "://" in value or os.sep in value or "/" in value or os.path.exists(value):
+        if value in presets or is_url(value) or os.sep in value or "/" in value or os.path.exists(value):
             continue
         if field == "finetune.clip":
             import open_clip
@@ -268,7 +268,7 @@ def _step_verify(spec: WorkflowSpec, ok_models: set[str]) -> dict[str, Any]:
 def _step_report(spec: WorkflowSpec) -> dict[str, Any]:
     if not spec.outputs.report:
         return {"status": "skipped (outputs.report: false)"}
-    if "://" in spec.outputs.root and not spec.outputs.root.startswith("file://"):
+    if is_remote(spec.outputs.root):
         return {"status": "skipped (the report is written for a local outputs.root only)"}
     try:
         from dclip_ray.evaluation.report import write_report

@@ -23,7 +23,7 @@ from dclip_ray.mixing import mix_from_data, validate_gamma
 from dclip_ray.models.base import check_base_model, edit_t0, read_card
 from dclip_ray.models.cache import cached_base
 from dclip_ray.models.presets import get_preset, list_presets
-from dclip_ray.urls import redact
+from dclip_ray.urls import is_url, redact
 
 from .checks import check_out_folder, check_step_counts, check_steps
 from .inputs import absolute, shard_keys
@@ -200,7 +200,7 @@ def write_declaration(cfg: RestyleConfig, input_url: str) -> None:
     Variants another restyle of the same input declared there stay declared (two runs of other models
     into one ROOT)."""
     root = (cfg.root or cfg.variants[0].out).rstrip("/")
-    variants = [{"name": v.name, "folder": posixpath.relpath(v.out, root) if "://" not in v.out
+    variants = [{"name": v.name, "folder": posixpath.relpath(v.out, root) if not is_url(v.out)
                  else v.out[len(root):].strip("/") or ".",
                  "models": [redact(absolute(cfg.finetuned[i - 1])) for i in v.models if i > 0]} for v in cfg.variants]
     url = f"{root}/{DECLARATION}"

@@ -31,6 +31,7 @@ from dclip_ray.errors import InputFileError
 from dclip_ray.io.manifest import read_manifest
 from dclip_ray.io.shards import is_temporary, list_markers, read_marker, shard_urls
 from dclip_ray.io.sources import shard_fingerprint, split_member
+from dclip_ray.urls import is_url
 
 from .inputs import input_shards, io_threads, parallel_map, shard_keys
 from .restyle_config import DECLARATION
@@ -292,7 +293,7 @@ def _marker_roots(folder: str) -> list[str]:
 
     if list_markers(folder):
         return [folder]
-    if "://" not in folder:
+    if not is_url(folder):
         hidden = state_dir(folder)
         if list_markers(hidden):
             return [hidden]

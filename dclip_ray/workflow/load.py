@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.io.locations import too_broad
+from dclip_ray.urls import is_url
 from dclip_ray.yamlfile import load_yaml
 
 from .messages import fail, message
@@ -22,14 +23,14 @@ PATH_FIELDS = [("input", "url"), ("prompts", "file"), ("latents", "store"), ("fi
 
 
 def _resolve(value: str, here: str) -> str:
-    if "://" in value or os.path.isabs(value):
+    if is_url(value) or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(here, os.path.expanduser(value)))
 
 
 def _looks_local(value: str, here: str) -> bool:
     """A model reference that is a path (not a preset name): has a separator, starts with '.' or exists."""
-    return ("://" not in value and (os.sep in value or "/" in value or value.startswith(".")
+    return (not is_url(value) and (os.sep in value or "/" in value or value.startswith(".")
                                     or os.path.exists(os.path.join(here, value))))
 
 
@@ -108,7 +109,7 @@ def _check_prompts(spec: WorkflowSpec, origin: str) -> None:
         names = [s.name for s in parse.parse_prompt_text(spec.prompts.text() or "", origin="prompts.lines")]
     else:
         file = spec.prompts.file or ""
-        if "://" not in file and not os.path.isfile(file):
+        if not is_url(file) and not os.path.isfile(file):
             raise fail(origin, "prompts.file", f"{file} not found; give a prompts.txt path (relative to the spec's "
                         "folder) or list the edits under prompts.lines")
         try:
