@@ -60,11 +60,11 @@ def plain_loop(inputs: str, out_dir: Path, models: list[str], t0: int, n_inv: in
     Returns ``{"images", "seconds", "inv_evals", "gen_evals"}`` (evaluations counted per image x call).
     """
     from dclip_ray.diffusion import generate, invert
+    from dclip_ray.io.images import encode_image
     from dclip_ray.models import eps_fn_of, load_unet
     from dclip_ray.models.base import load_base
     from dclip_ray.stages.common import CountingEps
     from dclip_ray.stages.inputs import decode_shard, input_shards
-    from dclip_ray.stages.provenance import encode_image
 
     base = load_base(c.TOY_MODEL)
     inv_eps = CountingEps(eps_fn_of(base.unet))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.io.formats import OUTPUT_FORMATS
 from dclip_ray.recipes import get_recipe, recipe_names
 from dclip_ray.settings import SettingInfo, check_setting, setting, settings_of, validate_settings
 
@@ -285,8 +286,8 @@ class RestyleSettings:
     strength: float = setting(1.0, "Edit strength r in 0..1: eps = r*finetuned + (1-r)*original.",
                               cli="strength", lo=0, hi=1)
     resize_policy: str = shared("resize_policy")
-    image_format: str = setting("png", "Output image format: png (lossless) or jpg (quality 95).", cli="format",
-                                choices=("png", "jpg"))
+    image_format: str = setting("png", "Output image format: png (lossless), jpg (quality 95) or webp (lossless).",
+                                cli="format", choices=tuple(OUTPUT_FORMATS))
     batch_size: int = shared("batch_size", help="Images per generation batch.")
     route: str = setting("auto", "Which images each model edits: 'source' (only those matching the model's "
                          "source, by caption or zero-shot CLIP; the others get a 'skipped' manifest row), 'all' "

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from dclip_ray.io.formats import output_format
+
 ResizePolicy = Literal["center-crop", "resize", "pad"]
 MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit, enforced explicitly here
 MAX_DECODE_BYTES = 256 * 2**20
@@ -134,11 +136,17 @@ def load_image_tensor(data: bytes, size: int, policy: ResizePolicy = "center-cro
     return pil_to_tensor(fit_image(decode_image(data), size, policy))
 
 
+def encode_image(x: torch.Tensor, fmt: str = "png") -> bytes:
+    """Tensor [3,H,W] in [-1,1] -> bytes in output format ``fmt`` (:data:`~dclip_ray.io.formats.OUTPUT_FORMATS`)."""
+    f = output_format(fmt)
+    buf = io.BytesIO()
+    Image.fromarray(tensor_to_uint8(x)).save(buf, format=f.pil, **dict(f.options))
+    return buf.getvalue()
+
+
 def encode_png(x: torch.Tensor) -> bytes:
     """Tensor [3,H,W] in [-1,1] -> PNG bytes (lossless)."""
-    buf = io.BytesIO()
-    Image.fromarray(tensor_to_uint8(x)).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return encode_image(x, "png")
 
 
 def output_defect(x: torch.Tensor) -> str | None:

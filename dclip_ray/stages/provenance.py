@@ -11,32 +11,12 @@ An output sample keeps the input's ``.json`` object and adds:
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-from PIL import Image
-
-from dclip_ray.errors import ConfigError
-from dclip_ray.io.images import tensor_to_uint8
-
 from .selection import caption_of
-
-
-def encode_image(x: torch.Tensor, fmt: str) -> bytes:
-    """Tensor [3,H,W] in [-1,1] -> PNG (lossless) or JPEG (quality 95) bytes."""
-    buf = io.BytesIO()
-    img = Image.fromarray(tensor_to_uint8(x))
-    if fmt == "png":
-        img.save(buf, format="PNG", optimize=False)
-    elif fmt in ("jpg", "jpeg"):
-        img.save(buf, format="JPEG", quality=95)
-    else:
-        raise ConfigError(f"output format {fmt!r}: expected 'png' or 'jpg'")
-    return buf.getvalue()
 
 
 def edited_caption(caption: str | None, edits: Sequence[Sequence[str]]) -> str | None:

@@ -35,7 +35,8 @@ import torch
 from dclip_ray.diffusion import generate, generation_pairs, invert
 from dclip_ray.errors import InputFileError
 from dclip_ray.hashing import config_sha256
-from dclip_ray.io.images import output_defect
+from dclip_ray.io.formats import OUTPUT_EXTS, output_format
+from dclip_ray.io.images import encode_image, output_defect
 from dclip_ray.io.latents import LatentShard
 from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.manifest import ManifestRow, read_manifest
@@ -51,7 +52,7 @@ from .common import CountingEps, RestyleResult, lease_text
 from .inputs import Decoded, batched, decode_shard, image_sha256, iter_shard
 from .overlap import Lane, prefetched
 from .precompute import find_latent_store
-from .provenance import encode_image, output_members
+from .provenance import output_members
 from .selection import SourceMatcher, Verdict
 
 SHARD_FORMAT = "dclip-ray/restyle-shard/1"
@@ -476,7 +477,7 @@ class ShardRestyler:
         under ``min_score``, rejected into the rejected tar (its caption not edited: the edit is not
         claimed)."""
         cfg = self.cfg
-        ext = "png" if cfg.image_format == "png" else "jpg"
+        ext = output_format(cfg.image_format).ext
         dclip = self._provenance(v, shard, t0, str(metrics.get("latent", "inverted")))
         if scores:
             dclip["scores"] = scores
@@ -588,7 +589,7 @@ class ShardRestyler:
 
 
 def _tar_images(url: str) -> dict[str, bytes]:
-    """``{key: image bytes}`` of an output tar (png or jpg members)."""
+    """``{key: image bytes}`` of an output tar (its image members: :data:`~dclip_ray.io.formats.OUTPUT_EXTS`)."""
     import io
     import tarfile
 
@@ -598,7 +599,7 @@ def _tar_images(url: str) -> dict[str, bytes]:
     with fsspec.open(url, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:") as tar:
         for m in tar:
             key, ext = split_member(m.name)
-            if m.isfile() and ext in ("png", "jpg"):
+            if m.isfile() and ext in OUTPUT_EXTS:
                 fobj = tar.extractfile(m)
                 if fobj is not None:
                     out[key] = fobj.read()

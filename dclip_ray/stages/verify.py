@@ -28,6 +28,7 @@ from typing import Any
 import fsspec
 
 from dclip_ray.errors import InputFileError
+from dclip_ray.io.formats import OUTPUT_EXTS
 from dclip_ray.io.manifest import read_manifest
 from dclip_ray.io.shards import is_temporary, list_markers, read_marker, shard_urls
 from dclip_ray.io.sources import shard_fingerprint, split_member
@@ -35,8 +36,6 @@ from dclip_ray.urls import is_url
 
 from .inputs import input_shards, io_threads, parallel_map, shard_keys
 from .restyle_config import DECLARATION
-
-IMAGE_MEMBERS = ("png", "jpg")
 
 
 @dataclass
@@ -104,7 +103,7 @@ def _tar_members(url: str) -> tuple[dict[str, list[bytes]], str, int]:
             if not m.isfile():
                 continue
             key, ext = split_member(m.name)
-            if ext in IMAGE_MEMBERS:
+            if ext in OUTPUT_EXTS:
                 fobj = tar.extractfile(m)
                 images.setdefault(key, []).append(fobj.read() if fobj is not None else b"")
             else:
