@@ -97,7 +97,8 @@ class FinetuneConfig:
     lr_gamma: float = setting(1.2, "Learning-rate factor applied after every epoch.", cli="lr-gamma",
                               prompt="lr_gamma", lo=0, lo_strict=True)
     w_clip: float = setting(3.0, "Weight of the directional CLIP loss (the preset's when not given).",
-                            cli="clip-weight", prompt="clip", lo=0)
+                            cli="clip-weight", prompt="clip_weight", lo=0,
+                            renamed_from="clip")
     w_l1: float = setting(0.0, "Weight of the L1 loss (the preset's when not given).", cli="l1", prompt="l1", lo=0)
     w_id: float = setting(0.0, "Weight of the face identity loss (needs --face-weights).", cli="id", prompt="id", lo=0)
     w_global: float = setting(0.0, "Weight of the global CLIP loss (eq. 8).", cli="global-weight", prompt="global",

@@ -14,18 +14,20 @@ from dclip_ray.errors import ConfigError
 
 def setting(default: Any, help: str, *, cli: str, prompt: str | None = None, spec: str | None = "",
             lo: float | None = None, lo_strict: bool = False, hi: float | None = None,
-            choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None,
+            renamed_from: str | None = None) -> Any:
     """A dataclass field declared as a user-facing setting.
 
     ``cli``: the option name without dashes' prefix (``"n-gen"`` for ``--n-gen``); ``prompt``: the
     prompt-line key (None: not settable per prompt); ``spec``: the workflow-spec field ("" = the CLI name
     with ``_`` in the config's ``SPEC_SECTION``; a name without a dot: that key in the section; a dotted
     path: that field; None = not in the spec); ``lo``/``hi``/``choices``: the value rule;
-    ``aliases``: other spellings of a choice (``{"none": ""}``), accepted on every surface.
+    ``aliases``: other spellings of a choice (``{"none": ""}``), accepted on every surface;
+    ``renamed_from``: the setting's old prompt-line key, still accepted with a one-line warning.
     """
     meta = {"help": help, "cli": cli, "prompt": prompt, "spec": cli.replace("-", "_") if spec == "" else spec,
             "lo": lo, "lo_strict": lo_strict, "hi": hi, "choices": choices,
-            "aliases": dict(aliases or {})}
+            "aliases": dict(aliases or {}), "renamed_from": renamed_from}
     return field(default=default, metadata={"setting": meta})
 
 
@@ -46,6 +48,7 @@ class SettingInfo:
     hi: float | None
     choices: tuple[str, ...] | None
     aliases: dict[str, str]
+    renamed_from: str | None = None
 
     @property
     def spec_key(self) -> str | None:

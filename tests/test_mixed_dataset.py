@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 KINDS = [("red", "circle"), ("green", "square"), ("blue", "circle")]
 COLOUR = "t0=500 n_gen=6 epochs=5 lr=5e-5 l1=0.5 edge=8 views=8 shift=4 noise=0.2 refine=2 refine_l1=1.5 refine_scales=3"
-SHAPE = "t0=550 mode=full n_gen=10 epochs=5 lr=1e-4 clip=5 l1=2 views=8 shift=4 noise=0.1 flip=hv"
+SHAPE = "t0=550 mode=full n_gen=10 epochs=5 lr=1e-4 clip_weight=5 l1=2 views=8 shift=4 noise=0.1 flip=hv"
 PROMPTS = f"""red circle -> blue circle name=blue {COLOUR}
 green square -> yellow square name=yellow {COLOUR}
 blue circle -> blue square name=square {SHAPE}

@@ -86,7 +86,7 @@ face -> angry face  t0=500 l1=1.0 id=0.0 name=angry
 photo -> sketch   # trailing comment
 pixar
 neanderthal t0=500 l1=0 name=nean epochs=3 lr=8e-6 n_inv=40 n_gen=6
-person → Mark Zuckerberg   clip=2.5
+person → Mark Zuckerberg   clip_weight=2.5
 """
 
 
@@ -95,23 +95,23 @@ def test_parse_good_lines():
     assert [s.name for s in specs] == ["angry", "sketch", "pixar", "nean", "mark_zuckerberg"]
     assert [s.line for s in specs] == [2, 5, 6, 7, 8]
     a = specs[0]
-    assert (a.source, a.target, a.t0, a.l1, a.id, a.clip, a.preset) == ("face", "angry face", 500, 1.0, 0.0, None, None)
+    assert (a.source, a.target, a.t0, a.l1, a.id, a.clip_weight, a.preset) == ("face", "angry face", 500, 1.0, 0.0, None, None)
     s = specs[1]
-    assert (s.source, s.target, s.t0, s.clip, s.l1, s.id) == ("photo", "sketch", None, None, None, None)
+    assert (s.source, s.target, s.t0, s.clip_weight, s.l1, s.id) == ("photo", "sketch", None, None, None, None)
     px = specs[2]  # bare preset: its pair; its t0 and recipe are applied when the config is resolved
-    assert (px.source, px.target, px.t0, px.clip, px.l1, px.id, px.preset) == (
+    assert (px.source, px.target, px.t0, px.clip_weight, px.l1, px.id, px.preset) == (
         "Human", "3D render in the style of Pixar", None, None, None, None, "pixar")
     n = specs[3]  # preset with overrides
     assert (n.source, n.target, n.preset) == ("Human", "Neanderthal", "neanderthal")
-    assert (n.t0, n.l1, n.clip, n.epochs, n.lr, n.n_inv, n.n_gen) == (500, 0.0, None, 3, 8e-6, 40, 6)
+    assert (n.t0, n.l1, n.clip_weight, n.epochs, n.lr, n.n_inv, n.n_gen) == (500, 0.0, None, 3, 8e-6, 40, 6)
     z = specs[4]  # unicode arrow, several words
-    assert (z.source, z.target, z.clip) == ("person", "Mark Zuckerberg", 2.5)
+    assert (z.source, z.target, z.clip_weight) == ("person", "Mark Zuckerberg", 2.5)
 
 
 def test_resolve_fills_only_missing_fields():
     s = parse_prompt_text("face -> angry face t0=300")[0]
-    r = s.resolve(t0=500, clip=3.0, l1=0.0, id=0.0)
-    assert (r.t0, r.clip, r.l1, r.id) == (300, 3.0, 0.0, 0.0)
+    r = s.resolve(t0=500, clip_weight=3.0, l1=0.0, id=0.0)
+    assert (r.t0, r.clip_weight, r.l1, r.id) == (300, 3.0, 0.0, 0.0)
     with pytest.raises(ConfigError, match="unknown field"):
         s.resolve(bogus=1)
     assert isinstance(r, EditSpec)
@@ -120,7 +120,7 @@ def test_resolve_fills_only_missing_fields():
 def test_training_options_reach_the_finetune_config():
     from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
 
-    text = ("red circle -> red square mode=full n_gen=10 lr=1e-4 clip=5 l1=2 views=8 shift=4 noise=0.1 flip=hv\n"
+    text = ("red circle -> red square mode=full n_gen=10 lr=1e-4 clip_weight=5 l1=2 views=8 shift=4 noise=0.1 flip=hv\n"
             "red circle -> blue circle flip=none edge=5 l1=0.5 refine=2 refine_l1=1.5 refine_scales=3\n")
     sq, blue = parse_prompt_text(text)
     assert (sq.mode, sq.views, sq.shift, sq.noise, sq.flip) == ("full", 8, 4, 0.1, "hv")
@@ -165,12 +165,12 @@ def test_crlf_and_bom():
         ("face -> angry t0=abc", "1:18", "bad value 'abc' for t0"),
         ("face -> angry l1=-1", "1:18", "bad value '-1' for l1; expected a number >= 0"),
         ("face -> angry lr=0", "1:18", "bad value '0' for lr; expected a number > 0"),
-        ("face -> angry clip=nan", "1:20", "bad value 'nan' for clip"),
+        ("face -> angry clip_weight=nan", "1:27", "bad value 'nan' for clip_weight"),
         ("face -> angry epochs=0", "1:22", "bad value '0' for epochs"),
         ("face -> angry name=Angry!", "1:20", "bad value 'Angry!' for name"),
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
-        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, images, recipe, t0, n_inv, n_gen, mode, n_train, epochs, batch, lr, lr_gamma, clip, l1, "
+        ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, images, recipe, t0, n_inv, n_gen, mode, n_train, epochs, batch, lr, lr_gamma, clip_weight, l1, "
          "id, global, edge, edge_scales, edge_match, refine, refine_l1, refine_scales, clip_form, views, shift, noise, blur, flip, adapter, rank, seed"),
         ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
         ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),
@@ -281,3 +281,15 @@ def test_every_edit_preset_names_a_known_base_model_or_none():
 
     unets = set(list_presets("unet"))
     assert all(p.model in unets or p.model == "" for p in list_edit_presets())
+
+
+def test_the_old_clip_key_still_works_with_a_one_line_warning():
+    """Issue 29 item 6: ``clip=`` on a prompt line was the CLIP loss weight while ``--clip`` names a CLIP model;
+    the key is ``clip_weight=`` now, and ``clip=`` still parses, with a warning that says what to write."""
+    from dclip_ray.errors import DclipWarning
+
+    with pytest.warns(DclipWarning, match=r"^prompts.txt:1: the prompt option 'clip=' is renamed 'clip_weight=' \(as --clip-weight\); write clip_weight=5$"):
+        old = parse_prompt_text("face -> angry clip=5 l1=2")[0]
+    assert old.settings() == parse_prompt_text("face -> angry clip_weight=5 l1=2")[0].settings() == {"w_clip": 5.0, "w_l1": 2.0}
+    with pytest.raises(ConfigError, match="1:20: bad value 'nan' for clip_weight"), pytest.warns(DclipWarning):
+        parse_prompt_text("face -> angry clip=nan")

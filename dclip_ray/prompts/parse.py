@@ -14,10 +14,10 @@ list or glob, local or URL: finetune-many then takes its first ``n_train`` inste
 source) and every per-prompt fine-tuning setting, by its prompt-line key
 (:data:`PROMPT_SETTINGS`, declared with its rule and default in :class:`dclip_ray.config.FinetuneConfig`):
 ``t0``, ``n_inv``, ``n_gen``, ``mode``, ``epochs``, ``batch``, ``lr``, ``lr_gamma``, the loss weights
-``clip``, ``l1``, ``id``, ``global``, ``edge`` with ``edge_scales``, the refinement stage ``refine``,
+``clip_weight`` (formerly ``clip``), ``l1``, ``id``, ``global``, ``edge`` with ``edge_scales``, the refinement stage ``refine``,
 ``refine_l1``, ``refine_scales``, ``clip_form``, the CLIP-view augmentation ``views``, ``shift``,
 ``noise``, ``blur``, ``flip`` (none, h, hv) and ``seed``. A shape edit on the toy world, for example:
-``red circle -> red square t0=550 mode=full n_gen=10 lr=1e-4 clip=5 l1=2 noise=0.1 flip=hv``. An
+``red circle -> red square t0=550 mode=full n_gen=10 lr=1e-4 clip_weight=5 l1=2 noise=0.1 flip=hv``. An
 option left out is None: the consumer fills it from the job, the model preset or the declared default
 (:func:`dclip_ray.config.resolve_finetune_config`). ``→`` is accepted for ``->``.
 
@@ -30,13 +30,14 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
 from dclip_ray.config import FinetuneConfig, check_setting, settings_of
-from dclip_ray.errors import ConfigError, InputFileError
+from dclip_ray.errors import ConfigError, DclipWarning, InputFileError
 
 from .presets import get_edit_preset, is_edit_preset, suggest_edit_presets
 
@@ -49,6 +50,9 @@ _TOKEN_RE = re.compile(r"\S+")
 
 PROMPT_SETTINGS = {s.prompt: s for s in settings_of(FinetuneConfig) if s.prompt}
 """The per-prompt fine-tuning settings by prompt-line key (declared once, in :mod:`dclip_ray.config`)."""
+
+RENAMED_KEYS = {s.renamed_from: key for key, s in PROMPT_SETTINGS.items() if s.renamed_from}
+"""Old prompt-line keys still accepted, with a one-line warning: ``{"clip": "clip_weight"}``."""
 
 
 class _EditSpecBase(BaseModel):
@@ -67,7 +71,7 @@ class _EditSpecBase(BaseModel):
     def resolve(self, **defaults: Any) -> EditSpec:
         """A copy with every None field among ``defaults``' keys set to the default given.
 
-        E.g. ``spec.resolve(t0=model.t0, clip=3.0, l1=0.0, id=0.0)``; set fields are kept.
+        E.g. ``spec.resolve(t0=model.t0, clip_weight=3.0, l1=0.0, id=0.0)``; set fields are kept.
         """
         unknown = set(defaults) - set(type(self).model_fields)
         if unknown:
@@ -84,7 +88,7 @@ EditSpec.__doc__ = """One edit of a prompt file: fine-tune toward ``target`` awa
 
 Besides ``name``, ``source``, ``target``, ``preset`` (the edit preset a bare preset line expanded) and
 ``line`` (1-based, None when built in code), it has one optional field per prompt-line key of
-:data:`PROMPT_SETTINGS` (``t0``, ``clip``, ``l1``, ``views``, ...), None when the line did not set it
+:data:`PROMPT_SETTINGS` (``t0``, ``clip_weight``, ``l1``, ``views``, ...), None when the line did not set it
 (the consumer takes the job's, the model preset's or the declared default, see
 :func:`dclip_ray.config.resolve_finetune_config`)."""
 
@@ -166,6 +170,11 @@ def _parse_options(ln: _Line, tokens: list[tuple[str, int]]) -> tuple[dict[str, 
             raise ln.error(col, f"expected key=value, got {tok!r}", "options go at the end of the line, after the target text")
         key, value = tok.split("=", 1)
         key_l = key.lower()
+        if key_l in RENAMED_KEYS:
+            new = RENAMED_KEYS[key_l]
+            warnings.warn(f"{ln.origin}:{ln.lineno}: the prompt option '{key_l}=' is renamed '{new}=' "
+                          f"(as --{PROMPT_SETTINGS[new].cli}); write {new}={value}", DclipWarning, stacklevel=2)
+            key_l = new  # the column of the value is still counted from the key as written
         if key_l not in OPTIONS:
             raise ln.error(col, f"unknown option {key!r}", f"use one of {allowed}")
         if key_l in values:
