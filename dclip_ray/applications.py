@@ -36,6 +36,7 @@ from dclip_ray.jobs import read_images
 from dclip_ray.mixing import strength_eps_fn
 from dclip_ray.models import eps_fn_of, load_unet
 from dclip_ray.models.base import check_base_model, edit_t0, load_base
+from dclip_ray.models.card import read_card
 from dclip_ray.urls import abs_location
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,14 @@ def _scorer(job: TranslateJob) -> tuple[Any, list[list[str]], list[str]]:
     scoring off with a warning."""
     from dclip_ray.errors import DclipError
     from dclip_ray.models.clip import check_clip, load_clip
-    from dclip_ray.stages.restyle_config import card_clip_of, card_edits
 
     if not job.finetuned:
         if job.min_score is not None:
             raise ConfigError(f"--min-score {job.min_score:g} scores the fine-tuned model's edits: pass --finetuned")
         return None, [], []
-    edits = card_edits(job.finetuned)
-    name, weights = (job.score_clip, job.score_clip_weights) if job.score_clip else card_clip_of(job.finetuned)
+    card = read_card(job.finetuned)
+    edits = card.edits
+    name, weights = (job.score_clip, job.score_clip_weights) if job.score_clip else (card.clip, card.clip_weights)
     problem = ("its dclip.json names no source and target" if not edits else
                "no CLIP is known: pass --score-clip NAME (and --score-clip-weights PATH)" if not name else None)
     if problem is None:
@@ -261,8 +262,9 @@ def run_translate(job: TranslateJob, progress: bool = True) -> dict[str, Any]:
     t0_edit = job.t0_edit
     ft_eps = None
     if job.finetuned:
-        check_base_model(base.sha256, job.model, [job.finetuned])
-        t0_edit = t0_edit or edit_t0(None, [job.finetuned], fallback=job.t0)
+        card = read_card(job.finetuned)
+        check_base_model(base.sha256, job.model, {job.finetuned: card})
+        t0_edit = t0_edit or edit_t0(None, [card], fallback=job.t0)
         ft_eps = strength_eps_fn(eps_fn_of(base.unet), eps_fn_of(load_unet(job.finetuned, base_unet=base.unet)),
                                 job.strength)
     if not 1 <= job.t0 < base.schedule.num_timesteps:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from dclip_ray import __version__, plain
+from dclip_ray import __version__
 from dclip_ray.adapters import ADAPTER_FORMAT, add_lora, save_adapter
 from dclip_ray.callbacks import Callback, CheckpointHook, ProgressBar, StopTraining, TensorBoardLogger, emit
 from dclip_ray.config import FinetuneConfig, Mode
@@ -38,6 +38,7 @@ from dclip_ray.diffusion import Schedule, ddim_step, generation_pairs
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.losses import EditLoss
+from dclip_ray.models.card import CARD_FILE, write_card
 
 __all__ = ["STATE_FILE", "FinetuneConfig", "FinetuneResult", "Mode", "finetune", "loss_history", "save_finetuned"]
 STATE_FILE = "finetune_state.pt"
@@ -338,9 +339,7 @@ def save_finetuned(
         "metrics": metrics or {},
         **(extra or {}),
     }
-    tmp = out / "dclip.json.tmp"
-    tmp.write_text(plain.dumps(card))  # strict JSON: a diverged run's NaN loss is null
-    os.replace(tmp, out / "dclip.json")  # written last: its presence marks the folder complete
+    write_card(str(out), card)  # last: its presence marks the folder complete (strict JSON: a NaN loss is null)
     return out
 
 
@@ -366,12 +365,9 @@ def copy_model(src: str, dst: str, card: dict[str, Any]) -> None:
     dfs.makedirs(dp, exist_ok=True)
     for name in sorted(fs.ls(sp, detail=False)) if src != dst else []:
         leaf = name.rstrip("/").rsplit("/", 1)[-1]
-        if leaf in ("dclip.json", "dclip.json.tmp"):
+        if leaf in (CARD_FILE, f"{CARD_FILE}.tmp"):
             continue
         with fs.open(name, "rb") as fi, dfs.open(f"{dp.rstrip('/')}/{leaf}", "wb") as fo:
             while chunk := fi.read(1 << 24):
                 fo.write(chunk)
-    tmp = f"{dp.rstrip('/')}/dclip.json.tmp"
-    with dfs.open(tmp, "w") as f:
-        f.write(plain.dumps(card))
-    dfs.mv(tmp, f"{dp.rstrip('/')}/dclip.json")
+    write_card(dst, card)

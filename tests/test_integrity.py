@@ -315,6 +315,7 @@ def test_the_lease_of_a_run_whose_driver_is_gone_is_taken_at_once(world, data, t
 def test_restyle_warns_of_a_model_fine_tuned_from_another_base_and_takes_t0_by_the_one_rule(world, data, tmp_path):
     from dclip_ray.errors import DclipWarning
     from dclip_ray.models.base import edit_t0
+    from dclip_ray.models.card import read_card
 
     other = tmp_path / "other"
     shutil.copytree(world["fts"][0], other)
@@ -323,8 +324,8 @@ def test_restyle_warns_of_a_model_fine_tuned_from_another_base_and_takes_t0_by_t
     cfg = build_restyle_config(str(tmp_path / "o"), models=[str(other)], n_inv_steps=N_INV, n_gen_steps=N_GEN)
     with pytest.warns(DclipWarning, match="fine-tuned from another base model"):
         check_restyle(cfg, data)
-    assert cfg.t0 == T0 == edit_t0(None, [str(other)]), "the card's t0"
-    assert edit_t0(300, [str(other)]) == 300 and edit_t0(None, []) == 500
+    assert cfg.t0s() == [T0] == [edit_t0(None, [read_card(str(other))])], "the card's t0"
+    assert edit_t0(300, [read_card(str(other))]) == 300 and edit_t0(None, []) == 500
     toy = cached_base("toy_shapes").preset
     assert toy.t0 and edit_t0(None, [], toy) == toy.t0
 

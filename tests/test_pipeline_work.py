@@ -67,7 +67,7 @@ def test_precompute_shard_reasons_counts_and_skip(world, tmp_path):
 def test_three_models_invert_each_image_once_and_every_key_is_there_once(world, tmp_path):
     out = str(tmp_path / "out")
     cfg = build_restyle_config(out, models=world["fts"], t0=None, n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
-    assert cfg.base == world["base"] and cfg.t0 == T0, "base model and t0 come from the models' cards"
+    assert cfg.base == world["base"] and cfg.t0s() == [T0], "base model and t0 come from the models' cards"
     results = restyle_all(cfg, world["data"])
     n_good = 16 + 2
     assert sum(r["n_ok"] for r in results) == n_good and sum(r["n_error"] for r in results) == 4

@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import torch
 
-from dclip_ray.adapters import ADAPTER_FORMAT, AdapterBank, adapter_sha256
+from dclip_ray.adapters import AdapterBank, adapter_sha256
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.urls import redact
 
-from .base import BaseModel, check_base_model, load_base, read_card
+from .base import BaseModel, check_base_model, load_base
+from .card import ModelCard, read_card
 from .trust import trust_scope
 from .unet import eps_fn_of, load_unet, local_copy
 
@@ -45,42 +46,40 @@ def cached_unet(src: str, device: str = "cpu", trust_checkpoint: bool = False) -
     return _UNETS[src].to(device)
 
 
-def cached_unet_sha256(src: str, device: str = "cpu", trust_checkpoint: bool = False) -> str:
+def cached_unet_sha256(src: str, device: str = "cpu", trust_checkpoint: bool = False,
+                       card: ModelCard | None = None) -> str:
     """sha256 of a fine-tuned UNet's weights (:func:`dclip_ray.hashing.state_dict_sha256`), computed
-    once per process."""
+    once per process; ``card``: the folder's card when the caller has read it."""
     if src not in _SHAS:
-        card = read_card(src)
-        if card.get("format") == ADAPTER_FORMAT:  # named by its base, config and LoRA weights: no merged copy
+        card = card if card is not None else read_card(src)
+        if card.is_adapter:  # named by its base, config and LoRA weights: no merged copy
             with local_copy(src) as local:
-                _SHAS[src] = adapter_sha256(local, card.get("base_model_sha256"))
+                _SHAS[src] = adapter_sha256(local, card.base_model_sha256)
         else:
             _SHAS[src] = state_dict_sha256(cached_unet(src, device, trust_checkpoint))
     return _SHAS[src]
 
 
-def is_adapter_model(src: str) -> bool:
-    """Whether the fine-tuned folder ``src`` (local or fsspec URL) holds a LoRA adapter, by its card (only
-    ``dclip.json`` is read)."""
-    return read_card(src).get("format") == ADAPTER_FORMAT
-
-
 def model_eps_fns(base_src: str, preset: str | None, base: BaseModel, finetuned: list[str], device: str = "cpu",
-                  trust_checkpoint: bool = False) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+                  trust_checkpoint: bool = False, cards: list[ModelCard] | None = None,
+                  ) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """The noise predictions of the base (index 0) and each fine-tuned model (1..M), loaded once per
     process: full fine-tuned UNets each as their own module; LoRA adapter folders all on ONE
     :class:`~dclip_ray.adapters.AdapterBank` over ``base`` (refused when their card names another base).
-    ``base_src``/``preset``: the base's source, the bank's cache key."""
+    ``base_src``/``preset``: the base's source, the bank's cache key; ``cards``: the models' cards when the
+    caller has read them (else each ``dclip.json`` is read here)."""
     fns = [eps_fn_of(base.unet)]
     bank_key = (base_src, preset, device)
-    for src in finetuned:
-        if not is_adapter_model(src):
+    cards = cards if cards is not None else [read_card(src) for src in finetuned]
+    for src, card in zip(finetuned, cards, strict=True):
+        if not card.is_adapter:
             fns.append(eps_fn_of(cached_unet(src, device, trust_checkpoint)))
             continue
         if bank_key not in _BANKS:
             _BANKS[bank_key] = (AdapterBank(base.unet), {})
         bank, index = _BANKS[bank_key]
         if src not in index:
-            check_base_model(base.sha256, redact(base_src), [src])  # an adapter of another base is refused
+            check_base_model(base.sha256, redact(base_src), {src: card})  # an adapter of another base is refused
             with local_copy(src) as local:  # the bank keeps the factors in memory: the copy can go
                 index[src] = bank.add(local)
         fns.append(bank.eps_fn(index[src]))

@@ -12,7 +12,6 @@ skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import posixpath
@@ -28,13 +27,14 @@ import torch
 
 from dclip_ray.callbacks import Callback, load_callbacks, resolve_factory
 from dclip_ray.config import QualityCheck, Resources, TrainingSets, resolve_finetune_config
-from dclip_ray.errors import ConfigError
+from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.finetune import FinetuneConfig, copy_model, finetune, remove_model, save_finetuned
 from dclip_ray.hashing import config_sha256
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.losses import directional_clip_loss
-from dclip_ray.models.base import read_card, resolve_clip
+from dclip_ray.models.base import resolve_clip
 from dclip_ray.models.cache import cached_base
+from dclip_ray.models.card import read_card
 from dclip_ray.models.face import load_face
 from dclip_ray.progress import progress as progress_counter
 from dclip_ray.prompts import EditSpec, get_edit_preset, parse_prompt_file
@@ -227,15 +227,13 @@ def _storage_path(out: str) -> str:
 
 
 def _existing(out_dir: str, config_hash: str) -> dict[str, Any] | None:
-    if is_remote(out_dir):
-        try:
-            with fsspec.open(f"{out_dir.rstrip('/')}/dclip.json", "rb") as f:
-                card = json.loads(f.read())
-        except (FileNotFoundError, OSError, ValueError):
-            return None
-    else:
-        card = read_card(local_path(out_dir))
-    return card if card.get("config_sha256") == config_hash else None
+    """The card of a model already trained into ``out_dir`` with this config (None: train it; a damaged
+    card is trained anew)."""
+    try:
+        card = read_card(out_dir)
+    except InputFileError:
+        return None
+    return card.data if card.data.get("config_sha256") == config_hash else None
 
 
 def run_finetune_many(job: FinetuneManyJob, progress: bool = True) -> dict[str, Any]:

@@ -38,12 +38,13 @@ from dclip_ray.io.sources import duplicate_reason
 from dclip_ray.mixing import MixSpec, load_mix_spec
 from dclip_ray.models.base import BaseModel, check_base_model, edit_t0
 from dclip_ray.models.cache import cached_base
+from dclip_ray.models.card import ModelCard, read_card
 from dclip_ray.progress import progress as progress_counter
 
 from .checks import check_steps
 from .inputs import absolute, decode_shard, input_shards, limit_shards, shard_keys
 from .restyle import RestyleConfig, ShardRestyler, Variant, score_summary
-from .restyle_config import card_clip_of, card_edits, check_scoring, mix_variant
+from .restyle_config import check_scoring, mix_variant
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +147,18 @@ class EditRestyler(ShardRestyler):
         return FolderWriter(v.out, shard, self.folder, self.claims)
 
 
-def _variant(job: EditJob, mix: MixSpec | None, state: str) -> Variant:
+def _variant(job: EditJob, mix: MixSpec | None, state: str, cards: list[ModelCard], t0: int) -> Variant:
     r = job.settings.strength
     if mix is None:
-        return Variant("edit", state, [0, 1], {"type": "constant", "weights": [1.0 - r, r]},
-                       {"model": job.finetuned, "strength": r})
-    return mix_variant(mix, state, r)
+        return Variant("edit", state, [0, 1], {"type": "constant", "weights": [1.0 - r, r]}, t0,
+                       {"model": job.finetuned, "strength": r}, edits=cards[0].edits)
+    return mix_variant(mix, state, r, cards, lambda _: t0)
 
 
-def _t0(job: EditJob, base: BaseModel, folders: list[str]) -> int:
+def _t0(job: EditJob, base: BaseModel, folders: list[str], cards: list[ModelCard]) -> int:
     """The edit's t0 by the one rule (:func:`edit_t0`); warns about a base-model mismatch."""
-    check_base_model(base.sha256, job.model, folders)
-    return edit_t0(job.settings.t0, folders, base.preset)
+    check_base_model(base.sha256, job.model, dict(zip(folders, cards, strict=True)))
+    return edit_t0(job.settings.t0, cards, base.preset)
 
 
 def duplicates(shards: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
@@ -216,22 +217,22 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     base = cached_base(job.model, job.preset)
     mix = load_mix_spec(job.mix) if job.mix else None
     folders = list(mix.models) if mix else [str(job.finetuned)]
-    t0 = _t0(job, base, folders)
+    cards = [read_card(f) for f in folders]  # each read once
+    t0 = _t0(job, base, folders, cards)
     rs = job.settings
     if rs.image_format != "png" or rs.route == "source":
         raise ConfigError("edit writes PNG files of every image it is given; --format and --route are for "
                           "`dclip-ray restyle`")
     check_steps(base.schedule, t0, rs.n_inv_steps, rs.n_gen_steps, rs.batch_size)  # before any work
     state, out = state_dir(job.out), Path(job.out)
-    variant = _variant(job, mix, state)
-    variant.edits = [e for f in folders for e in card_edits(f)]
-    card_clip, card_weights = card_clip_of(folders[0])
-    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[variant], t0=t0,
+    variant = _variant(job, mix, state, cards, t0)
+    card_clip, card_weights = cards[0].clip, cards[0].clip_weights
+    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[variant],
                         n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps, preset=job.preset,
                         resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state,
                         score_clip=job.score_clip or card_clip,
                         score_clip_weights=job.score_clip_weights if job.score_clip else card_weights,
-                        min_score=rs.min_score, face_weights=job.face_weights)
+                        min_score=rs.min_score, face_weights=job.face_weights, cards=cards)
     for w in check_scoring(cfg):
         log.warning("%s", w)
     shards = limit_shards(input_shards(job.images), rs.limit)

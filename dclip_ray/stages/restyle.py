@@ -45,6 +45,7 @@ from dclip_ray.io.sources import STAT_PREFIX, content_fingerprint, duplicate_rea
 from dclip_ray.mixing import GammaSchedule, gamma_from_spec, mixed_eps_fn
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.cache import cached_base, cached_unet_sha256, model_eps_fns
+from dclip_ray.models.card import ModelCard, read_card
 from dclip_ray.scoring import ScoreStats, image_scores, rows_of, stats_of_rows
 from dclip_ray.urls import redact
 
@@ -63,7 +64,7 @@ SHARD_FORMAT = "dclip-ray/restyle-shard/1"
 class Variant:
     """One output of a restyle: a combination of the base (index 0) and fine-tuned models (1..M),
     written under ``out``. ``gamma`` gives the weights over ``models`` (indices) at each step. ``t0``:
-    its return step (None: the config's); ``edits``: ``[source, target]`` of each of its models (from
+    its return step (the only t0 of a restyle); ``edits``: ``[source, target]`` of each of its models (from
     their cards; captions and provenance); ``sources``: what a routed restyle edits with it (empty:
     every image)."""
 
@@ -71,8 +72,8 @@ class Variant:
     out: str
     models: list[int]
     gamma: dict[str, Any]
+    t0: int
     description: dict[str, Any] = field(default_factory=dict)
-    t0: int | None = None
     edits: list[list[str]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
@@ -86,7 +87,6 @@ class RestyleConfig:
     base: str
     finetuned: list[str]
     variants: list[Variant]
-    t0: int
     n_inv_steps: int = 40
     n_gen_steps: int = 40
     preset: str | None = None
@@ -105,15 +105,18 @@ class RestyleConfig:
     score_clip_weights: str | None = None
     min_score: float | None = None  # an edit scored under it is a rejected row (not in the config hash)
     face_weights: str | None = None  # a face identity network: scores gain the identity cosine (faces)
+    cards: list[ModelCard] | None = None  # the fine-tuned models' cards, read once by the driver (None: read on need)
     io_depth: int = 2  # batches decoded ahead and batches waiting to be written (0: in turn; not in the hash)
 
-    def t0_of(self, v: Variant) -> int:
-        """The return step of variant ``v``."""
-        return int(v.t0 if v.t0 is not None else self.t0)
+    def model_cards(self) -> list[ModelCard]:
+        """The card of each fine-tuned model (as read by the driver, else read now)."""
+        if self.cards is None:
+            self.cards = [read_card(f) for f in self.finetuned]
+        return self.cards
 
     def t0s(self) -> list[int]:
         """The distinct return steps of the variants, ascending (one inversion per image each)."""
-        return sorted({self.t0_of(v) for v in self.variants})
+        return sorted({v.t0 for v in self.variants})
 
     def routes(self, v: Variant) -> bool:
         """True when variant ``v`` edits only the images matching its sources."""
@@ -126,7 +129,7 @@ class RestyleConfig:
     def variant_hash(self, v: Variant, model_shas: list[str]) -> str:
         """The config hash recorded in a variant's commit markers (a different hash redoes the shard)."""
         return config_sha256({
-            "models": [model_shas[i] for i in v.models], "gamma": v.gamma, "t0": self.t0_of(v),
+            "models": [model_shas[i] for i in v.models], "gamma": v.gamma, "t0": v.t0,
             "n_inv_steps": self.n_inv_steps, "n_gen_steps": self.n_gen_steps, "policy": self.resize_policy,
             "format": self.image_format, "edits": v.edits,
             "route": [sorted(v.sources), self.clip] if self.routes(v) else "all",
@@ -156,7 +159,8 @@ def model_shas(cfg: RestyleConfig) -> list[str]:
     if cfg.model_sha256s is not None:
         return list(cfg.model_sha256s)
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
-    return [base.sha256] + [cached_unet_sha256(f, cfg.device, cfg.trust_checkpoint) for f in cfg.finetuned]
+    return [base.sha256] + [cached_unet_sha256(f, cfg.device, cfg.trust_checkpoint, card)
+                            for f, card in zip(cfg.finetuned, cfg.model_cards(), strict=True)]
 
 
 def variant_committed(v: Variant, shard: str, config_hash: str, fingerprint: str | None = None) -> bool:
@@ -252,7 +256,8 @@ class ShardRestyler:
         self.cfg = cfg
         known = cfg.model_sha256s[0] if cfg.model_sha256s else None  # the driver hashed the models once
         self.base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint, sha256=known)
-        eps_fns = model_eps_fns(cfg.base, cfg.preset, self.base, cfg.finetuned, cfg.device, cfg.trust_checkpoint)
+        eps_fns = model_eps_fns(cfg.base, cfg.preset, self.base, cfg.finetuned, cfg.device, cfg.trust_checkpoint,
+                                cfg.model_cards())
         self.shas = model_shas(cfg)
         self.hashes = [cfg.variant_hash(v, self.shas) for v in cfg.variants]
         self.stores = {t0: (find_latent_store(cfg.latents, self.shas[0], t0, cfg.n_inv_steps, self.base.resolution,
@@ -450,7 +455,7 @@ class ShardRestyler:
         chosen = self._routing(pending, writers, state)
         x0_all = torch.stack([d.x for d in pending]).to(cfg.device)
         for t0 in cfg.t0s():
-            group = [vi for vi, v in enumerate(cfg.variants) if cfg.t0_of(v) == t0]
+            group = [vi for vi, v in enumerate(cfg.variants) if v.t0 == t0]
             need = sorted({i for vi in group for i in chosen[vi]})
             if not need:
                 continue
@@ -576,7 +581,7 @@ class ShardRestyler:
                     if data is None or _sha256(data) != r.sha256:
                         raise InputFileError(f"{redact(urls['tar'])}: the image of {r.key!r} is missing or differs "
                                              "from its manifest row; delete the shard's _stats.json to redo it")
-                    self._place(v, shard, w, r.key, extras.get(r.key, {}), data, self.cfg.t0_of(v), r.metrics, r.scores)
+                    self._place(v, shard, w, r.key, extras.get(r.key, {}), data, v.t0, r.metrics, r.scores)
                 else:
                     w.rows.append(r)
             kept = {k: old[k] for k in ("source", "config_sha256", "variant", "truncated", "source_fingerprint",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -20,8 +21,9 @@ from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.shards import put_bytes
 from dclip_ray.io.sources import STAT_PREFIX, shard_fingerprint
 from dclip_ray.mixing import mix_from_data, validate_gamma
-from dclip_ray.models.base import check_base_model, edit_t0, read_card
+from dclip_ray.models.base import check_base_model, edit_t0
 from dclip_ray.models.cache import cached_base
+from dclip_ray.models.card import ModelCard, read_card
 from dclip_ray.models.presets import get_preset, list_presets
 from dclip_ray.urls import is_url, redact
 
@@ -37,11 +39,6 @@ from .restyle import (
     shard_committed,
     shard_done,
 )
-
-
-def _card_base(finetuned: str) -> str | None:
-    card = read_card(finetuned)
-    return card.get("base_model")
 
 
 def variant_name(path: str) -> str:
@@ -86,12 +83,17 @@ def build_restyle_config(
     elif given:
         raise TypeError(f"give either settings or its fields, not both ({sorted(given)})")
     rs = settings
-    variants, finetuned = _variants(out, models, mix, rs.strength)
-    base = base or _card_base(finetuned[0])
+    finetuned, spec = _models(models, mix)
+    cards = [read_card(m) for m in finetuned]  # each model's card, read once
+    base = base or cards[0].base_model
     if not base:
         raise ConfigError(f"{finetuned[0]} does not name its base model: pass --base MODEL (the original UNet)")
+
+    def t0_of(indices: list[int]) -> int:  # the one rule, over the variant's fine-tuned models
+        return _t0_of([cards[i - 1] for i in indices if i > 0], rs.t0, base, preset)
+
+    variants = _variants(out, finetuned, spec, rs.strength, cards, t0_of)
     for v in variants:
-        v.t0 = _t0_of([finetuned[i - 1] for i in v.models if i > 0], rs.t0, base, preset)
         check_step_counts(v.t0, rs.n_inv_steps, rs.n_gen_steps)
         validate_gamma(gamma_of(v), len(v.models), [t for t, _ in generation_pairs(v.t0, rs.n_gen_steps)])
         v.out = absolute(v.out) or v.out
@@ -101,59 +103,51 @@ def build_restyle_config(
     if rs.route == "source" and blind:
         raise ConfigError(f"--route source: {', '.join(blind)} has no source (no dclip.json with source and target); "
                           "restyle it with --route all")
-    card_clip, card_weights = card_clip_of(finetuned[0])
-    clip_weights = absolute(clip_weights) if clip_weights else card_weights
-    clip = clip or card_clip
+    clip_weights = absolute(clip_weights) if clip_weights else cards[0].clip_weights
+    clip = clip or cards[0].clip
     score_clip, score_clip_weights = ((score_clip, absolute(score_clip_weights)) if score_clip
                                       else (clip, clip_weights))
     return RestyleConfig(base=absolute(base) or base, finetuned=[absolute(f) or f for f in finetuned],
-                         variants=variants, t0=int(variants[0].t0 or 0), n_inv_steps=rs.n_inv_steps,
+                         variants=variants, n_inv_steps=rs.n_inv_steps,
                          n_gen_steps=rs.n_gen_steps, preset=preset, latents=absolute(latents) if latents else None,
                          resize_policy=rs.resize_policy, image_format=rs.image_format, batch_size=rs.batch_size,
                          trust_checkpoint=trust_checkpoint, root=absolute(out.rstrip("/")) or out, route=route,
                          clip=clip, clip_weights=clip_weights, score_clip=score_clip,
                          score_clip_weights=score_clip_weights, min_score=rs.min_score,
-                         face_weights=absolute(face_weights) if face_weights else None)
+                         face_weights=absolute(face_weights) if face_weights else None, cards=cards)
 
 
-def card_clip_of(folder: str) -> tuple[str | None, str | None]:
-    """``(clip, clip_weights)`` a fine-tuned folder's card names (the CLIP it was trained with; None when
-    not named; a card that wrote a missing weights path as the text "None" reads as None)."""
-    card = read_card(folder)
-    weights = card.get("clip_weights")
-    return card.get("clip") or None, None if weights in (None, "", "None") else str(weights)
-
-
-def card_edits(folder: str) -> list[list[str]]:
-    """``[[source, target]]`` of a fine-tuned folder's card (empty when it has none)."""
-    card = read_card(folder)
-    return [[card["source"], card["target"]]] if card.get("source") and card.get("target") else []
-
-
-def _variants(out: str, models: list[str] | None, mix: dict[str, Any] | None, strength: float,
-              ) -> tuple[list[Variant], list[str]]:
-    """The outputs of a restyle and the fine-tuned models they use (see :func:`build_restyle_config`)."""
-    root = out.rstrip("/")
+def _models(models: list[str] | None, mix: dict[str, Any] | None) -> tuple[list[str], Any]:
+    """The fine-tuned model folders of a restyle and its mix (a :class:`~dclip_ray.mixing.MixSpec`; None
+    without ``mix``)."""
     if mix is not None:
         if models:
             raise ConfigError("give either --model or --mix, not both (the mix file lists its models)")
         spec = mix_from_data(mix, "mix")  # one weight per model, summing to 1 at every step
-        finetuned = list(spec.models)
-        return [mix_variant(spec, f"{root}/mix", strength)], finetuned
+        return list(spec.models), spec
     if not models:
         raise ConfigError("restyle needs --model FT_DIR (repeatable) or --mix MIX.yaml")
-    finetuned = list(models)
-    names = [variant_name(m) for m in finetuned]
+    names = [variant_name(m) for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"fine-tuned model folders must have distinct names, got {names}")
+    return list(models), None
+
+
+def _variants(out: str, finetuned: list[str], spec: Any, strength: float, cards: list[ModelCard],
+              t0_of: Callable[[list[int]], int]) -> list[Variant]:
+    """The outputs of a restyle (see :func:`build_restyle_config`): the mix ``spec``'s one, else one per
+    fine-tuned model; ``t0_of(model indices)`` gives each its return step."""
+    root = out.rstrip("/")
+    if spec is not None:
+        return [mix_variant(spec, f"{root}/mix", strength, cards, t0_of)]
     variants = []
-    for i, (m, name) in enumerate(zip(finetuned, names, strict=True), start=1):
+    for i, (m, card) in enumerate(zip(finetuned, cards, strict=True), start=1):
+        name = variant_name(m)
         gamma = {"type": "constant", "weights": [1.0 - strength, strength]}
-        edits = card_edits(m)
-        variants.append(Variant(name, f"{root}/{name}", [0, i], gamma, {"model": m, "model_name": name,
-                                                                       "strength": strength},
-                                edits=edits, sources=[e[0] for e in edits]))
-    return variants, finetuned
+        variants.append(Variant(name, f"{root}/{name}", [0, i], gamma, t0_of([0, i]),
+                                {"model": m, "model_name": name, "strength": strength},
+                                edits=card.edits, sources=[e[0] for e in card.edits]))
+    return variants
 
 
 def scaled_gamma(gamma: dict[str, Any], r: float) -> dict[str, Any]:
@@ -170,25 +164,27 @@ def scaled_gamma(gamma: dict[str, Any], r: float) -> dict[str, Any]:
             "end": {**gamma["end"], "weights": w(gamma["end"]["weights"])}}
 
 
-def mix_variant(spec: Any, out: str, strength: float = 1.0) -> Variant:
+def mix_variant(spec: Any, out: str, strength: float, cards: list[ModelCard],
+                t0_of: Callable[[list[int]], int]) -> Variant:
     """The one output of a mix (:class:`~dclip_ray.mixing.MixSpec`) at edit ``strength`` r, for restyle and
     edit alike: the models' gamma-weighted mix (eq. 14), and at r < 1 the base weighted ``1 - r`` beside
-    it; its edits are its models' cards' (source, target)."""
-    edits = [e for m in spec.models for e in card_edits(m)]
+    it; its edits are its models' ``cards``' (source, target); ``t0_of(model indices)``: its return step."""
+    edits = [e for c in cards for e in c.edits]
     m = len(spec.models)
     if strength == 1.0:
         indices, gamma, meta = list(range(1, m + 1)), dict(spec.gamma), {"mix": spec.as_dict()}
     else:
         indices, gamma = list(range(m + 1)), scaled_gamma(dict(spec.gamma), strength)
         meta = {"mix": spec.as_dict(), "strength": strength}
-    return Variant("mix", out, indices, gamma, meta, edits=edits, sources=list(dict.fromkeys(e[0] for e in edits)))
+    return Variant("mix", out, indices, gamma, t0_of(indices), meta, edits=edits,
+                   sources=list(dict.fromkeys(e[0] for e in edits)))
 
 
-def _t0_of(finetuned: list[str], t0: int | None, base: str | None, preset: str | None) -> int:
+def _t0_of(cards: list[ModelCard], t0: int | None, base: str | None, preset: str | None) -> int:
     """The one t0 rule (:func:`edit_t0`) for one variant's models: ``t0``, else their cards', else the
     base preset's, else 500."""
     named = next((n for n in (preset, base) if n and n in list_presets()), None)
-    return edit_t0(t0, finetuned, get_preset(named) if named else None)
+    return edit_t0(t0, cards, get_preset(named) if named else None)
 
 
 DECLARATION = "restyle.json"
@@ -237,7 +233,7 @@ def check_restyle(cfg: RestyleConfig, input_url: str) -> list[str]:
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
     for t0 in cfg.t0s():
         check_steps(base.schedule, t0, cfg.n_inv_steps, cfg.n_gen_steps, cfg.batch_size)
-    check_base_model(base.sha256, cfg.base, cfg.finetuned)
+    check_base_model(base.sha256, cfg.base, dict(zip(cfg.finetuned, cfg.model_cards(), strict=True)))
     if cfg.clip and any(cfg.routes(v) for v in cfg.variants):  # the actors load it: check it here, before Ray
         from dclip_ray.models.clip import check_clip
 
@@ -330,7 +326,7 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
     base = cached_base(cfg.base, cfg.preset, cfg.device, cfg.trust_checkpoint)
     stores = {t0: (find_latent_store(cfg.latents, shas[0], t0, cfg.n_inv_steps, base.resolution, cfg.resize_policy)
                    if cfg.latents else None) for t0 in cfg.t0s()}
-    per_gen = sum(gen_evals_per_image(v, cfg.t0_of(v), cfg.n_gen_steps) for v in cfg.variants)
+    per_gen = sum(gen_evals_per_image(v, v.t0, cfg.n_gen_steps) for v in cfg.variants)
     rows, total_imgs, total_evals = [], 0, 0
     for name, path in shards:
         keys, truncated = shard_keys(path)
@@ -346,7 +342,7 @@ def restyle_plan(cfg: RestyleConfig, shards: list[tuple[str, str]], prints: dict
             total_imgs += len(keys)
             total_evals += evals
     return {"shards": rows, "images": total_imgs, "unet_evals": total_evals,
-            "variants": [asdict(v) for v in cfg.variants], "t0": cfg.t0, "t0s": cfg.t0s(), "route": cfg.route,
+            "variants": [asdict(v) for v in cfg.variants], "t0s": cfg.t0s(), "route": cfg.route,
             "n_inv_steps": cfg.n_inv_steps, "n_gen_steps": cfg.n_gen_steps}
 
 
