@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode
 
 from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.models import IMAGENET_TEMPLATES, ClipEnsemble, load_clip, preprocess_for_clip
+from dclip_ray.models import clip as clip_module
 from dclip_ray.models.clip import OPENAI_MEAN, OPENAI_STD
 
 TINY = {
@@ -112,7 +113,7 @@ def test_text_direction_official_form_unit_norm_and_cached(clip, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_quick_gelu_trap(tiny_weights, tmp_path):
+def test_quick_gelu_trap(tiny_weights, tmp_path, monkeypatch):
     from open_clip.transformer import QuickGELU
 
     path, original = tiny_weights
@@ -135,11 +136,14 @@ def test_quick_gelu_trap(tiny_weights, tmp_path):
     with torch.no_grad():
         assert torch.allclose(m.model.visual.conv1.weight, original.visual.conv1.weight)
     assert m.encode_image(x).shape == (1, 32)
-    # the OpenAI presets name the -quickgelu architectures
-    big = load_clip("clip_vit_b32", random_init=True)
+    # the OpenAI presets name the -quickgelu architectures (the architecture only: its weights are not read)
+    monkeypatch.setattr(clip_module, "_load_weights", lambda *args: None)
+    stand_in = tmp_path / "ViT-B-32.safetensors"
+    stand_in.write_bytes(b"")
+    big = load_clip("clip_vit_b32", str(stand_in))
     assert big.quick_gelu and big.image_size == 224
     assert big.mean == pytest.approx(OPENAI_MEAN) and big.std == pytest.approx(OPENAI_STD)
-    assert load_clip("ViT-B/32", random_init=True).quick_gelu  # OpenAI's own model name
+    assert load_clip("ViT-B/32", str(stand_in)).quick_gelu  # OpenAI's own model name
 
 
 def _scripted_clip(model):

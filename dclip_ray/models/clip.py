@@ -214,8 +214,7 @@ class _ClipSpec:
 
 
 def _resolve_clip_spec(
-    name_or_preset: str, weights: str | None, model_config_dir: str | None, random_init: bool
-) -> _ClipSpec:
+    name_or_preset: str, weights: str | None, model_config_dir: str | None) -> _ClipSpec:
     """Resolve a CLIP preset (its architecture, default weights, templates) or a plain open_clip /
     OpenAI model name; raise when a preset is not a CLIP one or its weights are missing."""
     model_name, config_dir, preset_qg, preset_name, templates = name_or_preset, model_config_dir, None, None, None
@@ -234,7 +233,7 @@ def _resolve_clip_spec(
             weights = p.weights_path()
             if not os.path.exists(weights):
                 raise InputFileError(f"preset {p.name}: its weights {weights} are not there yet; build them ({p.source.text})")
-        if weights is None and not random_init:
+        if weights is None:
             raise ConfigError(f"CLIP preset {p.name} needs a weights file: pass --clip-weights PATH ({p.source.text})")
     model_name = _OPENAI_NAMES.get(model_name, model_name)
     return _ClipSpec(model_name, weights, config_dir, preset_qg, preset_name, templates, vocabulary)
@@ -254,10 +253,10 @@ def _check_model_name(model_name: str, config_dir: str | None) -> None:
         raise ConfigError(f"unknown CLIP model {model_name!r}: give a CLIP preset ({', '.join(list_presets('clip'))}) or an open_clip model name")
 
 
-def _check_weights(model_name: str, weights: str | None, random_init: bool, trust_checkpoint: bool) -> bool:
-    """Raise unless ``weights`` is an existing file (or None with ``random_init``) and, when it is a
-    TorchScript archive, trusted; returns whether it is a TorchScript archive."""
-    if weights is None and not random_init:
+def _check_weights(model_name: str, weights: str | None, trust_checkpoint: bool) -> bool:
+    """Raise unless ``weights`` is an existing file and, when it is a TorchScript archive, trusted;
+    returns whether it is a TorchScript archive."""
+    if weights is None:
         raise ConfigError(f"CLIP model {model_name} needs a weights file: pass --clip-weights PATH (nothing is downloaded)")
     if weights is not None and not os.path.isfile(weights):
         raise InputFileError(f"CLIP weights {weights}: no such file; give a local .pt/.bin/.safetensors file")
@@ -273,8 +272,8 @@ def _check_weights(model_name: str, weights: str | None, random_init: bool, trus
 def check_clip(name_or_preset: str, weights: str | None = None, trust_checkpoint: bool = False) -> None:
     """Raise (one line) unless :func:`load_clip` would find this CLIP and its weights file; loads nothing
     (what a command checks before Ray starts, for a CLIP that only its workers load)."""
-    spec = _resolve_clip_spec(name_or_preset, weights, None, False)
-    _check_weights(spec.model_name, spec.weights, False, trust_checkpoint)
+    spec = _resolve_clip_spec(name_or_preset, weights, None)
+    _check_weights(spec.model_name, spec.weights, trust_checkpoint)
 
 
 def _use_quick_gelu(quick_gelu: bool | None, spec: _ClipSpec, is_jit: bool) -> bool:
@@ -293,7 +292,6 @@ def load_clip(
     *,
     quick_gelu: bool | None = None,
     model_config_dir: str | None = None,
-    random_init: bool = False,
     device: str | torch.device = "cpu",
     trust_checkpoint: bool = False,
 ) -> ClipModel:
@@ -304,21 +302,20 @@ def load_clip(
     QuickGELU is forced for presets that say so, for ``*-quickgelu`` names, OpenAI's names
     (``ViT-B/16``), TorchScript (OpenAI) archives and weights paths containing "openai";
     ``quick_gelu`` overrides. ``model_config_dir`` registers custom open_clip
-    architecture JSON files first. ``random_init`` allows no weights (tests only). State dicts load
+    architecture JSON files first. State dicts load
     with ``weights_only=True``; a TorchScript archive (it holds code) loads only with
     ``trust_checkpoint`` (or the CLI's ``--trust-checkpoint``).
     """
     import open_clip
 
-    spec = _resolve_clip_spec(name_or_preset, weights, model_config_dir, random_init)
+    spec = _resolve_clip_spec(name_or_preset, weights, model_config_dir)
     model_name, weights = spec.model_name, spec.weights
     _check_model_name(model_name, spec.config_dir)
-    is_jit = _check_weights(model_name, weights, random_init, trust_checkpoint)
+    is_jit = _check_weights(model_name, weights, trust_checkpoint)
     quick_gelu = _use_quick_gelu(quick_gelu, spec, is_jit)
     with _quiet_no_pretrained():  # our weights load right below: open_clip's 'randomly initialised' is not news
         model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
-    if weights is not None:
-        _load_weights(model, weights, is_jit)
+    _load_weights(model, weights, is_jit)
     model = model.float().to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
     log.debug("loaded CLIP %s (preset %s, weights %s, quick_gelu %s)", model_name, spec.preset_name, weights, quick_gelu)
