@@ -2,7 +2,7 @@
 reporting, early stops, all outside the loop's math.
 
 A callback subclasses :class:`Callback` and overrides the hooks it needs; the loop calls them in list
-order with the live :class:`~dclip_ray.finetune.TrainState` (read it; change it only knowingly):
+order with the live :class:`~dclip_ray.train_state.TrainState` (read it; change it only knowingly):
 
 - ``on_train_begin(state)``: once, after a checkpoint (if any) is loaded;
 - ``on_step_end(state, metrics)``: after every optimiser step, ``metrics`` being the step's history row
@@ -26,13 +26,11 @@ import importlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dclip_ray.errors import ConfigError
 from dclip_ray.progress import progress as progress_counter
-
-if TYPE_CHECKING:
-    from dclip_ray.finetune import TrainState
+from dclip_ray.train_state import TrainState
 
 
 class StopTraining(Exception):  # noqa: N818  (a signal, not an error)

@@ -39,6 +39,7 @@ from dclip_ray.errors import ConfigError, InputFileError
 from dclip_ray.hashing import state_dict_sha256
 from dclip_ray.losses import EditLoss
 from dclip_ray.models.card import CARD_FILE, write_card
+from dclip_ray.train_state import TrainState
 
 __all__ = ["STATE_FILE", "FinetuneConfig", "FinetuneResult", "Mode", "finetune", "loss_history", "save_finetuned"]
 STATE_FILE = "finetune_state.pt"
@@ -67,29 +68,6 @@ def _eps_of(unet: torch.nn.Module, checkpointed: bool) -> Callable[[torch.Tensor
     if not checkpointed:
         return eps_fn
     return lambda x, t: torch.utils.checkpoint.checkpoint(eps_fn, x, t, use_reentrant=False)
-
-
-@dataclass
-class TrainState:
-    """Everything a run needs to continue bit for bit: the model under training, its Adam optimiser and
-    lr schedule, the random generator (epoch orders, CLIP-view augmentations) and the position:
-    ``epoch`` (0-based), ``batch_idx`` within it, ``step`` (optimiser steps so far), ``perm`` (the
-    epoch's image order; None until drawn) and ``history`` (one row per optimiser step)."""
-
-    unet: torch.nn.Module
-    optimiser: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator
-    epoch: int = 0
-    batch_idx: int = 0
-    step: int = 0
-    perm: list[int] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    @property
-    def lr(self) -> float:
-        """The current learning rate."""
-        return float(self.optimiser.param_groups[0]["lr"])
 
 
 def init_state(base_unet: torch.nn.Module, config: FinetuneConfig) -> TrainState:

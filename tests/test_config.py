@@ -25,7 +25,8 @@ from dclip_ray.errors import ConfigError
 from dclip_ray.models import get_preset
 from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
 from dclip_ray.prompts import parse_prompt_text
-from dclip_ray.workflow.spec import FinetuneSpec, parse_spec
+from dclip_ray.workflow import parse_spec
+from dclip_ray.workflow.spec import FinetuneSpec
 
 ALL = [(cls, s) for cls in CONFIGS for s in settings_of(cls)]
 IDS = [f"{cls.__name__}.{s.name}" for cls, s in ALL]

@@ -67,3 +67,47 @@ def test_whether_a_location_is_a_url_or_remote_is_decided_in_one_place():
     assert local_path("file:///a/b") == "/a/b" and local_path("s3://b/k") == "s3://b/k"
     assert abs_location("s3://b/k") == "s3://b/k" and abs_location("a").startswith("/")
     assert is_local_fs(fsspec.filesystem("file")) and not is_local_fs(fsspec.filesystem("memory"))
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """``{module: the package modules it imports at module level}`` (``if TYPE_CHECKING:`` blocks included;
+    imports inside functions are not: they are how a heavy dependency is deferred)."""
+    import ast
+
+    mods = all_modules()
+    graph = {}
+    for name, path in mods.items():
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        todo = list(ast.parse(path.read_text()).body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, ast.If):
+                todo.extend(node.body)
+            elif isinstance(node, ast.ImportFrom):
+                parts = pkg.split(".")[: len(pkg.split(".")) - max(0, node.level - 1)] if node.level else []
+                target = ".".join(parts + ([node.module] if node.module else []))
+                deps.update(f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    """Issue 29 item 5: three import circles (callbacks <-> finetune through TrainState, the toy CLIP's data and
+    training modules, the workflow spec and its loader) are gone; none comes back."""
+    graph = _module_imports()
+    assert "dclip_ray.train_state" in graph["dclip_ray.finetune"], "the graph sees relative imports"
+    cycles = []
+    for start in graph:
+        seen, todo = {start}, [(start, [start])]
+        while todo:
+            node, path = todo.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    cycles.append(path)
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    todo.append((nxt, [*path, nxt]))
+    assert not cycles, f"import circles: {sorted({' -> '.join(c) for c in cycles})}"

@@ -91,7 +91,7 @@ BAD = [
     (dict(restyle={"strength": 1.5}), "restyle.strength: must be <= 1 (got 1.5)"),
     (dict(latents={"t0": 1000}), "latents.t0: must be <= 999 (got 1000)"),
     (dict(latents={"dtype": "bf16"}), "latents.dtype: must be one of 'float32' or 'float16' (got 'bf16')"),
-    (dict(restyle={"format": "gif"}), "restyle.format: must be one of 'png' or 'jpg'"),
+    (dict(restyle={"format": "gif"}), "restyle.format: must be one of 'png', 'jpg' or 'webp'"),
     (dict(finetune__lr="fast"), "finetune.lr: must be a number (got 'fast')"),
     (dict(outputs=...), "outputs: required field is missing"),
     (dict(input={"url": "d", "toyworld": {"n": 4}}), "input: give exactly one of input.url"),

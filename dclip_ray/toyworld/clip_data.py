@@ -13,7 +13,7 @@ Every name here is re-exported by :mod:`dclip_ray.toyworld.train_clip`, the publ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,9 +21,6 @@ import torch.nn.functional as F
 
 from .judge import classify_shape, judge
 from .render import BACKGROUND, COLOURS, SHAPES, SIZE, coverage, sample_params
-
-if TYPE_CHECKING:
-    from .train_clip import CLIPTrainConfig
 
 TEMPLATES: tuple[str, ...] = (
     "a {}",
@@ -137,6 +134,25 @@ def render_blob(colour: str, rng: np.random.Generator, cov: np.ndarray | None = 
     cov = blob_coverage(rng) if cov is None else cov
     fg = np.asarray(COLOURS[colour], np.float32)
     return np.rint(cov[..., None] * fg + (1 - cov[..., None]) * _background(rng)).clip(0, 255).astype(np.uint8)
+
+
+@dataclass
+class CLIPTrainConfig:
+    """Hyper-parameters of :func:`train_clip` (recorded in the model card)."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    two_colour_fraction: float = 0.2
+    blob_fraction: float = 0.2
+    max_noise: float = 0.12
+    blob_pool_size: int = 1500
+    position_weight: float = 0.0
+    init: str | None = None
+    seed: int = 0
+    threads: int = 2
 
 
 def training_batch(

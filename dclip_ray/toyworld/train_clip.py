@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from .clip_data import (
     CLIP_STD,
     POSITIONS,
     TEMPLATES,
+    CLIPTrainConfig,
     all_phrases,
     augment,
     blob_coverage,
@@ -94,25 +95,6 @@ __all__ = [
 ]
 
 _LOG_EVERY = 50  # steps between two entries of the training log (mean loss, train accuracy over them)
-
-
-@dataclass
-class CLIPTrainConfig:
-    """Hyper-parameters of :func:`train_clip` (recorded in the model card)."""
-
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    two_colour_fraction: float = 0.2
-    blob_fraction: float = 0.2
-    max_noise: float = 0.12
-    blob_pool_size: int = 1500
-    position_weight: float = 0.0
-    init: str | None = None
-    seed: int = 0
-    threads: int = 2
 
 
 def create_toy_clip(pretrained: str | Path | None = None) -> tuple[torch.nn.Module, Callable]:

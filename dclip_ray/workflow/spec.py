@@ -1,7 +1,7 @@
 """The workflow spec (`workflows/*.yaml`): one file naming the input, base model, prompts, latent
 store, fine-tuning and restyle settings and the outputs of a whole pipeline run.
 
-`load_spec(path)` reads and validates it; a bad spec raises :class:`ConfigError` with ONE line naming
+`load_spec(path)` (:mod:`.load`) reads and validates it; a bad spec raises :class:`ConfigError` with ONE line naming
 the field by its dotted path and the fix, e.g.
 ``workflow spec x.yaml: finetune.epochs: must be >= 1 (got 0)``. Unknown fields are refused by name.
 Relative paths in a spec resolve against the spec file's folder (so a spec runs the same from any
@@ -43,7 +43,7 @@ from dclip_ray.config import (
 
 __all__ = [
     "FinetuneSpec", "InputSpec", "LatentsSpec", "MixSpec", "OutputsSpec", "PromptsSpec", "RaySpec", "RestyleSpec",
-    "ToyworldInput", "WorkflowSpec", "apply_overrides", "load_spec", "parse_spec",
+    "ToyworldInput", "WorkflowSpec",
 ]
 
 
@@ -318,5 +318,3 @@ class WorkflowSpec(_Strict):
         """The input shards (``outputs.root/input`` for a toy-world input)."""
         return self.input.url or self._under_root("input")
 
-
-from .load import apply_overrides, load_spec, parse_spec  # noqa: E402  (re-exported; load imports the models above)
