@@ -321,6 +321,9 @@ class TrainingSets:
                           choices=("source", "first"))
     allow_fewer: bool = setting(False, "Train a prompt on fewer matching images than n_train (a warning) instead "
                                 "of failing (at least one is always needed).", cli="allow-fewer")
+    resize_policy: str = shared("resize_policy", help="How a training image of another size becomes the model's: "
+                                "center-crop, resize or pad (a latent store is used only when precomputed with "
+                                "the same policy).")
 
     def __post_init__(self) -> None:
         validate_settings(self)

@@ -77,8 +77,7 @@ class FinetuneManyJob:
     clip_weights: str | None = None
     face_weights: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-    resize_policy: str = "center-crop"
-    training_sets: TrainingSets = field(default_factory=TrainingSets)  # how each prompt's images are chosen
+    training_sets: TrainingSets = field(default_factory=TrainingSets)  # how each prompt's images are chosen and fitted
     check: QualityCheck = field(default_factory=QualityCheck)  # the held-aside check before a prompt is done
     resources: Resources = field(default_factory=Resources)  # cpus/gpus_per_prompt, max_failures, max_concurrent
     address: str | None = None
@@ -306,7 +305,7 @@ def _prompt_config(spec: EditSpec, job: FinetuneManyJob, base: Any) -> FinetuneC
 
 def _store(job: FinetuneManyJob, base: Any, fcfg: FinetuneConfig) -> Any:
     return find_latent_store(job.latents or "", base.sha256, fcfg.t0, fcfg.n_inv_steps, base.resolution,
-                             job.resize_policy) if job.latents else None
+                             job.training_sets.resize_policy) if job.latents else None
 
 
 def _dataset_shards(job: FinetuneManyJob, base: Any, fcfgs: list[FinetuneConfig]) -> list[str]:
@@ -346,7 +345,7 @@ def choose_training_sets(specs: list[EditSpec], fcfgs: dict[str, FinetuneConfig]
     shards = _dataset_shards(job, base, [fcfgs[s.name] for s in todo])
     n_check = job.check.check_images  # matching images beyond n_train are held aside for the check
     sets = select_training_sets([(s.name, fcfgs[s.name].source, fcfgs[s.name].n_train + n_check) for s in todo],
-                                shards, base.resolution, job.resize_policy, matcher)
+                                shards, base.resolution, job.training_sets.resize_policy, matcher)
     for s in todo:
         ts, n_train = sets[s.name], fcfgs[s.name].n_train
         if len(ts.keys) < n_train:
@@ -373,7 +372,7 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: Finetune
     images = chosen["images"] or job.images
     all_keys = chosen["keys"]
     train_keys = all_keys[:fcfg.n_train] if all_keys is not None else None
-    ident = {"base": base.sha256, "images": images, "latents": job.latents, "policy": job.resize_policy,
+    ident = {"base": base.sha256, "images": images, "latents": job.latents, "policy": job.training_sets.resize_policy,
              "keys": train_keys}
     h = config_sha256({"finetune": asdict(fcfg), **ident})
     row = {"name": spec.name, "source": fcfg.source, "target": fcfg.target, "status": "pending",
@@ -398,7 +397,7 @@ def _plan_prompt(spec: EditSpec, job: FinetuneManyJob, base: Any, fcfg: Finetune
             continue
         loops.append({"name": spec.name, "model": job.model, "preset": job.preset, "clip": job.clip,
                       "clip_weights": job.clip_weights, "face_weights": job.face_weights, "finetune": asdict(rcfg),
-                      "images": images, "latents": job.latents, "policy": job.resize_policy, "keys": all_keys,
+                      "images": images, "latents": job.latents, "policy": job.training_sets.resize_policy, "keys": all_keys,
                       "check_images": job.check.check_images, "out_dir": stage, "config_sha256": rh,
                       "cpus": job.resources.cpus_per_prompt, "gpus": job.resources.gpus_per_prompt,
                       "callbacks": list(job.callbacks), "training_set": row["training_set"],

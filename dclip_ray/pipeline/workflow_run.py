@@ -192,7 +192,6 @@ def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[st
                           out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
                           clip=ft.clip, clip_weights=ft.clip_weights, face_weights=ft.face_weights,
                           settings=settings, training_sets=spec.training_sets(), check=spec.quality_check(),
-                          resize_policy=spec.input.resize_policy,
                           resources=spec.resources(), address=r.address, num_cpus=r.num_cpus, verbose=verbose)
     s = run_finetune_many(job, progress=progress)
     low = sum(p["status"] == "failed (quality)" for p in s["prompts"])

@@ -278,7 +278,8 @@ class WorkflowSpec(_Strict):
         return RestyleSettings(**self._all(RestyleSettings))
 
     def training_sets(self) -> TrainingSets:
-        """How each prompt's training images are chosen (``finetune.select``, ``finetune.allow_fewer``)."""
+        """How each prompt's training images are chosen and fitted (``finetune.select``, ``finetune.allow_fewer``,
+        ``input.resize_policy``)."""
         return TrainingSets(**self._all(TrainingSets))
 
     def quality_check(self) -> QualityCheck:
