@@ -135,6 +135,7 @@ def test_restyle_and_edit_build_the_same_mix_at_a_strength(tmp_path, gamma):
 
     from dclip_ray.config import RestyleSettings
     from dclip_ray.mixing import mix_from_data
+    from dclip_ray.models.card import read_card
     from dclip_ray.stages.edit import EditJob, _variant
     from dclip_ray.stages.restyle_config import build_restyle_config
 
@@ -145,8 +146,9 @@ def test_restyle_and_edit_build_the_same_mix_at_a_strength(tmp_path, gamma):
     for r in (0.5, 1.0):
         cfg = build_restyle_config(str(tmp_path / "out"), base=base, mix=mix, settings=RestyleSettings(strength=r))
         edit = _variant(EditJob(model=base, finetuned=None, images="x", out="y", settings=RestyleSettings(strength=r)),
-                        mix_from_data(mix, "mix"), "state")
+                        mix_from_data(mix, "mix"), "state", [read_card(m) for m in models], 300)
         (v,) = cfg.variants
-        assert (v.models, v.gamma, v.description) == (edit.models, edit.gamma, edit.description)
+        assert (v.models, v.gamma, v.description, v.edits) == (edit.models, edit.gamma, edit.description, edit.edits)
+        assert v.t0 == edit.t0 == 300, "the t0 the models' cards agree on: the variant's own, the only one"
         assert v.models == ([0, 1, 2] if r < 1 else [1, 2])
     assert gamma["type"] != "constant" or v.gamma == gamma
