@@ -16,7 +16,7 @@ from dclip_ray.evaluation import EvalJob, evaluate
 from dclip_ray.evaluation.report import write_report
 from dclip_ray.models import trust_scope
 
-from .common import QUIET_HELP, app, progress_wanted
+from .common import QUIET_HELP, TRUST_HELP, app, progress_wanted
 from .edit import _emit
 from .terminal import to_stderr, to_stdout
 
@@ -38,8 +38,6 @@ def _translate(kind: str, model: str, images: str, out: str, finetuned: str | No
 
 
 _MODEL = "The ORIGINAL base UNet: preset name (toy_shapes), diffusers folder, .ckpt/.pt or URL."
-_TRUST = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted "
-          "files only.")
 _SCORE_CLIP = ("CLIP that scores every final edit (step 1 -> final, the fine-tuned model's source -> target) into "
                "OUT/scores.parquet (default: the CLIP the model was fine-tuned with, from its dclip.json).")
 _MIN_SCORE = ("With --finetuned: an edit scored under this goes to OUT/rejected/{key}.png, never OUT (a "
@@ -74,7 +72,7 @@ def translate(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
     score_clip: str = typer.Option(None, help=_SCORE_CLIP),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     min_score: float = typer.Option(None, help=_MIN_SCORE),
@@ -113,7 +111,7 @@ def from_strokes(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
     score_clip: str = typer.Option(None, help=_SCORE_CLIP),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     min_score: float = typer.Option(None, help=_MIN_SCORE),
@@ -171,7 +169,7 @@ def eval_(
     out: str = typer.Option(None, help="Write the metrics: FILE.json, or FILE.parquet (per image + FILE.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
     verbose: bool = typer.Option(False, help="Show warnings."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=_TRUST),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ) -> None:
     """Metrics of an edit: PSNR/SSIM, S_dir, CLIP score, identity, toy judge, FID/KID; per image and summarised."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)

@@ -81,6 +81,9 @@ or, instead of the constant gamma, weights that change over the steps t (1000 = 
 
 QUIET_HELP = ("No progress output (a bar on a terminal; off a terminal, one plain line on stderr every 30 s at most "
               "and at least every minute; none with --json).")
+TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
+              "trusted files only.")
+"""The help of ``--trust-checkpoint``, one text for every command that loads a model."""
 
 
 def progress_wanted(as_json: bool, quiet: bool) -> bool:

@@ -14,7 +14,7 @@ from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent
 from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
-from .common import QUIET_HELP, app, mix_example, progress_wanted
+from .common import QUIET_HELP, TRUST_HELP, app, mix_example, progress_wanted
 from .pipeline import FACE_SCORE_HELP, SCORE_CLIP_HELP, print_scores
 from .settings import config_options, finetune_options
 from .terminal import to_stderr, to_stdout
@@ -115,7 +115,7 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
     search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune (each at every --restarts seed), ranked by the judge-free score of each model's edits of the --check-images held-aside images; the best is kept (every trial recorded in the model card). Short for --search-trials 8."),
     score_clip: str = typer.Option(None, help="--search / --restarts: a CLIP the loss does not use, for comparing the fine-tunings (default: the loss's)."),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
@@ -164,7 +164,7 @@ def edit(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
     score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
     score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     face_weights: str = typer.Option(None, help=FACE_SCORE_HELP),
@@ -204,7 +204,7 @@ def latent_optim(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
     verbose: bool = typer.Option(False, help="Show warnings and library logs."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): trusted files only."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ) -> None:
     """The paper's baseline (Figure 9): optimise each image's latent x_t0 with the CLIP loss, model frozen."""
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)

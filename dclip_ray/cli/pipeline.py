@@ -17,12 +17,10 @@ from dclip_ray import plain
 from dclip_ray.config import PrecomputeConfig, QualityCheck, Resources, RestyleSettings, TrainingSets
 from dclip_ray.models.trust import trust_scope
 
-from .common import QUIET_HELP, app, mix_example, progress_wanted
+from .common import QUIET_HELP, TRUST_HELP, app, mix_example, progress_wanted
 from .settings import config_options, finetune_options
 from .terminal import to_stderr, to_stdout
 
-TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
-              "trusted files only.")
 ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
 FACE_SCORE_HELP = ("Local InceptionResnetV1 weights (facenet-pytorch, VGGFace2): each edit's scores gain the "
                    "identity cosine of the face before and after (faces).")
