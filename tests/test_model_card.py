@@ -39,6 +39,22 @@ def test_a_damaged_card_is_one_line_naming_the_file(tmp_path, text, what):
     assert str(tmp_path / "dclip.json") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_card_that_is_there_but_cannot_be_read_is_an_error_never_no_card(tmp_path, monkeypatch):
+    """A failing read (permissions, an object store's error) once read as "no card" for URLs: edits then went
+    unscored and the base unnamed without saying why. Only a missing card is an empty one."""
+    real_open = fsspec.open
+
+    def failing(url, *args, **kwargs):
+        if url.endswith("dclip.json"):
+            raise PermissionError(13, "Access Denied")
+        return real_open(url, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec, "open", failing)
+    for where in (str(tmp_path), "memory://cards/m", "s3://bucket/m"):
+        with pytest.raises(InputFileError, match="cannot be read .*Access Denied"):
+            read_card(where)
+
+
 def test_a_restyle_reads_each_models_card_once_before_its_workers_start(tmp_path, monkeypatch):
     """Before: each model's card was read 6 times by the driver (base, edits, t0, CLIP, base check, sha256)
     and again in every worker; now once, and the workers get the cards with the config."""

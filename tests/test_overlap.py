@@ -11,6 +11,7 @@ import pytest
 from pipeline_fixtures import make_inputs, tiny_models
 
 from dclip_ray.io.manifest import read_manifest
+from dclip_ray.stages import restyle as restyle_module
 from dclip_ray.stages.inputs import input_shards
 from dclip_ray.stages.overlap import Lane, prefetched
 from dclip_ray.stages.restyle import ShardRestyler
@@ -96,7 +97,19 @@ def _tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and "lease" not in p.name}
 
 
-def test_an_overlapped_restyle_writes_the_same_bytes_as_one_step_after_another(tmp_path):
+def recording(fn, threads: set):
+    """``fn`` noting the name of each thread that runs it (for a generator: that draws its items)."""
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if hasattr(out, "__next__"):
+            return (threads.add(threading.current_thread().name) or item for item in out)
+        threads.add(threading.current_thread().name)
+        return out
+
+    return wrapped
+
+
+def test_an_overlapped_restyle_writes_the_same_bytes_as_one_step_after_another(tmp_path, monkeypatch):
     """Bad images, scored edits rejected under --min-score and kept ones, several batches per shard:
     every output file of the overlapped actor equals the sequential one's, byte for byte."""
     models = tiny_models(tmp_path / "m", T0)
@@ -116,10 +129,17 @@ def test_an_overlapped_restyle_writes_the_same_bytes_as_one_step_after_another(t
             continue
         cfg.io_depth = depth
         r = ShardRestyler(cfg)
+        decoded_in, stored_in = set(), set()
+        monkeypatch.setattr(restyle_module, "decode_shard", recording(restyle_module.decode_shard, decoded_in))
+        r._store = recording(r._store, stored_in)
         seen = []
         r.on_batch = seen.append
         results = [r.run(n, p) for n, p in input_shards(data)]
         assert sum(seen) == sum(x.n_ok + x.n_rejected for x in results)
+        if depth:  # the threads did all the reading and writing
+            assert decoded_in == {"dclip-prefetch"} and {n.split("-")[0] for n in stored_in} == {"write"}
+        else:
+            assert decoded_in == stored_in == {"MainThread"}
         outs[depth] = (results, _tree(Path(out)))
     (serial, a), (overlapped, b) = outs[0], outs[2]
     assert a == b and len(a) >= 9

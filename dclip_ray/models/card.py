@@ -14,7 +14,7 @@ from typing import Any
 
 from dclip_ray.adapters import ADAPTER_FORMAT
 from dclip_ray.errors import InputFileError
-from dclip_ray.urls import is_remote, redact
+from dclip_ray.urls import redact
 
 CARD_FILE = "dclip.json"
 
@@ -97,8 +97,8 @@ def check_card(card: Any, where: str) -> None:
 
 def read_card(folder: str) -> ModelCard:
     """The card of the fine-tuned model folder ``folder`` (local path, ``file://`` or fsspec URL); an empty
-    card when it has none. :class:`InputFileError` when the card is not valid JSON or has a field of the
-    wrong type."""
+    card when it has none. :class:`InputFileError` when the card is there but cannot be read (permissions, a
+    failing object store: never taken for "no card"), is not valid JSON or has a field of the wrong type."""
     import json
 
     import fsspec
@@ -111,9 +111,7 @@ def read_card(folder: str) -> ModelCard:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return ModelCard(where)
     except OSError as e:
-        if not is_remote(folder):
-            raise InputFileError(f"{where}: cannot be read ({e}); check the model folder") from None
-        return ModelCard(where)  # an object store that cannot find it
+        raise InputFileError(f"{where}: cannot be read ({e}); check the model folder and its access") from None
     try:
         data = json.loads(text)
     except ValueError as e:

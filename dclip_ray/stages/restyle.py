@@ -499,10 +499,10 @@ class ShardRestyler:
         writer.write(key, members, ManifestRow(key, shard, "ok", sha256=_sha256(data), metrics=metrics, scores=scores))
 
     def _write(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, x0: torch.Tensor,
-               writer: ShardWriter, cached: bool, t0: int, lane: Lane | None = None) -> None:
+               writer: ShardWriter, cached: bool, t0: int, lane: Lane) -> None:
         """Score (when the variant is scored) and write one variant's generated batch ``x`` [B,3,H,W]
         (inputs ``x0`` [B,3,H,W]); a defective output becomes an error row. The tensor work runs here;
-        encoding, hashing and writing run in ``lane`` (in order; None: here)."""
+        encoding, hashing and writing run in ``lane`` (in order)."""
         cfg = self.cfg
         latent = "cache" if cached else "inverted"
         defects = [output_defect(x[i]) for i in range(len(items))]
@@ -517,7 +517,7 @@ class ShardRestyler:
             change = float((x[i].float().clamp(-1, 1) - x0[i].float()).abs().mean())
             metrics.append({"latent": latent, **({"mean_abs_change": round(change, 6)} if math.isfinite(change) else {})})
         x = x.detach().cpu()  # the lane encodes from host memory (a no-op on the CPU)
-        (lane or Lane(0)).submit(self._store, v, shard, items, x, writer, t0, defects, metrics, scores)
+        lane.submit(self._store, v, shard, items, x, writer, t0, defects, metrics, scores)
 
     def _store(self, v: Variant, shard: str, items: list[Decoded], x: torch.Tensor, writer: ShardWriter, t0: int,
                defects: list[str | None], metrics: list[dict[str, Any]], scores: dict[int, dict[str, float]]) -> None:
