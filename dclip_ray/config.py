@@ -111,6 +111,10 @@ class FinetuneConfig:
         "absolute", "What the edge loss compares: 'absolute' edge magnitudes, or 'contrast': each edge map scaled "
         "to the input's mean edge strength first, so a recolour in place costs nothing whatever the new colour's "
         "contrast.", cli="edge-match", prompt="edge_match", choices=("absolute", "contrast"))
+    w_frame: float = setting(0.0, "Weight of an L1 loss on the outer frame only (1/8 of the side on each edge, "
+                             "where an object-centred image has its background): charges a tinted or changed "
+                             "background directly. 0 for edits of the whole picture.", cli="frame", prompt="frame",
+                             lo=0)
     # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
     # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
     # first and then hold the outline harder.
@@ -171,7 +175,7 @@ class FinetuneConfig:
         scales = self.refine_edge_scales if refining and self.refine_edge_scales is not None else self.edge_scales
         return EditLoss(clip, self.source, self.target, self.w_clip, w_l1, self.w_id, face, self.clip_form,
                         self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales,
-                        edge_contrast=self.edge_match == "contrast")
+                        edge_contrast=self.edge_match == "contrast", w_frame=self.w_frame)
 
 
 PRESET_RECOMMENDS = {"t0": "t0", "w_clip": "clip", "w_l1": "l1", "w_id": "id"}

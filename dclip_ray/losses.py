@@ -151,6 +151,22 @@ def l1_loss(x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return (x_gen - x0).abs().flatten(1).mean(1)
 
 
+def frame_l1_loss(x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per image, [B], over the outer frame only (:func:`dclip_ray.scoring.frame_mask`:
+    1/8 of the side on each edge); inputs [B,C,H,W] in [-1,1].
+
+    Ours: charges a change of the background directly, where an object-centred image has it (the
+    score's ``background`` term measures the same band). Plain L1 charges a tinted background no more
+    per pixel than the recoloured object, so an edit can meet the CLIP direction by tinting the whole
+    picture; this term makes that the expensive way. Leave it at 0 for edits that should change the
+    whole picture (a style, a scene's light).
+    """
+    from dclip_ray.scoring import frame_mask
+
+    m = frame_mask(*x_gen.shape[-2:], device=x_gen.device)
+    return (x_gen - x0).abs().mean(1)[:, m].mean(1)
+
+
 def edge_magnitude(x: torch.Tensor) -> torch.Tensor:
     """Per-pixel colour-gradient magnitude ``sqrt(sum_c dx^2 + dy^2)`` of ``x`` [B,C,H,W] (forward
     differences, zero at the last row/column): [B,H,W] >= 0. Where the edges are, not their colours."""
@@ -203,7 +219,8 @@ def identity_loss(face: Any, x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Ten
 @dataclass
 class EditLoss:
     """The fine-tuning objective (eq. 10-11): ``w_clip * L_direction + w_l1 * L1 + w_id * L_face``, plus
-    the optional global CLIP loss (eq. 8, ``w_global``) and edge-structure loss (``w_edge``, ours).
+    the optional global CLIP loss (eq. 8, ``w_global``), edge-structure loss (``w_edge``, ours) and
+    frame L1 (``w_frame``, ours: the background's change).
 
     Call with ``(x_gen, x0)`` ([B,3,H,W] in [-1,1]) to get ``(loss scalar, parts {name: float})``.
     """
@@ -221,11 +238,12 @@ class EditLoss:
     w_edge: float = 0.0
     edge_scales: int = 1
     edge_contrast: bool = False
+    w_frame: float = 0.0
 
     def __post_init__(self) -> None:
         if self.w_id > 0 and self.face is None:
             raise ConfigError("the identity loss (id > 0) needs a face model: pass --face-weights PATH or set id=0")
-        if min(self.w_clip, self.w_l1, self.w_id, self.w_global, self.w_edge) < 0:
+        if min(self.w_clip, self.w_l1, self.w_id, self.w_global, self.w_edge, self.w_frame) < 0:
             raise ConfigError("loss weights must be >= 0")
 
     def __call__(
@@ -239,6 +257,7 @@ class EditLoss:
             "l1": (self.w_l1, lambda: l1_loss(x_gen, x0)),
             "id": (self.w_id, lambda: identity_loss(self.face, x_gen, x0)),
             "edge": (self.w_edge, lambda: edge_loss(x_gen, x0, self.edge_scales, self.edge_contrast)),
+            "frame": (self.w_frame, lambda: frame_l1_loss(x_gen, x0)),
         }
         total = x_gen.new_zeros(())
         parts: dict[str, float] = {}

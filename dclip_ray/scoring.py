@@ -40,13 +40,18 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) / 2 * w).sum(1, keepdim=True)
 
 
-def frame_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Mean absolute change [B] in [0, 1] of the outer frame (width max(1, side // 8)) of images [B,3,H,W]
-    in [-1, 1]."""
-    h, w = before.shape[-2:]
-    m = torch.ones(h, w, dtype=torch.bool, device=before.device)
+def frame_mask(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The outer frame of an ``h x w`` image (width max(1, min(h, w) // 8) on each edge): bool [h, w]."""
+    m = torch.ones(h, w, dtype=torch.bool, device=device)
     b = max(1, min(h, w) // 8)
     m[b:h - b, b:w - b] = False
+    return m
+
+
+def frame_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Mean absolute change [B] in [0, 1] of the outer frame (:func:`frame_mask`) of images [B,3,H,W]
+    in [-1, 1]."""
+    m = frame_mask(*before.shape[-2:], device=before.device)
     d = ((after.clamp(-1, 1) - before.clamp(-1, 1)).abs() / 2).mean(1)
     return d[:, m].mean(1)
 

@@ -305,3 +305,26 @@ def test_callbacks_are_built_from_module_factory_strings():
                      ("dclip_ray.callbacks:ProgressBar [3]", "a JSON object")]:
         with pytest.raises(ConfigError, match=why):
             resolve_factory(bad)
+
+
+def test_the_frame_loss_charges_a_tinted_background_and_hardly_a_recolour_in_place():
+    """frame=W: L1 charges a blue disc on a grey background about as much as the red disc recoloured
+    in place plus a light blue tint of the background, which is how an edit meets the CLIP direction
+    cheaply; on the outer frame only, the tint costs many times the recolour."""
+    from dclip_ray.losses import frame_l1_loss, l1_loss
+
+    red, blue = discs("red"), discs("blue")
+    tint = torch.tensor([-0.06, -0.02, 0.08]).view(1, 3, 1, 1)
+    grey = (red == red[:, :, :1, :1]).all(1, keepdim=True)  # pixels of the background's colour
+    tinted = torch.where(grey, red + tint, blue)
+    recolour = frame_l1_loss(blue, red).mean()
+    assert frame_l1_loss(tinted, red).mean() > 5 * recolour
+    assert l1_loss(tinted, red).mean() < 2 * l1_loss(blue, red).mean()  # plain L1 hardly tells them apart
+    assert float(frame_l1_loss(red, red).max()) == 0.0
+    x = tinted.clone().requires_grad_(True)
+    loss, parts = EditLoss(clip=None, source="a", target="b", w_clip=0.0, w_frame=1.0)(x, red)
+    loss.backward()
+    assert parts["frame"] > 0 and x.grad[:, :, 16, 16].abs().sum() == 0 and x.grad[:, :, 0, 0].abs().sum() > 0
+    assert cfg(w_frame=2.0).edit_loss(None).w_frame == 2.0
+    with pytest.raises(ConfigError, match=">= 0"):
+        cfg(w_frame=-1.0)
