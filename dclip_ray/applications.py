@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dclip_ray.config import TranslateSettings
 from dclip_ray.cpu import use_free_cores
 from dclip_ray.diffusion import EpsFn, Schedule, add_noise, generate
 from dclip_ray.edit import generate_images, invert_images
@@ -150,31 +151,19 @@ def from_strokes(
     return translate(original, strokes, t0, schedule, finetuned=finetuned, k=k, **kwargs)
 
 
-@dataclass
-class TranslateJob:
-    """Arguments of `dclip-ray translate` and `dclip-ray from-strokes` (see their --help)."""
+@dataclass(frozen=True, kw_only=True)
+class TranslateJob(TranslateSettings):
+    """Arguments of `dclip-ray translate` and `dclip-ray from-strokes` (see their --help): the inputs and
+    models, plus the declared :class:`~dclip_ray.config.TranslateSettings`."""
 
     model: str
     images: str
     out: str
     finetuned: str | None = None
     preset: str | None = None
-    t0: int = 300
-    k: int = 1
-    t0_edit: int | None = None
-    strength: float = 1.0
-    n_inv_steps: int = 40
-    n_gen_steps: int = 40
-    n_domain_steps: int | None = None
-    eta: float = 0.0
-    seed: int = 0
-    limit: int | None = None
-    batch_size: int = 16
-    grid: bool = False
     kind: str = "translate"
     score_clip: str | None = None
     score_clip_weights: str | None = None
-    min_score: float | None = None
     trust_checkpoint: bool = False
 
 

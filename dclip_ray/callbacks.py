@@ -15,16 +15,11 @@ order with the live :class:`~dclip_ray.train_state.TrainState` (read it; change 
 A hook ends the run early by raising :class:`StopTraining`: ``finetune`` then returns the partial
 result (its checkpoints stay resumable). Any other exception propagates, as a real fault would.
 
-:func:`load_callbacks` builds callbacks from importable ``"module:factory"`` strings (optionally with
-JSON keyword arguments), the form in which a Ray Train worker receives them from
-``FinetuneManyJob.callbacks``.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -126,33 +121,3 @@ class CheckpointHook(Callback):
 
     def on_checkpoint(self, path: Path, metrics: dict[str, float]) -> None:
         self.fn(path, metrics)
-
-
-def resolve_factory(spec: str) -> tuple[Callable[..., Callback], dict[str, Any]]:
-    """The factory and keyword arguments named by ``spec``: ``"package.module:factory"``, optionally
-    followed by whitespace and a JSON object of keyword arguments, e.g.
-    ``'mypkg.cbs:StopAfter {"batches": 3}'``. ConfigError naming the spec when it does not resolve."""
-    target, _, raw = spec.strip().partition(" ")
-    module, sep, name = target.partition(":")
-    if not (module and sep and name):
-        raise ConfigError(f"callback {spec!r}: expected 'module:factory' with optional JSON keyword arguments")
-    try:
-        kwargs = json.loads(raw) if raw.strip() else {}
-    except ValueError as e:
-        raise ConfigError(f"callback {spec!r}: the keyword arguments are not JSON ({e})") from None
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"callback {spec!r}: the keyword arguments must be a JSON object")
-    try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"callback {spec!r}: cannot import {target} ({e}); is its module on PYTHONPATH?") from None
-    return factory, kwargs
-
-
-def load_callbacks(specs: Sequence[str]) -> list[Callback]:
-    """Build one callback per ``"module:factory [json kwargs]"`` string (see :func:`resolve_factory`)."""
-    out = []
-    for spec in specs:
-        factory, kwargs = resolve_factory(spec)
-        out.append(factory(**kwargs))
-    return out

@@ -29,40 +29,34 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from dclip_ray.errors import ConfigError
-from dclip_ray.io.formats import OUTPUT_FORMATS
+from dclip_ray.job_configs import (
+    PrecomputeConfig,
+    QualityCheck,
+    Resources,
+    RestyleSettings,
+    RunOptions,
+    TrainingSets,
+    TranslateSettings,
+)
 from dclip_ray.recipes import get_recipe, recipe_names
-from dclip_ray.settings import SettingInfo, check_setting, setting, settings_of, validate_settings
+from dclip_ray.settings import (
+    SHARED,
+    SettingInfo,
+    check_setting,
+    setting,
+    settings_of,
+    shared,
+    validate_settings,
+)
 
 __all__ = [
     "CONFIGS", "NOT_IN_SPEC", "SHARED", "FinetuneConfig", "PrecomputeConfig", "QualityCheck", "Resources",
-    "RestyleSettings",
-    "SettingInfo", "TrainingSets", "check_setting", "resolve_finetune_config", "setting", "settings_of", "shared",
+    "RestyleSettings", "RunOptions",
+    "SettingInfo", "TrainingSets", "TranslateSettings", "check_setting", "resolve_finetune_config", "setting", "settings_of", "shared",
     "spec_settings",
 ]
 
 Mode = Literal["efficient", "full"]
-
-
-SHARED: dict[str, dict[str, Any]] = {
-    "t0": {"default": 500, "help": "Return step t0.", "cli": "t0", "lo": 1, "hi": 999},
-    "n_inv_steps": {"default": 40, "help": "Inversion steps S_inv.", "cli": "n-inv", "lo": 2},
-    "n_gen_steps": {"default": 40, "help": "Generation steps S_gen.", "cli": "n-gen", "lo": 2},
-    "resize_policy": {"default": "center-crop", "help": "How an image of another size becomes the model's: "
-                      "center-crop, resize or pad.", "cli": "resize-policy", "spec": "input.resize_policy",
-                      "choices": ("center-crop", "resize", "pad")},
-    "batch_size": {"default": 16, "help": "Images per batch.", "cli": "batch-size", "lo": 1},
-}
-"""Settings that several stages share, declared once: ``{config field: setting() arguments}``; a stage
-may give its own default and help text (:func:`shared`), never its own rule or name."""
-
-
-def shared(name: str, **own: Any) -> Any:
-    """The shared setting ``name`` (:data:`SHARED`) as a field of a stage's config; ``own`` may set
-    ``default``, ``help``, ``prompt`` and ``spec``."""
-    if set(own) - {"default", "help", "prompt", "spec"}:
-        raise TypeError(f"shared setting {name}: only default, help, prompt and spec may differ")
-    args = {**SHARED[name], **own}
-    return setting(args.pop("default"), args.pop("help"), **args)
 
 
 @dataclass(frozen=True)
@@ -257,172 +251,22 @@ def resolve_finetune_config(source: str, target: str, *layers: Mapping[str, Any]
     return FinetuneConfig(source=source, target=target, **values)
 
 
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    """Everything that determines `dclip-ray precompute`'s latents (the store key and how they are
-    made); the spec's ``latents`` section. Frozen and validated on creation."""
-
-    SPEC_SECTION: ClassVar[str] = "latents"
-
-    t0: int = shared("t0", help="Return step t0 (the fine-tuning and restyle t0 the latents are for).")
-    n_inv_steps: int = shared("n_inv_steps", spec="latents.n_inv")
-    resize_policy: str = shared("resize_policy")
-    dtype: str = setting("float32", "Stored latent dtype.", cli="dtype", choices=("float32", "float16"))
-    batch_size: int = shared("batch_size", help="Images per inversion batch.")
-    recon_psnr: bool = setting(False, "Also regenerate with the base model and store the reconstruction PSNR.",
-                               cli="recon-psnr")
-
-    def __post_init__(self) -> None:
-        validate_settings(self)
-
-
-@dataclass(frozen=True)
-class RestyleSettings:
-    """The settings of a restyle (`dclip-ray restyle`, `edit`; the spec's ``restyle`` section): steps,
-    strength, image handling. Frozen and validated on creation. ``t0`` None: the models' own t0
-    (:func:`dclip_ray.models.base.edit_t0`); in a workflow it is always the latents' t0."""
-
-    SPEC_SECTION: ClassVar[str] = "restyle"
-
-    t0: int | None = shared("t0", default=None, help="Return step (default: the t0 the models were fine-tuned "
-                            "with).", spec=None)
-    n_inv_steps: int = shared("n_inv_steps", spec="latents.n_inv")
-    n_gen_steps: int = shared("n_gen_steps")
-    strength: float = setting(1.0, "Edit strength r in 0..1: eps = r*finetuned + (1-r)*original.",
-                              cli="strength", lo=0, hi=1)
-    resize_policy: str = shared("resize_policy")
-    image_format: str = setting("png", "Output image format: png (lossless), jpg (quality 95) or webp (lossless).",
-                                cli="format", choices=tuple(OUTPUT_FORMATS))
-    batch_size: int = shared("batch_size", help="Images per generation batch.")
-    route: str = setting("auto", "Which images each model edits: 'source' (only those matching the model's "
-                         "source, by caption or zero-shot CLIP; the others get a 'skipped' manifest row), 'all' "
-                         "(every image), or 'auto': source when the models have two or more different sources "
-                         "(a mixed prompt file), else all.", cli="route", choices=("auto", "source", "all"))
-    limit: int | None = setting(None, "Process only the whole shards holding the first N input keys (the shard is "
-                                "the unit of work; a folder of images is one shard).", cli="limit", lo=1)
-    min_score: float | None = setting(None, "Reject every edit whose judge-free score (directional CLIP similarity "
-                                      "- 0.5*(1 - structure SSIM) - 4*outer-frame change, written per image in the "
-                                      "manifest) is under this: a 'rejected' manifest row with its scores, its image "
-                                      "kept in rejected/SHARD.tar beside the output, never in it. A re-run with "
-                                      "another value re-sorts the stored edits and generates nothing.",
-                                      cli="min-score")
-
-    def __post_init__(self) -> None:
-        validate_settings(self)
-
-
-@dataclass(frozen=True)
-class TrainingSets:
-    """How `finetune-many` (and a workflow) chooses each prompt's training images from a mixed dataset
-    (:mod:`dclip_ray.stages.selection`); the spec's ``finetune`` section. A prompt line's ``images=``
-    overrides the choice for that line; its ``n_train=`` sets how many."""
-
-    SPEC_SECTION: ClassVar[str] = "finetune"
-
-    select: str = setting("source", "How each prompt's training images are chosen: 'source' (the first images "
-                          "whose caption, else zero-shot CLIP, matches the prompt's source) or 'first' (the "
-                          "first images of the input, whatever they show).", cli="select",
-                          choices=("source", "first"))
-    allow_fewer: bool = setting(False, "Train a prompt on fewer matching images than n_train (a warning) instead "
-                                "of failing (at least one is always needed).", cli="allow-fewer")
-    resize_policy: str = shared("resize_policy", help="How a training image of another size becomes the model's: "
-                                "center-crop, resize or pad (a latent store is used only when precomputed with "
-                                "the same policy).")
-
-    def __post_init__(self) -> None:
-        validate_settings(self)
-
-
-@dataclass(frozen=True)
-class QualityCheck:
-    """The check a fine-tuned model passes before `finetune` or `finetune-many` calls its prompt done
-    (:mod:`dclip_ray.quality`): its edits of held-aside images of the source, scored without a judge
-    (the spec's ``finetune`` section). A prompt that fails it is a failure with its reason (exit 2; the
-    model is kept apart, under ``_failed/``), unless a restart passes or ``accept_low_quality``."""
-
-    SPEC_SECTION: ClassVar[str] = "finetune"
-
-    check_images: int = setting(8, "Held-aside images of the source (not trained on) the fine-tuned model edits "
-                                "for its check (0: no check). With fewer left after the training images, the "
-                                "training images are used and the card says so.", cli="check-images", lo=0)
-    min_quality: float | None = setting(None, "The bar of the check: the mean judge-free score of those edits "
-                                        "(the --min-score of restyle, per image) under which the prompt fails "
-                                        "(default: the model preset's quality_bar; none for a model without one).",
-                                        cli="min-quality")
-    min_spread: float = setting(0.3, "Fail a model whose outputs vary less than this fraction of how much their "
-                                "inputs do (a collapse: the same picture whatever the input).", cli="min-spread",
-                                lo=0)
-    accept_low_quality: bool = setting(False, "Keep a model that fails the check, with a warning, instead of "
-                                       "failing its prompt.", cli="accept-low-quality")
-
-    def __post_init__(self) -> None:
-        validate_settings(self)
-
-    def bar(self, preset: Any) -> float | None:
-        """The score bar in force: ``min_quality``, else the model preset's ``quality_bar`` (None: none)."""
-        return self.min_quality if self.min_quality is not None else getattr(preset, "quality_bar", None)
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What each unit of Ray work takes (the spec's ``ray`` section and the per-stage fields named in
-    each setting's spec path). None: chosen from the cluster (see each help text)."""
-
-    SPEC_SECTION: ClassVar[str] = "ray"
-
-    cpus_per_task: float = setting(1.0, "CPUs per precompute shard task.", cli="cpus-per-task", lo=0,
-                                   lo_strict=True)
-    gpus_per_task: float = setting(0.0, "GPUs per precompute shard task (0 on CPU machines).", cli="gpus-per-task",
-                                   lo=0)
-    cpus_per_prompt: float = setting(1.0, "CPUs of each prompt's Train worker.", cli="cpus-per-prompt", lo=0,
-                                     lo_strict=True)
-    gpus_per_prompt: float = setting(0.0, "GPUs of each prompt's Train worker.", cli="gpus-per-prompt", lo=0)
-    max_failures: int = setting(2, "Worker failures tolerated per prompt (resumes from the last checkpoint).",
-                                cli="max-failures", spec="finetune.max_failures", lo=0)
-    max_concurrent: int | None = setting(None, "At most this many fine-tunings at once (each restart or search "
-                                         "trial of a prompt counts; default: as resources allow).",
-                                         cli="max-concurrent", spec="finetune.max_concurrent", lo=1)
-    actors: int | None = setting(None, "Restyle generator actors (default: the CPUs, or the GPUs with "
-                                 "--gpus-per-actor).", cli="actors", spec="restyle.actors", lo=1)
-    cpus_per_actor: float | None = setting(None, "CPUs per restyle actor (default 0.5 when the actors take every "
-                                           "CPU: leaves room for reads; else 1).", cli="cpus-per-actor",
-                                           spec="restyle.cpus_per_actor", lo=0, lo_strict=True)
-    gpus_per_actor: float = setting(0.0, "GPUs per restyle actor.", cli="gpus-per-actor",
-                                    spec="restyle.gpus_per_actor", lo=0)
-    shard_timeout: float | None = setting(None, "Report a restyle shard as stuck when it has no result after this "
-                                          "many seconds; the others finish and the exit code is 2 (default: wait "
-                                          "forever).", cli="shard-timeout", spec="restyle.shard_timeout", lo=0,
-                                          lo_strict=True)
-
-    def __post_init__(self) -> None:
-        validate_settings(self)
-
-    def restyle_pool(self, cpus: float, gpus: float = 0.0) -> tuple[int, float, str]:
-        """``(actors, CPUs per actor, why)`` of the restyle actor pool on a cluster of ``cpus`` CPUs and
-        ``gpus`` GPUs (all its nodes: ``ray.cluster_resources()``, read after Ray is up): ``--actors``
-        when given, else one actor per ``--gpus-per-actor`` GPUs with it, else one per CPU. Each actor
-        takes ``--cpus-per-actor``, else 0.5 CPU when the actors take every CPU (Ray Data's read tasks are
-        never starved: a pool claiming every CPU hangs), else 1. ``why`` says which rule chose, in words."""
-        cpus_n = max(1, int(cpus))
-        if self.actors:
-            actors, why = self.actors, f"--actors {self.actors}"
-        elif self.gpus_per_actor:
-            actors = max(1, int(gpus // self.gpus_per_actor))
-            why = (f"one per {self.gpus_per_actor:g} GPU of the cluster's {gpus:g}" if gpus else
-                   "no GPU in the cluster yet: 1 (it starts when a GPU node joins)")
-        else:
-            actors, why = cpus_n, f"one per CPU of the cluster's {cpus:g}"
-        per_actor = self.cpus_per_actor if self.cpus_per_actor is not None else (0.5 if actors >= cpus_n else 1.0)
-        return actors, per_actor, f"{why}, {per_actor:g} CPU each"
-
-
 CONFIGS: tuple[type, ...] = (PrecomputeConfig, FinetuneConfig, TrainingSets, QualityCheck, RestyleSettings,
-                             Resources)
+                             Resources, RunOptions, TranslateSettings)
 """Every config class whose fields are user-facing settings."""
 
 NOT_IN_SPEC: dict[tuple[str, str], str] = {
     ("RestyleSettings", "t0"): "a workflow restyles at the t0 its models were fine-tuned with (latents.t0 or "
                                "a prompt line's t0=)",
+    ("RunOptions", "score_clip"): "a workflow scores with the CLIP its models were fine-tuned with",
+    ("RunOptions", "score_clip_weights"): "as score_clip",
+    ("RunOptions", "trust_checkpoint"): "a spec never unpickles code: convert such a checkpoint first "
+                                        "(`dclip-ray convert --trust-checkpoint`)",
+    ("RunOptions", "as_json"): "`dclip-ray run --json`",
+    ("RunOptions", "verbose"): "`dclip-ray run --verbose`",
+    ("RunOptions", "quiet"): "`dclip-ray run --quiet`",
+    **{("TranslateSettings", s.name): "translate and from-strokes are commands, not workflow steps"
+       for s in settings_of(TranslateSettings)},
 }
 """Settings with no workflow-spec field of their own: (config class, field) -> where the spec takes it from."""
 

@@ -15,7 +15,7 @@ from dclip_ray.errors import ConfigError
 def setting(default: Any, help: str, *, cli: str, prompt: str | None = None, spec: str | None = "",
             lo: float | None = None, lo_strict: bool = False, hi: float | None = None,
             choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None,
-            renamed_from: str | None = None) -> Any:
+            renamed_from: str | None = None, flag: bool = False) -> Any:
     """A dataclass field declared as a user-facing setting.
 
     ``cli``: the option name without dashes' prefix (``"n-gen"`` for ``--n-gen``); ``prompt``: the
@@ -23,11 +23,12 @@ def setting(default: Any, help: str, *, cli: str, prompt: str | None = None, spe
     with ``_`` in the config's ``SPEC_SECTION``; a name without a dot: that key in the section; a dotted
     path: that field; None = not in the spec); ``lo``/``hi``/``choices``: the value rule;
     ``aliases``: other spellings of a choice (``{"none": ""}``), accepted on every surface;
-    ``renamed_from``: the setting's old prompt-line key, still accepted with a one-line warning.
+    ``renamed_from``: the setting's old prompt-line key, still accepted with a one-line warning;
+    ``flag``: a bool given on the CLI as ``--name`` alone (no ``--no-name``).
     """
     meta = {"help": help, "cli": cli, "prompt": prompt, "spec": cli.replace("-", "_") if spec == "" else spec,
             "lo": lo, "lo_strict": lo_strict, "hi": hi, "choices": choices,
-            "aliases": dict(aliases or {}), "renamed_from": renamed_from}
+            "aliases": dict(aliases or {}), "renamed_from": renamed_from, "flag": flag}
     return field(default=default, metadata={"setting": meta})
 
 
@@ -49,6 +50,7 @@ class SettingInfo:
     choices: tuple[str, ...] | None
     aliases: dict[str, str]
     renamed_from: str | None = None
+    flag: bool = False
 
     @property
     def spec_key(self) -> str | None:
@@ -57,8 +59,10 @@ class SettingInfo:
 
     @property
     def spec_section(self) -> str | None:
-        """The spec section holding the field (``finetune`` for ``finetune.lr``)."""
-        return None if self.spec is None else self.spec.rsplit(".", 1)[0]
+        """The spec section holding the field (``finetune`` for ``finetune.lr``; "" for a top-level field)."""
+        if self.spec is None:
+            return None
+        return self.spec.rsplit(".", 1)[0] if "." in self.spec else ""
 
     @property
     def option(self) -> str:
@@ -91,7 +95,7 @@ def _base_type(tp: Any) -> tuple[type, bool]:
 
 def settings_of(cls: type) -> list[SettingInfo]:
     """The declared settings of a config dataclass, in declaration order (spec paths made absolute with
-    the class's ``SPEC_SECTION``)."""
+    the class's ``SPEC_SECTION``; "" = the spec's top level)."""
     hints = typing.get_type_hints(cls)
     section = getattr(cls, "SPEC_SECTION", "")
     out = []
@@ -102,7 +106,7 @@ def settings_of(cls: type) -> list[SettingInfo]:
         tp, optional = _base_type(hints[f.name])
         default = f.default if f.default is not MISSING else None
         spec = meta["spec"]
-        if spec is not None and "." not in spec:
+        if spec is not None and "." not in spec and section:
             spec = f"{section}.{spec}"
         out.append(SettingInfo(f.name, tp, optional, default, **{**meta, "spec": spec}))
     return out
@@ -152,3 +156,25 @@ def check_setting(s: SettingInfo, value: Any) -> Any:
     if s.type in (int, float) and s.hi is not None and v > s.hi:
         raise ValueError(f"expected {s.rule()}")
     return v
+
+
+SHARED: dict[str, dict[str, Any]] = {
+    "t0": {"default": 500, "help": "Return step t0.", "cli": "t0", "lo": 1, "hi": 999},
+    "n_inv_steps": {"default": 40, "help": "Inversion steps S_inv.", "cli": "n-inv", "lo": 2},
+    "n_gen_steps": {"default": 40, "help": "Generation steps S_gen.", "cli": "n-gen", "lo": 2},
+    "resize_policy": {"default": "center-crop", "help": "How an image of another size becomes the model's: "
+                      "center-crop, resize or pad.", "cli": "resize-policy", "spec": "input.resize_policy",
+                      "choices": ("center-crop", "resize", "pad")},
+    "batch_size": {"default": 16, "help": "Images per batch.", "cli": "batch-size", "lo": 1},
+}
+"""Settings that several stages share, declared once: ``{config field: setting() arguments}``; a stage
+may give its own default and help text (:func:`shared`), never its own rule or name."""
+
+
+def shared(name: str, **own: Any) -> Any:
+    """The shared setting ``name`` (:data:`SHARED`) as a field of a stage's config; ``own`` may set
+    ``default``, ``help``, ``prompt`` and ``spec``."""
+    if set(own) - {"default", "help", "prompt", "spec"}:
+        raise TypeError(f"shared setting {name}: only default, help, prompt and spec may differ")
+    args = {**SHARED[name], **own}
+    return setting(args.pop("default"), args.pop("help"), **args)

@@ -1,7 +1,8 @@
 """Faults injected into the restyle unit of work by tests, never by production code: subclasses of
-:class:`~dclip_ray.stages.restyle.ShardRestyler` given to a Ray restyle through its extension point
-(``RestyleJob.restyler_factory``, e.g. ``functools.partial(KillMidBatch, flag=PATH)``). Ray workers
-import this module by name (``tests/conftest.py``'s ``ray_local`` puts this folder on their path).
+:class:`~dclip_ray.stages.restyle.ShardRestyler` that a test puts in the driver's place of the class the
+actors build (``monkeypatch.setattr(dclip_ray.pipeline.restyle, "ShardRestyler", partial(KillMidBatch,
+flag=PATH))``; the driver hands the actors that name). Ray workers import this module by name
+(``tests/conftest.py``'s ``ray_local`` puts this folder on their path).
 
 A ``flag`` is a file path: the fault fires once, in the first process that creates the file.
 """

@@ -23,8 +23,8 @@ from dclip_ray.config import (
 )
 from dclip_ray.errors import ConfigError
 from dclip_ray.models import get_preset
-from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
 from dclip_ray.prompts import parse_prompt_text
+from dclip_ray.stages.finetune_many import FinetuneManyJob, finetune_config
 from dclip_ray.workflow import parse_spec
 from dclip_ray.workflow.spec import FinetuneSpec
 
@@ -35,7 +35,13 @@ REQUIRED = {"finetune": ["--model", "m", "--source", "a", "--target", "b", "--im
             "finetune-many": ["p.txt", "--model", "m", "--out", "o"],
             "precompute": ["--model", "m", "--input", "i", "--out", "o"],
             "restyle": ["--input", "i", "--out", "o"],
-            "edit": ["--model", "m", "--images", "i", "--out", "o"]}
+            "edit": ["--model", "m", "--images", "i", "--out", "o"],
+            "latent-optim": ["--model", "m", "--source", "a", "--target", "b", "--images", "i", "--out", "o"],
+            "translate": ["--model", "m", "--images", "i", "--out", "o"],
+            "from-strokes": ["--model", "m", "--images", "i", "--out", "o"],
+            "eval": ["--before", "b", "--after", "a"], "verify": ["o", "--input", "i"], "report": ["r"],
+            "demo": [], "run": ["s.yaml"], "submit": ["s.yaml", "--address", "a"],
+            "status": ["j", "--address", "a"], "convert": ["c.ckpt", "--out", "o"]}
 MINIMAL_SPEC = {"name": "t", "input": {"toyworld": {"n": 4}}, "model": "toy_shapes", "prompts": ["a -> b name=x"],
                 "outputs": {"root": "/tmp/never-written"}}
 
@@ -64,6 +70,8 @@ def good_value(s: SettingInfo):
         return next(c for c in s.choices if c and c != s.default and c != "none")
     if s.type is bool:
         return not s.default
+    if s.type is str:
+        return "/x.pt"  # absolute: a spec resolves a relative path against its folder
     if s.type is int:
         v = int(s.lo or 0) + 2
         return v if v != s.default else v + 1
@@ -94,6 +102,8 @@ def flag(s: SettingInfo, v) -> list[str]:
 
 def spec_with(path: str, value) -> dict:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MINIMAL_SPEC.items()}
+    if "." not in path:
+        return {**raw, path: value}
     section, key = path.rsplit(".", 1)
     raw.setdefault(section, {})[key] = value
     return raw
@@ -105,7 +115,7 @@ def from_spec(cls: type, spec) -> dict:
         return {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **spec.finetune.settings()}
     made = {"PrecomputeConfig": spec.precompute_config, "RestyleSettings": spec.restyle_settings,
             "Resources": spec.resources, "TrainingSets": spec.training_sets,
-            "QualityCheck": spec.quality_check}[cls.__name__]()
+            "QualityCheck": spec.quality_check, "RunOptions": spec.run_options}[cls.__name__]()
     return dataclasses.asdict(made)
 
 
@@ -187,10 +197,13 @@ def test_the_spec_sections_are_built_from_the_declarations():
     declared = {s.spec for _, s in ALL if s.spec}
     for section, model in (("input", spec_mod.InputSpec), ("latents", spec_mod.LatentsSpec),
                            ("finetune", FinetuneSpec), ("restyle", spec_mod.RestyleSpec), ("ray", spec_mod.RaySpec)):
-        own = {"input": {"url", "toyworld"}, "latents": {"store"}, "ray": {"address", "num_cpus"},
-               "restyle": {"variants", "mix"}, "finetune": {"clip", "clip_weights", "face_weights"}}
+        own = {"input": {"url", "toyworld"}, "latents": {"store"}, "ray": {"num_cpus"},
+               "restyle": {"variants", "mix"}, "finetune": set()}
         fields = set(model.model_fields) - own[section]
         assert {f"{section}.{f}" for f in fields} == {p for p in declared if p.startswith(f"{section}.")}, section
+    top = set(spec_mod.WorkflowSpec.model_fields) - {"name", "input", "model", "prompts", "latents", "finetune",
+                                                     "restyle", "outputs", "ray", "source"}
+    assert top == {p for p in declared if "." not in p} == {"preset"}
 
 
 def test_the_t0_rule_line_then_job_then_preset_then_default():

@@ -294,19 +294,6 @@ def test_refinement_stage_switches_the_loss_from_its_epoch(tiny_unet, random_cli
     assert cfg(refine_from=1, refine_l1=2.0).edit_loss(random_clip, epoch=0).w_l1 == 0.0
 
 
-def test_callbacks_are_built_from_module_factory_strings():
-    """The form in which Ray Train workers receive callbacks (``FinetuneManyJob.callbacks``)."""
-    from dclip_ray.callbacks import ProgressBar, load_callbacks, resolve_factory
-
-    [bar] = load_callbacks(['dclip_ray.callbacks:ProgressBar {"total": 3, "desc": "x", "disable": true}'])
-    assert isinstance(bar, ProgressBar) and (bar.total, bar.desc, bar.disable) == (3, "x", True)
-    for bad, why in [("dclip_ray.callbacks", "expected 'module:factory'"), ("no_such_module:f", "cannot import"),
-                     ("dclip_ray.callbacks:Nope", "cannot import"), ('dclip_ray.callbacks:ProgressBar {"total"', "not JSON"),
-                     ("dclip_ray.callbacks:ProgressBar [3]", "a JSON object")]:
-        with pytest.raises(ConfigError, match=why):
-            resolve_factory(bad)
-
-
 def test_the_frame_loss_charges_a_tinted_background_and_hardly_a_recolour_in_place():
     """frame=W: L1 charges a blue disc on a grey background about as much as the red disc recoloured
     in place plus a light blue tint of the background, which is how an edit meets the CLIP direction

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from dclip_ray.cli import main
-from dclip_ray.cli.common import progress_wanted
+from dclip_ray.config import RunOptions
 from dclip_ray.evaluation.metrics import judge_success
 from dclip_ray.toyworld import judge, sample_dataset
 from dclip_ray.toyworld.data import write_shards
@@ -42,7 +42,7 @@ def test_progress_is_a_bar_on_a_terminal_plain_lines_off_it_and_never_with_json_
     from dclip_ray.progress import PlainProgress, progress
 
     monkeypatch.setattr("sys.stderr", _Stderr(tty))
-    with progress(10, "x", enabled=progress_wanted(as_json, quiet)) as bar:
+    with progress(10, "x", enabled=RunOptions(as_json=as_json, quiet=quiet).progress) as bar:
         shown = None if getattr(bar, "disable", False) else ("lines" if isinstance(bar, PlainProgress) else "bar")
     assert shown == kind
 

@@ -111,3 +111,49 @@ def test_no_module_imports_itself_through_others():
                     seen.add(nxt)
                     todo.append((nxt, [*path, nxt]))
     assert not cycles, f"import circles: {sorted({' -> '.join(c) for c in cycles})}"
+
+
+PIPELINE_MAX_LINES = 250
+
+
+def _ray_free_definitions(source: str) -> list[str]:
+    """The top-level functions and classes of a module that touch no Ray: their code names neither ``ray``,
+    nor anything imported from Ray or from another ``dclip_ray.pipeline`` module, nor another definition of
+    the module that does (transitively). Dataclasses (a job's arguments, read by the Ray code beside them)
+    are not counted."""
+    import ast
+
+    tree = ast.parse(source)
+    ray_names = {"ray"}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and (n.level > 0 or (n.module or "").split(".")[0] == "ray"
+                                              or (n.module or "").startswith("dclip_ray.pipeline")):
+            ray_names |= {a.asname or a.name for a in n.names}
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    used = {k: {x.id for x in ast.walk(v) if isinstance(x, ast.Name)} | {x.attr for x in ast.walk(v)
+                                                                         if isinstance(x, ast.Attribute)}
+            for k, v in defs.items()}
+    wiring = {k for k, names in used.items() if names & ray_names}
+    grown = True
+    while grown:
+        more = {k for k, names in used.items() if k not in wiring and names & wiring}
+        wiring |= more
+        grown = bool(more)
+    dataclasses_ = {k for k, v in defs.items() if isinstance(v, ast.ClassDef)
+                    and any("dataclass" in ast.unparse(d) for d in v.decorator_list)}
+    return sorted(set(defs) - wiring - dataclasses_)
+
+
+def test_pipeline_holds_only_ray_wiring():
+    """Issue 29 item 4: pipeline/ is the Ray calls and nothing else. Its files are short, and every
+    function or class there touches Ray; the planning, checks, accounting, ledger and submission building
+    they use live in stages/ and workflow/, where they run and are tested without Ray."""
+    found = {name: path for name, path in all_modules().items() if name.startswith("dclip_ray.pipeline.")}
+    assert len(found) >= 8
+    long = {n: len(p.read_text().splitlines()) for n, p in found.items()
+            if len(p.read_text().splitlines()) > PIPELINE_MAX_LINES}
+    assert not long, f"pipeline/ files over {PIPELINE_MAX_LINES} lines: {long}"
+    free = {n: f for n, p in found.items() if (f := _ray_free_definitions(p.read_text()))}
+    assert not free, f"Ray-free code in pipeline/ (move it to stages/ or workflow/): {free}"
+    assert _ray_free_definitions("import ray\n\ndef a():\n    return ray.get(1)\n\ndef b():\n    return a()\n"
+                                 "\ndef c():\n    return 1\n") == ["c"], "the rule itself finds Ray-free code"

@@ -106,25 +106,27 @@ def test_limit_and_strength_without_cache(ray_local, world, tmp_path, capsys):
     assert main(["verify", out, "--input", world["data"]]) == 2, "the other shards are missing"
 
 
-def restyle_with_fault(world, tmp_path, fault):
+def restyle_with_fault(world, tmp_path, fault, monkeypatch):
     """Restyle shards 00000 and bad with one model on one actor whose restyler is ``fault`` (a class of
     fault_restylers taking a flag file); returns ``(summary, out, inputs, flag)``."""
+    from dclip_ray.pipeline import restyle
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
     from dclip_ray.stages.restyle_config import build_restyle_config
 
     out, flag = str(tmp_path / "out"), tmp_path / "fault-fired"
     cfg = build_restyle_config(out, models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN, batch_size=4)
     inputs = os.path.join(world["data"], "{00000,bad}.tar")
-    s = run_restyle(RestyleJob(cfg, inputs, actors=1, restyler_factory=partial(fault, flag=str(flag))), progress=False)
+    monkeypatch.setattr(restyle, "ShardRestyler", partial(fault, flag=str(flag)))  # what the driver hands the actors
+    s = run_restyle(RestyleJob(cfg, inputs, actors=1), progress=False)
     return s, out, inputs, flag
 
 
-def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_local, world, tmp_path):
+def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_local, world, tmp_path, monkeypatch):
     """An actor killed between writing a shard and its commit marker: Ray Data retries the shard on a new
     actor, which rewrites the same names; every key ends up exactly once."""
     from dclip_ray.stages.verify import verify
 
-    s, out, inputs, flag = restyle_with_fault(world, tmp_path, CrashBeforeCommit)
+    s, out, inputs, flag = restyle_with_fault(world, tmp_path, CrashBeforeCommit, monkeypatch)
     assert flag.exists(), "the hook killed a worker"
     assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
     report = verify(out, inputs)
@@ -132,12 +134,12 @@ def test_a_worker_dying_before_its_commit_is_retried_without_duplicates(ray_loca
     assert sum(x["n"] for x in report.shards) == 8 + 6
 
 
-def test_a_row_lost_after_its_commit_still_counts_the_shards_images(ray_local, world, tmp_path):
+def test_a_row_lost_after_its_commit_still_counts_the_shards_images(ray_local, world, tmp_path, monkeypatch):
     """An actor dying after a shard's commit and before its row returns (a node lost at that moment):
     the retried row finds the shard committed, and the summary still counts its images and errors."""
     from dclip_ray.stages.verify import verify
 
-    s, out, inputs, flag = restyle_with_fault(world, tmp_path, DieAfterCommit)
+    s, out, inputs, flag = restyle_with_fault(world, tmp_path, DieAfterCommit, monkeypatch)
     assert flag.exists(), "the hook killed a worker after a commit"
     assert s["n_images"] == 8 + 2 and s["n_errors"] == 4 and not s["failed"]
     assert [r["shard"] for r in s["shards"] if r.get("done_by")], "the retried row says who committed it"
@@ -192,18 +194,20 @@ def test_a_shard_that_cannot_be_written_aborts_with_exit_3_and_the_rest_is_commi
 
 
 @pytest.mark.slow  # the Ray CLI path of tests/test_hostile.py's rules (make test-slow, CI)
-def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, world, tmp_path, capfd):
+def test_workers_that_cannot_load_their_models_abort_in_one_line(ray_local, world, tmp_path, capfd, monkeypatch):
     """Issue 30 item 15: a model folder deleted while restyle ran gave an ActorDiedError traceback, then
     ~100 lines of Ray Data's "Full stack trace" above the one-line error."""
     from fault_restylers import CannotLoad
 
     from dclip_ray.errors import AbortedError
+    from dclip_ray.pipeline import restyle
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
     from dclip_ray.stages.restyle_config import build_restyle_config
 
     cfg = build_restyle_config(str(tmp_path / "out"), models=world["fts"][:1], n_inv_steps=N_INV, n_gen_steps=N_GEN)
     with pytest.raises(AbortedError) as e:
-        run_restyle(RestyleJob(cfg, world["data"], actors=1, restyler_factory=CannotLoad), progress=False)
+        monkeypatch.setattr(restyle, "ShardRestyler", CannotLoad)
+        run_restyle(RestyleJob(cfg, world["data"], actors=1), progress=False)
     msg = str(e.value)
     assert "the restyle workers stopped" in msg and "no such file (deleted)" in msg and "\n" not in msg, msg
     assert "dclip_ray." not in msg, msg  # the cause by its class name, not its module path

@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from diffusers import UNet2DModel
 from pipeline_fixtures import BAD_REASONS, make_inputs, random_clip_weights, stamps, tiny_unet_dir
-from train_faults import fail_once_spec, worker_pythonpath
+from train_faults import inject_failure, worker_pythonpath
 
 from dclip_ray.cli import main
 from dclip_ray.config import Resources
@@ -123,7 +123,7 @@ def test_finetune_two_prompts_at_once_then_restyle(ray_train, clip_weights, tmp_
 
 @pytest.mark.slow  # about 140 s: the suite's end-to-end acceptance; make test keeps the two-prompt run above
 def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(ray_train, clip_weights, tmp_path,
-                                                                               capsys):
+                                                                               capsys, monkeypatch):
     """The issue's acceptance: precompute -> finetune-many (3 prompts, 2 at once, one injected worker
     failure resumed from its checkpoint) -> restyle over 4 shards x 64 images + a corrupt shard;
     3 models invert each image once; a killed restyle driver re-run ends with every key exactly once."""
@@ -139,8 +139,8 @@ def test_acceptance_four_shards_three_prompts_failure_resume_and_killed_driver(r
     job = FinetuneManyJob(prompts=str(prompts), model=base, out=models, latents=lat, clip="toy_clip",
                           clip_weights=clip_weights, resources=Resources(max_failures=1),
                           settings=dict(n_train=4, t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
-                                        checkpoint_every=1),
-                          callbacks=[fail_once_spec(5, tmp_path / "failed", "green")])
+                                        checkpoint_every=1))
+    inject_failure(monkeypatch, 5, tmp_path / "failed", "green")
     s = run_finetune_many(job, progress=False)
     assert [p["status"] for p in s["prompts"]] == ["ok", "ok", "ok"], s
     # never three at once on 2 CPUs (that two do run at once is asserted by the two-prompt test; here a

@@ -118,7 +118,7 @@ def test_resolve_fills_only_missing_fields():
 
 
 def test_training_options_reach_the_finetune_config():
-    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
+    from dclip_ray.stages.finetune_many import FinetuneManyJob, finetune_config
 
     text = ("red circle -> red square mode=full n_gen=10 lr=1e-4 clip_weight=5 l1=2 views=8 shift=4 noise=0.1 flip=hv\n"
             "red circle -> blue circle flip=none edge=5 l1=0.5 refine=2 refine_l1=1.5 refine_scales=3\n")
@@ -171,7 +171,7 @@ def test_crlf_and_bom():
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
         ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, images, recipe, t0, n_inv, n_gen, mode, n_train, epochs, batch, lr, lr_gamma, clip_weight, l1, "
-         "id, global, edge, edge_scales, edge_match, refine, refine_l1, refine_scales, clip_form, views, shift, noise, blur, flip, adapter, rank, seed"),
+         "id, global, edge, edge_scales, edge_match, frame, refine, refine_l1, refine_scales, clip_form, views, shift, noise, blur, flip, adapter, rank, seed"),
         ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
         ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),
         ("face -> angry noise=-0.1", "1:21", "bad value '-0.1' for noise"),

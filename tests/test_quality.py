@@ -196,21 +196,21 @@ def test_finetune_many_plans_one_run_per_search_point_and_seed(tmp_path):
     Train run with its own config hash and folder (planning only, no Ray)."""
     from dclip_ray.config import resolve_finetune_config
     from dclip_ray.models.cache import cached_base
-    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, _plan_prompt
     from dclip_ray.prompts import parse_prompt_text
     from dclip_ray.search import KNOBS
+    from dclip_ray.stages.finetune_many import FinetuneManyJob, plan_prompt
 
     base = cached_base("toy_shapes")
     spec = parse_prompt_text("red circle -> blue circle name=blue search=2 restarts=2")[0]
     fcfg = resolve_finetune_config(spec.source, spec.target, spec.settings(), preset=base.preset)
     job = FinetuneManyJob(prompts="p", model="toy_shapes", out=str(tmp_path / "models"), images=str(tmp_path))
-    row, loops = _plan_prompt(spec, job, base, fcfg, {"keys": None, "images": None})
+    row, loops = plan_prompt(spec, job, base, fcfg, {"keys": None, "images": None})
     own = {k: getattr(fcfg, k) for k in KNOBS}
     assert [(r["seed"], {k: r[k] for k in KNOBS} == own) for r in row["restarts"]] == \
         [(0, True), (1, True), (0, False), (1, False)], "the recipe's point first, each point at both seeds"
     assert len({r["config_sha256"] for r in row["restarts"]}) == len({r["path"] for r in row["restarts"]}) == 4
-    assert [lp["finetune"]["seed"] for lp in loops] == [0, 1, 0, 1]
-    assert all({k: lp["finetune"][k] for k in KNOBS} == {k: r[k] for k in KNOBS}
+    assert [lp.finetune.seed for lp in loops] == [0, 1, 0, 1]
+    assert all({k: getattr(lp.finetune, k) for k in KNOBS} == {k: r[k] for k in KNOBS}
                for lp, r in zip(loops, row["restarts"], strict=True))
 
 

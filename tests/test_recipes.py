@@ -15,9 +15,9 @@ from dclip_ray.cli.settings import collect
 from dclip_ray.config import FinetuneConfig, recipe_settings, resolve_finetune_config
 from dclip_ray.errors import ConfigError
 from dclip_ray.models import get_preset
-from dclip_ray.pipeline.finetune_many import FinetuneManyJob, finetune_config
 from dclip_ray.prompts import get_edit_preset, list_edit_presets, parse_prompt_text
 from dclip_ray.recipes import get_recipe, list_recipes, recipe_names
+from dclip_ray.stages.finetune_many import FinetuneManyJob, finetune_config
 from dclip_ray.workflow import parse_spec
 
 TOY = get_preset("toy_shapes")

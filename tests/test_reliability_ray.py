@@ -74,7 +74,8 @@ def test_a_stuck_shard_is_reported_after_the_timeout_and_the_others_finish(ray_l
 
 
 @pytest.mark.slow
-def test_a_restyle_actor_sigkilled_mid_shard_loses_and_duplicates_nothing(ray_local, world, tmp_path):
+def test_a_restyle_actor_sigkilled_mid_shard_loses_and_duplicates_nothing(ray_local, world, tmp_path, monkeypatch):
+    from dclip_ray.pipeline import restyle
     from dclip_ray.pipeline.restyle import RestyleJob, run_restyle
 
     def config(out):
@@ -85,8 +86,8 @@ def test_a_restyle_actor_sigkilled_mid_shard_loses_and_duplicates_nothing(ray_lo
     run_restyle(RestyleJob(config(clean), inputs, actors=1), progress=False)
     out, flag = str(tmp_path / "out"), tmp_path / "killed"
     cfg = config(out)
-    s = run_restyle(RestyleJob(cfg, inputs, actors=2, restyler_factory=partial(KillMidBatch, flag=str(flag))),
-                    progress=False)
+    monkeypatch.setattr(restyle, "ShardRestyler", partial(KillMidBatch, flag=str(flag)))  # the actors' restyler
+    s = run_restyle(RestyleJob(cfg, inputs, actors=2), progress=False)
     assert flag.exists(), "an actor was SIGKILLed after its first batch"
     assert s["n_images"] == 18 and s["n_errors"] == 4 and not s["failed"]
     report = verify(out, inputs)

@@ -2,7 +2,7 @@
 ends with exactly the weights of an uninterrupted run of the same seed (CPU, deterministic).
 
 Two prompts with the same settings train side by side; one of them has an injected failure after 3
-batches (a callback from tests/train_faults.py, named in ``FinetuneManyJob.callbacks``). (The
+batches (a callback from tests/train_faults.py, put in the Train loop by ``inject_failure``). (The
 loop-level version, without Ray, is tests/test_finetune_mechanics.py.)
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from pipeline_fixtures import make_inputs, random_clip_weights, tiny_unet_dir
-from train_faults import fail_once_spec, worker_pythonpath
+from train_faults import inject_failure, worker_pythonpath
 
 from dclip_ray.config import Resources, TrainingSets
 from dclip_ray.io.latents import LatentKey
@@ -42,8 +42,8 @@ def test_a_failed_train_worker_resumes_to_the_uninterrupted_weights(tmp_path, mo
                           clip="toy_clip", clip_weights=random_clip_weights(tmp_path), resources=Resources(max_failures=1),
                           training_sets=TrainingSets(select="first"),  # the test's images are not its source: resume only
                           settings=dict(n_train=4, t0=T0, n_inv_steps=N_INV, n_gen_steps=2, epochs=2, lr=1e-4, aug_views=1,
-                                        checkpoint_every=1, seed=0),
-                          callbacks=[fail_once_spec(3, tmp_path / "failed", "failing")])
+                                        checkpoint_every=1, seed=0))
+    inject_failure(monkeypatch, 3, tmp_path / "failed", "failing")
     monkeypatch.setenv("PYTHONPATH", worker_pythonpath())  # the Train workers import train_faults
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)

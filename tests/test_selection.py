@@ -110,8 +110,8 @@ def test_finetune_many_refuses_a_source_the_data_does_not_hold(tmp_path, capsys)
 def test_allow_fewer_trains_on_what_matched_with_a_warning(tmp_path):
     from dclip_ray.config import TrainingSets
     from dclip_ray.models.cache import cached_base
-    from dclip_ray.pipeline.finetune_many import FinetuneManyJob, choose_training_sets, finetune_config
     from dclip_ray.prompts import parse_prompt_text
+    from dclip_ray.stages.finetune_many import FinetuneManyJob, choose_training_sets, finetune_config
 
     write_shards(str(tmp_path / "data"), 24, seed=1, shard_size=12, kinds=[("red", "circle"), ("blue", "square")])
     specs = parse_prompt_text(f"red circle -> blue circle name=a n_train=20\nblue square -> red square name=b "

@@ -19,8 +19,9 @@ import yaml
 from dclip_ray.cli import main
 from dclip_ray.errors import AbortedError, ConfigError
 from dclip_ray.pipeline import workflow_run as wr
-from dclip_ray.pipeline.submit import SubmitJob, auth_headers, build_submission, exit_code_of, read_token
 from dclip_ray.workflow import load_spec
+from dclip_ray.workflow.ledger import read_ledger
+from dclip_ray.workflow.submission import SubmitJob, auth_headers, build_submission, exit_code_of, read_token
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "workflows" / "toy.yaml"
@@ -195,7 +196,7 @@ def test_run_records_every_step_in_order_and_appends_to_the_ledger(tmp_path, fak
     assert r1["steps"]["report"]["status"] == "skipped (not available)"
     state["processed"] = 0
     r2 = wr.run_workflow(spec, progress=False)
-    ledger = wr.read_ledger(spec.ledger)
+    ledger = read_ledger(spec.ledger)
     assert [r["run_id"] for r in ledger] == [r1["run_id"], r2["run_id"]] and r1["run_id"] != r2["run_id"]
     assert ledger[1]["steps"]["precompute"]["processed"] == 0 and ledger[1]["steps"]["finetune"]["skipped"] == 2
     assert ledger[1]["steps"]["restyle"]["processed"] == 0
@@ -217,15 +218,15 @@ def test_run_exit_codes_item_errors_failed_prompt_and_abort(tmp_path, fake_steps
     state["ft_failed"], state["restyle_raises"] = set(), AbortedError("1 shard(s) failed")
     with pytest.raises(AbortedError):
         wr.run_workflow(spec, progress=False)
-    last = wr.read_ledger(spec.ledger)[-1]
+    last = read_ledger(spec.ledger)[-1]
     assert (last["exit_code"], last["status"], last["error"]) == (3, "aborted", "1 shard(s) failed")
     assert last["steps"]["restyle"]["status"].startswith("failed: 1 shard(s) failed")
     assert "verify" not in last["steps"]
     state["restyle_raises"] = ConfigError("bad model")
     with pytest.raises(ConfigError):
         wr.run_workflow(spec, progress=False)
-    assert wr.read_ledger(spec.ledger)[-1]["exit_code"] == 1
-    assert len(wr.read_ledger(spec.ledger)) == 4
+    assert read_ledger(spec.ledger)[-1]["exit_code"] == 1
+    assert len(read_ledger(spec.ledger)) == 4
 
 
 def test_missing_local_paths_stop_the_run_before_any_step(tmp_path, fake_steps):
@@ -236,8 +237,8 @@ def test_missing_local_paths_stop_the_run_before_any_step(tmp_path, fake_steps):
     (tmp_path / "base").mkdir()
     with pytest.raises(ConfigError, match="finetune.clip_weights: /no/such/clip.safetensors not found"):
         wr.run_workflow(spec, progress=False)
-    assert calls == [] and [r["exit_code"] for r in wr.read_ledger(spec.ledger)] == [1, 1]
-    assert wr.read_ledger(spec.ledger)[0]["status"] == "config_error"
+    assert calls == [] and [r["exit_code"] for r in read_ledger(spec.ledger)] == [1, 1]
+    assert read_ledger(spec.ledger)[0]["status"] == "config_error"
 
 
 def test_report_step_calls_write_report_when_available(tmp_path, fake_steps, monkeypatch):

@@ -1,14 +1,15 @@
 """Faults that tests inject into fine-tuning, as callbacks (production code has no fault hooks).
 
-In-process a test passes a callback to ``finetune(callbacks=[...])``. In Ray Train workers it names a
-factory here in ``FinetuneManyJob.callbacks`` (``'train_faults:fail_once {"after_batches": 3, ...}'``);
-the workers import this module by name, so the test starts Ray with :func:`worker_pythonpath` as
-``PYTHONPATH`` (the raylet and its workers inherit the driver's environment).
+In-process a test passes a callback to ``finetune(callbacks=[...])``. On Ray Train it patches, in the
+driver, the Train loop that finetune-many hands each run (``dclip_ray.pipeline.finetune_many.train_loop``)
+with :func:`failing_loop` (:func:`inject_failure`); the Train workers import this module by name, so the
+test starts Ray with :func:`worker_pythonpath` as ``PYTHONPATH`` (the raylet and its workers inherit the
+driver's environment).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 from pathlib import Path
 
@@ -45,11 +46,26 @@ class FailOnce(Callback):
         raise RuntimeError(f"injected failure after {self.seen} batches (step {state.step})")
 
 
-def fail_once(after_batches: int, flag: str, prompt: str | None = None) -> FailOnce:
-    """The factory named in ``FinetuneManyJob.callbacks``: see :class:`FailOnce`."""
-    return FailOnce(after_batches, flag, prompt)
+def failing_loop(run, after_batches: int, flag: str, prompt: str | None = None) -> None:
+    """finetune-many's own Train loop with a :class:`FailOnce` among the run's callbacks (in the worker)."""
+    import dclip_ray.pipeline.finetune_many as fm
+
+    real = fm.train_run
+
+    def with_fault(r, checkpoint_dir, callbacks, save=True):
+        return real(r, checkpoint_dir, [*callbacks, FailOnce(after_batches, flag, prompt)], save)
+
+    fm.train_run = with_fault
+    try:
+        fm.train_loop(run)
+    finally:
+        fm.train_run = real
 
 
-def fail_once_spec(after_batches: int, flag: str | Path, prompt: str | None = None) -> str:
-    """The ``"module:factory {json}"`` string of :func:`fail_once` for ``FinetuneManyJob.callbacks``."""
-    return "train_faults:fail_once " + json.dumps({"after_batches": after_batches, "flag": str(flag), "prompt": prompt})
+def inject_failure(monkeypatch, after_batches: int, flag: str | Path, prompt: str | None = None) -> None:
+    """Make finetune-many's Train runs fail once (see :class:`FailOnce`), by patching the loop the driver
+    hands them."""
+    import dclip_ray.pipeline.finetune_many as fm
+
+    monkeypatch.setattr(fm, "train_loop", functools.partial(failing_loop, after_batches=after_batches,
+                                                            flag=str(flag), prompt=prompt))

@@ -77,16 +77,3 @@ def mix_example(a: str, b: str) -> str:
 or, instead of the constant gamma, weights that change over the steps t (1000 = noise, 0 = image):
   gamma: {{type: ramp, start: {{t: 500, weights: [1, 0]}}, end: {{t: 0, weights: [0, 1]}}}}   (linear between)
   gamma: {{type: piecewise, table: {{300: [1, 0], 0: [0.3, 0.7]}}}}   (at t the largest threshold <= t applies)"""
-
-
-QUIET_HELP = ("No progress output (a bar on a terminal; off a terminal, one plain line on stderr every 30 s at most "
-              "and at least every minute; none with --json).")
-TRUST_HELP = ("Allow checkpoints that can run code when loaded (pickles beyond tensors, TorchScript): "
-              "trusted files only.")
-"""The help of ``--trust-checkpoint``, one text for every command that loads a model."""
-
-
-def progress_wanted(as_json: bool, quiet: bool) -> bool:
-    """Progress for long work unless ``--quiet`` or ``--json``: a bar on a terminal, plain lines off it
-    (:func:`dclip_ray.progress.progress` decides which)."""
-    return not (as_json or quiet)

@@ -9,14 +9,14 @@ import typer
 from rich.table import Table
 
 from dclip_ray import plain
-from dclip_ray.config import QualityCheck, RestyleSettings, resolve_finetune_config
+from dclip_ray.config import QualityCheck, RestyleSettings, RunOptions, resolve_finetune_config
 from dclip_ray.jobs import FinetuneJob, LatentOptimJob, run_finetune, run_latent_optim
 from dclip_ray.models import get_preset, is_preset, trust_scope
 from dclip_ray.stages.edit import EditJob, run_edit
 
-from .common import QUIET_HELP, TRUST_HELP, app, mix_example, progress_wanted
-from .pipeline import FACE_SCORE_HELP, SCORE_CLIP_HELP, print_scores
-from .settings import config_options, finetune_options
+from .common import app, mix_example
+from .pipeline import print_scores
+from .settings import NO_OPTIONS, config_options, finetune_options, run_options
 from .terminal import to_stderr, to_stdout
 
 
@@ -100,52 +100,49 @@ Real model:
     --source face --target "angry face" --images faces/ --out ft/angry --t0 500""")
 @finetune_options()
 @config_options(QualityCheck, "quality")
+@run_options("preset", "clip", "clip_weights", "face_weights", "score_clip", "score_clip_weights", "trust_checkpoint",
+             "address", "as_json", "verbose", "quiet",
+             helps={"face_weights": "InceptionResnetV1 weights for the identity loss (--id > 0).",
+                    "score_clip": "--search / --restarts: a CLIP the loss does not use, for comparing the "
+                                  "fine-tunings (default: the loss's).",
+                    "address": "--search / --restarts: Ray cluster address (default: $RAY_ADDRESS, else an "
+                               "embedded local Ray)."})
 def finetune(
     model: str = typer.Option(..., help="Base UNet: preset name (toy_shapes), diffusers folder, .ckpt/.pt or URL."),
     source: str = typer.Option(..., help="Source text, e.g. 'face'."),
     target: str = typer.Option(..., help="Target text, e.g. 'angry face'."),
     images: str = typer.Option(..., help="Training images: folder, .tar shard(s), brace list or glob; local or URL."),
     out: str = typer.Option(..., help="Output folder (diffusers format + dclip.json)."),
-    preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint (models list)."),
-    clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
-    clip_weights: str = typer.Option(None, help="Local CLIP weights file (required for non-bundled CLIPs)."),
-    face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (--id > 0)."),
     checkpoint_dir: str = typer.Option(None, help="Checkpoint here every epoch and resume from it."),
     tensorboard: str = typer.Option(None, help="Also log every step's losses and the lr to TensorBoard files here."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
-    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
     search: bool = typer.Option(False, "--search", help="Search t0, lr and the L1 and edge weights around the recipe with Ray Tune (each at every --restarts seed), ranked by the judge-free score of each model's edits of the --check-images held-aside images; the best is kept (every trial recorded in the model card). Short for --search-trials 8."),
-    score_clip: str = typer.Option(None, help="--search / --restarts: a CLIP the loss does not use, for comparing the fine-tunings (default: the loss's)."),
-    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
     cpus_per_trial: float = typer.Option(1.0, help="--search / --restarts: CPUs each fine-tuning holds (they run in parallel as CPUs allow)."),
-    address: str = typer.Option(None, help="--search / --restarts: Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."),
     settings: dict[str, Any] | None = None,
     quality: dict[str, Any] | None = None,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Fine-tune a diffusion model so that its generations move SOURCE -> TARGET (one prompt)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
-    p = get_preset(preset or model) if is_preset(preset or model) else None
+    logging.basicConfig(level=logging.INFO if opts.verbose else logging.ERROR)
+    p = get_preset(opts.preset or model) if is_preset(opts.preset or model) else None
     if search and not (settings or {}).get("search_trials"):
         settings = {**(settings or {}), "search_trials": 8}
     cfg = resolve_finetune_config(source, target, settings, preset=p)
-    job = FinetuneJob(model=model, images=images, out=out, preset=preset,
-                      clip=clip, clip_weights=clip_weights, face_weights=face_weights,
+    job = FinetuneJob(model=model, images=images, out=out, preset=opts.preset,
+                      clip=opts.clip, clip_weights=opts.clip_weights, face_weights=opts.face_weights,
                       checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard, train=cfg,
                       check=QualityCheck(**(quality or {})))
-    with trust_scope(trust_checkpoint):
+    with trust_scope(opts.trust_checkpoint):
         if cfg.search_trials > 1 or cfg.restarts > 1:
             from dclip_ray.pipeline.search import SearchJob, finetune_trials
 
             sjob = SearchJob(model=model, trials=cfg.search_trials, cpus_per_trial=cpus_per_trial,
-                             seed=cfg.seed, preset=preset, clip=clip, clip_weights=clip_weights,
-                             score_clip=score_clip, score_clip_weights=score_clip_weights, check=job.check,
-                             address=address, verbose=verbose)
-            summary = finetune_trials(job, sjob, progress=progress_wanted(as_json, quiet))
+                             seed=cfg.seed, preset=opts.preset, clip=opts.clip, clip_weights=opts.clip_weights,
+                             score_clip=opts.score_clip, score_clip_weights=opts.score_clip_weights,
+                             check=job.check, address=opts.address, verbose=opts.verbose)
+            summary = finetune_trials(job, sjob, progress=opts.progress)
         else:
-            summary = run_finetune(job, progress=progress_wanted(as_json, quiet))
-    raise typer.Exit(_emit(summary, as_json, f"fine-tuned {source!r} -> {target!r}"))
+            summary = run_finetune(job, progress=opts.progress)
+    raise typer.Exit(_emit(summary, opts.as_json, f"fine-tuned {source!r} -> {target!r}"))
 
 
 @app.command(epilog="""Example: dclip-ray edit --model toy_shapes --finetuned ft/blue --images toy/ --out edited/ --grid\n
@@ -153,46 +150,39 @@ Half-strength edit: add --strength 0.5; more steps: --n-gen 40 (the paper's test
 Two attributes at once (eq. 14): dclip-ray edit --model toy_shapes --mix mix.yaml --images toy/ --out both/\n
 """ + mix_example("ft/blue", "ft/square"))
 @config_options(RestyleSettings, "settings", exclude=("image_format", "route"))
+@run_options("preset", "face_weights", "score_clip", "score_clip_weights", "trust_checkpoint", "as_json", "verbose",
+             "quiet", helps={"preset": "Architecture preset for a raw base checkpoint."})
 def edit(
     model: str = typer.Option(..., help="The ORIGINAL base UNet (used for inversion)."),
     finetuned: str = typer.Option(None, help="Fine-tuned model folder (from `dclip-ray finetune`)."),
     images: str = typer.Option(..., help="Images: folder, .tar shard(s), brace list or glob; local or URL."),
     out: str = typer.Option(..., help="Output folder for {key}.png (and grid.png)."),
     mix: str = typer.Option(None, help="Instead of --finetuned: a mix YAML (models + gamma(t), eq. 14)."),
-    preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     grid: bool = typer.Option(False, help="Also write a before/after grid.png."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
-    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
-    score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
-    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
-    face_weights: str = typer.Option(None, help=FACE_SCORE_HELP),
     settings: dict[str, Any] | None = None,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Edit images with a fine-tuned model: invert with the original, generate with the fine-tuned one
     (the restyle unit of work on this machine: same manifests, resume and exactly-once)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
-    job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=preset,
-                  settings=RestyleSettings(**(settings or {})), grid=grid, score_clip=score_clip,
-                  score_clip_weights=score_clip_weights, face_weights=face_weights)
-    with trust_scope(trust_checkpoint):
-        summary = run_edit(job, progress=progress_wanted(as_json, quiet))
-    raise typer.Exit(_emit(summary, as_json, "edit"))
+    logging.basicConfig(level=logging.INFO if opts.verbose else logging.ERROR)
+    job = EditJob(model=model, finetuned=finetuned, mix=mix, images=images, out=out, preset=opts.preset,
+                  settings=RestyleSettings(**(settings or {})), grid=grid, score_clip=opts.score_clip,
+                  score_clip_weights=opts.score_clip_weights, face_weights=opts.face_weights)
+    with trust_scope(opts.trust_checkpoint):
+        summary = run_edit(job, progress=opts.progress)
+    raise typer.Exit(_emit(summary, opts.as_json, "edit"))
 
 
 @app.command("latent-optim", epilog="""Example (the first --limit images, 8 unless told otherwise):\n
   dclip-ray latent-optim --model toy_shapes --source "red circle" --target "blue circle" \\
     --images toy/ --out lo/ --grid""")
+@run_options("preset", "clip", "clip_weights", "trust_checkpoint", "as_json", "verbose", "quiet")
 def latent_optim(
     model: str = typer.Option(..., help="Base UNet (kept frozen)."),
     source: str = typer.Option(..., help="Source text."),
     target: str = typer.Option(..., help="Target text."),
     images: str = typer.Option(..., help="Images: folder, .tar shard(s); local or URL."),
     out: str = typer.Option(..., help="Output folder."),
-    preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
-    clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
-    clip_weights: str = typer.Option(None, help="Local CLIP weights file."),
     t0: int = typer.Option(None, help="Return step (default: the preset's)."),
     n_inv: int = typer.Option(40, help="Inversion steps."),
     n_gen: int = typer.Option(6, help="Generation steps (with gradients)."),
@@ -201,16 +191,13 @@ def latent_optim(
     l1: float = typer.Option(1.0, help="Weight of the L1 loss."),
     limit: int = typer.Option(8, help="Images to optimise."),
     grid: bool = typer.Option(False, help="Also write grid.png."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show warnings and library logs."),
-    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """The paper's baseline (Figure 9): optimise each image's latent x_t0 with the CLIP loss, model frozen."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR)
-    job = LatentOptimJob(model=model, source=source, target=target, images=images, out=out, preset=preset,
-                         clip=clip, clip_weights=clip_weights, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
+    logging.basicConfig(level=logging.INFO if opts.verbose else logging.ERROR)
+    job = LatentOptimJob(model=model, source=source, target=target, images=images, out=out, preset=opts.preset,
+                         clip=opts.clip, clip_weights=opts.clip_weights, t0=t0, n_inv_steps=n_inv, n_gen_steps=n_gen,
                          iterations=iterations, lr=lr, w_l1=l1, limit=limit, grid=grid)
-    with trust_scope(trust_checkpoint):
-        summary = run_latent_optim(job, progress=progress_wanted(as_json, quiet))
-    raise typer.Exit(_emit(summary, as_json, "latent optimisation"))
+    with trust_scope(opts.trust_checkpoint):
+        summary = run_latent_optim(job, progress=opts.progress)
+    raise typer.Exit(_emit(summary, opts.as_json, "latent optimisation"))

@@ -6,7 +6,10 @@ from typing import Annotated
 
 import typer
 
+from dclip_ray.config import RunOptions
+
 from .common import app
+from .settings import NO_OPTIONS, run_options
 from .terminal import to_stdout
 
 models_app = typer.Typer(help="Model presets (UNet and CLIP) and where to get their checkpoints.", no_args_is_help=True)
@@ -14,7 +17,8 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON.")] = False) -> None:
+@run_options("as_json", helps={"as_json": "Print the presets as JSON."})
+def list_cmd(opts: RunOptions = NO_OPTIONS) -> None:
     """Show the model presets, with where to get each checkpoint."""
     import json
 
@@ -22,7 +26,7 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print the pre
 
     from dclip_ray.models import get_preset, list_presets
 
-    if as_json:
+    if opts.as_json:
         rows = []
         for name in list_presets():
             p = get_preset(name)
@@ -46,14 +50,15 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print the pre
 
 
 @app.command("convert")
+@run_options("preset", "trust_checkpoint", helps={
+    "preset": "Architecture preset name or preset .yaml (see `dclip-ray models list`)."})
 def convert_cmd(
     src: Annotated[str, typer.Argument(help="checkpoint: ddim-format .ckpt, ADM .pt, .safetensors, or a diffusers folder / URL")],
     out: Annotated[str, typer.Option("--out", help="output folder (new or empty): diffusers UNet2DModel + scheduler_config.json")],
-    preset: Annotated[str | None, typer.Option("--preset", help="architecture preset name or preset .yaml (see `dclip-ray models list`)")] = None,
-    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="allow pickles holding more than tensors (runs code: trusted files only)")] = False,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Convert a UNet checkpoint into a diffusers folder that plain `UNet2DModel.from_pretrained` loads."""
     from dclip_ray.models import convert_checkpoint
 
-    path = convert_checkpoint(src, preset, out, trust_checkpoint=trust_checkpoint)
+    path = convert_checkpoint(src, opts.preset, out, trust_checkpoint=opts.trust_checkpoint)
     typer.echo(f"wrote {path}")

@@ -14,14 +14,20 @@ import typer
 from rich.table import Table
 
 from dclip_ray import plain
-from dclip_ray.config import PrecomputeConfig, QualityCheck, Resources, RestyleSettings, TrainingSets
+from dclip_ray.config import (
+    PrecomputeConfig,
+    QualityCheck,
+    Resources,
+    RestyleSettings,
+    RunOptions,
+    TrainingSets,
+)
 from dclip_ray.models.trust import trust_scope
 
-from .common import QUIET_HELP, TRUST_HELP, app, mix_example, progress_wanted
-from .settings import config_options, finetune_options
+from .common import app, mix_example
+from .settings import NO_OPTIONS, config_options, finetune_options, run_options
 from .terminal import to_stderr, to_stdout
 
-ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
 FACE_SCORE_HELP = ("Local InceptionResnetV1 weights (facenet-pytorch, VGGFace2): each edit's scores gain the "
                    "identity cosine of the face before and after (faces).")
 SCORE_CLIP_HELP = ("CLIP that scores every edit per image in the manifest (default: the one the models were "
@@ -49,29 +55,25 @@ def _fmt(v: Any) -> str:
   dclip-ray precompute --model toy_shapes --input toy/ --t0 500 --n-inv 40 --out latents/""")
 @config_options(PrecomputeConfig, "settings")
 @config_options(Resources, "resources", only=("cpus_per_task", "gpus_per_task"))
+@run_options("preset", "trust_checkpoint", "address", "as_json", "verbose", "quiet")
 def precompute(
     model: str = typer.Option(..., help="The ORIGINAL base UNet: preset name, diffusers folder, checkpoint or URL."),
     input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
     out: str = typer.Option(..., help="Latent store root (local folder or fsspec URL)."),
-    preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
-    address: str = typer.Option(None, help=ADDRESS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show Ray's own logs."),
-    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Invert every image with the original model once and cache the latents (one Ray task per shard)."""
-    _setup(verbose)
+    _setup(opts.verbose)
     from dclip_ray.pipeline.precompute import PrecomputeJob, run_precompute
 
     job = PrecomputeJob(model=model, input=input, out=out, config=PrecomputeConfig(**(settings or {})),
-                        resources=Resources(**(resources or {})), preset=preset, address=address, verbose=verbose,
-                        trust_checkpoint=trust_checkpoint)
-    with trust_scope(trust_checkpoint):
-        s = run_precompute(job, progress=progress_wanted(as_json, quiet))
-    if as_json:
+                        resources=Resources(**(resources or {})), preset=opts.preset, address=opts.address,
+                        verbose=opts.verbose, trust_checkpoint=opts.trust_checkpoint)
+    with trust_scope(opts.trust_checkpoint):
+        s = run_precompute(job, progress=opts.progress)
+    if opts.as_json:
         print(plain.dumps(s))
     else:
         t = Table(title=f"latents -> {s['store']}")
@@ -108,41 +110,35 @@ def _print_unreadable(unreadable: dict[str, str]) -> None:
 @config_options(TrainingSets, "selection")
 @config_options(QualityCheck, "quality")
 @config_options(Resources, "resources", only=("cpus_per_prompt", "gpus_per_prompt", "max_failures", "max_concurrent"))
+@run_options("preset", "clip", "clip_weights", "face_weights", "trust_checkpoint", "address", "as_json", "verbose",
+             "quiet", helps={"face_weights": "InceptionResnetV1 weights for the identity loss (lines with id > 0)."})
 def finetune_many(
     prompts: str = typer.Argument(..., help="Prompt file: one 'SOURCE -> TARGET key=value ...' or preset per line."),
     model: str = typer.Option(..., help="The base UNet (preset name, folder, checkpoint or URL)."),
     out: str = typer.Option(..., help="Output root: one fine-tuned model folder per prompt name."),
     latents: str = typer.Option(None, help="Latent store root from `dclip-ray precompute` (images are re-read from the shards it names)."),
     images: str = typer.Option(None, help="Training images (used to invert when no cached latents match)."),
-    preset: str = typer.Option(None, help="Architecture preset for a raw checkpoint."),
-    clip: str = typer.Option(None, help="CLIP preset or open_clip name (default: the model preset's)."),
-    clip_weights: str = typer.Option(None, help="Local CLIP weights file."),
-    face_weights: str = typer.Option(None, help="InceptionResnetV1 weights for the identity loss (lines with id > 0)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
-    address: str = typer.Option(None, help=ADDRESS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show Ray's own logs."),
-    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     quality: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Fine-tune one model per prompt line on Ray Train, several at once; resumable. Each prompt trains on
     the first n_train images that match its SOURCE (by caption, else zero-shot CLIP; a line's images=
     gives its own). Each fine-tuning option is the default of every line; a line's own key=value wins (see
     the option's 'prompt line' name)."""
-    _setup(verbose)
+    _setup(opts.verbose)
     from dclip_ray.pipeline.finetune_many import FinetuneManyJob, run_finetune_many
 
-    job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=preset,
-                          clip=clip, clip_weights=clip_weights, face_weights=face_weights,
+    job = FinetuneManyJob(prompts=prompts, model=model, out=out, latents=latents, images=images, preset=opts.preset,
+                          clip=opts.clip, clip_weights=opts.clip_weights, face_weights=opts.face_weights,
                           settings=dict(settings or {}), training_sets=TrainingSets(**(selection or {})),
                           check=QualityCheck(**(quality or {})), resources=Resources(**(resources or {})),
-                          address=address, verbose=verbose)
-    with trust_scope(trust_checkpoint):
-        s = run_finetune_many(job, progress=progress_wanted(as_json, quiet))
-    if as_json:
+                          address=opts.address, verbose=opts.verbose)
+    with trust_scope(opts.trust_checkpoint):
+        s = run_finetune_many(job, progress=opts.progress)
+    if opts.as_json:
         print(plain.dumps(s))
     else:
         t = Table(title="finetune-many")
@@ -178,6 +174,12 @@ def _read_mix(path: str) -> dict[str, Any]:
 """ + mix_example("models/blue", "models/green"))
 @config_options(RestyleSettings, "settings")
 @config_options(Resources, "resources", only=("actors", "cpus_per_actor", "gpus_per_actor", "shard_timeout"))
+@run_options("preset", "clip", "clip_weights", "score_clip", "score_clip_weights", "face_weights", "trust_checkpoint",
+             "address", "as_json", "verbose", "quiet", helps={
+                 "clip": "CLIP that routes uncaptioned images with --route source (default: the one the models were "
+                         "fine-tuned with).",
+                 "preset": "Architecture preset for a raw base checkpoint.",
+                 "score_clip": SCORE_CLIP_HELP, "face_weights": FACE_SCORE_HELP})
 def restyle(
     input: str = typer.Option(..., "--input", help="Input shards: folder, .tar, brace list or glob; local or fsspec URL."),
     out: str = typer.Option(..., help="Output root (local folder or fsspec URL)."),
@@ -185,48 +187,38 @@ def restyle(
                                     "share one copy of the base per actor); repeat for several (one output each, "
                                     "out/NAME, whatever their number)."),
     mix: str = typer.Option(None, help="YAML with 'models: (dirs)' and a 'gamma' spec (one mixed output, out/mix)."),
-    clip: str = typer.Option(None, help="CLIP that routes uncaptioned images with --route source (default: the "
-                             "one the models were fine-tuned with)."),
-    clip_weights: str = typer.Option(None, help="Local weights of --clip."),
-    score_clip: str = typer.Option(None, help=SCORE_CLIP_HELP),
-    score_clip_weights: str = typer.Option(None, help="Local weights of --score-clip."),
-    face_weights: str = typer.Option(None, help=FACE_SCORE_HELP),
     base: str = typer.Option(None, help="The ORIGINAL base UNet (default: the one named in the models' dclip.json; "
                              "a LoRA adapter of another base is refused)."),
-    preset: str = typer.Option(None, help="Architecture preset for a raw base checkpoint."),
     latents: str = typer.Option(None, help="Latent store root, or the key folder precompute printed (cached inversions "
                                 "are used when their key and the image bytes match; a miss is reported)."),
     require_latents: bool = typer.Option(False, "--require-latents", help="Fail (exit 1, nothing started) unless "
                                          "--latents holds current latents for every shard to restyle."),
     dry_run: bool = typer.Option(False, help="Print the shards, images and UNet evaluations it would run; write nothing."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
-    address: str = typer.Option(None, help=ADDRESS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-    verbose: bool = typer.Option(False, help="Show Ray's own logs."),
-    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     settings: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Restyle a dataset with fine-tuned model(s) on Ray Data; every input key ends up exactly once in the
     output shards or as an error row of the manifests."""
-    _setup(verbose)
+    _setup(opts.verbose)
     from dclip_ray.pipeline.restyle import RestyleJob, plan, run_restyle
     from dclip_ray.stages.restyle_config import build_restyle_config
 
     rs, res = RestyleSettings(**(settings or {})), Resources(**(resources or {}))
     cfg = build_restyle_config(out, models=list(model or []) or None, base=base, mix=_read_mix(mix) if mix else None,
-                               preset=preset, settings=rs, latents=latents, trust_checkpoint=trust_checkpoint,
-                               clip=clip, clip_weights=clip_weights, score_clip=score_clip,
-                               score_clip_weights=score_clip_weights, face_weights=face_weights)
+                               preset=opts.preset, settings=rs, latents=latents,
+                               trust_checkpoint=opts.trust_checkpoint, clip=opts.clip, clip_weights=opts.clip_weights,
+                               score_clip=opts.score_clip, score_clip_weights=opts.score_clip_weights,
+                               face_weights=opts.face_weights)
     job = RestyleJob(config=cfg, input=input, limit=rs.limit, actors=res.actors, cpus_per_actor=res.cpus_per_actor,
-                     gpus_per_actor=res.gpus_per_actor, address=address, verbose=verbose,
+                     gpus_per_actor=res.gpus_per_actor, address=opts.address, verbose=opts.verbose,
                      shard_timeout=res.shard_timeout, require_latents=require_latents)
-    with trust_scope(trust_checkpoint):
+    with trust_scope(opts.trust_checkpoint):
         if dry_run:
-            _print_plan(plan(job), as_json)
+            _print_plan(plan(job), opts.as_json)
             raise typer.Exit(0)
-        s = run_restyle(job, progress=progress_wanted(as_json, quiet))
-    raise typer.Exit(_print_restyle(s, as_json))
+        s = run_restyle(job, progress=opts.progress)
+    raise typer.Exit(_print_restyle(s, opts.as_json))
 
 
 def print_scores(scores: dict[str, dict[str, Any]], as_json: bool) -> None:
@@ -303,18 +295,19 @@ def _print_restyle(s: dict[str, Any], as_json: bool) -> int:
 
 
 @app.command(epilog="Example: dclip-ray verify restyled/ --input toy/")
+@run_options("address", "as_json", helps={
+    "address": "A Ray cluster: one verify task per input shard there (default: $RAY_ADDRESS, else threads in this "
+               "process).", "as_json": "Print a machine-readable report."})
 def verify(
     out: str = typer.Argument(..., help="Output root of a restyle (or of one of its models)."),
     input: str = typer.Option(..., "--input", help="The input the restyle read."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
-    address: str = typer.Option(None, "--address", help="A Ray cluster: one verify task per input shard there "
-                                "(default: $RAY_ADDRESS, else threads in this process)."),
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Check that every input key is exactly once in the output or the error manifest (exit 2 if not)."""
     from dclip_ray.pipeline.verify import run_verify
 
-    r = run_verify(out, input, address)
-    if as_json:
+    r = run_verify(out, input, opts.address)
+    if opts.as_json:
         print(json.dumps(r.as_dict(), indent=2, default=str))
     else:
         n = sum(s.get("n", 0) for s in r.shards)

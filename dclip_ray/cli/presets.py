@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from dclip_ray.config import RunOptions
 from dclip_ray.settings import settings_of
 
 from .common import app
+from .settings import NO_OPTIONS, run_options
 from .terminal import to_stdout
 
 presets_app = typer.Typer(
@@ -20,11 +22,12 @@ app.add_typer(presets_app, name="presets")
 
 
 @presets_app.command("list")
+@run_options("as_json", helps={"as_json": "Print a JSON list instead of a table."})
 def list_cmd(
     domain: Annotated[
         str | None, typer.Option("--domain", help="only this domain: face, dog, church, bedroom, imagenet or toy"),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of a table")] = False,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Show the edit presets. A prompt-file line holding just a preset name (e.g. `pixar`) expands to it.
 
@@ -35,7 +38,7 @@ def list_cmd(
     from dclip_ray.prompts import list_edit_presets
 
     presets = list_edit_presets(domain)
-    if as_json:
+    if opts.as_json:
         typer.echo(json.dumps([p.model_dump() for p in presets], indent=2))
         return
     from rich.table import Table
@@ -56,9 +59,10 @@ def list_cmd(
 
 
 @presets_app.command("show")
+@run_options("as_json", helps={"as_json": "Print JSON instead of text."})
 def show_cmd(
     name: Annotated[str, typer.Argument(help="preset name, e.g. pixar (see `dclip-ray presets list`)")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Show one edit preset in full: prompt pair, base model, notes, and every fine-tuning setting a
     prompt line naming it trains with (its t0 and recipe, the base model preset's, the defaults).
@@ -74,7 +78,7 @@ def show_cmd(
     base = get_preset(p.model) if p.model and is_preset(p.model) else None
     cfg = resolve_finetune_config(p.source, p.target, preset=base, edit_preset=p)
     resolved = {s.prompt: getattr(cfg, s.name) for s in settings_of(type(cfg)) if s.prompt}
-    if as_json:
+    if opts.as_json:
         typer.echo(json.dumps({**p.model_dump(), "settings": resolved}, indent=2))
         return
     t0_from = {"checkpoint": "released checkpoint", "readme": "official README default", "ours": "this project"}[p.t0_from]
@@ -107,7 +111,8 @@ app.add_typer(recipes_app, name="recipes")
 
 
 @recipes_app.command("list")
-def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False) -> None:
+@run_options("as_json", helps={"as_json": "Print JSON instead of text."})
+def recipes_list(opts: RunOptions = NO_OPTIONS) -> None:
     """Show the recipes: name, what each is for and its settings (prompt-line keys).
 
     Example:
@@ -116,7 +121,7 @@ def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="print JSO
     from dclip_ray.recipes import list_recipes
 
     recipes = list_recipes()
-    if as_json:
+    if opts.as_json:
         typer.echo(json.dumps([{"name": r.name, "help": r.help, "tuned_on": r.tuned_on, "settings": r.settings}
                                for r in recipes], indent=2))
         return
@@ -126,9 +131,10 @@ def recipes_list(as_json: Annotated[bool, typer.Option("--json", help="print JSO
 
 
 @recipes_app.command("show")
+@run_options("as_json", helps={"as_json": "Print JSON instead of text."})
 def recipes_show(
     name: Annotated[str, typer.Argument(help="recipe name, e.g. colour (see `dclip-ray recipes list`)")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
+    opts: RunOptions = NO_OPTIONS,
 ) -> None:
     """Show one recipe: what it is for, where its values come from, and its settings.
 
@@ -140,7 +146,7 @@ def recipes_show(
 
     r = get_recipe(name)
     recipe_settings(name)  # checked by the declared rules
-    if as_json:
+    if opts.as_json:
         typer.echo(json.dumps({"name": r.name, "help": r.help, "tuned_on": r.tuned_on, "settings": r.settings},
                               indent=2))
         return

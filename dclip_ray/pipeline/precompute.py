@@ -5,20 +5,16 @@ resize policy, dtype). Committed shards are skipped; a changed key writes to ano
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import ray
 
-from dclip_ray.config import PrecomputeConfig, Resources
 from dclip_ray.errors import AbortedError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import new_owner
-from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.sources import STAT_PREFIX
-from dclip_ray.models.cache import cached_base
 from dclip_ray.progress import progress as progress_counter
-from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import (
     await_leased,
     device_for,
@@ -28,29 +24,12 @@ from dclip_ray.stages.common import (
     unreadable_shards,
 )
 from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, io_threads, parallel_map
-from dclip_ray.stages.precompute import precompute_shard, skipped_result
+from dclip_ray.stages.precompute import PrecomputeJob, check_job, latent_key, precompute_shard, skipped_result
 from dclip_ray.urls import redact
 
 from .runtime import init_ray
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrecomputeJob:
-    """Arguments of `dclip-ray precompute` (see its --help): where, the :class:`PrecomputeConfig` (how),
-    the :class:`Resources` (``cpus_per_task``/``gpus_per_task``) and which Ray."""
-
-    model: str
-    input: str
-    out: str
-    config: PrecomputeConfig = field(default_factory=PrecomputeConfig)
-    resources: Resources = field(default_factory=Resources)
-    preset: str | None = None
-    address: str | None = None
-    num_cpus: int | None = None
-    verbose: bool = False
-    trust_checkpoint: bool = False
 
 
 @ray.remote(max_retries=3)
@@ -61,23 +40,6 @@ def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str, 
     return precompute_shard(job.model, job.preset, shard, path, job.out, key, job.config.batch_size,
                             job.config.recon_psnr,
                             device, job.trust_checkpoint, fingerprint, owner).as_dict()
-
-
-def latent_key(job: PrecomputeJob) -> LatentKey:
-    """The key of this job's latents (loads the base model once in the driver to hash it)."""
-    base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
-    c = job.config
-    return LatentKey(base.sha256, c.t0, c.n_inv_steps, base.resolution, c.resize_policy, c.dtype)  # type: ignore[arg-type]
-
-
-def check_job(job: PrecomputeJob) -> None:
-    """Validate every argument before work starts (also what ``--dry-run``-style checks run): the store
-    is a folder outside the input and the model, the step settings fit the model. Raises
-    :class:`ConfigError` (exit 1). The settings themselves were checked when the config was made."""
-    check_out_folder(job.out)
-    check_outputs({"--out": job.out}, {"--input": job.input, "--model": job.model})
-    base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
-    check_steps(base.schedule, job.config.t0, n_inv_steps=job.config.n_inv_steps, batch_size=job.config.batch_size)
 
 
 def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:

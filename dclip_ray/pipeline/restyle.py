@@ -14,19 +14,16 @@ that Ray Data's own tasks are never starved (../shared/REFERENCE.md sec. 5).
 
 from __future__ import annotations
 
-import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
 import ray
 
-from dclip_ray.errors import AbortedError, ConfigError
+from dclip_ray.errors import AbortedError
 from dclip_ray.io.leases import new_owner
-from dclip_ray.io.shards import read_marker, shard_urls
 from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.common import (
     RestyleResult,
@@ -37,91 +34,22 @@ from dclip_ray.stages.common import (
     took_over_warnings,
     unreadable_shards,
 )
-from dclip_ray.stages.inputs import fingerprints, input_shards, io_threads, limit_shards, parallel_map
+from dclip_ray.stages.inputs import io_threads, parallel_map
 from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, score_summary, shard_done
-from dclip_ray.stages.restyle_config import check_restyle, latent_coverage, restyle_plan, write_declaration
+from dclip_ray.stages.restyle_config import restyle_plan, write_declaration
+from dclip_ray.stages.restyle_run import (
+    RestyleJob,
+    check,
+    count_commits_of_this_run,
+    first_cause,
+    marked,
+    pool_size,
+    run_with_timeout,
+    throughput,
+)
 from dclip_ray.urls import redact
 
 from .runtime import check_local_ray, init_ray
-
-
-@dataclass
-class RestyleJob:
-    """Arguments of `dclip-ray restyle` (see its --help) around a :class:`RestyleConfig`.
-
-    ``restyler_factory``: a picklable callable ``config -> ShardRestyler`` (e.g. a subclass) each actor
-    builds its restyler with; None: :class:`ShardRestyler`. An extension point (tests inject faults)."""
-
-    config: RestyleConfig
-    input: str
-    limit: int | None = None
-    actors: int | None = None  # None: from the cluster's resources once Ray is up (:func:`pool_size`)
-    cpus_per_actor: float | None = None
-    gpus_per_actor: float = 0.0
-    address: str | None = None
-    num_cpus: int | None = None
-    verbose: bool = False
-    shard_timeout: float | None = None
-    require_latents: bool = False
-    restyler_factory: Callable[[RestyleConfig], ShardRestyler] | None = None
-
-
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*")
-
-
-def throughput(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """The restyle's rate over the whole job so far: ``{"work_seconds", "images_done", "images_per_s",
-    "unet_evals_per_s", "unet_share"}``, counting the shards this run worked on (not skipped ones) over
-    ``seconds`` of wall time since the workers started (0 when nothing ran); ``unet_share`` is the share
-    of the actors' time on those shards spent inside UNet calls (None when none ran)."""
-    worked = [r for r in results if not r.get("skipped")]
-    images = sum(int(r.get("n_ok", 0)) + int(r.get("n_error", 0)) for r in worked)
-    evals = sum(int(r.get("inv_evals", 0)) + int(r.get("gen_evals", 0)) for r in worked)
-    per = (lambda x: round(x / seconds, 2)) if seconds > 0 else (lambda x: 0.0)
-    busy = sum(float(r.get("seconds", 0.0)) for r in worked)
-    share = round(sum(float(r.get("unet_seconds", 0.0)) for r in worked) / busy, 3) if busy > 0 else None
-    return {"work_seconds": round(seconds, 2), "images_done": images, "images_per_s": per(images),
-            "unet_evals_per_s": per(evals), "unet_share": share}
-
-
-def _first_cause(e: BaseException) -> str:
-    """The original error of a Ray failure as one short line. Ray wraps it in several layers (a Ray Data
-    ``SystemException`` with no text, an ``ActorDiedError`` whose text ends with the worker's traceback);
-    the last ``SomeError: message`` line of the first layer that has one is the cause."""
-    chain: list[BaseException] = []
-    x: BaseException | None = e
-    while x is not None and x not in chain and len(chain) < 10:
-        chain.append(x)
-        x = getattr(x, "cause", None) or x.__cause__ or x.__context__
-    for x in chain:
-        lines = [ln.strip() for ln in str(x).splitlines() if _ERROR_LINE.match(ln.strip())]
-        if lines:  # "dclip_ray.errors.InputFileError: M: no such ..." -> "InputFileError: M: no such ..."
-            return redact(re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1]))[:300]
-    text = next((ln.strip() for x in chain for ln in str(x).splitlines() if ln.strip()), "")
-    return redact(f"{type(e).__name__}: {text}")[:300]
-
-
-def _run_with_timeout(fn: Callable[[], RestyleResult], timeout: float | None) -> RestyleResult | None:
-    """``fn()`` in a daemon thread; its result, or None when it has not returned after ``timeout`` s
-    (the thread is left behind: it dies with the actor). Exceptions propagate."""
-    if timeout is None:
-        return fn()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True, name="restyle-shard")
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        return None
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 class GeneratorActor:
@@ -132,9 +60,9 @@ class GeneratorActor:
     COLUMNS = (*(f.name for f in fields(RestyleResult)), "node", "actor")
 
     def __init__(self, config: RestyleConfig, cpus: float, shard_timeout: float | None = None,
-                 owner: str | None = None, factory: Callable[[RestyleConfig], ShardRestyler] | None = None):
+                 owner: str | None = None, restyler: Callable[[RestyleConfig], ShardRestyler] = ShardRestyler):
         set_threads(cpus)
-        self.restyler = (factory or ShardRestyler)(config)
+        self.restyler = restyler(config)
         self.shard_timeout = shard_timeout
         self.owner = owner
 
@@ -155,50 +83,13 @@ class GeneratorActor:
         """Restyle one shard; a failure or a timeout is reported in the result (the shard stays
         uncommitted; a re-run redoes it)."""
         try:
-            res = _run_with_timeout(lambda: self.restyler.run(shard, path, fingerprint, self.owner), self.shard_timeout)
+            res = run_with_timeout(lambda: self.restyler.run(shard, path, fingerprint, self.owner), self.shard_timeout)
         except Exception as e:  # noqa: BLE001  (the shard stays uncommitted; a re-run redoes it)
             return RestyleResult(shard, failed=redact(f"{type(e).__name__}: {e}"))
         if res is None:
             return RestyleResult(shard, seconds=float(self.shard_timeout or 0),
                                  stuck=f"no result after {self.shard_timeout:g} s (--shard-timeout)")
         return res
-
-
-def check(job: RestyleJob) -> tuple[list[tuple[str, str]], dict[str, str], list[str]]:
-    """Everything the run checks before work starts: the arguments and locations
-    (:func:`~dclip_ray.stages.restyle_config.check_restyle`), the input's shards and their content fingerprints, and what the latent
-    store covers. Returns ``(shards, fingerprints, warnings)``; raises :class:`ConfigError` (exit 1)."""
-    if job.shard_timeout is not None and job.shard_timeout <= 0:
-        raise ConfigError(f"--shard-timeout {job.shard_timeout} must be > 0 seconds")
-    if job.limit is not None and job.limit < 1:
-        raise ConfigError(f"--limit {job.limit} must be >= 1")
-    warnings = check_restyle(job.config, job.input)
-    shards = limit_shards(input_shards(job.input), job.limit)
-    prints = fingerprints(shards, plan=True)  # a local tar's size and time: the driver reads no input byte
-    warnings += latent_coverage(job.config, shards, prints, job.require_latents)
-    return shards, prints, warnings
-
-
-def pool_size(job: RestyleJob, resources: dict[str, Any], n_shards: int | None = None) -> dict[str, Any]:
-    """The actor pool for ``resources`` (``ray.cluster_resources()``: every node of the cluster, never the
-    driver machine's cores): ``{"actors", "max_actors", "cpus_per_actor", "gpus_per_actor", "why",
-    "cluster_cpus", "cluster_gpus"}`` by :meth:`~dclip_ray.config.Resources.restyle_pool`, the one rule of
-    the CLI and the workflow. ``actors`` start at once; on a cluster joined at an address (which may
-    autoscale) without ``--actors``, the pool may grow to ``max_actors`` = one per shard to do
-    (``n_shards``) as nodes join; an embedded Ray or ``--actors`` keeps it at ``actors``."""
-    import os
-
-    from dclip_ray.config import Resources
-
-    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-    rule = Resources(actors=job.actors, cpus_per_actor=job.cpus_per_actor, gpus_per_actor=job.gpus_per_actor)
-    actors, per_actor, why = rule.restyle_pool(cpus, gpus)
-    joined = bool(job.address or os.environ.get("RAY_ADDRESS"))
-    most = max(actors, n_shards or 0) if joined and not job.actors else actors
-    if most > actors:
-        why += f"; may grow to {most} (one per shard to do) as the cluster adds nodes"
-    return {"actors": actors, "max_actors": most, "cpus_per_actor": per_actor, "gpus_per_actor": job.gpus_per_actor,
-            "why": why, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
 def plan(job: RestyleJob) -> dict[str, Any]:
@@ -215,32 +106,6 @@ def plan(job: RestyleJob) -> dict[str, Any]:
     planned = restyle_plan(job.config, shards, prints)
     n_todo = sum(not r["committed"] for r in planned["shards"])
     return {**planned, "pool": pool_size(job, resources, n_todo), "warnings": warnings}
-
-
-def _marked(cfg: RestyleConfig, shard: str) -> tuple[int, int, int]:
-    """``(n_ok, n_error, n_rejected)`` of a committed shard from its markers: keys done in every output
-    (written there or routed away), the most error rows and the most rejected rows of any output;
-    zeros without markers."""
-    marks = [read_marker(shard_urls(v.out, shard)["marker"]) or {} for v in cfg.variants]
-    return (min(m.get("n_ok", 0) + m.get("n_skipped", 0) for m in marks),
-            max(m.get("n_error", 0) for m in marks), max(m.get("n_rejected", 0) for m in marks))
-
-
-def _count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]], todo: set[str]) -> None:
-    """A shard that was uncommitted when the run started but found committed when its turn came was
-    committed during the run: by this run when a node was lost after its commit and before its row came
-    back (Ray retries the row), or by another run that held its lease. Its images count as done in this
-    run's summary, read from its markers (``done_by`` says so), so ``n_images`` does not depend on when
-    a node was lost. A shard whose input was only touched (``unchanged``: the worker found it committed
-    from the same content) was done before the run and is not counted."""
-    for r in results:
-        if r["shard"] in todo and r.get("skipped") and not r.get("n_ok"):
-            n_ok, r["n_error"], r["n_rejected"] = _marked(cfg, r["shard"])
-            if r.get("unchanged"):  # committed before the run, like the shards planned as done: not counted
-                r["done_by"] = "committed before: its input's time or size changed, its content did not"
-            else:
-                r["n_ok"] = n_ok
-                r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
 
 
 def _pool(n: int, most: int) -> Any:
@@ -271,7 +136,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
     committed = [n for (n, _), d in zip(shards, done, strict=True) if d]
     results: list[dict[str, Any]] = [
         RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict()
-        for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: _marked(cfg, n), committed, threads),
+        for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: marked(cfg, n), committed, threads),
                                                       strict=True)]
     pool = None
     if todo:
@@ -279,12 +144,11 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
         pool["actors_started"] = min(pool["actors"], len(todo))
         cfg.device = device_for(job.gpus_per_actor)
         actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
-        factory = job.restyler_factory or ShardRestyler
         ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(GeneratorActor, batch_size=1,
                             fn_constructor_args=(actor_cfg, pool["cpus_per_actor"], job.shard_timeout, new_owner(),
-                                                 factory),
+                                                 ShardRestyler),  # the driver's name: a test patches it here
                             compute=_pool(pool["actors_started"], pool["max_actors"]),
                             num_cpus=pool["cpus_per_actor"], num_gpus=job.gpus_per_actor or None)
         t_work = time.monotonic()
@@ -299,7 +163,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
                 # the workers themselves failed (an actor that cannot load a model deleted after the checks,
                 # a node lost for good): the shards they committed stay, the others are redone by a re-run
                 raise AbortedError(f"the restyle workers stopped after {len(results)} of {len(todo)} shard(s): "
-                                   f"{_first_cause(e)}; committed shards are kept: fix the cause and re-run the same "
+                                   f"{first_cause(e)}; committed shards are kept: fix the cause and re-run the same "
                                    "command to resume") from None
     results.sort(key=lambda r: r["shard"])
     failed = {r["shard"]: r["failed"] for r in results if r.get("failed")}
@@ -311,7 +175,7 @@ def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
             if r["shard"] in leased and r["shard"] not in left:
                 r.update(leased="", skipped=True, done_by="another run")
         leased = left
-    _count_commits_of_this_run(cfg, results, {n for n, _ in todo})
+    count_commits_of_this_run(cfg, results, {n for n, _ in todo})
     if pool:  # what ran, as the shards' rows say: the actors and nodes that returned a shard
         pool["actors_ran"] = len({r["actor"] for r in results if r.get("actor")})
         pool["nodes_ran"] = len({r["node"] for r in results if r.get("node")})

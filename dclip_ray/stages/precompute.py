@@ -11,16 +11,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dclip_ray.config import PrecomputeConfig, Resources
 from dclip_ray.diffusion import generate, invert
 from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import LeaseKeeper
+from dclip_ray.io.locations import check_outputs
 from dclip_ray.io.sources import content_fingerprint, duplicate_reason, shard_stat
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.base import BaseModel
 from dclip_ray.models.cache import cached_base
 from dclip_ray.urls import redact
 
+from .checks import check_out_folder, check_steps
 from .common import CountingEps, PrecomputeResult, lease_text, psnr
 from .inputs import batched, decode_shard, image_sha256
 
@@ -155,3 +158,37 @@ def find_latent_store(root: str, base_sha256: str, t0: int, n_inv_steps: int, re
         if store.committed_shards():
             return store
     return None
+
+
+@dataclass
+class PrecomputeJob:
+    """Arguments of `dclip-ray precompute` (see its --help): where, the :class:`PrecomputeConfig` (how),
+    the :class:`Resources` (``cpus_per_task``/``gpus_per_task``) and which Ray."""
+
+    model: str
+    input: str
+    out: str
+    config: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    resources: Resources = field(default_factory=Resources)
+    preset: str | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    verbose: bool = False
+    trust_checkpoint: bool = False
+
+
+def latent_key(job: PrecomputeJob) -> LatentKey:
+    """The key of this job's latents (loads the base model once in the driver to hash it)."""
+    base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
+    c = job.config
+    return LatentKey(base.sha256, c.t0, c.n_inv_steps, base.resolution, c.resize_policy, c.dtype)  # type: ignore[arg-type]
+
+
+def check_job(job: PrecomputeJob) -> None:
+    """Validate every argument before work starts (also what ``--dry-run``-style checks run): the store
+    is a folder outside the input and the model, the step settings fit the model. Raises
+    :class:`ConfigError` (exit 1). The settings themselves were checked when the config was made."""
+    check_out_folder(job.out)
+    check_outputs({"--out": job.out}, {"--input": job.input, "--model": job.model})
+    base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
+    check_steps(base.schedule, job.config.t0, n_inv_steps=job.config.n_inv_steps, batch_size=job.config.batch_size)

@@ -35,6 +35,7 @@ from dclip_ray.config import (
     QualityCheck,
     Resources,
     RestyleSettings,
+    RunOptions,
     SettingInfo,
     TrainingSets,
     settings_of,
@@ -167,9 +168,6 @@ class _FinetuneBase(_Strict):
     """The fine-tuning job's own fields (not fine-tuning settings)."""
 
     _SECTION = "finetune"
-    clip: str | None = None
-    clip_weights: str | None = None
-    face_weights: str | None = None
 
     def settings(self) -> dict[str, Any]:
         """The fine-tuning settings given here, as ``{FinetuneConfig field: value}`` (unset ones left out)."""
@@ -177,10 +175,10 @@ class _FinetuneBase(_Strict):
 
 
 FinetuneSpec = _section(
-    "FinetuneSpec", _FinetuneBase, [*_of("finetune", Resources), *_of("finetune", TrainingSets),
-                                    *_of("finetune", QualityCheck)],
+    "FinetuneSpec", _FinetuneBase, [*_of("finetune", RunOptions), *_of("finetune", Resources),
+                                    *_of("finetune", TrainingSets), *_of("finetune", QualityCheck)],
     """Defaults of every prompt line (a line's own ``lr=`` ... wins), see `dclip-ray finetune-many`: the job
-fields, the Train resources (``max_failures``, ``max_concurrent``), how training images are chosen
+options (``clip``, ``clip_weights``, ``face_weights``; :class:`dclip_ray.config.RunOptions`), the Train resources (``max_failures``, ``max_concurrent``), how training images are chosen
 (``select``, ``allow_fewer``; :class:`dclip_ray.config.TrainingSets`), the check each model passes
 before its prompt is done (``check_images``, ``min_quality``, ``min_spread``, ``accept_low_quality``;
 :class:`dclip_ray.config.QualityCheck`) and every fine-tuning setting by its
@@ -230,7 +228,6 @@ class OutputsSpec(_Strict):
 
 class _RayBase(_Strict):
     _SECTION = "ray"
-    address: str | None = Field(None, description="default: $RAY_ADDRESS, else an embedded local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray (default: the machine's)")
 
 
@@ -238,13 +235,15 @@ RaySpec = _section("RaySpec", _RayBase, spec_settings("ray"), """Which Ray and h
 work takes (defaults suit a CPU machine; see :class:`~dclip_ray.config.Resources`).""")
 
 
-class WorkflowSpec(_Strict):
-    """A validated workflow spec with every local path absolute (see the module docstring)."""
+class _WorkflowBase(_Strict):
+    """A validated workflow spec with every local path absolute (see the module docstring); its top-level
+    job options (``preset``) are declared in :class:`dclip_ray.config.RunOptions`."""
+
+    _SECTION = ""
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     input: InputSpec
     model: str = Field(..., min_length=1)
-    preset: str | None = None
     prompts: PromptsSpec
     latents: LatentsSpec = LatentsSpec()
     finetune: FinetuneSpec = FinetuneSpec()
@@ -265,7 +264,7 @@ class WorkflowSpec(_Strict):
     # -- derived configs ---------------------------------------------------------------------------------
     def _all(self, cls: type) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for section in (self.input, self.latents, self.finetune, self.restyle, self.ray):
+        for section in (self, self.input, self.latents, self.finetune, self.restyle, self.ray):
             out.update({k: v for k, v in _values(section, cls).items() if k not in out})
         return out
 
@@ -285,6 +284,11 @@ class WorkflowSpec(_Strict):
     def quality_check(self) -> QualityCheck:
         """The check each fine-tuned model passes (``finetune.check_images``, ``min_quality``, ...)."""
         return QualityCheck(**self._all(QualityCheck))
+
+    def run_options(self) -> RunOptions:
+        """The job options a spec sets (``preset``, ``finetune.clip``, ``finetune.clip_weights``,
+        ``finetune.face_weights``, ``ray.address``); the others keep their defaults."""
+        return RunOptions(**self._all(RunOptions))
 
     def resources(self) -> Resources:
         """What each unit of Ray work takes (``ray`` and the resource fields of ``finetune``/``restyle``)."""
@@ -319,3 +323,5 @@ class WorkflowSpec(_Strict):
         """The input shards (``outputs.root/input`` for a toy-world input)."""
         return self.input.url or self._under_root("input")
 
+
+WorkflowSpec = _section("WorkflowSpec", _WorkflowBase, spec_settings(""), _WorkflowBase.__doc__ or "")
