@@ -1,5 +1,6 @@
 """Faults injected into the restyle unit of work by tests, never by production code: subclasses of
-:class:`~dclip_ray.stages.restyle.ShardRestyler` that a test puts in the driver's place of the class the
+:class:`~dclip_ray.stages.restyle.ShardRestyler`, through its public seams only (``run``, and
+``new_writer``: the writer of an output shard), that a test puts in the driver's place of the class the
 actors build (``monkeypatch.setattr(dclip_ray.pipeline.restyle, "ShardRestyler", partial(KillMidBatch,
 flag=PATH))``; the driver hands the actors that name). Ray workers import this module by name
 (``tests/conftest.py``'s ``ray_local`` puts this folder on their path).
@@ -31,24 +32,34 @@ class HangOnBad(ShardRestyler):
 
     hang_on = "bad"
 
-    def _restyle(self, shard: str, path: str, *args: Any) -> Any:
+    def run(self, shard: str, path: str, *args: Any, **kwargs: Any) -> Any:
         if shard == self.hang_on:
             while True:
                 time.sleep(3600)
-        return super()._restyle(shard, path, *args)
+        return super().run(shard, path, *args, **kwargs)
+
+
+class _KillAfterFirstImage(ShardWriter):
+    def __init__(self, root: str, shard: str, flag: str):
+        super().__init__(root, shard)
+        self.flag = flag
+
+    def write(self, *args: Any, **kwargs: Any) -> bool:
+        written = super().write(*args, **kwargs)
+        if first_time(self.flag):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
 
 
 class KillMidBatch(ShardRestyler):
-    """The first batch generated SIGKILLs its process: the actor dies mid-shard, mid-batch."""
+    """The first edited image written SIGKILLs its process: the actor dies mid-shard, mid-batch."""
 
     def __init__(self, cfg: RestyleConfig, flag: str):
         super().__init__(cfg)
         self.flag = flag
 
-    def _write(self, *args: Any, **kwargs: Any) -> None:
-        super()._write(*args, **kwargs)
-        if first_time(self.flag):
-            os.kill(os.getpid(), signal.SIGKILL)
+    def new_writer(self, v: Variant, shard: str) -> ShardWriter:
+        return _KillAfterFirstImage(v.out, shard, self.flag)
 
 
 class _DieBeforeMarker(ShardWriter):
@@ -81,9 +92,9 @@ class DieAfterCommit(ShardRestyler):
         super().__init__(cfg)
         self.flag = flag
 
-    def _restyle(self, *args: Any, **kwargs: Any) -> Any:
-        result = super()._restyle(*args, **kwargs)
-        if first_time(self.flag):
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().run(*args, **kwargs)
+        if first_time(self.flag) and not result.skipped:
             os._exit(1)
         return result
 

@@ -13,18 +13,21 @@ import ray
 from dclip_ray.errors import AbortedError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import new_owner
-from dclip_ray.io.sources import STAT_PREFIX
 from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.common import (
-    await_leased,
     device_for,
     raise_if_leased,
     set_threads,
-    took_over_warnings,
-    unreadable_shards,
 )
-from dclip_ray.stages.inputs import absolute, fingerprints, input_shards, io_threads, parallel_map
-from dclip_ray.stages.precompute import PrecomputeJob, check_job, latent_key, precompute_shard, skipped_result
+from dclip_ray.stages.inputs import absolute, fingerprints, input_shards
+from dclip_ray.stages.precompute import (
+    PrecomputeJob,
+    check_job,
+    latent_key,
+    precompute_shard,
+    precompute_summary,
+    split_current,
+)
 from dclip_ray.urls import redact
 
 from .runtime import init_ray
@@ -45,7 +48,8 @@ def _precompute_task(job: PrecomputeJob, key: LatentKey, shard: str, path: str, 
 def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     """Invert every input shard not yet committed under the job's key, one Ray task per shard.
 
-    Returns ``{"store", "key", "shards": [per-shard summaries], "n_images", "n_errors", "n_skipped"}``.
+    Returns ``{"store", "key", "shards": [per-shard summaries], "n_images", "n_errors", "n_skipped"}``
+    (:func:`~dclip_ray.stages.precompute.precompute_summary`).
     """
     job = replace(job, model=absolute(job.model) or job.model, out=absolute(job.out) or job.out)
     check_job(job)
@@ -53,54 +57,39 @@ def run_precompute(job: PrecomputeJob, progress: bool = True) -> dict[str, Any]:
     key = latent_key(job)
     store = LatentStore(job.out, key)
     prints = fingerprints(shards, plan=True)  # a local tar's size and time: the driver reads no input byte
-    markers = parallel_map(lambda s: store.read_marker(s[0]), shards, io_threads(job.out))  # threads on object stores
-    current = [store.current_marker(m, prints[n]) for (n, _), m in zip(shards, markers, strict=True)]
-    todo = [s for s, c in zip(shards, current, strict=True) if not c]
-    results = []
-    for (n, _), marker, c in zip(shards, markers, current, strict=True):
-        if c:
-            results.append(skipped_result(n, marker).as_dict())
-        elif marker is not None and marker.get("key") == store.key.fields() and (
-                marker.get("source_stat") or not prints[n].startswith(STAT_PREFIX)):  # else: a marker made before stats
-            log.warning("input shard %s changed since its latents were computed (%s): %s", n,
-                        "its size or modification time" if prints[n].startswith(STAT_PREFIX) else "its content",
-                        "the worker compares its content and inverts it again if it differs")
+    todo, results = split_current(store, shards, prints)
     if todo:
-        init_ray(job.address, job.num_cpus, verbose=job.verbose)
-        opts: dict[str, Any] = {"num_cpus": job.resources.cpus_per_task}
-        if job.resources.gpus_per_task:
-            opts["num_gpus"] = job.resources.gpus_per_task
-        owner = new_owner()
-        refs = {_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner): n for n, p in todo}
-        pending = list(refs)
-        failed: dict[str, str] = {}
-        with progress_counter(len(pending), "precompute", enabled=progress, unit="shards") as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    try:
-                        results.append(ray.get(ref))
-                    except Exception as e:  # noqa: BLE001  (a full disk, a read-only store: the others go on)
-                        cause = getattr(e, "cause", None) or e
-                        failed[refs[ref]] = redact(f"{type(cause).__name__}: {cause}".splitlines()[0])[:300]
-                bar.update(len(done))
-        if failed:  # work was done and committed: not a configuration error (exit 1) but an aborted run
-            first = next(iter(failed.items()))
-            rest = ("none was committed" if len(failed) == len(todo) else "the others are committed")
-            raise AbortedError(f"{len(failed)} of {len(todo)} shard(s) could not be written (e.g. {first[0]}: "
-                               f"{first[1]}); {rest}: fix the cause (disk space, permissions) "
-                               "and re-run the same command to resume")
-    results.sort(key=lambda r: r["shard"])
-    leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
-    if leased:  # another run is inverting them: wait for it, as this run would have done the work itself
-        left = await_leased(leased, store.dir, lambda s: store.is_current(s, prints[s]))
-        results = [skipped_result(r["shard"], store.read_marker(r["shard"]) or {}).as_dict()
-                   if r["shard"] in leased and r["shard"] not in left else r for r in results]
-        leased = left
-    errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
-    summary = {"store": redact(store.dir), "key": key.fields(), "shards": results,
-            "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
-            "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),
-            "leased": leased, "unreadable": unreadable_shards(results), "warnings": took_over_warnings(results)}
-    raise_if_leased(leased)
+        results += _run_tasks(job, key, todo, prints, progress)
+    summary = precompute_summary(store, results, prints)
+    raise_if_leased(summary["leased"])
     return summary
+
+
+def _run_tasks(job: PrecomputeJob, key: LatentKey, todo: list[tuple[str, str]], prints: dict[str, str],
+               progress: bool) -> list[dict[str, Any]]:
+    """One Ray task per shard of ``todo``; their rows. A shard that cannot be written fails the run
+    (:class:`AbortedError`, exit 3) after the others have finished."""
+    init_ray(job.address, job.num_cpus, verbose=job.verbose)
+    opts: dict[str, Any] = {"num_cpus": job.resources.cpus_per_task}
+    if job.resources.gpus_per_task:
+        opts["num_gpus"] = job.resources.gpus_per_task
+    owner = new_owner()
+    refs = {_precompute_task.options(**opts).remote(job, key, n, p, prints[n], owner): n for n, p in todo}
+    pending, results, failed = list(refs), [], {}
+    with progress_counter(len(pending), "precompute", enabled=progress, unit="shards") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                try:
+                    results.append(ray.get(ref))
+                except Exception as e:  # noqa: BLE001  (a full disk, a read-only store: the others go on)
+                    cause = getattr(e, "cause", None) or e
+                    failed[refs[ref]] = redact(f"{type(cause).__name__}: {cause}".splitlines()[0])[:300]
+            bar.update(len(done))
+    if failed:  # work was done and committed: not a configuration error (exit 1) but an aborted run
+        first = next(iter(failed.items()))
+        rest = ("none was committed" if len(failed) == len(todo) else "the others are committed")
+        raise AbortedError(f"{len(failed)} of {len(todo)} shard(s) could not be written (e.g. {first[0]}: "
+                           f"{first[1]}); {rest}: fix the cause (disk space, permissions) "
+                           "and re-run the same command to resume")
+    return results

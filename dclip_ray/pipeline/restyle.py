@@ -27,24 +27,20 @@ from dclip_ray.io.leases import new_owner
 from dclip_ray.progress import progress as progress_counter
 from dclip_ray.stages.common import (
     RestyleResult,
-    await_leased,
     device_for,
     raise_if_leased,
     set_threads,
-    took_over_warnings,
-    unreadable_shards,
 )
-from dclip_ray.stages.inputs import io_threads, parallel_map
-from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas, score_summary, shard_done
+from dclip_ray.stages.restyle import RestyleConfig, ShardRestyler, model_shas
 from dclip_ray.stages.restyle_config import restyle_plan, write_declaration
 from dclip_ray.stages.restyle_run import (
     RestyleJob,
     check,
-    count_commits_of_this_run,
     first_cause,
-    marked,
     pool_size,
     run_with_timeout,
+    split_committed,
+    summarize,
     throughput,
 )
 from dclip_ray.urls import redact
@@ -119,82 +115,57 @@ def _pool(n: int, most: int) -> Any:
 
 
 def run_restyle(job: RestyleJob, progress: bool = True) -> dict[str, Any]:
-    """Restyle every uncommitted input shard. Returns ``{"outputs", "shards", "n_images", "n_errors",
-    "inv_evals", "gen_evals", "failed", "stuck"}``; ``stuck`` names the shards that gave no result within
-    ``job.shard_timeout`` seconds (the others are finished; the CLI exits 2). Raises :class:`AbortedError`
-    (exit 3) when a shard failed: re-running redoes exactly the uncommitted shards."""
+    """Restyle every uncommitted input shard. Returns the summary
+    (:func:`~dclip_ray.stages.restyle_run.summarize`: ``outputs``, ``shards``, ``n_images``, ``n_errors``,
+    ``inv_evals``, ``gen_evals``, ``failed``, ``stuck``, ...); ``stuck`` names the shards that gave no
+    result within ``job.shard_timeout`` seconds (the others are finished; the CLI exits 2). Raises
+    :class:`AbortedError` (exit 3) when a shard failed: re-running redoes exactly the uncommitted shards."""
     cfg = job.config
     shards, prints, warnings = check(job)
     shas = model_shas(cfg)  # also validates every model before Ray starts
     hashes = [cfg.variant_hash(v, shas) for v in cfg.variants]
-    threads = io_threads(cfg.variants[0].out)  # markers: in threads on an object store
-    done = parallel_map(lambda s: shard_done(cfg, hashes, s[0], prints[s[0]]), shards, threads)
-    todo = [s for s, d in zip(shards, done, strict=True) if not d]
+    todo, results = split_committed(cfg, hashes, shards, prints)
     if todo:
         check_local_ray(job.address)  # refused before the output folder is written
     write_declaration(cfg, job.input)
-    committed = [n for (n, _), d in zip(shards, done, strict=True) if d]
-    results: list[dict[str, Any]] = [
-        RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict()
-        for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: marked(cfg, n), committed, threads),
-                                                      strict=True)]
-    pool = None
-    if todo:
-        pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose), len(todo))
-        pool["actors_started"] = min(pool["actors"], len(todo))
-        cfg.device = device_for(job.gpus_per_actor)
-        actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
-        ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],
-                                 override_num_blocks=len(todo))
-        ds = ds.map_batches(GeneratorActor, batch_size=1,
-                            fn_constructor_args=(actor_cfg, pool["cpus_per_actor"], job.shard_timeout, new_owner(),
-                                                 ShardRestyler),  # the driver's name: a test patches it here
-                            compute=_pool(pool["actors_started"], pool["max_actors"]),
-                            num_cpus=pool["cpus_per_actor"], num_gpus=job.gpus_per_actor or None)
-        t_work = time.monotonic()
-        with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
-            try:
-                for row in ds.iter_rows():
-                    results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-                    bar.update(1)
-                    rate = throughput(results, time.monotonic() - t_work)
-                    bar.set_postfix({"images/s": rate["images_per_s"], "UNet evals/s": rate["unet_evals_per_s"]})
-            except (ray.exceptions.RayError, RuntimeError, OSError, ValueError) as e:
-                # the workers themselves failed (an actor that cannot load a model deleted after the checks,
-                # a node lost for good): the shards they committed stay, the others are redone by a re-run
-                raise AbortedError(f"the restyle workers stopped after {len(results)} of {len(todo)} shard(s): "
-                                   f"{first_cause(e)}; committed shards are kept: fix the cause and re-run the same "
-                                   "command to resume") from None
-    results.sort(key=lambda r: r["shard"])
-    failed = {r["shard"]: r["failed"] for r in results if r.get("failed")}
-    stuck = {r["shard"]: r["stuck"] for r in results if r.get("stuck")}
-    leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
-    if leased:  # another run is writing them: wait for it, as this run would have done the work itself
-        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_done(cfg, hashes, s, prints[s]))
-        for r in results:
-            if r["shard"] in leased and r["shard"] not in left:
-                r.update(leased="", skipped=True, done_by="another run")
-        leased = left
-    count_commits_of_this_run(cfg, results, {n for n, _ in todo})
-    if pool:  # what ran, as the shards' rows say: the actors and nodes that returned a shard
-        pool["actors_ran"] = len({r["actor"] for r in results if r.get("actor")})
-        pool["nodes_ran"] = len({r["node"] for r in results if r.get("node")})
-    summary = {**throughput(results, time.monotonic() - t_work if todo else 0.0),
-        "outputs": [redact(v.out) for v in cfg.variants], "shards": results, "stuck": stuck, "leased": leased,
-        "warnings": warnings + took_over_warnings(results), "n_stale_latents": sum(r.get("n_stale", 0) for r in results),
-        "n_images": sum(r.get("n_ok", 0) for r in results),
-        "n_errors": sum(r.get("n_error", 0) for r in results),  # committed shards' error rows included
-        "n_rejected": sum(r.get("n_rejected", 0) for r in results),
-        "n_rethresholded": sum(1 for r in results if r.get("rethresholded")),
-        "scores": score_summary(cfg, [n for n, _ in shards]), "min_score": cfg.min_score,
-        "n_skipped": sum(1 for r in results if r.get("skipped")),
-        "n_routed": sum(r.get("n_routed", 0) for r in results), "route": cfg.route, "t0s": cfg.t0s(),
-        "inv_evals": sum(r.get("inv_evals", 0) for r in results), "gen_evals": sum(r.get("gen_evals", 0) for r in results),
-        "failed": failed, "unreadable": unreadable_shards(results), "pool": pool,
-    }
-    if failed:
-        first = next(iter(failed.items()))
-        raise AbortedError(f"{len(failed)} shard(s) failed (e.g. {first[0]}: {first[1]}); re-run the same command "
-                           "to redo only the uncommitted shards")
-    raise_if_leased(leased)
+    pool, seconds = _run_actors(job, todo, prints, shas, results, progress) if todo else (None, 0.0)
+    summary = summarize(cfg, hashes, shards, prints, todo, results, warnings, pool, seconds)
+    if summary["failed"]:
+        first = next(iter(summary["failed"].items()))
+        raise AbortedError(f"{len(summary['failed'])} shard(s) failed (e.g. {first[0]}: {first[1]}); re-run the "
+                           "same command to redo only the uncommitted shards")
+    raise_if_leased(summary["leased"])
     return summary
+
+
+def _run_actors(job: RestyleJob, todo: list[tuple[str, str]], prints: dict[str, str], shas: list[str],
+                results: list[dict[str, Any]], progress: bool) -> tuple[dict[str, Any], float]:
+    """Restyle the shards ``todo`` on a pool of :class:`GeneratorActor` s sized from the cluster, appending
+    each shard's row to ``results``; returns ``(the pool, seconds since the workers started)``."""
+    cfg = job.config
+    pool = pool_size(job, init_ray(job.address, job.num_cpus, verbose=job.verbose), len(todo))
+    pool["actors_started"] = min(pool["actors"], len(todo))
+    cfg.device = device_for(job.gpus_per_actor)
+    actor_cfg = replace(cfg, model_sha256s=shas)  # the actors do not hash the models again
+    ds = ray.data.from_items([{"shard": n, "path": p, "fingerprint": prints[n]} for n, p in todo],
+                             override_num_blocks=len(todo))
+    ds = ds.map_batches(GeneratorActor, batch_size=1,
+                        fn_constructor_args=(actor_cfg, pool["cpus_per_actor"], job.shard_timeout, new_owner(),
+                                             ShardRestyler),  # the driver's name: a test patches it here
+                        compute=_pool(pool["actors_started"], pool["max_actors"]),
+                        num_cpus=pool["cpus_per_actor"], num_gpus=job.gpus_per_actor or None)
+    t_work = time.monotonic()
+    with progress_counter(len(todo), "restyle", enabled=progress, unit="shards") as bar:
+        try:
+            for row in ds.iter_rows():
+                results.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+                bar.update(1)
+                rate = throughput(results, time.monotonic() - t_work)
+                bar.set_postfix({"images/s": rate["images_per_s"], "UNet evals/s": rate["unet_evals_per_s"]})
+        except (ray.exceptions.RayError, RuntimeError, OSError, ValueError) as e:
+            # the workers themselves failed (an actor that cannot load a model deleted after the checks,
+            # a node lost for good): the shards they committed stay, the others are redone by a re-run
+            raise AbortedError(f"the restyle workers stopped after {len(results)} of {len(todo)} shard(s): "
+                               f"{first_cause(e)}; committed shards are kept: fix the cause and re-run the same "
+                               "command to resume") from None
+    return pool, time.monotonic() - t_work

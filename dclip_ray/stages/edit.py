@@ -226,15 +226,7 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     check_steps(base.schedule, t0, rs.n_inv_steps, rs.n_gen_steps, rs.batch_size)  # before any work
     state, out = state_dir(job.out), Path(job.out)
     variant = _variant(job, mix, state, cards, t0)
-    card_clip, card_weights = cards[0].clip, cards[0].clip_weights
-    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[variant],
-                        n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps, preset=job.preset,
-                        resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state,
-                        score_clip=job.score_clip or card_clip,
-                        score_clip_weights=job.score_clip_weights if job.score_clip else card_weights,
-                        min_score=rs.min_score, face_weights=job.face_weights, cards=cards)
-    for w in check_scoring(cfg):
-        log.warning("%s", w)
+    cfg = _config(job, folders, variant, state, cards)
     shards = limit_shards(input_shards(job.images), rs.limit)
     dups = duplicates(shards)
     excluded = {k: d["error"] for k, d in dups.items()}
@@ -244,13 +236,7 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
     with progress_counter(n_keys, "edit", enabled=progress, unit="img") as bar:
         restyler.on_batch = bar.update  # per batch: an edit of one folder is one shard
         results = [restyler.run(name, path, exclude=excluded) for name, path in shards]
-    unreadable = {r.shard: r.truncated for r in results if r.truncated}
-    ok, errors, rejected = _errors(state, [(n, p) for n, p in shards if n not in unreadable], dups)
-    errors += [{"key": "*", "shard": p, "error": f"the input shard cannot be read to its end ({unreadable[n]}); "
-                "nothing of it is edited: fix or replace the file, then re-run"} for n, p in shards if n in unreadable]
-    if not ok and not rejected and not unreadable and all(not e["error"].startswith(("non-finite", "blank"))
-                                                          for e in errors):
-        raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")
+    ok, errors, rejected = _outcome(job, state, shards, results, dups)
     for e in errors:
         log.warning("not edited %s: %s", e["key"], e["error"])
     summary: dict[str, Any] = {"out": str(out), "n_edited": len(ok), "t0": t0, "strength": rs.strength,
@@ -267,6 +253,35 @@ def run_edit(job: EditJob, progress: bool = True) -> dict[str, Any]:
         summary["grid"] = _grid(out, shards, ok, base.resolution)
     _write_run_file(out, job, mix, summary)
     return summary
+
+
+def _config(job: EditJob, folders: list[str], variant: Variant, state: str, cards: list[Any]) -> RestyleConfig:
+    """The one-variant :class:`RestyleConfig` of an edit (scored with ``--score-clip``, else the models'
+    own CLIP; a scoring that cannot run is a warning)."""
+    rs = job.settings
+    cfg = RestyleConfig(base=job.model, finetuned=folders, variants=[variant],
+                        n_inv_steps=rs.n_inv_steps, n_gen_steps=rs.n_gen_steps, preset=job.preset,
+                        resize_policy=rs.resize_policy, batch_size=rs.batch_size, root=state,
+                        score_clip=job.score_clip or cards[0].clip,
+                        score_clip_weights=job.score_clip_weights if job.score_clip else cards[0].clip_weights,
+                        min_score=rs.min_score, face_weights=job.face_weights, cards=cards)
+    for w in check_scoring(cfg):
+        log.warning("%s", w)
+    return cfg
+
+
+def _outcome(job: EditJob, state: str, shards: list[tuple[str, str]], results: list[Any],
+             dups: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(keys written, errors, rejected)`` of the edit: an unreadable input shard is one error naming it;
+    no usable image at all is an :class:`InputFileError` (a bad ``--images``)."""
+    unreadable = {r.shard: r.truncated for r in results if r.truncated}
+    ok, errors, rejected = _errors(state, [(n, p) for n, p in shards if n not in unreadable], dups)
+    errors += [{"key": "*", "shard": p, "error": f"the input shard cannot be read to its end ({unreadable[n]}); "
+                "nothing of it is edited: fix or replace the file, then re-run"} for n, p in shards if n in unreadable]
+    if not ok and not rejected and not unreadable and all(not e["error"].startswith(("non-finite", "blank"))
+                                                          for e in errors):
+        raise InputFileError(f"{job.images}: no usable image ({len(errors)} errors); check the --images input")
+    return ok, errors, rejected
 
 
 WRITTEN = "written.json"

@@ -5,9 +5,11 @@ same input content is skipped. :mod:`dclip_ray.pipeline.precompute` schedules it
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,15 +19,25 @@ from dclip_ray.errors import ConfigError
 from dclip_ray.io.latents import LatentKey, LatentStore
 from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.locations import check_outputs
-from dclip_ray.io.sources import content_fingerprint, duplicate_reason, shard_stat
+from dclip_ray.io.sources import STAT_PREFIX, content_fingerprint, duplicate_reason, shard_stat
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.base import BaseModel
 from dclip_ray.models.cache import cached_base
 from dclip_ray.urls import redact
 
 from .checks import check_out_folder, check_steps
-from .common import CountingEps, PrecomputeResult, lease_text, psnr
-from .inputs import batched, decode_shard, image_sha256
+from .common import (
+    CountingEps,
+    PrecomputeResult,
+    await_leased,
+    lease_text,
+    psnr,
+    took_over_warnings,
+    unreadable_shards,
+)
+from .inputs import batched, decode_shard, image_sha256, io_threads, parallel_map
+
+log = logging.getLogger(__name__)
 
 
 def skipped_result(shard: str, marker: dict) -> PrecomputeResult:
@@ -192,3 +204,40 @@ def check_job(job: PrecomputeJob) -> None:
     check_outputs({"--out": job.out}, {"--input": job.input, "--model": job.model})
     base = cached_base(job.model, job.preset, trust_checkpoint=job.trust_checkpoint)
     check_steps(base.schedule, job.config.t0, n_inv_steps=job.config.n_inv_steps, batch_size=job.config.batch_size)
+
+
+def split_current(store: LatentStore, shards: list[tuple[str, str]], prints: dict[str, str],
+                  ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """``(the shards to invert, a skipped row for each shard whose latents are current)``; the markers are
+    read in threads on an object store. A shard whose input changed since its latents were made is
+    logged (its worker compares the content and inverts it again if it differs)."""
+    markers = parallel_map(lambda s: store.read_marker(s[0]), shards, io_threads(store.dir))
+    current = [store.current_marker(m, prints[n]) for (n, _), m in zip(shards, markers, strict=True)]
+    rows = []
+    for (n, _), marker, c in zip(shards, markers, current, strict=True):
+        if c:
+            rows.append(skipped_result(n, marker).as_dict())
+        elif marker is not None and marker.get("key") == store.key.fields() and (
+                marker.get("source_stat") or not prints[n].startswith(STAT_PREFIX)):  # else: a marker made before stats
+            log.warning("input shard %s changed since its latents were computed (%s): %s", n,
+                        "its size or modification time" if prints[n].startswith(STAT_PREFIX) else "its content",
+                        "the worker compares its content and inverts it again if it differs")
+    return [s for s, c in zip(shards, current, strict=True) if not c], rows
+
+
+def precompute_summary(store: LatentStore, results: list[dict[str, Any]], prints: dict[str, str]) -> dict[str, Any]:
+    """The run's summary from every shard's row (shards leased by another run waited for first):
+    ``{"store", "key", "shards", "n_images", "n_errors", "errors", "n_skipped", "leased", "unreadable",
+    "warnings"}``."""
+    results = sorted(results, key=lambda r: r["shard"])
+    leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
+    if leased:  # another run is inverting them: wait for it, as this run would have done the work itself
+        left = await_leased(leased, store.dir, lambda s: store.is_current(s, prints[s]))
+        results = [skipped_result(r["shard"], store.read_marker(r["shard"]) or {}).as_dict()
+                   if r["shard"] in leased and r["shard"] not in left else r for r in results]
+        leased = left
+    errors = {k: v for r in results for k, v in (r.get("errors") or {}).items()}  # committed shards' too
+    return {"store": redact(store.dir), "key": store.key.fields(), "shards": results,
+            "n_images": sum(r.get("n_ok", 0) for r in results if not r.get("skipped")),
+            "n_errors": len(errors), "errors": errors, "n_skipped": sum(1 for r in results if r.get("skipped")),
+            "leased": leased, "unreadable": unreadable_shards(results), "warnings": took_over_warnings(results)}

@@ -17,10 +17,10 @@ from dclip_ray.errors import ConfigError
 from dclip_ray.io.shards import read_marker, shard_urls
 from dclip_ray.urls import redact
 
-from .common import RestyleResult
-from .inputs import fingerprints, input_shards, limit_shards
-from .restyle import RestyleConfig
+from .common import RestyleResult, await_leased, took_over_warnings, unreadable_shards
+from .inputs import fingerprints, input_shards, io_threads, limit_shards, parallel_map
 from .restyle_config import check_restyle, latent_coverage
+from .variants import RestyleConfig, score_summary, shard_done
 
 
 @dataclass
@@ -155,3 +155,52 @@ def count_commits_of_this_run(cfg: RestyleConfig, results: list[dict[str, Any]],
             else:
                 r["n_ok"] = n_ok
                 r["done_by"] = r.get("done_by") or "committed during this run (a retried row, or another run)"
+
+
+def split_committed(cfg: RestyleConfig, hashes: list[str], shards: list[tuple[str, str]], prints: dict[str, str],
+                    ) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """``(the shards to restyle, a skipped row for each committed one with its error and rejected counts
+    from its markers)``; the markers are read in threads on an object store."""
+    threads = io_threads(cfg.variants[0].out)
+    done = parallel_map(lambda s: shard_done(cfg, hashes, s[0], prints[s[0]]), shards, threads)
+    todo = [s for s, d in zip(shards, done, strict=True) if not d]
+    committed = [n for (n, _), d in zip(shards, done, strict=True) if d]
+    rows = [RestyleResult(n, skipped=True, n_error=n_error, n_rejected=n_rejected).as_dict()
+            for n, (_, n_error, n_rejected) in zip(committed, parallel_map(lambda n: marked(cfg, n), committed, threads),
+                                                   strict=True)]
+    return todo, rows
+
+
+def summarize(cfg: RestyleConfig, hashes: list[str], shards: list[tuple[str, str]], prints: dict[str, str],
+              todo: list[tuple[str, str]], results: list[dict[str, Any]], warnings: list[str],
+              pool: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """The restyle's summary from every shard's row: shards leased by another run are waited for (done by
+    it, or left ``leased``), shards committed during the run are counted (:func:`count_commits_of_this_run`),
+    the pool says which actors and nodes ran; counts, throughput, scores, failed and stuck shards."""
+    results.sort(key=lambda r: r["shard"])
+    leased = {r["shard"]: r["leased"] for r in results if r.get("leased")}
+    if leased:  # another run is writing them: wait for it, as this run would have done the work itself
+        left = await_leased(leased, cfg.variants[0].out, lambda s: shard_done(cfg, hashes, s, prints[s]))
+        for r in results:
+            if r["shard"] in leased and r["shard"] not in left:
+                r.update(leased="", skipped=True, done_by="another run")
+        leased = left
+    count_commits_of_this_run(cfg, results, {n for n, _ in todo})
+    if pool:  # what ran, as the shards' rows say: the actors and nodes that returned a shard
+        pool["actors_ran"] = len({r["actor"] for r in results if r.get("actor")})
+        pool["nodes_ran"] = len({r["node"] for r in results if r.get("node")})
+
+    def total(field: str) -> int:
+        return sum(r.get(field, 0) for r in results)
+
+    return {**throughput(results, seconds),
+            "outputs": [redact(v.out) for v in cfg.variants], "shards": results,
+            "stuck": {r["shard"]: r["stuck"] for r in results if r.get("stuck")}, "leased": leased,
+            "warnings": warnings + took_over_warnings(results), "n_stale_latents": total("n_stale"),
+            "n_images": total("n_ok"), "n_errors": total("n_error"),  # committed shards' error rows included
+            "n_rejected": total("n_rejected"), "n_rethresholded": sum(1 for r in results if r.get("rethresholded")),
+            "scores": score_summary(cfg, [n for n, _ in shards]), "min_score": cfg.min_score,
+            "n_skipped": sum(1 for r in results if r.get("skipped")), "n_routed": total("n_routed"),
+            "route": cfg.route, "t0s": cfg.t0s(), "inv_evals": total("inv_evals"), "gen_evals": total("gen_evals"),
+            "failed": {r["shard"]: r["failed"] for r in results if r.get("failed")},
+            "unreadable": unreadable_shards(results), "pool": pool}

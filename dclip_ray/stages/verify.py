@@ -125,16 +125,7 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
         rows = read_manifest(urls["manifest"])
     except InputFileError as e:
         return {"shard": shard, "output": folder, "committed": True}, [f"{where}: {e}"]
-    counts = Counter(r.key for r in rows)
-    dups = sorted(k for k, c in counts.items() if c > 1)
-    missing = sorted(set(expected) - set(counts))
-    extra = sorted(set(counts) - set(expected))
-    if dups:
-        problems.append(f"{where}: {len(dups)} key(s) more than once in the manifest, e.g. {dups[:3]}")
-    if missing:
-        problems.append(f"{where}: {len(missing)} input key(s) missing from the manifest, e.g. {missing[:3]}")
-    if extra:
-        problems.append(f"{where}: {len(extra)} manifest key(s) not in the input, e.g. {extra[:3]}")
+    problems += _check_keys(where, [r.key for r in rows], expected)
     try:
         images, tar_sha, tar_size = _tar_members(urls["tar"])
     except (FileNotFoundError, OSError, tarfile.TarError) as e:
@@ -144,16 +135,7 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
     skip_rows = [r for r in rows if r.status == "skipped"]
     rej_rows = {r.key: r for r in rows if r.status == "rejected"}
     problems += _check_rejected(where, urls["rejected"], rej_rows, marker)
-    for key, blobs in images.items():
-        if key not in ok_rows:
-            problems.append(f"{where}: tar holds {key!r}, which is not an ok row of the manifest")
-        elif len(blobs) != 1:
-            problems.append(f"{where}: {key!r} has {len(blobs)} images in the tar, expected 1")
-        elif hashlib.sha256(blobs[0]).hexdigest() != ok_rows[key].sha256:
-            problems.append(f"{where}: {key!r} image sha256 differs from the manifest")
-    absent = sorted(set(ok_rows) - set(images))
-    if absent:
-        problems.append(f"{where}: {len(absent)} ok key(s) have no image in the tar, e.g. {absent[:3]}")
+    problems += _check_images(where, images, ok_rows)
     if marker.get("tar_sha256") != tar_sha:
         problems.append(f"{where}: the tar's sha256 differs from its commit marker (damaged, or written after the marker)")
     if "tar_bytes" in marker and marker["tar_bytes"] != tar_size:
@@ -171,6 +153,38 @@ def verify_shard(folder: str, shard: str, expected: list[str], fingerprint: str 
     return {"shard": shard, "output": folder, "committed": True, "n": len(rows), "n_ok": len(ok_rows),
             "n_error": len(err_rows), "n_skipped": len(skip_rows), "n_rejected": len(rej_rows),
             "expected": len(expected)}, problems
+
+
+def _check_keys(where: str, keys: list[str], expected: list[str]) -> list[str]:
+    """Each input key exactly once in a manifest (``keys``), and no other."""
+    counts = Counter(keys)
+    dups = sorted(k for k, c in counts.items() if c > 1)
+    missing = sorted(set(expected) - set(counts))
+    extra = sorted(set(counts) - set(expected))
+    problems = []
+    if dups:
+        problems.append(f"{where}: {len(dups)} key(s) more than once in the manifest, e.g. {dups[:3]}")
+    if missing:
+        problems.append(f"{where}: {len(missing)} input key(s) missing from the manifest, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{where}: {len(extra)} manifest key(s) not in the input, e.g. {extra[:3]}")
+    return problems
+
+
+def _check_images(where: str, images: dict[str, list[bytes]], ok_rows: dict[str, Any]) -> list[str]:
+    """Every ok row has exactly one image in the tar, with the row's sha256, and the tar holds no other."""
+    problems = []
+    for key, blobs in images.items():
+        if key not in ok_rows:
+            problems.append(f"{where}: tar holds {key!r}, which is not an ok row of the manifest")
+        elif len(blobs) != 1:
+            problems.append(f"{where}: {key!r} has {len(blobs)} images in the tar, expected 1")
+        elif hashlib.sha256(blobs[0]).hexdigest() != ok_rows[key].sha256:
+            problems.append(f"{where}: {key!r} image sha256 differs from the manifest")
+    absent = sorted(set(ok_rows) - set(images))
+    if absent:
+        problems.append(f"{where}: {len(absent)} ok key(s) have no image in the tar, e.g. {absent[:3]}")
+    return problems
 
 
 def _check_rejected(where: str, url: str, rows: dict[str, Any], marker: dict[str, Any]) -> list[str]:

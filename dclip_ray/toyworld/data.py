@@ -80,13 +80,7 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
     if style not in ("clean", "photo", "strokes"):
         raise ConfigError(f"make-data: --style {style!r}: expected clean, photo or strokes")
     fs, root = fsspec.core.url_to_fs(out)
-    present = fs.ls(root, detail=False) if fs.isdir(root) else []
-    if present and not overwrite:
-        raise ConfigError(f"make-data: --out {out} is not empty ({len(present)} file(s) or folder(s)); choose a new folder, or "
-                          "pass --overwrite to replace the shards there (edits made from them no longer match)")
-    for old in present:
-        if old.endswith(".tar") and fs.isfile(old):
-            fs.rm(old)
+    _clear(fs, root, out, overwrite)
     samples = [_styled(s, style) for s in sample_dataset(n, seed, colours=colours, shapes=shapes, kinds=kinds)]
     fs.makedirs(root, exist_ok=True)
     urls = []
@@ -97,26 +91,33 @@ def write_shards(out: str, n: int, seed: int = 0, shard_size: int = 1000, colour
             with open(local, "wb") as f:
                 writer = wds.TarWriter(f, encoder=False, mtime=0)
                 for s in samples[start : start + shard_size]:
-                    meta = {
-                        "colour": s.colour,
-                        "shape": s.shape,
-                        "caption": s.caption,
-                        "seed": s.seed,
-                        "index": int(s.key.split("_")[1]),
-                        "cx": round(s.params.cx, 4),
-                        "cy": round(s.params.cy, 4),
-                        "r": round(s.params.r, 4),
-                    }
-                    sample = {"__key__": s.key, "png": _png(s.image), "txt": s.caption.encode(),
-                              "json": json.dumps(meta, sort_keys=True).encode(),
-                              "mask.png": _png(s.mask.astype(np.uint8) * 255)}
-                    if not captions:
-                        del sample["txt"]
-                        meta.pop("caption")
-                        sample["json"] = json.dumps(meta, sort_keys=True).encode()
-                    writer.write(sample)
+                    writer.write(_sample(s, captions))
                 writer.close()
-            target = f"{root.rstrip('/')}/{name}"
-            fs.put_file(local, target)
+            fs.put_file(local, f"{root.rstrip('/')}/{name}")
         urls.append(out.rstrip("/") + "/" + name)
     return urls
+
+
+def _clear(fs: Any, root: str, out: str, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` (:class:`ConfigError`) unless ``overwrite``, which removes its ``.tar`` shards."""
+    present = fs.ls(root, detail=False) if fs.isdir(root) else []
+    if present and not overwrite:
+        raise ConfigError(f"make-data: --out {out} is not empty ({len(present)} file(s) or folder(s)); choose a new folder, or "
+                          "pass --overwrite to replace the shards there (edits made from them no longer match)")
+    for old in present:
+        if old.endswith(".tar") and fs.isfile(old):
+            fs.rm(old)
+
+
+def _sample(s: Any, captions: bool) -> dict[str, Any]:
+    """One rendered example as a WebDataset sample: image, caption (unless not ``captions``), metadata, mask."""
+    meta = {"colour": s.colour, "shape": s.shape, "caption": s.caption, "seed": s.seed,
+            "index": int(s.key.split("_")[1]), "cx": round(s.params.cx, 4), "cy": round(s.params.cy, 4),
+            "r": round(s.params.r, 4)}
+    if not captions:
+        meta.pop("caption")
+    sample = {"__key__": s.key, "png": _png(s.image), "txt": s.caption.encode(),
+              "json": json.dumps(meta, sort_keys=True).encode(), "mask.png": _png(s.mask.astype(np.uint8) * 255)}
+    if not captions:
+        del sample["txt"]
+    return sample
