@@ -265,8 +265,7 @@ def test_a_taken_over_lease_is_a_warning_of_the_run_and_a_blocked_one_names_what
     import time
 
     from dclip_ray.io.leases import LEASE_TTL_S, lease_url
-    from dclip_ray.pipeline.restyle import took_over_warnings
-    from dclip_ray.stages.common import lease_text
+    from dclip_ray.stages.common import lease_text, took_over_warnings
 
     data = tmp_path / "data"
     data.mkdir()

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from dclip_ray.pipeline.workflow_run import read_ledger
 from dclip_ray.stages.verify import verify
+from dclip_ray.workflow.ledger import read_ledger
 
 pytestmark = pytest.mark.slow
 

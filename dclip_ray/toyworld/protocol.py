@@ -37,21 +37,25 @@ class ToyProtocol:
         self.schedule = schedule_from_config(load_schedule_config("toy_shapes"))
         self.clip = load_clip("toy_clip")
         self.n_train, self.n_eval, self.n_steps = n_train, n_eval, n_steps
-        self._latents: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._latents: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _data(self, pair: EditPair, t0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    def _data(self, pair: EditPair, t0: int, n_train: int | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+        """``(training images, their latents at t0, the held-out latents, the held-out source masks)``;
+        ``n_train`` training renders (default the protocol's; the first 16 are the same whatever the number)."""
         from dclip_ray.edit import invert_images
         from dclip_ray.models import eps_fn_of
 
-        train = sample_dataset(self.n_train, TRAIN_SEED, colours=[pair.colour], shapes=[pair.shape])
+        n_train = n_train or self.n_train
+        train = sample_dataset(n_train, TRAIN_SEED, colours=[pair.colour], shapes=[pair.shape])
         held = sample_dataset(self.n_eval, EVAL_SEED, colours=[pair.colour], shapes=[pair.shape])
         x_train, x_eval = _images(train), _images(held)
-        if (pair.source, t0) not in self._latents:
+        if (pair.source, t0, n_train) not in self._latents:
             eps = eps_fn_of(self.unet)
-            self._latents[pair.source, t0] = (
+            self._latents[pair.source, t0, n_train] = (
                 invert_images(eps, x_train, t0, self.n_steps, self.schedule, batch_size=32),
                 invert_images(eps, x_eval, t0, self.n_steps, self.schedule, batch_size=32))
-        lat_train, lat_eval = self._latents[pair.source, t0]
+        lat_train, lat_eval = self._latents[pair.source, t0, n_train]
         return x_train, lat_train, lat_eval, np.stack([s.mask for s in held])
 
     def run(self, pair: EditPair, seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -81,7 +85,7 @@ class ToyProtocol:
         from dclip_ray.models import eps_fn_of
 
         cfg = self.config(pair, seed, overrides)
-        x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0)
+        x_train, lat_train, lat_eval, masks = self._data(pair, cfg.t0, cfg.n_train)
         res = finetune(self.unet, self.clip, x_train, lat_train, self.schedule, cfg)
         edits = generate_images(eps_fn_of(res.unet), lat_eval, cfg.t0, self.n_steps, self.schedule, batch_size=32)
         return cfg, res, edits, masks
