@@ -290,3 +290,13 @@ def key_mismatch(wanted: LatentKey, stored: dict[str, Any]) -> list[str]:
             mine = f"{value!s:.12}" if name == "base_sha256" else value
             out.append(f"{name} {shown} (this run: {mine})")
     return out
+
+
+def find_latent_store(root: str, base_sha256: str, t0: int, n_inv_steps: int, resolution: int,
+                      policy: str = "center-crop") -> LatentStore | None:
+    """The store under ``root`` holding latents for this key in either dtype (float32 first), or None."""
+    for dtype in ("float32", "float16"):
+        store = LatentStore(root, LatentKey(base_sha256, t0, n_inv_steps, resolution, policy, dtype))  # type: ignore[arg-type]
+        if store.committed_shards():
+            return store
+    return None

@@ -7,11 +7,12 @@ names are used only as keys; nothing is ever written to a path taken from an arc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import fsspec
@@ -288,3 +289,23 @@ def shard_fingerprint(path: str) -> str:
         return f"sha256:{_sha256_of(fs, p)}"
     except Exception as e:  # noqa: BLE001  (permissions, network, a vanished file)
         raise InputFileError(f"{redact(path)}: cannot be read ({type(e).__name__}: {redact(e)}); check the input") from None
+
+
+def caption_of(extras: Mapping[str, bytes]) -> str | None:
+    """A sample's caption: its ``.txt`` member, else the ``caption`` of its ``.json`` (img2dataset's
+    layout); None when it has neither (or they are empty or unreadable)."""
+    txt = extras.get("txt")
+    if txt:
+        text = txt.decode("utf-8", errors="replace").strip()
+        if text:
+            return text
+    raw = extras.get("json")
+    if raw:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return None
+        cap = meta.get("caption") if isinstance(meta, dict) else None
+        if isinstance(cap, str) and cap.strip():
+            return cap.strip()
+    return None

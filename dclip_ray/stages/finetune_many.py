@@ -19,6 +19,7 @@ from dclip_ray.config import QualityCheck, Resources, TrainingSets, resolve_fine
 from dclip_ray.errors import ConfigError
 from dclip_ray.finetune import FinetuneConfig, finetune
 from dclip_ray.hashing import config_sha256
+from dclip_ray.io.latents import find_latent_store
 from dclip_ray.io.locations import check_outputs
 from dclip_ray.losses import directional_clip_loss
 from dclip_ray.models.base import resolve_clip
@@ -30,7 +31,6 @@ from dclip_ray.search import points_of, with_knobs
 from dclip_ray.stages.checks import check_out_folder, check_steps
 from dclip_ray.stages.common import device_for, set_threads
 from dclip_ray.stages.inputs import absolute, input_shards
-from dclip_ray.stages.precompute import find_latent_store
 from dclip_ray.stages.prompt_models import RESTARTS_SUFFIX, existing, save_model
 from dclip_ray.stages.selection import SourceMatcher, select_training_sets
 from dclip_ray.stages.training_data import training_data

@@ -162,16 +162,6 @@ def _invert_shard(base: BaseModel, shard: str, path: str, store: LatentStore, ba
                             mean_recon_psnr=float(recon.mean()) if recon is not None else None)
 
 
-def find_latent_store(root: str, base_sha256: str, t0: int, n_inv_steps: int, resolution: int,
-                      policy: str = "center-crop") -> LatentStore | None:
-    """The store under ``root`` holding latents for this key in either dtype (float32 first), or None."""
-    for dtype in ("float32", "float16"):
-        store = LatentStore(root, LatentKey(base_sha256, t0, n_inv_steps, resolution, policy, dtype))  # type: ignore[arg-type]
-        if store.committed_shards():
-            return store
-    return None
-
-
 @dataclass
 class PrecomputeJob:
     """Arguments of `dclip-ray precompute` (see its --help): where, the :class:`PrecomputeConfig` (how),

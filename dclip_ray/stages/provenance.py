@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .selection import caption_of
+from dclip_ray.io.sources import caption_of
 
 
 def edited_caption(caption: str | None, edits: Sequence[Sequence[str]]) -> str | None:

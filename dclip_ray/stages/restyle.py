@@ -30,7 +30,7 @@ import torch
 
 from dclip_ray.diffusion import generate, invert
 from dclip_ray.errors import InputFileError
-from dclip_ray.io.latents import LatentShard
+from dclip_ray.io.latents import LatentShard, find_latent_store
 from dclip_ray.io.leases import LeaseKeeper
 from dclip_ray.io.shards import REJECTED, ShardWriter, remove_temporaries
 from dclip_ray.io.sources import STAT_PREFIX, content_fingerprint, duplicate_reason, shard_stat
@@ -41,7 +41,6 @@ from dclip_ray.models.cache import cached_base, model_eps_fns
 from .common import CountingEps, RestyleResult, lease_text
 from .inputs import Decoded, batched, decode_shard, image_sha256
 from .overlap import Lane, prefetched
-from .precompute import find_latent_store
 from .restyle_write import OutputWriting, ShardState
 from .selection import SourceMatcher, Verdict
 from .variants import (

@@ -7,13 +7,12 @@ from dataclasses import asdict
 from typing import Any
 
 from dclip_ray.errors import ConfigError
-from dclip_ray.io.latents import LatentKey, key_mismatch, stored_keys
+from dclip_ray.io.latents import LatentKey, find_latent_store, key_mismatch, stored_keys
 from dclip_ray.io.sources import STAT_PREFIX, shard_fingerprint
 from dclip_ray.models.cache import cached_base
 from dclip_ray.urls import redact
 
 from .inputs import shard_keys
-from .precompute import find_latent_store
 from .variants import RestyleConfig, gen_evals_per_image, model_shas, shard_committed, shard_done
 
 

@@ -24,13 +24,14 @@ A folder of image files has no captions (sidecar ``.txt`` files are not read): i
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dclip_ray.io.sources import caption_of
 
 from .inputs import Decoded, batched, decode_shard
 
@@ -50,26 +51,6 @@ def words(text: str) -> frozenset[str]:
             continue
         out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
     return frozenset(out)
-
-
-def caption_of(extras: Mapping[str, bytes]) -> str | None:
-    """A sample's caption: its ``.txt`` member, else the ``caption`` of its ``.json`` (img2dataset's
-    layout); None when it has neither (or they are empty or unreadable)."""
-    txt = extras.get("txt")
-    if txt:
-        text = txt.decode("utf-8", errors="replace").strip()
-        if text:
-            return text
-    raw = extras.get("json")
-    if raw:
-        try:
-            meta = json.loads(raw)
-        except ValueError:
-            return None
-        cap = meta.get("caption") if isinstance(meta, dict) else None
-        if isinstance(cap, str) and cap.strip():
-            return cap.strip()
-    return None
 
 
 def caption_matches(caption: str, source: str) -> bool:

@@ -8,12 +8,11 @@ import torch
 
 from dclip_ray.diffusion import invert
 from dclip_ray.errors import ConfigError, InputFileError
-from dclip_ray.io.latents import LatentStore
+from dclip_ray.io.latents import LatentStore, find_latent_store
 from dclip_ray.models import eps_fn_of
 from dclip_ray.models.base import BaseModel
 
 from .inputs import decode_shard, image_sha256, input_shards
-from .precompute import find_latent_store
 
 
 def training_data(
