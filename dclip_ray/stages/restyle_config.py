@@ -59,25 +59,17 @@ def build_restyle_config(
     face_weights: str | None = None,
     **given: Any,
 ) -> RestyleConfig:
-    """Turn the restyle options into a :class:`RestyleConfig`.
-
-    One output folder per variant, ``out/{name}``, whatever their number: ``models`` (fine-tuned
-    folders) give one variant each, named after the folder, sharing one inversion per image and t0;
-    ``mix`` (``{"models": [...], "gamma": spec}``, eq. 14) gives the one variant ``out/mix``.
-    ``settings``: the :class:`RestyleSettings` (or give its fields as keywords, e.g. ``n_gen_steps=20``:
-    checked by the same declared rules). Strength r mixes each fine-tuned model with the base:
-    ``(1 - r) * eps_base + r * eps_ft``. ``base`` defaults to the ``base_model`` in the cards; each
-    variant's t0 to its models' (:func:`_t0_of`). ``route`` auto becomes ``source`` when the variants
-    have two or more different sources. ``clip``/``clip_weights``: the CLIP that routes uncaptioned
-    images (default: the one the models were trained with, from their cards); ``score_clip``/
-    ``score_clip_weights``: the CLIP that scores every edit (default: the routing one); ``face_weights``:
-    a face identity network whose cosine before/after joins the scores (faces).
-    """
-    if settings is None:
-        settings = RestyleSettings(**given)
-    elif given:
+    """Turn the restyle options into a :class:`RestyleConfig`: one output folder ``out/{name}`` per
+    variant, whatever their number. ``models`` (fine-tuned folders) give one variant each, named after
+    the folder, sharing one inversion per image and t0; ``mix`` (``{"models", "gamma"}``, eq. 14) gives
+    the one variant ``out/mix``. ``settings``: the :class:`RestyleSettings`, or its fields as keywords
+    (``n_gen_steps=20``; the same declared rules). Strength r: ``(1 - r) * eps_base + r * eps_ft``.
+    ``base``: default the cards' ``base_model``; each variant's t0 is its models' (:func:`_t0_of`);
+    routing: :func:`_route`; ``clip``/``score_clip`` and weights: :func:`_clips`; ``face_weights``: a face
+    network whose cosine before/after joins the scores."""
+    if settings is not None and given:
         raise TypeError(f"give either settings or its fields, not both ({sorted(given)})")
-    rs = settings
+    rs = settings or RestyleSettings(**given)
     finetuned, spec = _models(models, mix)
     cards = [read_card(m) for m in finetuned]  # each model's card, read once
     base = base or cards[0].base_model
