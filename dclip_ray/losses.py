@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dclip_ray.errors import ConfigError
+from dclip_ray.scoring import frame_mask
 
 DirectionForm = Literal["cosine", "log"]
 
@@ -161,8 +162,6 @@ def frame_l1_loss(x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     picture; this term makes that the expensive way. Leave it at 0 for edits that should change the
     whole picture (a style, a scene's light).
     """
-    from dclip_ray.scoring import frame_mask
-
     m = frame_mask(*x_gen.shape[-2:], device=x_gen.device)
     return (x_gen - x0).abs().mean(1)[:, m].mean(1)
 

@@ -94,7 +94,7 @@ class DieAfterCommit(ShardRestyler):
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         result = super().run(*args, **kwargs)
-        if first_time(self.flag) and not result.skipped:
+        if not result.skipped and first_time(self.flag):  # a skipped shard never spends the flag
             os._exit(1)
         return result
 

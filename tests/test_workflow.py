@@ -179,9 +179,7 @@ def fake_steps(monkeypatch, tmp_path):
     monkeypatch.setattr(wr, "_step_finetune", ft)
     monkeypatch.setattr(wr, "_step_restyle", rs)
     monkeypatch.setattr(wr, "_step_verify", ver)
-    import dclip_ray.pipeline.runtime as runtime
-
-    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: {"CPU": 2.0})
+    monkeypatch.setattr(wr, "init_ray", lambda *a, **k: {"CPU": 2.0})  # the fake steps need no Ray
     monkeypatch.setitem(sys.modules, "dclip_ray.evaluation.report", None)  # "not available"
     return calls, state
 

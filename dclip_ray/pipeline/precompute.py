@@ -4,7 +4,6 @@ resize policy, dtype). Committed shards are skipped; a changed key writes to ano
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import Any
 
@@ -31,8 +30,6 @@ from dclip_ray.stages.precompute import (
 from dclip_ray.urls import redact
 
 from .runtime import init_ray
-
-log = logging.getLogger(__name__)
 
 
 @ray.remote(max_retries=3)

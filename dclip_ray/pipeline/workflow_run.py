@@ -52,8 +52,9 @@ def preflight(spec: WorkflowSpec) -> None:
 def _step_precompute(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[str, Any]:
     from .precompute import PrecomputeJob, run_precompute
 
+    o = spec.run_options()  # the job options a spec sets (preset, finetune.clip*, ray.address)
     job = PrecomputeJob(model=spec.model, input=spec.input_url, out=spec.latent_store, config=spec.precompute_config(),
-                        resources=spec.resources(), preset=spec.preset, address=spec.ray.address,
+                        resources=spec.resources(), preset=o.preset, address=o.address,
                         num_cpus=spec.ray.num_cpus, verbose=verbose)
     s = run_precompute(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
@@ -63,13 +64,13 @@ def _step_precompute(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[
 def _step_finetune(spec: WorkflowSpec, verbose: bool, progress: bool) -> dict[str, Any]:
     from .finetune_many import FinetuneManyJob, run_finetune_many
 
-    ft, r = spec.finetune, spec.ray
-    settings = {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **ft.settings()}
+    o = spec.run_options()
+    settings = {"t0": spec.latents.t0, "n_inv_steps": spec.latents.n_inv, **spec.finetune.settings()}
     job = FinetuneManyJob(prompts=spec.prompts.text() or spec.prompts.file or "", model=spec.model,
-                          out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=spec.preset,
-                          clip=ft.clip, clip_weights=ft.clip_weights, face_weights=ft.face_weights,
+                          out=spec.models_dir, latents=spec.latent_store, images=spec.input_url, preset=o.preset,
+                          clip=o.clip, clip_weights=o.clip_weights, face_weights=o.face_weights,
                           settings=settings, training_sets=spec.training_sets(), check=spec.quality_check(),
-                          resources=spec.resources(), address=r.address, num_cpus=r.num_cpus, verbose=verbose)
+                          resources=spec.resources(), address=o.address, num_cpus=spec.ray.num_cpus, verbose=verbose)
     s = run_finetune_many(job, progress=progress)
     low = sum(p["status"] == "failed (quality)" for p in s["prompts"])
     return {"prompts": len(s["prompts"]), "trained": s["n_ok"], "skipped": s["n_skipped"],
@@ -89,11 +90,11 @@ def _step_restyle(spec: WorkflowSpec, ok_models: set[str], verbose: bool, progre
     out, models, mix, left_out = restyle_plan(spec, ok_models)
     if not models and mix is None:
         return {"status": "skipped (no fine-tuned model)", "left_out": left_out, "processed": 0}
-    rs, res = spec.restyle_settings(), spec.resources()
-    cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, preset=spec.preset, settings=rs,
-                               latents=spec.latent_store, clip=spec.finetune.clip, clip_weights=spec.finetune.clip_weights)
+    rs, res, o = spec.restyle_settings(), spec.resources(), spec.run_options()
+    cfg = build_restyle_config(out, models=models, mix=mix, base=spec.model, preset=o.preset, settings=rs,
+                               latents=spec.latent_store, clip=o.clip, clip_weights=o.clip_weights)
     job = RestyleJob(config=cfg, input=spec.input_url, limit=rs.limit, actors=res.actors, cpus_per_actor=res.cpus_per_actor,
-                     gpus_per_actor=res.gpus_per_actor, address=spec.ray.address, num_cpus=spec.ray.num_cpus,
+                     gpus_per_actor=res.gpus_per_actor, address=o.address, num_cpus=spec.ray.num_cpus,
                      verbose=verbose, shard_timeout=res.shard_timeout)
     s = run_restyle(job, progress=progress)
     return {"shards": len(s["shards"]), "processed": len(s["shards"]) - s["n_skipped"], "skipped": s["n_skipped"],
