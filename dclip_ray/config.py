@@ -109,6 +109,10 @@ class FinetuneConfig:
                              "where an object-centred image has its background): charges a tinted or changed "
                              "background directly. 0 for edits of the whole picture.", cli="frame", prompt="frame",
                              lo=0)
+    w_layout: float = setting(0.0, "Weight of the layout loss: how far apart every two pixels' colours are, "
+                              "relative to the image's mean, kept (a recolour in place costs ~0, a rounded corner "
+                              "or moved outline costs). For colour/texture edits, not shape edits.", cli="layout",
+                              prompt="layout", lo=0)
     # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
     # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
     # first and then hold the outline harder.
@@ -169,7 +173,8 @@ class FinetuneConfig:
         scales = self.refine_edge_scales if refining and self.refine_edge_scales is not None else self.edge_scales
         return EditLoss(clip, self.source, self.target, self.w_clip, w_l1, self.w_id, face, self.clip_form,
                         self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales,
-                        edge_contrast=self.edge_match == "contrast", w_frame=self.w_frame)
+                        edge_contrast=self.edge_match == "contrast", w_frame=self.w_frame,
+                        w_layout=self.w_layout)
 
 
 PRESET_RECOMMENDS = {"t0": "t0", "w_clip": "clip", "w_l1": "l1", "w_id": "id"}

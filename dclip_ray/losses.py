@@ -204,6 +204,42 @@ def edge_loss(x_gen: torch.Tensor, x0: torch.Tensor, scales: int = 1, contrast: 
     return total / scales
 
 
+def layout_distances(x: torch.Tensor, grid: int = 32) -> torch.Tensor:
+    """The colour-distance self-similarity of ``x`` [B,3,H,W] in [-1,1]: the image average-pooled to at
+    most ``grid`` x ``grid`` pixels (N of them), then ``D[i, j] = |c_i - c_j|`` for every pair of pixel
+    colours, divided by its mean over the image: [B,N,N] >= 0, mean 1 (all 0 for a one-colour image).
+
+    What lies where, not which colours it has: recolouring one region of a two-colour picture (and
+    any anti-aliased blend between the two) scales every distance alike, so the normalised map is
+    unchanged; moving, growing or rounding the region moves whole rows of it.
+    """
+    if grid < 1:
+        raise ConfigError(f"layout grid={grid} must be >= 1")
+    h, w = x.shape[-2:]
+    k = max(1, -(-max(h, w) // grid))
+    if k > 1:
+        x = F.avg_pool2d(x, k, ceil_mode=True)
+    c = x.flatten(2).transpose(1, 2)  # [B,N,3]
+    d = (c.unsqueeze(2) - c.unsqueeze(1)).pow(2).sum(-1).add(1e-8).sqrt()
+    return d / d.flatten(1).mean(1).clamp_min(1e-4).view(-1, 1, 1)
+
+
+def layout_loss(x_gen: torch.Tensor, x0: torch.Tensor, grid: int = 32) -> torch.Tensor:
+    """Layout loss per image, [B]: mean ``|layout_distances(x_gen) - layout_distances(x0)|`` (inputs
+    [B,3,H,W] in [-1,1]; compared on at most ``grid`` x ``grid`` pixels).
+
+    Ours, after the self-similarity structure losses of Splice (Tumanyan et al. 2022) and DiffuseIT (Kwon
+    & Ye 2023), which compare ViT-key self-similarities; here the "features" are the pixel colours, so
+    the term needs no network. A recolour in place costs ~0 whatever the new colour (plain L1 and the
+    edge loss both charge it), a rounded corner or a moved outline costs every pixel that changed sides.
+    Blind to a uniform tint of one region (L1 or ``frame`` charge that). It opposes shape edits; leave it
+    at 0 for those.
+    """
+    with torch.no_grad():
+        ref = layout_distances(x0, grid)
+    return (layout_distances(x_gen, grid) - ref).abs().flatten(1).mean(1)
+
+
 def identity_loss(face: Any, x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Face identity loss per image, [B]: ``1 - <f(x_gen), f(x0)>`` with ``f`` a normalised face embedding.
 
@@ -219,7 +255,8 @@ def identity_loss(face: Any, x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Ten
 class EditLoss:
     """The fine-tuning objective (eq. 10-11): ``w_clip * L_direction + w_l1 * L1 + w_id * L_face``, plus
     the optional global CLIP loss (eq. 8, ``w_global``), edge-structure loss (``w_edge``, ours) and
-    frame L1 (``w_frame``, ours: the background's change).
+    frame L1 (``w_frame``, ours: the background's change) and layout loss (``w_layout``, ours: where
+    things are, whatever their colours).
 
     Call with ``(x_gen, x0)`` ([B,3,H,W] in [-1,1]) to get ``(loss scalar, parts {name: float})``.
     """
@@ -238,11 +275,12 @@ class EditLoss:
     edge_scales: int = 1
     edge_contrast: bool = False
     w_frame: float = 0.0
+    w_layout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.w_id > 0 and self.face is None:
             raise ConfigError("the identity loss (id > 0) needs a face model: pass --face-weights PATH or set id=0")
-        if min(self.w_clip, self.w_l1, self.w_id, self.w_global, self.w_edge, self.w_frame) < 0:
+        if min(self.w_clip, self.w_l1, self.w_id, self.w_global, self.w_edge, self.w_frame, self.w_layout) < 0:
             raise ConfigError("loss weights must be >= 0")
 
     def __call__(
@@ -257,6 +295,7 @@ class EditLoss:
             "id": (self.w_id, lambda: identity_loss(self.face, x_gen, x0)),
             "edge": (self.w_edge, lambda: edge_loss(x_gen, x0, self.edge_scales, self.edge_contrast)),
             "frame": (self.w_frame, lambda: frame_l1_loss(x_gen, x0)),
+            "layout": (self.w_layout, lambda: layout_loss(x_gen, x0)),
         }
         total = x_gen.new_zeros(())
         parts: dict[str, float] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -315,3 +316,36 @@ def test_the_frame_loss_charges_a_tinted_background_and_hardly_a_recolour_in_pla
     assert cfg(w_frame=2.0).edit_loss(None).w_frame == 2.0
     with pytest.raises(ConfigError, match=">= 0"):
         cfg(w_frame=-1.0)
+
+
+def test_the_layout_loss_is_blind_to_a_recolour_in_place_and_charges_a_rounded_or_smaller_shape():
+    """layout=W: on toy squares turned from red to blue, plain L1 charges the edit done right (blue
+    squares) MORE than blue circles in the same place (the corners left grey are closer to red), which is
+    how a recolour drifts into rounded shapes; the layout loss costs the recolour in place ~0 and the
+    circles or 1-px-smaller squares hundreds of times more, and it has a gradient."""
+    from dclip_ray.losses import l1_loss, layout_distances, layout_loss
+    from dclip_ray.toyworld.render import ShapeParams, render, sample_params
+
+    rng = np.random.default_rng(3)
+    params = [sample_params(rng) for _ in range(8)]
+
+    def shapes(colour, shape, grow=0.0):
+        ims = [render(colour, shape, params=ShapeParams(p.cx, p.cy, p.r + grow))[0] for p in params]
+        return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    red = shapes("red", "square")
+    blue, circles, smaller = shapes("blue", "square"), shapes("blue", "circle"), shapes("blue", "square", -1.0)
+    assert l1_loss(circles, red).mean() < l1_loss(blue, red).mean()  # the trap the term is for
+    recolour = layout_loss(blue, red).mean()
+    assert recolour < 1e-3
+    assert layout_loss(circles, red).mean() > 100 * recolour and layout_loss(smaller, red).mean() > 100 * recolour
+    d = layout_distances(red)
+    assert d.shape == (8, 1024, 1024) and torch.allclose(d.flatten(1).mean(1), torch.ones(8))
+    assert layout_distances(torch.zeros(2, 3, 64, 64)).shape == (2, 1024, 1024)  # pooled to the 32 x 32 grid
+    x = circles.clone().requires_grad_(True)
+    loss, parts = EditLoss(clip=None, source="a", target="b", w_clip=0.0, w_layout=1.0)(x, red)
+    loss.backward()
+    assert parts["layout"] > 0 and x.grad.abs().sum() > 0
+    assert cfg(w_layout=2.0).edit_loss(None).w_layout == 2.0
+    with pytest.raises(ConfigError, match=">= 0"):
+        cfg(w_layout=-1.0)
