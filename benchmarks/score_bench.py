@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dclip_ray.losses import layout_loss
 from dclip_ray.quality import output_spread
 from dclip_ray.scoring import auroc, image_scores, outline_similarity, precision_recall_at, rows_of
 from dclip_ray.toyworld.judge import judge, to_uint8_image
@@ -36,7 +37,7 @@ SEEDS = (0, 1)
 PER_KIND = {"colour": 2, "shape": 2}
 N_EVAL = 128
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-PARTS = ("score", "direction", "structure", "background", "outline")
+PARTS = ("score", "direction", "structure", "background", "outline", "layout")
 
 
 def pairs(per_kind: dict[str, int], which: list[EditPair] = EVALUATION) -> list[EditPair]:
@@ -66,6 +67,8 @@ def measure(proto: ToyProtocol, pair: EditPair, seed: int, quick: bool) -> list[
     scores = rows_of(image_scores(proto.clip, x, edits.clamp(-1, 1), [(pair.source, pair.target)]))
     for row, o in zip(scores, outline_similarity(x, edits.clamp(-1, 1)).tolist(), strict=True):
         row["outline"] = round(o, 6)  # the candidate structure measure, compared with the luminance SSIM
+    for row, lo in zip(scores, layout_loss(edits.clamp(-1, 1), x).tolist(), strict=True):
+        row["layout"] = round(1 - lo, 6)  # another: the layout kept (1 - the layout loss)
     judged = verdicts(pair, edits, masks)
     spread = output_spread(x, edits)  # one value per model: the held-aside check's collapse measure
     return [{"pair": pair.name, "kind": pair.kind, "seed": seed, "recipe": cfg.recipe, "index": i, **s, **j,
