@@ -113,6 +113,10 @@ class FinetuneConfig:
                               "relative to the image's mean, kept (a recolour in place costs ~0, a rounded corner "
                               "or moved outline costs). For colour/texture edits, not shape edits.", cli="layout",
                               prompt="layout", lo=0)
+    w_palette: float = setting(0.0, "Weight of the palette loss: every output pixel's colour kept near SOME colour "
+                               "of the input (a shape grown in its own colour costs ~0, a drift to another colour "
+                               "or a tinted background costs). For shape edits, not colour edits.", cli="palette",
+                               prompt="palette", lo=0)
     # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
     # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
     # first and then hold the outline harder.
@@ -122,6 +126,10 @@ class FinetuneConfig:
                                       cli="refine-l1", prompt="refine_l1", lo=0)
     refine_edge_scales: int | None = setting(None, "Edge-loss scales in the refinement stage (default: unchanged).",
                                              cli="refine-edge-scales", prompt="refine_scales", lo=1)
+    refine_layout: float | None = setting(None, "Layout-loss weight in the refinement stage (default: unchanged). "
+                                          "A recolour whose path passes near the background's colour (red -> "
+                                          "blue on grey) crosses a layout barrier, so hold the layout once the "
+                                          "colour has changed.", cli="refine-layout", prompt="refine_layout", lo=0)
     clip_form: Literal["cosine", "log"] = setting("log", "Directional loss form: 'log' (official) or 'cosine'.",
                                                   cli="clip-form", prompt="clip_form", choices=("cosine", "log"))
     aug_views: int = setting(4, "Augmented CLIP views per loss (0 = off).", cli="aug-views", prompt="views", lo=0)
@@ -171,10 +179,11 @@ class FinetuneConfig:
         refining = 0 < self.refine_from <= epoch
         w_l1 = self.refine_l1 if refining and self.refine_l1 is not None else self.w_l1
         scales = self.refine_edge_scales if refining and self.refine_edge_scales is not None else self.edge_scales
+        w_layout = self.refine_layout if refining and self.refine_layout is not None else self.w_layout
         return EditLoss(clip, self.source, self.target, self.w_clip, w_l1, self.w_id, face, self.clip_form,
                         self.augment(), w_global=self.w_global, w_edge=self.w_edge, edge_scales=scales,
                         edge_contrast=self.edge_match == "contrast", w_frame=self.w_frame,
-                        w_layout=self.w_layout)
+                        w_layout=w_layout, w_palette=self.w_palette)
 
 
 PRESET_RECOMMENDS = {"t0": "t0", "w_clip": "clip", "w_l1": "l1", "w_id": "id"}

@@ -349,3 +349,31 @@ def test_the_layout_loss_is_blind_to_a_recolour_in_place_and_charges_a_rounded_o
     assert cfg(w_layout=2.0).edit_loss(None).w_layout == 2.0
     with pytest.raises(ConfigError, match=">= 0"):
         cfg(w_layout=-1.0)
+
+
+def test_the_palette_loss_lets_a_shape_grow_in_its_colour_and_charges_a_colour_drift_or_a_tint():
+    """palette=W: green circles turned into green squares cost ~0 (every new pixel has a colour the input
+    has) while the same squares in yellow, or the circles under a light tint, cost hundreds of times more;
+    L1 charges the right edit too (the corners it adds), which is what pulls a shape edit back."""
+    from dclip_ray.losses import l1_loss, palette_loss
+    from dclip_ray.toyworld.render import render, sample_params
+
+    rng = np.random.default_rng(3)
+    params = [sample_params(rng) for _ in range(8)]
+
+    def shapes(colour, shape):
+        ims = [render(colour, shape, params=p)[0] for p in params]
+        return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    circles, squares, yellow = shapes("green", "circle"), shapes("green", "square"), shapes("yellow", "square")
+    right = palette_loss(squares, circles).mean()
+    assert right < 1e-3 and l1_loss(squares, circles).mean() > 0.02
+    assert palette_loss(yellow, circles).mean() > 100 * right and palette_loss(circles + 0.06, circles).mean() > 50 * right
+    assert palette_loss(torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 64, 64)).shape == (2,)
+    x = yellow.clone().requires_grad_(True)
+    loss, parts = EditLoss(clip=None, source="a", target="b", w_clip=0.0, w_palette=1.0)(x, circles)
+    loss.backward()
+    assert parts["palette"] > 0 and x.grad.abs().sum() > 0
+    assert cfg(w_palette=2.0).edit_loss(None).w_palette == 2.0
+    with pytest.raises(ConfigError, match=">= 0"):
+        cfg(w_palette=-1.0)
