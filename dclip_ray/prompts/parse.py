@@ -14,9 +14,9 @@ list or glob, local or URL: finetune-many then takes its first ``n_train`` inste
 source) and every per-prompt fine-tuning setting, by its prompt-line key
 (:data:`PROMPT_SETTINGS`, declared with its rule and default in :class:`dclip_ray.config.FinetuneConfig`):
 ``t0``, ``n_inv``, ``n_gen``, ``mode``, ``epochs``, ``batch``, ``lr``, ``lr_gamma``, the loss weights
-``clip_weight`` (formerly ``clip``), ``l1``, ``id``, ``global``, ``edge`` with ``edge_scales``, the refinement stage ``refine``,
-``refine_l1``, ``refine_scales``, ``clip_form``, the CLIP-view augmentation ``views``, ``shift``,
-``noise``, ``blur``, ``flip`` (none, h, hv) and ``seed``. A shape edit on the toy world, for example:
+``clip_weight`` (formerly ``clip``), ``l1``, ``id``, ``global``, ``edge`` with ``edge_scales``, ``frame``, ``layout``,
+``palette``, the refinement stage ``refine``, ``refine_l1``, ``refine_scales``, ``refine_layout``,
+``clip_form``, the CLIP-view augmentation ``views``, ``shift``, ``noise``, ``blur``, ``flip`` (none, h, hv) and ``seed``. A shape edit on the toy world, for example:
 ``red circle -> red square t0=550 mode=full n_gen=10 lr=1e-4 clip_weight=5 l1=2 noise=0.1 flip=hv``. An
 option left out is None: the consumer fills it from the job, the model preset or the declared default
 (:func:`dclip_ray.config.resolve_finetune_config`). ``→`` is accepted for ``->``.
