@@ -171,7 +171,7 @@ def test_crlf_and_bom():
         ("face -> angry t0=", "1:18", "option 't0' has no value"),
         ("face -> angry t0=5 t0=6", "1:20", "option 't0' given twice"),
         ("face -> angry foo=1", "1:15", "unknown option 'foo'; use one of name, images, recipe, t0, n_inv, n_gen, mode, n_train, epochs, batch, lr, lr_gamma, clip_weight, l1, "
-         "id, global, edge, edge_scales, edge_match, frame, refine, refine_l1, refine_scales, clip_form, views, shift, noise, blur, flip, adapter, rank, seed"),
+         "id, global, edge, edge_scales, edge_match, frame, layout, palette, refine, refine_l1, refine_scales, refine_layout, clip_form, views, shift, noise, blur, flip, adapter, rank, seed"),
         ("face -> angry mode=fast", "1:20", "bad value 'fast' for mode; expected one of efficient, full"),
         ("face -> angry flip=v", "1:20", "bad value 'v' for flip; expected one of none, h, hv"),
         ("face -> angry noise=-0.1", "1:21", "bad value '-0.1' for noise"),
