@@ -118,8 +118,8 @@ class FinetuneConfig:
                                "or a tinted background costs). For shape edits, not colour edits.", cli="palette",
                                prompt="palette", lo=0)
     # Refinement stage (ours): from epoch `refine_from` (0-based; 0 = no stage) the L1 weight becomes
-    # `refine_l1` and the edge loss compares `refine_edge_scales` scales. Lets an edit change colour
-    # first and then hold the outline harder.
+    # `refine_l1`, the edge loss compares `refine_edge_scales` scales and the layout weight becomes
+    # `refine_layout`. Lets an edit change colour first and then hold the outline harder.
     refine_from: int = setting(0, "Epoch (0-based) from which the refinement stage applies (0 = none).",
                                cli="refine-from", prompt="refine", lo=0)
     refine_l1: float | None = setting(None, "L1 weight in the refinement stage (default: unchanged).",

@@ -318,20 +318,22 @@ def test_the_frame_loss_charges_a_tinted_background_and_hardly_a_recolour_in_pla
         cfg(w_frame=-1.0)
 
 
+def shapes(colour: str, shape: str, grow: float = 0.0) -> torch.Tensor:
+    """8 toy renders [8,3,32,32] in [-1,1] of ``colour`` ``shape`` at 8 fixed places and sizes (half-extent
+    changed by ``grow`` pixels), the same places whatever the colour and shape."""
+    from dclip_ray.toyworld.render import ShapeParams, render, sample_params
+
+    rng = np.random.default_rng(3)
+    ims = [render(colour, shape, params=ShapeParams(p.cx, p.cy, p.r + grow))[0]
+           for p in (sample_params(rng) for _ in range(8))]
+    return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
 def test_the_layout_loss_is_blind_to_a_recolour_in_place_and_charges_a_rounded_or_smaller_shape():
     """layout=W: on toy squares turned from red to blue, plain L1 charges the edit done right (blue
     squares) MORE than blue circles in the same place (the corners left grey are closer to red), which is
     how a recolour drifts into rounded shapes; the layout loss costs the recolour in place ~0 and the
     circles or 1-px-smaller squares hundreds of times more, and it has a gradient."""
     from dclip_ray.losses import l1_loss, layout_distances, layout_loss
-    from dclip_ray.toyworld.render import ShapeParams, render, sample_params
-
-    rng = np.random.default_rng(3)
-    params = [sample_params(rng) for _ in range(8)]
-
-    def shapes(colour, shape, grow=0.0):
-        ims = [render(colour, shape, params=ShapeParams(p.cx, p.cy, p.r + grow))[0] for p in params]
-        return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
     red = shapes("red", "square")
     blue, circles, smaller = shapes("blue", "square"), shapes("blue", "circle"), shapes("blue", "square", -1.0)
@@ -356,14 +358,6 @@ def test_the_palette_loss_lets_a_shape_grow_in_its_colour_and_charges_a_colour_d
     has) while the same squares in yellow, or the circles under a light tint, cost hundreds of times more;
     L1 charges the right edit too (the corners it adds), which is what pulls a shape edit back."""
     from dclip_ray.losses import l1_loss, palette_loss
-    from dclip_ray.toyworld.render import render, sample_params
-
-    rng = np.random.default_rng(3)
-    params = [sample_params(rng) for _ in range(8)]
-
-    def shapes(colour, shape):
-        ims = [render(colour, shape, params=p)[0] for p in params]
-        return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
     circles, squares, yellow = shapes("green", "circle"), shapes("green", "square"), shapes("yellow", "square")
     right = palette_loss(squares, circles).mean()
