@@ -207,15 +207,15 @@ def edge_loss(x_gen: torch.Tensor, x0: torch.Tensor, scales: int = 1, contrast: 
 def layout_distances(x: torch.Tensor, grid: int = 32) -> torch.Tensor:
     """The colour-distance self-similarity of ``x`` [B,3,H,W] in [-1,1]: the image average-pooled to at
     most ``grid`` x ``grid`` pixels (N of them), then ``D[i, j] = |c_i - c_j|`` for every pair of pixel
-    colours, divided by its mean over the image: [B,N,N] >= 0, mean 1 (all 0 for a one-colour image).
+    colours, divided by its mean over the image: [B,N,N] >= 0 with mean 1 (all 1 for a one-colour image,
+    whose distances are all the 1e-4 floor: two one-colour images have the same layout).
 
     What lies where, not which colours it has: recolouring one region of a two-colour picture (and
     any anti-aliased blend between the two) scales every distance alike, so the normalised map is
     unchanged; moving, growing or rounding the region moves whole rows of it.
     """
-    c = _pooled_pixels(x, grid)  # [B,N,3]
-    n = c.pow(2).sum(-1)  # |a-b|^2 = |a|^2 + |b|^2 - 2ab: no [B,N,N,3] tensor (3.5x faster here)
-    d = (n.unsqueeze(2) + n.unsqueeze(1) - 2 * c @ c.transpose(1, 2)).clamp_min(0).add(1e-8).sqrt()
+    c = _pooled_pixels(x, grid)
+    d = _squared_distances(c, c).add(1e-8).sqrt()
     return d / d.flatten(1).mean(1).clamp_min(1e-4).view(-1, 1, 1)
 
 
@@ -247,9 +247,7 @@ def palette_loss(x_gen: torch.Tensor, x0: torch.Tensor, grid: int = 32) -> torch
     near the old one, which is how a shape edit drifts into a near colour. It opposes colour edits;
     leave it at 0 for those.
     """
-    a, b = _pooled_pixels(x_gen, grid), _pooled_pixels(x0, grid).detach()
-    na, nb = a.pow(2).sum(-1), b.pow(2).sum(-1)
-    sq = (na.unsqueeze(2) + nb.unsqueeze(1) - 2 * a @ b.transpose(1, 2)).clamp_min(0)
+    sq = _squared_distances(_pooled_pixels(x_gen, grid), _pooled_pixels(x0, grid).detach())
     return sq.min(2).values.add(1e-8).sqrt().mean(1)
 
 
@@ -261,6 +259,13 @@ def _pooled_pixels(x: torch.Tensor, grid: int) -> torch.Tensor:
     if k > 1:
         x = F.avg_pool2d(x, k, ceil_mode=True)
     return x.flatten(2).transpose(1, 2)
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a_i - b_j|^2`` for colours ``a`` [B,N,3] and ``b`` [B,M,3]: [B,N,M] >= 0, computed as ``|a|^2 +
+    |b|^2 - 2ab`` (no [B,N,M,3] tensor: 3.5x faster on 32 x 32 toy images)."""
+    na, nb = a.pow(2).sum(-1), b.pow(2).sum(-1)
+    return (na.unsqueeze(2) + nb.unsqueeze(1) - 2 * a @ b.transpose(1, 2)).clamp_min(0)
 
 
 def identity_loss(face: Any, x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -277,9 +282,9 @@ def identity_loss(face: Any, x_gen: torch.Tensor, x0: torch.Tensor) -> torch.Ten
 @dataclass
 class EditLoss:
     """The fine-tuning objective (eq. 10-11): ``w_clip * L_direction + w_l1 * L1 + w_id * L_face``, plus
-    the optional global CLIP loss (eq. 8, ``w_global``), edge-structure loss (``w_edge``, ours) and
-    frame L1 (``w_frame``, ours: the background's change) and layout loss (``w_layout``, ours: where
-    things are, whatever their colours) and palette loss (``w_palette``, ours: which colours, wherever they are).
+    the optional global CLIP loss (eq. 8, ``w_global``) and four terms of ours: edge structure
+    (``w_edge``), frame L1 (``w_frame``: the background's change), layout (``w_layout``: where things are,
+    whatever their colours) and palette (``w_palette``: which colours, wherever they are).
 
     Call with ``(x_gen, x0)`` ([B,3,H,W] in [-1,1]) to get ``(loss scalar, parts {name: float})``.
     """

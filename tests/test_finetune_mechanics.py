@@ -343,7 +343,8 @@ def test_the_layout_loss_is_blind_to_a_recolour_in_place_and_charges_a_rounded_o
     assert layout_loss(circles, red).mean() > 100 * recolour and layout_loss(smaller, red).mean() > 100 * recolour
     d = layout_distances(red)
     assert d.shape == (8, 1024, 1024) and torch.allclose(d.flatten(1).mean(1), torch.ones(8))
-    assert layout_distances(torch.zeros(2, 3, 64, 64)).shape == (2, 1024, 1024)  # pooled to the 32 x 32 grid
+    blank = layout_distances(torch.zeros(2, 3, 64, 64))  # pooled to the 32 x 32 grid; one colour: no layout
+    assert blank.shape == (2, 1024, 1024) and torch.equal(blank, torch.ones_like(blank))
     x = circles.clone().requires_grad_(True)
     loss, parts = EditLoss(clip=None, source="a", target="b", w_clip=0.0, w_layout=1.0)(x, red)
     loss.backward()
